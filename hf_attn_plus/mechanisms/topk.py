@@ -1,0 +1,33 @@
+"""topk: query-aware token selection. Query t attends to sinks, its local window and the `budget` other keys with
+the largest q·k, each query head choosing its own keys; exact softmax over that set."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from ..masking import AttentionContext
+from ..options import int_option
+from ..registry import Mechanism, register
+from ..selection import grouped_scores, sinks_and_window, top_scoring
+
+
+def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> torch.Tensor:
+    fixed = sinks_and_window(ctx, opts.sinks, opts.window)
+    return fixed | top_scoring(grouped_scores(query, key), ctx.visible & ~fixed, opts.budget)
+
+
+MECHANISM = register(
+    Mechanism(
+        name="topk",
+        family="sparse",
+        summary="query-aware top-k tokens + sinks + local window",
+        options=(
+            int_option("budget", 256, 1, "keys chosen by score, besides sinks and window"),
+            int_option("sinks", 4, 0, "first real tokens always attended"),
+            int_option("window", 64, 0, "most recent keys always attended"),
+        ),
+        select=select,
+    )
+)

@@ -1,0 +1,70 @@
+"""Option schemas: every mechanism declares its options once; validation errors name option, value and rule."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+
+class OptionError(ValueError):
+    """A mechanism option is unknown or has a value outside what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    allowed: str  # human-readable rule, printed in errors and in `mechanisms()`
+    accepts: Callable[[Any], bool]
+    doc: str = ""
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass; `budget=True` is a mistake, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float))) and not isinstance(value, bool)
+
+
+def int_option(name: str, default: int | None, minimum: int, doc: str = "", optional: bool = False) -> Option:
+    rule = f"an integer >= {minimum}" + (" or None" if optional else "")
+    return Option(
+        name,
+        default,
+        rule,
+        lambda v: (optional and v is None) or (_is_int(v) and v >= minimum),
+        doc,
+    )
+
+
+def float_option(name: str, default: float, minimum: float, doc: str = "") -> Option:
+    return Option(name, default, f"a number >= {minimum}", lambda v: _is_number(v) and v >= minimum, doc)
+
+
+def choice_option(name: str, default: str, choices: Sequence[str], doc: str = "") -> Option:
+    choices = tuple(choices)
+    return Option(name, default, "one of " + ", ".join(repr(c) for c in choices), lambda v: v in choices, doc)
+
+
+def validate(mechanism: str, schema: Sequence[Option], given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Return the full option dict (defaults filled in) or raise OptionError naming the first bad entry."""
+    given = dict(given or {})
+    by_name = {opt.name: opt for opt in schema}
+    unknown = sorted(set(given) - set(by_name))
+    if unknown:
+        raise OptionError(
+            f"hf_attn_plus mechanism {mechanism!r} has no option {unknown[0]!r}; "
+            f"its options are: {', '.join(by_name)}"
+        )
+    resolved = {}
+    for opt in schema:
+        value = given.get(opt.name, opt.default)
+        if not opt.accepts(value):
+            raise OptionError(
+                f"hf_attn_plus mechanism {mechanism!r}: option {opt.name!r} got {value!r}; allowed: {opt.allowed}"
+            )
+        resolved[opt.name] = value
+    return resolved

@@ -1,0 +1,53 @@
+"""Exact softmax attention over a kept set of keys: the plain-PyTorch truth every sparse kernel must match."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .selection import grouped_scores
+
+
+def log_length_scale(kept: torch.Tensor, train_length: int, c: float) -> torch.Tensor:
+    """beta(n) = 1 + c*log(n / train_length) for n > train_length, else 1; n = keys the query attends.
+
+    Counting the attended keys (not the context) is what keeps the softmax from flattening: that is the set the
+    probability mass is spread over.
+    """
+    n = kept.sum(dim=-1, keepdim=True).clamp(min=1).float()
+    return 1.0 + c * torch.log(n / train_length).clamp(min=0.0)
+
+
+def masked_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keep: torch.Tensor,
+    scaling: float,
+    beta: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of each query over the keys in `keep` (GQA-aware); rows that keep nothing output zeros.
+
+    query [B, Hq, q, D], key [B, Hkv, kv, D], value [B, Hkv, kv, Dv], keep broadcastable to [B, Hq, q, kv].
+    Returns (output [B, Hq, q, Dv], probabilities [B, Hq, q, kv]).
+    """
+    logits = grouped_scores(query.float(), key.float()) * scaling
+    if beta is not None:
+        logits = logits * beta
+    # A finite fill keeps all-masked rows (left padding) NaN-free in forward and backward; multiplying by `keep`
+    # then zeroes the uniform distribution such a row would otherwise get.
+    logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1) * keep
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    batch, q_heads, q_len, kv_len = probs.shape
+    kv_heads = value.shape[1]
+    grouped = probs.to(value.dtype).reshape(batch, kv_heads, q_heads // kv_heads, q_len, kv_len)
+    out = (grouped @ value.unsqueeze(2)).reshape(batch, q_heads, q_len, value.shape[-1])
+    return out, probs.to(query.dtype)
+
+
+def default_scaling(query: torch.Tensor) -> float:
+    return 1.0 / math.sqrt(query.shape[-1])

@@ -1,0 +1,110 @@
+"""The one registry of mechanisms: name -> options schema, reference selection, optional kernel."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any
+
+from .options import Option, OptionError, choice_option, float_option, int_option, validate
+
+PREFIX = "hf_attn_plus:"
+
+# Options every mechanism accepts. `logit_scale` composes with any selection because it rescales the logits of
+# whatever set of keys the mechanism keeps.
+COMMON_OPTIONS: tuple[Option, ...] = (
+    choice_option(
+        "logit_scale",
+        "none",
+        ("none", "log"),
+        "'log': multiply logits by beta(n) = 1 + c*log(n/train_length) when a query attends n > train_length keys",
+    ),
+    float_option("logit_scale_c", 0.1, 0.0, "c in beta(n) = 1 + c*log(n/train_length)"),
+    int_option("train_length", None, 1, "n_train of the log-n scaling; None: config.max_position_embeddings", True),
+    choice_option(
+        "backend",
+        "auto",
+        ("auto", "reference", "kernel"),
+        "'auto': a Triton kernel when one exists for this mechanism and the tensors are on a GPU, else the reference",
+    ),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mechanism:
+    name: str
+    family: str  # "sparse", "linear", "learned", "stochastic"
+    summary: str
+    options: tuple[Option, ...]
+    # select(query, key, ctx, opts) -> bool keep mask [B, Hq or 1, q_len, kv_len]; the semantic truth.
+    select: Callable[..., Any]
+    training_free: bool = True
+    # kernel(query, key, value, ctx, opts, scaling) -> output [B, Hq, q_len, Dv]; must equal the reference.
+    kernel: Callable[..., Any] | None = None
+
+    @property
+    def attn_implementation(self) -> str:
+        return PREFIX + self.name
+
+    @property
+    def schema(self) -> tuple[Option, ...]:
+        return self.options + COMMON_OPTIONS
+
+    def resolve_options(self, given: Mapping[str, Any] | None) -> SimpleNamespace:
+        return SimpleNamespace(**validate(self.name, self.schema, given))
+
+
+_MECHANISMS: dict[str, Mechanism] = {}
+
+
+def register(mechanism: Mechanism) -> Mechanism:
+    if mechanism.name in _MECHANISMS:
+        raise ValueError(f"hf_attn_plus mechanism {mechanism.name!r} is registered twice")
+    _MECHANISMS[mechanism.name] = mechanism
+    return mechanism
+
+
+def get_mechanism(name: str) -> Mechanism:
+    """Look up by bare name ('topk') or attn_implementation name ('hf_attn_plus:topk')."""
+    bare = name.removeprefix(PREFIX)
+    if bare not in _MECHANISMS:
+        raise OptionError(
+            f"unknown hf_attn_plus mechanism {name!r}; available: {', '.join(sorted(_MECHANISMS))}"
+        )
+    return _MECHANISMS[bare]
+
+
+def all_mechanisms() -> list[Mechanism]:
+    return [_MECHANISMS[name] for name in sorted(_MECHANISMS)]
+
+
+def mechanisms() -> list[dict[str, Any]]:
+    """Each mechanism's name, family, options with defaults and rules, and whether it needs training."""
+    return [
+        {
+            "name": m.name,
+            "attn_implementation": m.attn_implementation,
+            "family": m.family,
+            "summary": m.summary,
+            "training_free": m.training_free,
+            "kernel": m.kernel is not None,
+            "options": {o.name: {"default": o.default, "allowed": o.allowed, "doc": o.doc} for o in m.schema},
+        }
+        for m in all_mechanisms()
+    ]
+
+
+@lru_cache(maxsize=256)
+def _resolve_cached(name: str, options_json: str) -> SimpleNamespace:
+    return get_mechanism(name).resolve_options(json.loads(options_json))
+
+
+def options_from_config(mechanism: Mechanism, config: Any) -> SimpleNamespace:
+    """Validated options for `mechanism` from `config.hf_attn_plus`; parsed once per distinct dict, not per layer."""
+    given = getattr(config, "hf_attn_plus", None) or {}
+    if not isinstance(given, Mapping):
+        raise OptionError(f"config.hf_attn_plus must be a dict of options, got {type(given).__name__}: {given!r}")
+    return _resolve_cached(mechanism.name, json.dumps(dict(given), sort_keys=True))

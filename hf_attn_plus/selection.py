@@ -1,0 +1,81 @@
+"""Which keys a query sees: the shared pieces that windows, sinks, dilation, top-k and block selection plug into.
+
+Every function returns a bool "keep" mask broadcastable to [B, Hq, q_len, kv_len] and never keeps a key that
+`ctx.visible` hides. Query head h reads KV head h // groups, the layout of transformers' `repeat_kv`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .masking import AttentionContext
+
+
+def grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """q·k for every query head against its KV head without materialising repeated keys: [B, Hq, q_len, kv_len]."""
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, q_len, dim)
+    return (grouped @ key.unsqueeze(2).transpose(-1, -2)).reshape(batch, q_heads, q_len, key.shape[2])
+
+
+def sinks_and_window(ctx: AttentionContext, sinks: int, window: int) -> torch.Tensor:
+    """The first `sinks` real tokens and the last `window` tokens up to the query (s > t - window)."""
+    return ctx.visible & ((ctx.key_pos < sinks) | (ctx.distance < window))
+
+
+def dilated(ctx: AttentionContext, window: int, dilation: int) -> torch.Tensor:
+    """Local window, then every `dilation`-th key counted back from the query."""
+    distance = ctx.distance
+    return ctx.visible & ((distance < window) | (distance % dilation == 0))
+
+
+def top_scoring(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> torch.Tensor:
+    """Per row, the `budget` candidates with the largest scores (fewer when fewer candidates exist)."""
+    k = min(budget, scores.shape[-1])
+    ranked = scores.masked_fill(~candidates, float("-inf")).topk(k, dim=-1).indices
+    chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, ranked, True)
+    return chosen & candidates
+
+
+def key_blocks(ctx: AttentionContext, block_size: int) -> torch.Tensor:
+    """Block index of every key by its real position, [B, 1, 1, kv_len]; padding keys get -1."""
+    return torch.where(ctx.key_pos >= 0, ctx.key_pos // block_size, -1)
+
+
+def block_key_bounds(key: torch.Tensor, blocks: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise min and max of each block's keys, [B, Hkv, num_blocks, D] each (empty blocks: +inf / -inf)."""
+    batch, kv_heads, kv_len, dim = key.shape
+    # Padding keys go to an extra slot that is dropped afterwards.
+    slot = torch.where(blocks < 0, num_blocks, blocks).reshape(batch, 1, kv_len, 1).expand(batch, kv_heads, kv_len, dim)
+    shape = (batch, kv_heads, num_blocks + 1, dim)
+    kmin = key.new_full(shape, float("inf")).scatter_reduce(2, slot, key, "amin", include_self=True)
+    kmax = key.new_full(shape, float("-inf")).scatter_reduce(2, slot, key, "amax", include_self=True)
+    return kmin[:, :, :num_blocks], kmax[:, :, :num_blocks]
+
+
+def quest_block_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Quest upper bound sum_d max(q_d*min_d, q_d*max_d) of q·k over each block, [B, Hq, q_len, num_blocks].
+
+    max(q*lo, q*hi) is q*hi for q >= 0 and q*lo for q < 0, so the bound is relu(q)·max - relu(-q)·min: two matmuls.
+    Empty blocks have infinite bounds; their rows are never candidates, so they are zeroed to keep matmuls finite.
+    """
+    kmin = torch.nan_to_num(kmin, posinf=0.0)
+    kmax = torch.nan_to_num(kmax, neginf=0.0)
+    return grouped_scores(query.clamp(min=0), kmax) - grouped_scores((-query).clamp(min=0), kmin)
+
+
+def visible_blocks(ctx: AttentionContext, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Whether a query sees any key of each block, [B, 1, q_len, num_blocks]."""
+    batch, _, q_len, kv_len = ctx.visible.shape
+    slot = torch.where(blocks < 0, num_blocks, blocks).expand(batch, 1, q_len, kv_len)
+    counts = torch.zeros(batch, 1, q_len, num_blocks + 1, device=slot.device)
+    counts.scatter_add_(-1, slot, ctx.visible.float())
+    return counts[..., :num_blocks] > 0
+
+
+def blocks_to_keys(block_keep: torch.Tensor, blocks: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """Expand a per-block choice [B, H, q_len, num_blocks] to the visible keys of those blocks."""
+    batch, heads, q_len, _ = block_keep.shape
+    slot = blocks.clamp(min=0).expand(batch, heads, q_len, blocks.shape[-1])
+    return block_keep.gather(-1, slot) & ctx.visible

@@ -1,0 +1,1 @@
+"""Per-architecture attention classes for mechanisms that add weights or caches."""
