@@ -1,0 +1,53 @@
+"""Tiny random-init configs of every supported architecture: for tests, the embedded demo and smoke benchmarks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+# Head counts give GQA (4 query heads per KV head on Llama, 2 on Qwen); DeepSeek uses MLA with q/k head dim
+# (nope + rope = 12) different from v head dim (8), and V3.2 adds its lightning indexer with a small top-k.
+_TINY: dict[str, dict[str, Any]] = {
+    "llama": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8),
+    "qwen2": dict(num_attention_heads=4, num_key_value_heads=2),
+    "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+    "deepseek_v3": dict(
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+    ),
+}
+_TINY["deepseek_v32"] = dict(_TINY["deepseek_v3"], index_n_heads=2, index_head_dim=8, index_topk=12)
+
+ARCHITECTURES: tuple[str, ...] = tuple(_TINY)
+
+
+def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
+    """A two-layer config of `model_type` with hidden size 32 and vocabulary 128, CPU-friendly in fp32."""
+    if model_type not in _TINY:
+        raise ValueError(f"no tiny config for {model_type!r}; available: {', '.join(ARCHITECTURES)}")
+    kwargs: dict[str, Any] = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(_TINY[model_type])
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
