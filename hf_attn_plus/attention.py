@@ -85,6 +85,9 @@ def attention_forward(
     indices = kwargs.get("indices")
     ctx = build_context(visible, None if indices is None else indices_to_mask(indices, kv_len))
 
+    if mechanism.attend is not None:
+        out, probs = mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
+        return out.transpose(1, 2).contiguous(), probs
     if _use_kernel(mechanism, opts, query):
         out = mechanism.kernel(query, key, value, ctx, opts, scaling)
         return out.transpose(1, 2).contiguous(), None

@@ -39,11 +39,19 @@ class Mechanism:
     family: str  # "sparse", "linear", "learned", "stochastic"
     summary: str
     options: tuple[Option, ...]
-    # select(query, key, ctx, opts) -> bool keep mask [B, Hq or 1, q_len, kv_len]; the semantic truth.
-    select: Callable[..., Any]
+    # select(query, key, ctx, opts) -> bool keep mask [B, Hq or 1, q_len, kv_len]: for mechanisms that are exact
+    # softmax over a chosen key set, this is the semantic truth and the entry point does the attention.
+    select: Callable[..., Any] | None = None
+    # attend(module, query, key, value, ctx, opts, scaling, dropout) -> (output [B, Hq, q_len, Dv], probs or None):
+    # for mechanisms that are not softmax over a key set (linear, sampled estimators); replaces select.
+    attend: Callable[..., Any] | None = None
     training_free: bool = True
     # kernel(query, key, value, ctx, opts, scaling) -> output [B, Hq, q_len, Dv]; must equal the reference.
     kernel: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.select is None) == (self.attend is None):
+            raise ValueError(f"mechanism {self.name!r} must define exactly one of select or attend")
 
     @property
     def attn_implementation(self) -> str:
