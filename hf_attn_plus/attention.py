@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers.masking_utils import sdpa_mask
 
-from .masking import build_context, indices_to_mask, visible_from_mask
+from .masking import AttentionContext, build_context, indices_to_mask, visible_from_mask
 from .reference import default_scaling, log_length_scale, masked_attention
 from .registry import Mechanism, OptionError, options_from_config
 
@@ -75,8 +75,7 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """query [B, Hq, q, D], key/value [B, Hkv, kv, D|Dv] -> (output [B, q, Hq, Dv], probabilities or None)."""
     _check_call(module, kwargs)
-    config = module.config
-    opts = options_from_config(mechanism, config)
+    opts = options_from_config(mechanism, module.config)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     scaling = default_scaling(query) if scaling is None else scaling
@@ -85,21 +84,49 @@ def attention_forward(
     indices = kwargs.get("indices")
     ctx = build_context(visible, None if indices is None else indices_to_mask(indices, kv_len))
 
-    if mechanism.attend is not None:
-        out, probs = mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
-        return out.transpose(1, 2).contiguous(), probs
-    if _use_kernel(mechanism, opts, query):
-        out = mechanism.kernel(query, key, value, ctx, opts, scaling)
-        return out.transpose(1, 2).contiguous(), None
+    out, probs = run_mechanism(mechanism, opts, module, query, key, value, ctx, scaling, dropout)
+    return out.transpose(1, 2).contiguous(), probs
 
+
+def run_mechanism(
+    mechanism: Mechanism,
+    opts: Any,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ctx: AttentionContext,
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One mechanism on a built context -> (output [B, Hq, q, Dv], probabilities or None); wrappers that hand over
+    to another mechanism (lighthouse at inference) call this with that mechanism's options."""
+    if mechanism.attend is not None:
+        return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
+    if _use_kernel(mechanism, opts, query):
+        return mechanism.kernel(query, key, value, ctx, opts, scaling), None
     with torch.no_grad():
         keep = mechanism.select(query, key, ctx, opts)
+    return attend_selected(module, query, key, value, keep, opts, scaling, dropout)
+
+
+def attend_selected(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keep: torch.Tensor,
+    opts: Any,
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax over the kept keys with the common `logit_scale` option applied: the path of every `select`
+    mechanism, also used by `attend` mechanisms that choose keys from module state (layer, training step)."""
     beta = None
     if opts.logit_scale == "log":
-        train_length = opts.train_length or config.max_position_embeddings
+        train_length = opts.train_length or module.config.max_position_embeddings
         beta = log_length_scale(keep, train_length, opts.logit_scale_c)
-    out, probs = masked_attention(query, key, value, keep, scaling, beta, dropout)
-    return out.transpose(1, 2).contiguous(), probs
+    return masked_attention(query, key, value, keep, scaling, beta, dropout)
 
 
 def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor) -> bool:
