@@ -44,6 +44,11 @@ def float_option(name: str, default: float, minimum: float, doc: str = "") -> Op
     return Option(name, default, f"a number >= {minimum}", lambda v: _is_number(v) and v >= minimum, doc)
 
 
+def bool_option(name: str, default: bool, doc: str = "") -> Option:
+    # Only real booleans: 0/1 or "true" would pass an equality check against (False, True).
+    return Option(name, default, "True or False", lambda v: isinstance(v, bool), doc)
+
+
 def choice_option(name: str, default: str, choices: Sequence[str], doc: str = "") -> Option:
     choices = tuple(choices)
     return Option(name, default, "one of " + ", ".join(repr(c) for c in choices), lambda v: v in choices, doc)

@@ -79,3 +79,50 @@ def blocks_to_keys(block_keep: torch.Tensor, blocks: torch.Tensor, ctx: Attentio
     batch, heads, q_len, _ = block_keep.shape
     slot = blocks.clamp(min=0).expand(batch, heads, q_len, blocks.shape[-1])
     return block_keep.gather(-1, slot) & ctx.visible
+
+
+_LOW32 = 0xFFFFFFFF
+
+
+def _mul_low32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """Low 32 bits of x * constant for x < 2**32, with every intermediate below 2**63 (int64 never overflows)."""
+    high, low = constant >> 16, constant & 0xFFFF
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _LOW32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # The "lowbias32" integer finaliser (C. Wellons): full avalanche on 32-bit words.
+    x = x ^ (x >> 16)
+    x = _mul_low32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul_low32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_hash(seed: int, *coords: torch.Tensor | int) -> torch.Tensor:
+    """A 32-bit hash (int64 in [0, 2**32)) of seed and integer coordinates, broadcast over their shapes.
+
+    Counter-based randomness: the value for (seed, layer, head, position, ...) never depends on batch layout,
+    padding or sequence length, so stochastic choices stay padding- and cache-invariant.
+    """
+    device = next((c.device for c in coords if isinstance(c, torch.Tensor)), None)
+    h = _mix32(torch.tensor(seed & _LOW32, device=device))
+    for coord in coords:
+        h = _mix32(h ^ _mix32((torch.as_tensor(coord, device=device) + 0x9E3779B9) & _LOW32))
+    return h
+
+
+def counter_uniform(seed: int, *coords: torch.Tensor | int) -> torch.Tensor:
+    """Uniform float64 in (0, 1) from `counter_hash`."""
+    return (counter_hash(seed, *coords).double() + 0.5) / 2.0**32
+
+
+def random_links(ctx: AttentionContext, candidates: torch.Tensor, links: int, seed: int, layer: int) -> torch.Tensor:
+    """Per query head, `links` keys drawn uniformly without replacement from `candidates` [B, Hq, q, kv].
+
+    Key s is ranked by a hash of (seed, layer, head, query position, key position); the `links` smallest win.
+    Ties are broken by key position (exact in float64 below 2**21 keys), so the draw is a function of positions.
+    """
+    heads = torch.arange(candidates.shape[1], device=candidates.device).view(1, -1, 1, 1)
+    rank = counter_hash(seed, layer, heads, ctx.query_pos, ctx.key_pos).double() * 2.0**21 + ctx.key_pos
+    return top_scoring(-rank, candidates, links)

@@ -1,0 +1,71 @@
+"""stochastic_routing (Stochastic Attention, connectome-inspired): every query attends to a sparse random
+small-world graph: its local window (plus optional sinks) and `links` random long-range keys per query head, drawn
+uniformly without replacement from the keys beyond the window. Few links per token still connect any two tokens
+in few hops across layers.
+
+The draw is counter-based: key s is linked to query t in head h of layer l iff the hash of (seed, l, h, t, s) is
+among the `links` smallest over t's long-range keys. Positions are real-token positions, so the graph does not
+depend on padding, batch layout, sequence length or the KV cache (cached decode equals recomputation).
+
+With `resample=True` a training forward draws a new graph per optimisation step: the seed is mixed with the step
+the training loop sets through `set_step(model, step)` (not a forward counter, so gradient-checkpoint recomputation
+sees the same graph). Evaluation always uses the base seed.
+
+The reference builds a [q, kv] keep mask (O(q·kv) memory); the attended set per query is window + sinks + links.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from ..attention import attend_selected
+from ..masking import AttentionContext
+from ..options import bool_option, int_option
+from ..registry import Mechanism, register
+from ..selection import counter_hash, random_links, sinks_and_window
+
+STEP_ATTRIBUTE = "_hf_attn_plus_step"
+
+
+def routing_graph(
+    ctx: AttentionContext, q_heads: int, opts: SimpleNamespace, layer: int, step: int | None = None
+) -> torch.Tensor:
+    """Keep mask [B, q_heads, q, kv]: sinks + window + `links` seeded random keys per head; `step` reseeds."""
+    fixed = sinks_and_window(ctx, opts.sinks, opts.window)
+    seed = opts.seed if step is None else int(counter_hash(opts.seed, step))
+    far = (ctx.visible & ~fixed).expand(-1, q_heads, -1, -1)
+    return fixed | random_links(ctx, far, opts.links, seed, layer)
+
+
+def set_step(model: torch.nn.Module, step: int) -> None:
+    """Set the training step that reseeds `resample=True` graphs, on every attention module of `model`."""
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "is_causal"):
+            setattr(module, STEP_ATTRIBUTE, step)
+
+
+def attend(module, query, key, value, ctx, opts, scaling, dropout):
+    step = getattr(module, STEP_ATTRIBUTE, 0) if opts.resample and module.training else None
+    with torch.no_grad():
+        keep = routing_graph(ctx, query.shape[1], opts, getattr(module, "layer_idx", 0), step)
+    return attend_selected(module, query, key, value, keep, opts, scaling, dropout)
+
+
+MECHANISM = register(
+    Mechanism(
+        name="stochastic_routing",
+        family="stochastic",
+        summary="local window + seeded random long-range links per head (small-world graph)",
+        options=(
+            int_option("window", 64, 1, "keys up to the query always attended (s > t - window)"),
+            int_option("links", 16, 0, "random long-range keys per query and head, beyond the window"),
+            int_option("sinks", 0, 0, "first real tokens always attended"),
+            int_option("seed", 0, 0, "fixes the random graph (with layer, head and positions)"),
+            bool_option("resample", False, "training forwards draw a new graph per step set by set_step()"),
+        ),
+        attend=attend,
+        training_free=False,
+    )
+)
