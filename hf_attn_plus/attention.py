@@ -122,11 +122,15 @@ def attend_selected(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax over the kept keys with the common `logit_scale` option applied: the path of every `select`
     mechanism, also used by `attend` mechanisms that choose keys from module state (layer, training step)."""
-    beta = None
-    if opts.logit_scale == "log":
-        train_length = opts.train_length or module.config.max_position_embeddings
-        beta = log_length_scale(keep, train_length, opts.logit_scale_c)
-    return masked_attention(query, key, value, keep, scaling, beta, dropout)
+    return masked_attention(query, key, value, keep, scaling, logit_scale(module, keep, opts), dropout)
+
+
+def logit_scale(module: torch.nn.Module, attended: torch.Tensor, opts: Any) -> torch.Tensor | None:
+    """beta of the common `logit_scale` option for queries attending the keys in `attended`; None when off."""
+    if opts.logit_scale == "none":
+        return None
+    train_length = opts.train_length or module.config.max_position_embeddings
+    return log_length_scale(attended, train_length, opts.logit_scale_c)
 
 
 def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor) -> bool:

@@ -28,15 +28,19 @@ def masked_attention(
     scaling: float,
     beta: torch.Tensor | None = None,
     dropout: float = 0.0,
+    log_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of each query over the keys in `keep` (GQA-aware); rows that keep nothing output zeros.
 
     query [B, Hq, q, D], key [B, Hkv, kv, D], value [B, Hkv, kv, Dv], keep broadcastable to [B, Hq, q, kv].
-    Returns (output [B, Hq, q, Dv], probabilities [B, Hq, q, kv]).
+    `log_weights` (finite where kept) multiplies key s's term exp(logit_s) by exp(log_weights_s): importance weights
+    of sampled estimators. Returns (output [B, Hq, q, Dv], probabilities [B, Hq, q, kv]).
     """
     logits = grouped_scores(query.float(), key.float()) * scaling
     if beta is not None:
         logits = logits * beta
+    if log_weights is not None:
+        logits = logits + log_weights.masked_fill(~keep, 0.0)
     # A finite fill keeps all-masked rows (left padding) NaN-free in forward and backward; multiplying by `keep`
     # then zeroes the uniform distribution such a row would otherwise get.
     logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)

@@ -40,11 +40,7 @@ def logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None 
 
 def assert_padding_invariant(model: torch.nn.Module, length: int = 14, pad: int = 5) -> None:
     """A left-padded sequence in a batch gives the logits of the same sequence run alone."""
-    ids = tokens(2, length)
-    short = ids[1:, pad:]
-    padded = torch.cat([ids[:1], torch.cat([torch.zeros(1, pad, dtype=ids.dtype), short], 1)])
-    mask = torch.ones_like(padded)
-    mask[1, :pad] = 0
+    padded, mask, short = left_padded_pair(length, pad)
     torch.testing.assert_close(logits(model, padded, mask)[1, pad:], logits(model, short)[0], atol=1e-5, rtol=1e-4)
 
 
@@ -60,3 +56,31 @@ def assert_cached_equals_uncached(model: torch.nn.Module, length: int = 10, new:
     ]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     torch.testing.assert_close(torch.stack(runs[0].logits), torch.stack(runs[1].logits), atol=1e-5, rtol=1e-4)
+
+
+def decode_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of the last token, computed as one cached decode step after prefilling the others: [B, vocab]."""
+    mask = torch.ones_like(ids) if mask is None else mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        prefill = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True)
+        step = model(
+            input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+            past_key_values=prefill.past_key_values,
+        )
+    return step.logits[:, -1]
+
+
+def left_padded_pair(length: int = 14, pad: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch of a full and a left-padded sequence, its mask, the padded sequence alone)."""
+    ids = tokens(2, length)
+    short = ids[1:, pad:]
+    padded = torch.cat([ids[:1], torch.cat([torch.zeros(1, pad, dtype=ids.dtype), short], 1)])
+    mask = torch.ones_like(padded)
+    mask[1, :pad] = 0
+    return padded, mask, short
+
+
+def assert_decode_padding_invariant(model: torch.nn.Module) -> None:
+    padded, mask, short = left_padded_pair()
+    torch.testing.assert_close(decode_logits(model, padded, mask)[1], decode_logits(model, short)[0], atol=1e-5, rtol=1e-4)

@@ -1,0 +1,86 @@
+"""santa (Stochastic Sparse Attention for memory-bound decode): a decode query reads its sinks and local window
+exactly and only a random sample of the other KV entries, drawn with probabilities from a cheap estimate of q·k.
+
+Estimator. Let F be the exact set (sinks + window), R the other visible keys, w_s = exp(τ q·k_s) and π the
+proposal over R: π_s ∝ exp(τ q·k̃_s) with k̃ the key quantised to `bits` bits (symmetric, per key). Draw n = `samples`
+indices i.i.d. from π; c_s counts the draws of s and a_s = c_s / (n π_s), so E[a_s] = 1 for every s in R. Then
+
+    N̂ = Σ_F w_s v_s + Σ_R a_s w_s v_s,   Ẑ = Σ_F w_s + Σ_R a_s w_s,   o = N̂ / Ẑ.
+
+N̂ and Ẑ are unbiased for the dense numerator and normaliser. The output is their ratio (self-normalised
+importance sampling): consistent, with bias O(1/n) (first order: (Cov(Ẑ, N̂) - o Var(Ẑ)) / Z²) that vanishes when π
+equals the true attention restricted to R. A row whose R has at most `samples` keys reads R exactly (dense).
+Draws come from a counter-based hash of (seed, layer, head, query position, draw), so they are padding- and
+batch-invariant and differ at every decode step.
+
+Only decode queries (q_len == 1) sample; prefill and multi-token steps run exact dense attention. The reference
+computes q·k for every key and expresses the estimator as log-weights log a_s inside one softmax; a kernel would
+read the quantised keys for π and the full-precision K/V rows of the drawn keys only (cost ∝ samples).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from ..attention import attend_selected, logit_scale
+from ..masking import AttentionContext
+from ..options import int_option
+from ..reference import masked_attention
+from ..registry import Mechanism, register
+from ..selection import counter_uniform, grouped_scores, sinks_and_window
+
+
+def quantize(key: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-key quantisation to `bits` bits (dequantised): what a low-precision key cache would hold."""
+    levels = 2 ** (bits - 1) - 1
+    scale = key.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(key.dtype).tiny) / levels
+    return torch.round(key / scale) * scale
+
+
+def importance_log_weights(
+    query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace, scaling: float, layer: int
+) -> torch.Tensor:
+    """log a_s [B, Hq, q, kv]: 0 on exactly read keys, log(c_s / (n π_s)) on drawn keys, -inf elsewhere."""
+    batch, q_heads, q_len, kv_len = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+    exact = sinks_and_window(ctx, opts.sinks, opts.window)
+    rest = ctx.visible & ~exact
+    sampled = rest.sum(-1, keepdim=True) > opts.samples
+    proposal_logits = grouped_scores(query.float(), quantize(key.float(), opts.bits)) * scaling
+    proposal = torch.softmax(proposal_logits.double().masked_fill(~rest, float("-inf")), dim=-1).nan_to_num(0.0)
+    cdf = proposal.cumsum(-1)
+    heads = torch.arange(q_heads, device=query.device).view(1, -1, 1, 1)
+    draws = torch.arange(opts.samples, device=query.device)
+    u = counter_uniform(opts.seed, layer, heads, ctx.query_pos, draws) * cdf[..., -1:]
+    drawn = torch.searchsorted(cdf.contiguous(), u.expand(batch, q_heads, q_len, -1).contiguous(), right=True)
+    counts = torch.zeros_like(proposal).scatter_add_(-1, drawn.clamp(max=kv_len - 1), torch.ones_like(u).expand_as(drawn))
+    weights = counts / (opts.samples * proposal)
+    weights = torch.where(rest & sampled, weights, (exact | rest).to(weights.dtype))
+    return weights.log().float()
+
+
+def attend(module, query, key, value, ctx, opts, scaling, dropout):
+    if query.shape[2] > 1:
+        return attend_selected(module, query, key, value, ctx.visible, opts, scaling, dropout)
+    with torch.no_grad():
+        log_weights = importance_log_weights(query, key, ctx, opts, scaling, getattr(module, "layer_idx", 0))
+    beta = logit_scale(module, ctx.visible, opts)
+    return masked_attention(query, key, value, log_weights > float("-inf"), scaling, beta, dropout, log_weights)
+
+
+MECHANISM = register(
+    Mechanism(
+        name="santa",
+        family="stochastic",
+        summary="decode: exact sinks/window + importance-sampled other keys (quantised-key proposal); prefill dense",
+        options=(
+            int_option("samples", 64, 1, "keys drawn (with replacement) per decode query and head beyond sinks/window"),
+            int_option("window", 16, 0, "most recent keys read exactly"),
+            int_option("sinks", 4, 0, "first real tokens read exactly"),
+            int_option("bits", 4, 2, "bits of the quantised keys that give the sampling probabilities"),
+            int_option("seed", 0, 0, "fixes the draws (with layer, head, position)"),
+        ),
+        attend=attend,
+    )
+)

@@ -1,0 +1,105 @@
+"""santa's estimator: unbiased importance weights, a mean output that converges to dense attention, variance that
+falls with the sample budget, exactness when the budget covers the context; decode-only sampling in tiny models.
+
+Independent draws come from query heads: S query heads share one KV head and one query vector, and the counter-based
+draws differ per head, so one call yields S independent estimates with fixed seeds."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import hf_attn_plus
+from hf_attn_plus.masking import build_context, visible_from_mask
+from hf_attn_plus.mechanisms.santa import importance_log_weights, quantize
+from hf_attn_plus.reference import masked_attention
+from hf_attn_plus.tiny import ARCHITECTURES
+from selection_helpers import assert_decode_padding_invariant, decode_logits, logits, tiny_model, tokens
+
+KV, STREAMS, SCALING = 64, 4000, 0.25
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    query = (torch.randn(1, 1, 1, 16, generator=g) * 1.5).expand(1, STREAMS, 1, 16)
+    key, value = torch.randn(1, 1, KV, 16, generator=g), torch.randn(1, 1, KV, 8, generator=g)
+    ctx = build_context(visible_from_mask(None, 1, 1, KV, torch.device("cpu")))
+    return query, key, value, ctx
+
+
+def _estimates(samples, bits=4, seed=0):
+    query, key, value, ctx = _problem()
+    opts = SimpleNamespace(samples=samples, window=2, sinks=1, bits=bits, seed=seed)
+    log_weights = importance_log_weights(query, key, ctx, opts, SCALING, layer=0)
+    out, _ = masked_attention(query, key, value, log_weights > float("-inf"), SCALING, None, 0.0, log_weights)
+    dense, _ = masked_attention(query[:, :1], key, value, ctx.visible, SCALING)
+    return log_weights[0, :, 0].exp().double(), out[0, :, 0], dense[0, 0, 0]
+
+
+def test_importance_weights_are_unbiased():
+    # E[a_s] = 1 for every key makes the numerator and the normaliser unbiased for any values.
+    samples = 8
+    weights, _, _ = _estimates(samples)
+    exact = torch.tensor([True] + [False] * (KV - 3) + [True, True])  # sink 0, window KV-2, KV-1
+    assert torch.equal(weights[:, exact], torch.ones_like(weights[:, exact]))
+    query, key, _, ctx = _problem()
+    quantised_logits = query[0, 0, 0] @ quantize(key[0, 0], 4).T * SCALING
+    proposal = torch.softmax(quantised_logits[~exact].double(), -1)
+    expected_draws = samples * proposal * STREAMS
+    well_sampled = expected_draws >= 10  # where the count is close enough to normal for a z-score
+    z = (weights[:, ~exact].mean(0) - 1) / ((1 - proposal) / expected_draws).sqrt()
+    assert well_sampled.sum() >= 20
+    # Bonferroni over <= 61 keys: |z| < 5 fails by chance with probability < 1e-4 (fixed seeds: deterministic).
+    assert z[well_sampled].abs().max() < 5
+
+
+def test_mean_output_converges_to_dense():
+    _, out, dense = _estimates(samples=8)
+    standard_error = out.std(0) / STREAMS**0.5
+    # Tolerance: 5 standard errors plus 0.01 for the O(1/samples) bias of the ratio (about 0.003 here, measured).
+    assert ((out.mean(0) - dense).abs() <= 5 * standard_error + 0.01).all()
+
+
+def test_ratio_bias_shrinks_with_samples_under_a_poor_proposal():
+    # 2-bit keys give a poor proposal, which makes the self-normalised ratio's bias visible: it falls about as 1/n.
+    errors = [(out.mean(0) - dense).abs().max() for _, out, dense in (_estimates(n, bits=2) for n in (2, 8, 32))]
+    assert errors[0] > 2 * errors[1] > 4 * errors[2]
+
+
+def test_variance_falls_as_samples_grow():
+    variances = [_estimates(n)[1].var(0).mean() for n in (2, 8, 32)]
+    # Importance sampling variance is about proportional to 1/samples: each 4x more samples must cut it 3x.
+    assert variances[0] > 3 * variances[1] > 9 * variances[2]
+
+
+def test_budget_covering_context_is_dense():
+    _, out, dense = _estimates(samples=KV - 3)
+    torch.testing.assert_close(out, dense.expand_as(out), atol=1e-6, rtol=1e-5)
+
+
+def test_seed_fixes_the_draws():
+    assert torch.equal(_estimates(8, seed=3)[0], _estimates(8, seed=3)[0])
+    assert not torch.equal(_estimates(8, seed=3)[0], _estimates(8, seed=4)[0])
+
+
+def test_prefill_is_exact_dense():
+    ids = tokens(2, 12)
+    model = tiny_model("llama", "santa", samples=1, window=1, sinks=0)
+    sampled = logits(model, ids)
+    hf_attn_plus.set_attention(model, "sdpa")
+    torch.testing.assert_close(sampled, logits(model, ids), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_tiny_model_decode(model_type):
+    ids = tokens(1, 30)
+    small = dict(samples=2, window=2, sinks=1, seed=1)
+    model = tiny_model(model_type, "santa", **small)
+    sampled = decode_logits(model, ids)
+    assert_decode_padding_invariant(model)
+    hf_attn_plus.set_attention(model, "santa", samples=64, window=2, sinks=1)
+    covered = decode_logits(model, ids)
+    hf_attn_plus.set_attention(model, "sdpa")
+    dense = decode_logits(model, ids)
+    torch.testing.assert_close(covered, dense, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(sampled, dense, atol=1e-4), "2 samples out of ~27 keys must change the output"
