@@ -54,6 +54,16 @@ def block_key_bounds(key: torch.Tensor, blocks: torch.Tensor, num_blocks: int) -
     return kmin[:, :, :num_blocks], kmax[:, :, :num_blocks]
 
 
+def block_means(x: torch.Tensor, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Mean of each block's vectors, [B, H, num_blocks, D], for x [B, H, n, D] and blocks [B, 1, 1, n] (-1: skip).
+    Empty blocks get zeros."""
+    batch, heads, length, dim = x.shape
+    slot = torch.where(blocks < 0, num_blocks, blocks).reshape(batch, 1, length, 1)
+    sums = x.new_zeros(batch, heads, num_blocks + 1, dim).scatter_add_(2, slot.expand(batch, heads, length, dim), x)
+    counts = x.new_zeros(batch, 1, num_blocks + 1, 1).scatter_add_(2, slot, torch.ones_like(slot, dtype=x.dtype))
+    return (sums / counts.clamp(min=1))[:, :, :num_blocks]
+
+
 def quest_block_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Quest upper bound sum_d max(q_d*min_d, q_d*max_d) of q·k over each block, [B, Hq, q_len, num_blocks].
 

@@ -14,7 +14,7 @@ from hf_attn_plus.masking import build_context, visible_from_mask
 from hf_attn_plus.mechanisms.santa import importance_log_weights, quantize
 from hf_attn_plus.reference import masked_attention
 from hf_attn_plus.tiny import ARCHITECTURES
-from selection_helpers import assert_decode_padding_invariant, decode_logits, logits, tiny_model, tokens
+from selection_helpers import EXACT_INDEXER, assert_decode_padding_invariant, decode_logits, logits, tiny_model, tokens
 
 KV, STREAMS, SCALING = 64, 4000, 0.25
 
@@ -94,7 +94,7 @@ def test_prefill_is_exact_dense():
 def test_tiny_model_decode(model_type):
     ids = tokens(1, 30)
     small = dict(samples=2, window=2, sinks=1, seed=1)
-    model = tiny_model(model_type, "santa", **small)
+    model = tiny_model(model_type, "santa", EXACT_INDEXER.get(model_type), **small)
     sampled = decode_logits(model, ids)
     assert_decode_padding_invariant(model)
     hf_attn_plus.set_attention(model, "santa", samples=64, window=2, sinks=1)

@@ -6,7 +6,7 @@ from hf_attn_plus.mechanisms.stochastic_routing import routing_graph, set_step
 from hf_attn_plus.options import OptionError
 from hf_attn_plus.tiny import ARCHITECTURES
 from selection_helpers import (
-    CACHE_EXACT_OVERRIDES,
+    EXACT_INDEXER,
     assert_cached_equals_uncached,
     assert_padding_invariant,
     causal_context,
@@ -64,8 +64,9 @@ def test_budget_covering_context_is_dense():
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_tiny_models_cached_and_padding_invariant(model_type):
     options = dict(window=3, links=2, seed=5)
-    assert_padding_invariant(tiny_model(model_type, "stochastic_routing", **options))
-    assert_cached_equals_uncached(tiny_model(model_type, "stochastic_routing", CACHE_EXACT_OVERRIDES.get(model_type), **options))
+    model = tiny_model(model_type, "stochastic_routing", EXACT_INDEXER.get(model_type), **options)
+    assert_padding_invariant(model, length=30, pad=7)
+    assert_cached_equals_uncached(model)
 
 
 def test_same_seed_same_output_different_seed_different_output():
