@@ -1,14 +1,13 @@
-"""Tiny models and the model-level invariance checks shared by the selection tests."""
+"""Model-level invariance checks shared by the selection tests (tiny models and batches come from the core's)."""
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import hf_attn_plus
-from hf_attn_plus.masking import build_context, visible_from_mask
-from hf_attn_plus.tiny import tiny_config
-
+from core.models import left_pad, token_batch
+from core.models import tiny_model as dense_model
+from hf_attn_plus.masking import AttentionContext, build_context, visible_from_mask
 
 # DeepSeek-V3.2's own indexer (transformers) is neither padding- nor cache-exact on random tiny weights once its
 # top-k (12) is shorter than the context: even transformers' sdpa gives different logits for a left-padded copy, and
@@ -18,18 +17,13 @@ EXACT_INDEXER = {"deepseek_v32": {"index_topk": 64}}
 
 
 def tiny_model(model_type: str, mechanism: str, config: dict | None = None, **options) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **(config or {}))).eval()
+    model = dense_model(model_type, **(config or {}))
     hf_attn_plus.set_attention(model, mechanism, **options)
     return model
 
 
-def causal_context(batch: int, length: int) -> hf_attn_plus.masking.AttentionContext:
+def causal_context(batch: int, length: int) -> AttentionContext:
     return build_context(visible_from_mask(None, batch, length, length, torch.device("cpu")))
-
-
-def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,26 +31,6 @@ def logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-
-
-def assert_padding_invariant(model: torch.nn.Module, length: int = 14, pad: int = 5) -> None:
-    """A left-padded sequence in a batch gives the logits of the same sequence run alone."""
-    padded, mask, short = left_padded_pair(length, pad)
-    torch.testing.assert_close(logits(model, padded, mask)[1, pad:], logits(model, short)[0], atol=1e-5, rtol=1e-4)
-
-
-def assert_cached_equals_uncached(model: torch.nn.Module, length: int = 10, new: int = 6) -> None:
-    """Greedy generation with the KV cache produces the same per-step logits as recomputing every step."""
-    ids = tokens(1, length, seed=1)
-    runs = [
-        model.generate(
-            ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=cache, output_logits=True,
-            return_dict_in_generate=True, pad_token_id=0,
-        )
-        for cache in (True, False)
-    ]
-    assert torch.equal(runs[0].sequences, runs[1].sequences)
-    torch.testing.assert_close(torch.stack(runs[0].logits), torch.stack(runs[1].logits), atol=1e-5, rtol=1e-4)
 
 
 def decode_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,16 +46,34 @@ def decode_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor 
     return step.logits[:, -1]
 
 
-def left_padded_pair(length: int = 14, pad: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(batch of a full and a left-padded sequence, its mask, the padded sequence alone)."""
-    ids = tokens(2, length)
-    short = ids[1:, pad:]
-    padded = torch.cat([ids[:1], torch.cat([torch.zeros(1, pad, dtype=ids.dtype), short], 1)])
-    mask = torch.ones_like(padded)
-    mask[1, :pad] = 0
-    return padded, mask, short
+def _padded_batch(length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a full sequence and a left-padded shorter one, their mask, the shorter one alone)."""
+    full, other = token_batch(2, length)
+    ids, mask, _ = left_pad([full, other[pad:]])
+    return ids, mask, ids[1:, pad:]
 
 
-def assert_decode_padding_invariant(model: torch.nn.Module) -> None:
-    padded, mask, short = left_padded_pair()
-    torch.testing.assert_close(decode_logits(model, padded, mask)[1], decode_logits(model, short)[0], atol=1e-5, rtol=1e-4)
+def assert_padding_invariant(model: torch.nn.Module, length: int = 14, pad: int = 5) -> None:
+    """A left-padded sequence in a batch gives the logits of the same sequence run alone."""
+    ids, mask, short = _padded_batch(length, pad)
+    torch.testing.assert_close(logits(model, ids, mask)[1, pad:], logits(model, short)[0], atol=1e-5, rtol=1e-4)
+
+
+def assert_decode_padding_invariant(model: torch.nn.Module, length: int = 14, pad: int = 5) -> None:
+    """The same for a cached decode step."""
+    ids, mask, short = _padded_batch(length, pad)
+    torch.testing.assert_close(decode_logits(model, ids, mask)[1], decode_logits(model, short)[0], atol=1e-5, rtol=1e-4)
+
+
+def assert_cached_equals_uncached(model: torch.nn.Module, length: int = 10, new: int = 6) -> None:
+    """Greedy generation with the KV cache produces the same per-step logits as recomputing every step."""
+    ids = token_batch(1, length, seed=1)
+    runs = [
+        model.generate(
+            ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=cache, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=0,
+        )
+        for cache in (True, False)
+    ]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    torch.testing.assert_close(torch.stack(runs[0].logits), torch.stack(runs[1].logits), atol=1e-5, rtol=1e-4)

@@ -7,7 +7,9 @@ import hf_attn_plus
 from hf_attn_plus.mechanisms.lighthouse import attend
 from hf_attn_plus.reference import masked_attention
 from hf_attn_plus.tiny import ARCHITECTURES
-from selection_helpers import EXACT_INDEXER, assert_padding_invariant, causal_context, logits, tiny_model, tokens
+from core.models import token_batch
+
+from .selection_helpers import EXACT_INDEXER, assert_padding_invariant, causal_context, logits, tiny_model
 
 OPTS = dict(block_size=4, levels=2, factor=2, budget=2, local_blocks=1, sink_blocks=1)
 
@@ -63,7 +65,7 @@ def _training_model(model_type="llama", **options):
 
 
 def test_budget_covering_everything_equals_dense_training():
-    ids = tokens(2, 40)
+    ids = token_batch(2, 40)
     model = _training_model(budget=64)
     out = logits(model, ids)
     hf_attn_plus.set_attention(model, "sdpa")
@@ -73,7 +75,7 @@ def test_budget_covering_everything_equals_dense_training():
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_training_is_causal_padding_invariant_and_trains(model_type):
     model = _training_model(model_type)
-    ids = tokens(1, 40)
+    ids = token_batch(1, 40)
     changed = ids.clone()
     changed[:, 30:] = (changed[:, 30:] + 1) % 128
     torch.testing.assert_close(logits(model, ids)[:, :30], logits(model, changed)[:, :30], atol=1e-5, rtol=1e-4)
@@ -85,7 +87,7 @@ def test_training_is_causal_padding_invariant_and_trains(model_type):
 
 
 def test_inference_hands_over_to_the_named_mechanism():
-    ids = tokens(2, 24)
+    ids = token_batch(2, 24)
     handover = dict(budget=2, window=2, sinks=1)
     model = tiny_model("llama", "lighthouse", **OPTS, inference="topk", inference_options=handover).eval()
     out = logits(model, ids)
@@ -108,4 +110,4 @@ def test_bad_inference_options_are_named():
         hf_attn_plus.set_attention(model, "lighthouse", inference="lighthouse")
     hf_attn_plus.set_attention(model, "lighthouse", inference="topk", inference_options={"budgett": 3})
     with pytest.raises(hf_attn_plus.OptionError, match="inference_options for 'topk'.*'budgett'"):
-        logits(model.eval(), tokens(1, 8))
+        logits(model.eval(), token_batch(1, 8))

@@ -14,7 +14,9 @@ from hf_attn_plus.masking import build_context, visible_from_mask
 from hf_attn_plus.mechanisms.santa import importance_log_weights, quantize
 from hf_attn_plus.reference import masked_attention
 from hf_attn_plus.tiny import ARCHITECTURES
-from selection_helpers import EXACT_INDEXER, assert_decode_padding_invariant, decode_logits, logits, tiny_model, tokens
+from core.models import token_batch
+
+from .selection_helpers import EXACT_INDEXER, assert_decode_padding_invariant, decode_logits, logits, tiny_model
 
 KV, STREAMS, SCALING = 64, 4000, 0.25
 
@@ -83,7 +85,7 @@ def test_seed_fixes_the_draws():
 
 
 def test_prefill_is_exact_dense():
-    ids = tokens(2, 12)
+    ids = token_batch(2, 12)
     model = tiny_model("llama", "santa", samples=1, window=1, sinks=0)
     sampled = logits(model, ids)
     hf_attn_plus.set_attention(model, "sdpa")
@@ -92,7 +94,7 @@ def test_prefill_is_exact_dense():
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_tiny_model_decode(model_type):
-    ids = tokens(1, 30)
+    ids = token_batch(1, 30)
     small = dict(samples=2, window=2, sinks=1, seed=1)
     model = tiny_model(model_type, "santa", EXACT_INDEXER.get(model_type), **small)
     sampled = decode_logits(model, ids)

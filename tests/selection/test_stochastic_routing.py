@@ -1,18 +1,21 @@
-import pytest
-import torch
 from types import SimpleNamespace
 
+import pytest
+import torch
+
+import hf_attn_plus
 from hf_attn_plus.mechanisms.stochastic_routing import routing_graph, set_step
 from hf_attn_plus.options import OptionError
 from hf_attn_plus.tiny import ARCHITECTURES
-from selection_helpers import (
+from core.models import token_batch
+
+from .selection_helpers import (
     EXACT_INDEXER,
     assert_cached_equals_uncached,
     assert_padding_invariant,
     causal_context,
     logits,
     tiny_model,
-    tokens,
 )
 
 
@@ -70,7 +73,7 @@ def test_tiny_models_cached_and_padding_invariant(model_type):
 
 
 def test_same_seed_same_output_different_seed_different_output():
-    ids = tokens(1, 24)
+    ids = token_batch(1, 24)
     out = {seed: logits(tiny_model("llama", "stochastic_routing", window=2, links=2, seed=seed), ids) for seed in (1, 1, 2)}
     again = logits(tiny_model("llama", "stochastic_routing", window=2, links=2, seed=1), ids)
     assert torch.equal(out[1], again)
@@ -79,7 +82,7 @@ def test_same_seed_same_output_different_seed_different_output():
 
 def test_resample_draws_a_graph_per_training_step():
     model = tiny_model("llama", "stochastic_routing", window=2, links=2, resample=True)
-    ids = tokens(1, 24)
+    ids = token_batch(1, 24)
     model.train()
     run = lambda: model(input_ids=ids).logits.detach()
     set_step(model, 0)
@@ -96,6 +99,6 @@ def test_resample_draws_a_graph_per_training_step():
 def test_bad_options_are_named():
     model = tiny_model("llama", "stochastic_routing")
     with pytest.raises(OptionError, match="resample.*True or False"):
-        __import__("hf_attn_plus").set_attention(model, "stochastic_routing", resample=1)
+        hf_attn_plus.set_attention(model, "stochastic_routing", resample=1)
     with pytest.raises(OptionError, match="links"):
-        __import__("hf_attn_plus").set_attention(model, "stochastic_routing", links=-1)
+        hf_attn_plus.set_attention(model, "stochastic_routing", links=-1)
