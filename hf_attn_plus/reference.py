@@ -36,6 +36,24 @@ def masked_attention(
     `log_weights` (finite where kept) multiplies key s's term exp(logit_s) by exp(log_weights_s): importance weights
     of sampled estimators. Returns (output [B, Hq, q, Dv], probabilities [B, Hq, q, kv]).
     """
+    probs = masked_probabilities(query, key, keep, scaling, beta, log_weights)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    batch, q_heads, q_len, kv_len = probs.shape
+    kv_heads = value.shape[1]
+    grouped = probs.to(value.dtype).reshape(batch, kv_heads, q_heads // kv_heads, q_len, kv_len)
+    out = (grouped @ value.unsqueeze(2)).reshape(batch, q_heads, q_len, value.shape[-1])
+    return out, probs.to(query.dtype)
+
+
+def masked_probabilities(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    keep: torch.Tensor,
+    scaling: float,
+    beta: torch.Tensor | None = None,
+    log_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Float32 softmax of each query head over the keys in `keep`, [B, Hq, q, kv]; rows that keep nothing are zero."""
     logits = grouped_scores(query.float(), key.float()) * scaling
     if beta is not None:
         logits = logits * beta
@@ -44,13 +62,7 @@ def masked_attention(
     # A finite fill keeps all-masked rows (left padding) NaN-free in forward and backward; multiplying by `keep`
     # then zeroes the uniform distribution such a row would otherwise get.
     logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
-    probs = torch.softmax(logits, dim=-1) * keep
-    probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    batch, q_heads, q_len, kv_len = probs.shape
-    kv_heads = value.shape[1]
-    grouped = probs.to(value.dtype).reshape(batch, kv_heads, q_heads // kv_heads, q_len, kv_len)
-    out = (grouped @ value.unsqueeze(2)).reshape(batch, q_heads, q_len, value.shape[-1])
-    return out, probs.to(query.dtype)
+    return torch.softmax(logits, dim=-1) * keep
 
 
 def default_scaling(query: torch.Tensor) -> float:

@@ -136,3 +136,13 @@ def random_links(ctx: AttentionContext, candidates: torch.Tensor, links: int, se
     heads = torch.arange(candidates.shape[1], device=candidates.device).view(1, -1, 1, 1)
     rank = counter_hash(seed, layer, heads, ctx.query_pos, ctx.key_pos).double() * 2.0**21 + ctx.key_pos
     return top_scoring(-rank, candidates, links)
+
+
+def indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head_weights: torch.Tensor) -> torch.Tensor:
+    """DSA lightning-indexer scores I[t, s] = sum_j w[t, j] * relu(q_j[t] · k[s]), [B, 1, q, kv].
+
+    index_query [B, Hi, q, Di] (Hi small indexer heads), index_key [B, kv, Di] (one key shared by the indexer heads),
+    head_weights [B, Hi, q] (w[t, j], produced from the query token).
+    """
+    per_head = torch.relu(index_query @ index_key.unsqueeze(1).transpose(-1, -2))
+    return (per_head * head_weights.unsqueeze(-1)).sum(dim=1, keepdim=True)

@@ -1,0 +1,85 @@
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from hf_attn_plus.masking import build_context, visible_from_mask
+from hf_attn_plus.mechanisms import topk
+from hf_attn_plus.mechanisms.indexer_topk import attention_target, indexer_kl, select_by_scores
+from hf_attn_plus.selection import grouped_scores, indexer_scores
+
+from .selection_helpers import causal_context
+
+
+def _qk(length=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, length, 8, generator=g), torch.randn(2, 2, length, 8, generator=g)
+
+
+def _left_padded_context(length=20, pad=6):
+    mask = torch.ones(2, length, dtype=torch.bool)
+    mask[1, :pad] = False
+    visible = torch.ones(length, length, dtype=torch.bool).tril() & mask[:, None, None, :]
+    return build_context(visible)
+
+
+def test_indexer_scores_follow_the_formula():
+    g = torch.Generator().manual_seed(1)
+    index_query, index_key, weights = torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 7, 4, generator=g), torch.randn(2, 3, 5, generator=g)
+    expected = torch.zeros(2, 1, 5, 7)
+    for b in range(2):
+        for t in range(5):
+            for s in range(7):
+                expected[b, 0, t, s] = sum(weights[b, j, t] * torch.relu(index_query[b, j, t] @ index_key[b, s]) for j in range(3))
+    torch.testing.assert_close(indexer_scores(index_query, index_key, weights), expected)
+
+
+def test_perfect_indexer_equals_core_topk():
+    query, key = _qk()
+    ctx = _left_padded_context()
+    opts = SimpleNamespace(budget=3, sinks=1, window=2)
+    expected = topk.select(query, key, ctx, opts)
+    assert torch.equal(select_by_scores(grouped_scores(query, key), ctx, 3, 1, 2), expected)
+
+
+def test_budget_covering_context_is_dense():
+    query, key = _qk()
+    ctx = _left_padded_context()
+    scores = torch.randn(2, 1, 20, 20)
+    assert torch.equal(select_by_scores(scores, ctx, 20, 0, 0), ctx.visible)
+
+
+def test_kl_is_zero_when_the_indexer_matches_and_equals_the_definition():
+    query, key = _qk()
+    ctx = _left_padded_context()
+    target = attention_target(query, key, ctx, 0.35)
+    rows = ctx.visible.any(-1)
+    torch.testing.assert_close(target.sum(-1)[rows], torch.ones(int(rows.sum())))
+    matched = target.clamp(min=1e-30).log()
+    assert indexer_kl(matched, target, ctx.visible).abs() < 1e-5
+    selected = select_by_scores(matched, ctx, 3, 1, 2)
+    assert indexer_kl(matched, target, selected).abs() < 1e-5
+    scores = torch.randn(2, 1, 20, 20)
+    per_row = [
+        F.kl_div(torch.log_softmax(scores[b, 0, t][ctx.visible[b, 0, t]], -1), target[b, 0, t][ctx.visible[b, 0, t]], reduction="sum")
+        for b in range(2)
+        for t in range(20)
+        if rows[b, 0, t]
+    ]
+    torch.testing.assert_close(indexer_kl(scores, target, ctx.visible), torch.stack(per_row).mean())
+    assert indexer_kl(scores, target, selected) > 0
+
+
+def test_loss_trains_only_the_indexer():
+    query, key = (x.requires_grad_() for x in _qk())
+    index_q, index_k, index_w = torch.nn.Linear(8, 2 * 4), torch.nn.Linear(8, 4), torch.nn.Linear(8, 2)
+    # The indexer reads detached copies of the main attention's inputs (here its first head's query and key).
+    source_q, source_k = query[:, 0].detach(), key[:, 0].detach()
+    scores = indexer_scores(
+        index_q(source_q).unflatten(-1, (2, 4)).transpose(1, 2), index_k(source_k), index_w(source_q).transpose(1, 2)
+    )
+    ctx = causal_context(2, 20)
+    loss = indexer_kl(scores, attention_target(query, key, ctx, 0.35), ctx.visible)
+    loss.backward()
+    assert query.grad is None and key.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for m in (index_q, index_k, index_w) for p in m.parameters())
