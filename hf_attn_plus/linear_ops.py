@@ -6,7 +6,8 @@ Per head, with features phi: o_t = phi(q_t)ᵀ S_t / (phi(q_t)ᵀ z_t + EPS), S_
 - `recurrent_*`: one token at a time on a fixed-size state; decode.
 Layout follows transformers: query features [B, Hq, q, F], key features [B, Hkv, kv, F], values [B, Hkv, kv, Dv]; query
 head h reads KV head h // (Hq // Hkv). The state (S [B, Hkv, F, Dv], z [B, Hkv, F]) is kept per KV head: with GQA it
-is Hq / Hkv times smaller than a per-query-head state. Everything is computed in fp32 and returned in v's dtype.
+is Hq / Hkv times smaller than a per-query-head state. Everything is computed in at least fp32 and returned in v's
+dtype.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def relu_features(x: torch.Tensor) -> torch.Tensor:
 
 def hedgehog_features(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[softmax(Wx); softmax(-Wx)] (Hedgehog / LoLCATs): positive, and with W trained it mimics softmax weights."""
-    proj = torch.einsum("bhld,hdm->bhlm", x, weight)
+    proj = torch.einsum("bhld,hdm->bhlm", x, weight.to(x.dtype))
     return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
 
 
@@ -50,7 +51,7 @@ def gaussian_rf_features(x: torch.Tensor, weight: torch.Tensor, normalise_rows: 
     `normalise_rows` subtracts each row's max before the exponential: allowed for queries only, where the factor
     cancels between numerator and normaliser; a key-side shift would change the weights between keys.
     """
-    proj = torch.einsum("bhld,hdm->bhlm", x, weight) - x.pow(2).sum(-1, keepdim=True) / 2
+    proj = torch.einsum("bhld,hdm->bhlm", x, weight.to(x.dtype)) - x.pow(2).sum(-1, keepdim=True) / 2
     if normalise_rows:
         proj = proj - proj.amax(-1, keepdim=True).detach()
     return torch.exp(proj) / math.sqrt(weight.shape[-1])
@@ -58,6 +59,11 @@ def gaussian_rf_features(x: torch.Tensor, weight: torch.Tensor, normalise_rows: 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Linear attention
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Accumulation precision: at least fp32 (sums over the whole context), fp64 stays fp64 (tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _group(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -71,16 +77,17 @@ def _ungroup(x: torch.Tensor) -> torch.Tensor:
 
 def empty_state(phi_k: torch.Tensor, value: torch.Tensor) -> LinearState:
     batch, kv_heads, _, features = phi_k.shape
-    state = phi_k.new_zeros(batch, kv_heads, features, value.shape[-1], dtype=torch.float32)
-    return state, phi_k.new_zeros(batch, kv_heads, features, dtype=torch.float32)
+    dtype = torch.promote_types(phi_k.dtype, torch.float32)
+    state = phi_k.new_zeros(batch, kv_heads, features, value.shape[-1], dtype=dtype)
+    return state, phi_k.new_zeros(batch, kv_heads, features, dtype=dtype)
 
 
 def quadratic_linear_attention(
     phi_q: torch.Tensor, phi_k: torch.Tensor, value: torch.Tensor, visible: torch.Tensor
 ) -> torch.Tensor:
     """The definition: weights phi(q_t)·phi(k_s) on the keys `visible` [B, 1|Hq, q, kv] allows, normalised by their sum."""
-    weights = grouped_scores(phi_q.float(), phi_k.float()) * visible
-    out = grouped_weighted_sum(weights, value.float()) / (weights.sum(-1, keepdim=True) + EPS)
+    weights = grouped_scores(_acc(phi_q), _acc(phi_k)) * visible
+    out = grouped_weighted_sum(weights, _acc(value)) / (weights.sum(-1, keepdim=True) + EPS)
     return out.to(value.dtype)
 
 
@@ -101,9 +108,9 @@ def chunked_linear_attention(
     state_kv, state_k = empty_state(phi_k, value) if state is None else state
     chunks = -(-length // chunk_size)
     pad = chunks * chunk_size - length
-    q = _group(F.pad(phi_q.float(), (0, 0, 0, pad)), kv_heads).unflatten(3, (chunks, chunk_size))
-    k = F.pad(phi_k.float(), (0, 0, 0, pad)).unflatten(2, (chunks, chunk_size))
-    v = F.pad(value.float(), (0, 0, 0, pad)).unflatten(2, (chunks, chunk_size))
+    q = _group(F.pad(_acc(phi_q), (0, 0, 0, pad)), kv_heads).unflatten(3, (chunks, chunk_size))
+    k = F.pad(_acc(phi_k), (0, 0, 0, pad)).unflatten(2, (chunks, chunk_size))
+    v = F.pad(_acc(value), (0, 0, 0, pad)).unflatten(2, (chunks, chunk_size))
 
     chunk_kv = k.transpose(-1, -2) @ v  # [B, Hkv, n, F, Dv]
     chunk_k = k.sum(-2)  # [B, Hkv, n, F]
@@ -126,10 +133,10 @@ def recurrent_linear_attention(
     """Token by token on the state (S, z): the decode form. Same conventions as `chunked_linear_attention`."""
     kv_heads = phi_k.shape[1]
     state_kv, state_k = empty_state(phi_k, value) if state is None else state
-    q = _group(phi_q.float(), kv_heads)
+    q = _group(_acc(phi_q), kv_heads)
     outputs = []
     for t in range(phi_k.shape[2]):
-        k_t, v_t = phi_k[:, :, t].float(), value[:, :, t].float()
+        k_t, v_t = _acc(phi_k[:, :, t]), _acc(value[:, :, t])
         state_kv = state_kv + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
         state_k = state_k + k_t
         q_t = q[:, :, :, t]  # [B, Hkv, G, F]

@@ -71,7 +71,7 @@ class LinearWeights(MechanismWeights):
         # exp(τ q·k) = exp((√τ q)·(√τ k)); query heads share their KV head's draw so the estimator stays unbiased.
         groups = query.shape[1] // key.shape[1]
         root = scaling**0.5
-        weight = self.random_features.to(query.dtype)
+        weight = self.random_features
         phi_q = linear_ops.gaussian_rf_features(query * root, weight.repeat_interleave(groups, 0), True)
         return phi_q, linear_ops.gaussian_rf_features(key * root, weight, False)
 
