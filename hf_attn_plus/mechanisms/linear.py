@@ -40,7 +40,7 @@ class LinearWeights(MechanismWeights):
             self.k_map = nn.Parameter(torch.empty(shape.kv_heads, shape.qk_dim, dim))
         elif opts.feature_map == "gaussian_rf":
             self.register_buffer("random_features", torch.empty(shape.kv_heads, shape.qk_dim, dim))
-        self.reset_parameters()
+        LinearWeights.reset_parameters(self)  # not the override: a subclass's own weights do not exist yet
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -14,6 +14,9 @@ CASES = [
     ("qwen2", "linear", {"feature_map": "gaussian_rf", "chunk_size": 4}),
     ("qwen3", "linear", {"feature_map": "elu", "chunk_size": 3}),
     ("deepseek_v3", "linear", {"feature_map": "hedgehog", "chunk_size": 4}),
+    ("llama", "hybrid", {"feature_map": "hedgehog", "window": 3, "chunk_size": 4}),
+    ("qwen2", "hybrid", {"feature_map": "elu", "window": 5}),
+    ("deepseek_v3", "hybrid", {"feature_map": "gaussian_rf", "window": 2, "chunk_size": 3}),
 ]
 
 
@@ -51,9 +54,9 @@ def test_cached_decode_equals_full_forward(arch, mechanism, options):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
-def test_generate_cached_equals_uncached(arch):
-    model = shared(arch, "linear", feature_map="elu")
+@pytest.mark.parametrize("arch,mechanism,options", [CASES[0], CASES[5]])
+def test_generate_cached_equals_uncached(arch, mechanism, options):
+    model = shared(arch, mechanism, **options)
     ids = _ids(2, 6)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
@@ -67,8 +70,10 @@ def test_generate_cached_equals_uncached(arch):
         assert torch.equal(runs[0], runs[1]), kwargs
 
 
-def test_decode_memory_is_constant_in_generated_length():
-    model = shared("qwen3", "linear", feature_map="elu", chunk_size=3)
+@pytest.mark.parametrize("mechanism,options", [("linear", {"feature_map": "elu", "chunk_size": 3}),
+                                               ("hybrid", {"feature_map": "elu", "window": 5})])
+def test_decode_memory_is_constant_in_generated_length(mechanism, options):
+    model = shared("qwen3", mechanism, **options)
     sizes = []
     for total in (10, 1000):  # tokens through the cache: a long prompt, then decode steps
         out = model.generate(_ids(1, total - 3), max_new_tokens=4, min_new_tokens=4, do_sample=False,
