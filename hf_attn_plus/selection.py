@@ -31,11 +31,18 @@ def dilated(ctx: AttentionContext, window: int, dilation: int) -> torch.Tensor:
 
 
 def top_scoring(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> torch.Tensor:
-    """Per row, the `budget` candidates with the largest scores (fewer when fewer candidates exist)."""
+    """Per row, the `budget` candidates with the largest scores (fewer when fewer candidates exist).
+
+    Exact ties at the cut (e.g. the zeros of ReLU indexer scores) go to the most recent keys, so the choice depends
+    on scores and positions only, never on padding or on how many keys the call holds (cached == uncached).
+    """
     k = min(budget, scores.shape[-1])
-    ranked = scores.masked_fill(~candidates, float("-inf")).topk(k, dim=-1).indices
-    chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, ranked, True)
-    return chosen & candidates
+    masked = scores.masked_fill(~candidates, float("-inf"))
+    cut = masked.topk(k, dim=-1).values[..., -1:]
+    above = candidates & (masked > cut)
+    tied = candidates & (masked == cut)
+    tied_from_the_end = tied.flip(-1).cumsum(-1).flip(-1)
+    return above | (tied & (tied_from_the_end <= k - above.sum(-1, keepdim=True)))
 
 
 def key_blocks(ctx: AttentionContext, block_size: int) -> torch.Tensor:
@@ -52,16 +59,6 @@ def block_key_bounds(key: torch.Tensor, blocks: torch.Tensor, num_blocks: int) -
     kmin = key.new_full(shape, float("inf")).scatter_reduce(2, slot, key, "amin", include_self=True)
     kmax = key.new_full(shape, float("-inf")).scatter_reduce(2, slot, key, "amax", include_self=True)
     return kmin[:, :, :num_blocks], kmax[:, :, :num_blocks]
-
-
-def block_means(x: torch.Tensor, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """Mean of each block's vectors, [B, H, num_blocks, D], for x [B, H, n, D] and blocks [B, 1, 1, n] (-1: skip).
-    Empty blocks get zeros."""
-    batch, heads, length, dim = x.shape
-    slot = torch.where(blocks < 0, num_blocks, blocks).reshape(batch, 1, length, 1)
-    sums = x.new_zeros(batch, heads, num_blocks + 1, dim).scatter_add_(2, slot.expand(batch, heads, length, dim), x)
-    counts = x.new_zeros(batch, 1, num_blocks + 1, 1).scatter_add_(2, slot, torch.ones_like(slot, dtype=x.dtype))
-    return (sums / counts.clamp(min=1))[:, :, :num_blocks]
 
 
 def quest_block_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
@@ -89,6 +86,15 @@ def blocks_to_keys(block_keep: torch.Tensor, blocks: torch.Tensor, ctx: Attentio
     batch, heads, q_len, _ = block_keep.shape
     slot = blocks.clamp(min=0).expand(batch, heads, q_len, blocks.shape[-1])
     return block_keep.gather(-1, slot) & ctx.visible
+
+
+def pooled_blocks(x: torch.Tensor, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Mean of x [B, H, n, D] over each block, blocks [B, n] (-1: excluded) -> [B, H, num_blocks, D] (empty: 0)."""
+    batch, heads, n, dim = x.shape
+    slot = torch.where(blocks < 0, num_blocks, blocks).reshape(batch, 1, n, 1)
+    sums = x.new_zeros(batch, heads, num_blocks + 1, dim).scatter_add_(2, slot.expand(batch, heads, n, dim), x)
+    counts = x.new_zeros(batch, 1, num_blocks + 1, 1).scatter_add_(2, slot, x.new_ones(batch, 1, n, 1))
+    return (sums / counts.clamp(min=1))[:, :, :num_blocks]
 
 
 _LOW32 = 0xFFFFFFFF

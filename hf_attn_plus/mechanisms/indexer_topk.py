@@ -10,16 +10,34 @@ distribution of query t summed over heads and L1-normalised (`attention_target`)
 The indexer reads detached inputs and the target is detached, so this loss trains only the indexer and the
 language-modelling loss never reaches it (the top-k is not differentiable either).
 
-On DeepSeek-V3.2 the model's own indexer already selects (`indices`, honoured by the core for every mechanism).
+Here the indexer reads the main attention's own (detached) queries and keys: q^I and w from the query heads of
+token t, k^I from the KV heads of key s, so it works through the attention interface on every patched architecture
+and needs no extra cache (k^I is recomputed from the cached keys at each step: O(kv) small matmuls, no second
+cache). Its weights are the layer's `attn_plus` (`IndexerWeights`). Option `stage` picks the DSA stage a training
+forward runs: 'warmup' attends densely and records the full KL, 'sparse' attends the selection and records the
+selected-set KL; `indexer_loss(model)` collects them for the recipes. Evaluation always attends the selection.
+
+On DeepSeek-V3.2 the model's own indexer already selects (`indices`, honoured by the core for every mechanism); this
+mechanism adds no weights there.
 """
 
 from __future__ import annotations
 
-import torch
+from types import SimpleNamespace
 
+import torch
+from torch import nn
+
+from ..attention import attend_selected
 from ..masking import AttentionContext
+from ..options import choice_option, int_option
+from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
 from ..reference import masked_probabilities
-from ..selection import sinks_and_window, top_scoring
+from ..registry import Mechanism, register
+from ..selection import indexer_scores, sinks_and_window, top_scoring
+
+# Options that change the shape of the weights: the model must run with the ones they were built for.
+WEIGHT_OPTIONS = ("index_heads", "index_dim")
 
 
 def select_by_scores(scores: torch.Tensor, ctx: AttentionContext, budget: int, sinks: int, window: int) -> torch.Tensor:
@@ -44,3 +62,81 @@ def indexer_kl(scores: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -
     per_key = torch.xlogy(target, target) - target * log_predicted.masked_fill(~keep, 0.0)
     rows = keep.any(dim=-1)
     return per_key.sum(dim=-1)[rows].mean() if rows.any() else scores.sum() * 0.0
+
+
+@register_weights
+class IndexerWeights(MechanismWeights):
+    """One layer's lightning indexer: q^I (index_heads x index_dim) and head weights w from the token's query heads,
+    k^I (index_dim) from its KV heads. `loss` holds the KL of the last training forward (None otherwise)."""
+
+    mechanism = "indexer_topk"
+
+    def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
+        super().__init__(shape, opts, layer_idx)
+        query_width, key_width = shape.q_heads * shape.qk_dim, shape.kv_heads * shape.qk_dim
+        self.query_proj = nn.Linear(query_width, opts.index_heads * opts.index_dim, bias=False)
+        self.key_proj = nn.Linear(key_width, opts.index_dim, bias=False)
+        self.head_weights = nn.Linear(query_width, opts.index_heads, bias=False)
+        self.loss: torch.Tensor | None = None
+        IndexerWeights.reset_parameters(self)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for linear in (self.query_proj, self.key_proj, self.head_weights):
+            nn.init.normal_(linear.weight, std=linear.in_features**-0.5)
+
+    def scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """I[t, s] from detached main queries [B, Hq, q, D] and keys [B, Hkv, kv, D]: [B, 1, q, kv]."""
+        tokens_q = query.detach().transpose(1, 2).flatten(2).to(self.query_proj.weight.dtype)
+        tokens_k = key.detach().transpose(1, 2).flatten(2).to(self.key_proj.weight.dtype)
+        index_query = self.query_proj(tokens_q).unflatten(-1, (self.opts.index_heads, -1)).transpose(1, 2)
+        head_weights = self.head_weights(tokens_q).transpose(1, 2) * self.opts.index_heads**-0.5
+        return indexer_scores(index_query, self.key_proj(tokens_k), head_weights)
+
+
+def attend(module, query, key, value, ctx, opts, scaling, dropout):
+    weights = mechanism_weights(module, "indexer_topk")
+    weights.check_options(opts, WEIGHT_OPTIONS)
+    scores = weights.scores(query, key)
+    with torch.no_grad():
+        selected = select_by_scores(scores, ctx, opts.budget, opts.sinks, opts.window)
+    weights.loss = None
+    if module.training:
+        warmup = opts.stage == "warmup"
+        weights.loss = indexer_kl(scores, attention_target(query, key, ctx, scaling), ctx.visible if warmup else selected)
+        if warmup:
+            selected = ctx.visible
+    return attend_selected(module, query, key, value, selected, opts, scaling, dropout)
+
+
+def indexer_loss(model: nn.Module) -> torch.Tensor:
+    """Mean over layers of the indexer KL recorded by the last training forward of `model` (for the recipes)."""
+    losses = [m.loss for m in model.modules() if isinstance(m, IndexerWeights) and m.loss is not None]
+    if not losses:
+        raise ValueError(
+            "no indexer loss recorded: run a training-mode forward of a model with attn_implementation "
+            "'hf_attn_plus:indexer_topk' first"
+        )
+    return torch.stack(losses).mean()
+
+
+MECHANISM = register(
+    Mechanism(
+        name="indexer_topk",
+        family="learned",
+        summary="learned lightning indexer picks top-k keys + sinks + local window (DSA); KL training losses",
+        options=(
+            int_option("budget", 256, 1, "keys chosen by indexer score, besides sinks and window"),
+            int_option("sinks", 4, 0, "first real tokens always attended"),
+            int_option("window", 64, 0, "most recent keys always attended"),
+            int_option("index_heads", 4, 1, "indexer heads j"),
+            int_option("index_dim", 32, 1, "indexer query/key size"),
+            choice_option(
+                "stage", "sparse", ("warmup", "sparse"),
+                "training forwards: 'warmup' attends densely, KL over all keys; 'sparse' attends the selection, KL over it",
+            ),
+        ),
+        attend=attend,
+        training_free=False,
+    )
+)

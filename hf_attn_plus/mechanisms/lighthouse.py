@@ -29,7 +29,7 @@ from ..attention import attend_selected, run_mechanism
 from ..masking import AttentionContext
 from ..options import Option, OptionError, int_option
 from ..registry import Mechanism, all_mechanisms, get_mechanism, register
-from ..selection import block_means, blocks_to_keys, grouped_scores, key_blocks, top_scoring, visible_blocks
+from ..selection import blocks_to_keys, grouped_scores, key_blocks, pooled_blocks, top_scoring, visible_blocks
 
 
 def causal_block_queries(query: torch.Tensor, ctx: AttentionContext, block_size: int) -> torch.Tensor:
@@ -64,7 +64,7 @@ def hierarchical_selection(query: torch.Tensor, key: torch.Tensor, ctx: Attentio
         if level == 0:
             fixed = fixed | (past & ((own - index < opts.local_blocks) | (index < opts.sink_blocks)))
             candidates = candidates & ~fixed
-        scores = grouped_scores(pooled_query, block_means(key, blocks, num_blocks))
+        scores = grouped_scores(pooled_query, pooled_blocks(key, blocks.flatten(1), num_blocks))
         chosen = fixed | top_scoring(scores, candidates.expand_as(scores), opts.budget)
     return blocks_to_keys(chosen, key_blocks(ctx, opts.block_size), ctx)
 

@@ -1,0 +1,103 @@
+"""indexer_topk with learned attn_plus indexer weights in tiny models (DeepSeek-V3.2 brings its own indexer)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_attn_plus
+from core.models import token_batch
+from hf_attn_plus.mechanisms.indexer_topk import indexer_loss
+from hf_attn_plus.tiny import tiny_config
+
+from .selection_helpers import assert_cached_equals_uncached, assert_padding_invariant, logits
+
+ARCHS = ("llama", "qwen2", "qwen3", "deepseek_v3")
+SMALL = dict(index_heads=2, index_dim=4)
+
+
+def indexer_model(arch: str, **options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = tiny_config(arch, hf_attn_plus={**SMALL, **options})
+    return AutoModelForCausalLM.from_config(config, attn_implementation="hf_attn_plus:indexer_topk").eval()
+
+
+def _dense_logits(model, ids, training=False):
+    implementation = model.config._attn_implementation
+    options = dict(model.config.hf_attn_plus)
+    hf_attn_plus.set_attention(model, "sdpa")
+    model.train(training)
+    out = logits(model, ids)
+    hf_attn_plus.set_attention(model, implementation, **options)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_selection_is_cache_and_padding_exact_and_covering_budget_is_dense(arch):
+    model = indexer_model(arch, budget=3, window=2, sinks=1)
+    assert sum(".attn_plus." in name for name, _ in model.named_parameters()) == 3 * 2  # three projections, 2 layers
+    assert_cached_equals_uncached(model)
+    assert_padding_invariant(model, length=30, pad=7)
+    ids = token_batch(2, 24)
+    assert not torch.allclose(logits(model, ids), _dense_logits(model, ids), atol=1e-4)
+    hf_attn_plus.set_attention(model, "indexer_topk", **SMALL, budget=24, window=0, sinks=0)
+    torch.testing.assert_close(logits(model, ids), _dense_logits(model, ids), atol=1e-5, rtol=1e-4)
+
+
+def test_warmup_attends_densely_and_its_loss_trains_only_the_indexer():
+    model = indexer_model("llama", budget=2, window=1, sinks=1, stage="warmup").train()
+    ids = token_batch(2, 24)
+    out = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits.detach(), _dense_logits(model, ids, training=True), atol=1e-5, rtol=1e-4)
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    indexer = {n: p for n, p in model.named_parameters() if ".attn_plus." in n}
+    main = {n: p for n, p in model.named_parameters() if ".attn_plus." not in n}
+    grads = torch.autograd.grad(indexer_loss(model), [*indexer.values(), *main.values()], allow_unused=True)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[: len(indexer)])
+    assert all(g is None for g in grads[len(indexer) :])
+    lm_grads = torch.autograd.grad(out.loss, list(indexer.values()), allow_unused=True)
+    assert all(g is None for g in lm_grads), "the language-modelling loss must not reach the indexer"
+
+
+def test_warmup_training_lowers_the_indexer_kl_and_sparse_stage_records_its_loss():
+    model = indexer_model("llama", budget=2, window=1, sinks=1, stage="warmup").train()
+    for name, param in model.named_parameters():
+        param.requires_grad_(".attn_plus." in name)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    ids = token_batch(4, 24)
+    losses = []
+    for _ in range(15):
+        model(input_ids=ids)
+        loss = indexer_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    hf_attn_plus.set_attention(model, "indexer_topk", **SMALL, budget=2, window=1, sinks=1, stage="sparse")
+    model(input_ids=ids)
+    assert torch.isfinite(indexer_loss(model))
+    model.eval()
+    model(input_ids=ids)
+    with pytest.raises(ValueError, match="no indexer loss recorded"):
+        indexer_loss(model)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = indexer_model("qwen3", budget=3, window=2, sinks=1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".attn_plus." in name:
+                param.add_(torch.randn_like(param))
+    ids = token_batch(2, 20)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config._attn_implementation == "hf_attn_plus:indexer_topk"
+    for (name, param), (_, again) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(param, again), name
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids))
+
+
+def test_architectures_without_patched_attention_get_a_clear_error():
+    with pytest.raises(ValueError, match="needs its weights in `DeepseekV32Attention.attn_plus`"):
+        indexer_model("deepseek_v32", budget=3)(input_ids=token_batch(1, 8))
