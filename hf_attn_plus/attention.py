@@ -101,9 +101,10 @@ def run_mechanism(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One mechanism on a built context -> (output [B, Hq, q, Dv], probabilities or None); wrappers that hand over
     to another mechanism (lighthouse at inference) call this with that mechanism's options."""
+    use_kernel = _use_kernel(mechanism, opts, query)  # raises for backend='kernel' where there is no kernel
     if mechanism.attend is not None:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
-    if _use_kernel(mechanism, opts, query):
+    if use_kernel:
         return mechanism.kernel(query, key, value, ctx, opts, scaling), None
     with torch.no_grad():
         keep = mechanism.select(query, key, ctx, opts)

@@ -136,12 +136,12 @@ def counter_uniform(seed: int, *coords: torch.Tensor | int) -> torch.Tensor:
 def random_links(ctx: AttentionContext, candidates: torch.Tensor, links: int, seed: int, layer: int) -> torch.Tensor:
     """Per query head, `links` keys drawn uniformly without replacement from `candidates` [B, Hq, q, kv].
 
-    Key s is ranked by a hash of (seed, layer, head, query position, key position); the `links` smallest win.
-    Ties are broken by key position (exact in float64 below 2**21 keys), so the draw is a function of positions.
+    Key s is ranked by the top 24 bits of a hash of (seed, layer, head, query position, key position), exact in
+    float32; the `links` largest win, and top_scoring breaks the rare exact ties by position.
     """
     heads = torch.arange(candidates.shape[1], device=candidates.device).view(1, -1, 1, 1)
-    rank = counter_hash(seed, layer, heads, ctx.query_pos, ctx.key_pos).double() * 2.0**21 + ctx.key_pos
-    return top_scoring(-rank, candidates, links)
+    rank = (counter_hash(seed, layer, heads, ctx.query_pos, ctx.key_pos) >> 8).float()
+    return top_scoring(rank, candidates, links)
 
 
 def indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head_weights: torch.Tensor) -> torch.Tensor:

@@ -63,10 +63,10 @@ def test_warmup_training_lowers_the_indexer_kl_and_sparse_stage_records_its_loss
     model = indexer_model("llama", budget=2, window=1, sinks=1, stage="warmup").train()
     for name, param in model.named_parameters():
         param.requires_grad_(".attn_plus." in name)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    ids = token_batch(4, 24)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = token_batch(2, 24)
     losses = []
-    for _ in range(15):
+    for _ in range(8):
         model(input_ids=ids)
         loss = indexer_loss(model)
         optimizer.zero_grad()
