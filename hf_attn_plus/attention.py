@@ -13,7 +13,7 @@ from transformers.masking_utils import sdpa_mask
 
 from .masking import AttentionContext, build_context, indices_to_mask, visible_from_mask
 from .reference import default_scaling, log_length_scale, masked_attention
-from .registry import Mechanism, OptionError, options_from_config
+from .registry import Mechanism, OptionError, delegate, options_from_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "deepseek_v3", "deepseek_v32")
 
@@ -109,6 +109,27 @@ def run_mechanism(
     with torch.no_grad():
         keep = mechanism.select(query, key, ctx, opts)
     return attend_selected(module, query, key, value, keep, opts, scaling, dropout)
+
+
+def run_delegate(
+    owner: str,
+    name: str,
+    options: dict[str, Any],
+    common: Any,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ctx: AttentionContext,
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a wrapper mechanism `owner` hands over to: 'dense' (exact attention, with the wrapper's own common options
+    `common`) or the registered mechanism `name` with `options`."""
+    if name == "dense":
+        return attend_selected(module, query, key, value, ctx.visible, common, scaling, dropout)
+    mechanism, opts = delegate(owner, name, options)
+    return run_mechanism(mechanism, opts, module, query, key, value, ctx, scaling, dropout)
 
 
 def attend_selected(

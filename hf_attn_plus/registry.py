@@ -105,6 +105,25 @@ def mechanisms() -> list[dict[str, Any]]:
     ]
 
 
+def mechanism_option(name: str, owner: str, doc: str) -> Option:
+    """Option naming what a wrapper mechanism (`owner`) delegates to: 'dense' or another registered mechanism.
+    Checked when options are validated, i.e. after every mechanism has registered."""
+
+    def accepts(value: Any) -> bool:
+        return value == "dense" or (isinstance(value, str) and value != owner and value in _MECHANISMS)
+
+    rule = f"'dense' or the name of a registered hf_attn_plus mechanism other than {owner!r} (see hf_attn_plus.mechanisms())"
+    return Option(name, "dense", rule, accepts, doc)
+
+
+def delegate(owner: str, name: str, options: Mapping[str, Any]) -> tuple[Mechanism, SimpleNamespace]:
+    """The mechanism `name` and its validated `options`, for wrapper `owner`; errors name the wrapper."""
+    try:
+        return get_mechanism(name), _resolve_cached(name, json.dumps(dict(options), sort_keys=True))
+    except OptionError as error:
+        raise OptionError(f"hf_attn_plus mechanism {owner!r}: options for {name!r}: {error}") from None
+
+
 @lru_cache(maxsize=256)
 def _resolve_cached(name: str, options_json: str) -> SimpleNamespace:
     return get_mechanism(name).resolve_options(json.loads(options_json))

@@ -18,17 +18,15 @@ another registered mechanism, run with `inference_options`.
 
 from __future__ import annotations
 
-import json
-from functools import lru_cache
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from ..attention import attend_selected, run_mechanism
+from ..attention import attend_selected, run_delegate
 from ..masking import AttentionContext
-from ..options import Option, OptionError, int_option
-from ..registry import Mechanism, all_mechanisms, get_mechanism, register
+from ..options import Option, int_option
+from ..registry import Mechanism, mechanism_option, register
 from ..selection import blocks_to_keys, grouped_scores, key_blocks, pooled_blocks, top_scoring, visible_blocks
 
 
@@ -69,46 +67,20 @@ def hierarchical_selection(query: torch.Tensor, key: torch.Tensor, ctx: Attentio
     return blocks_to_keys(chosen, key_blocks(ctx, opts.block_size), ctx)
 
 
-@lru_cache(maxsize=64)
-def _handover(name: str, options_json: str) -> tuple[Mechanism, SimpleNamespace]:
-    mechanism = get_mechanism(name)
-    try:
-        return mechanism, mechanism.resolve_options(json.loads(options_json))
-    except OptionError as error:
-        raise OptionError(f"hf_attn_plus mechanism 'lighthouse': inference_options for {name!r}: {error}") from None
-
-
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
     if module.training and query.shape[2] > 1:
         with torch.no_grad():
             keep = hierarchical_selection(query, key, ctx, opts)
         return attend_selected(module, query, key, value, keep, opts, scaling, dropout)
-    if opts.inference == "dense":
-        return attend_selected(module, query, key, value, ctx.visible, opts, scaling, dropout)
-    mechanism, handover_opts = _handover(opts.inference, json.dumps(opts.inference_options, sort_keys=True))
-    return run_mechanism(mechanism, handover_opts, module, query, key, value, ctx, scaling, dropout)
-
-
-def _inference_option() -> Option:
-    # Checked against the registry when options are validated, i.e. after every mechanism has registered.
-    def accepts(value) -> bool:
-        return value == "dense" or (
-            isinstance(value, str) and value != "lighthouse" and value in {m.name for m in all_mechanisms()}
-        )
-
-    return Option(
-        "inference",
-        "dense",
-        "'dense' or the name of another registered hf_attn_plus mechanism (see hf_attn_plus.mechanisms())",
-        accepts,
-        "what runs outside training and at decode",
+    return run_delegate(
+        "lighthouse", opts.inference, opts.inference_options, opts, module, query, key, value, ctx, scaling, dropout
     )
 
 
 MECHANISM = register(
     Mechanism(
         name="lighthouse",
-        family="learned",
+        family="sparse",
         summary="training: hierarchical pooled selection of fine blocks; inference: dense or a named mechanism",
         options=(
             int_option("block_size", 64, 1, "keys per fine block (and queries per pooled query block)"),
@@ -117,7 +89,7 @@ MECHANISM = register(
             int_option("budget", 8, 1, "blocks chosen per level besides the query's own"),
             int_option("local_blocks", 1, 1, "fine blocks up to the query's own, always attended"),
             int_option("sink_blocks", 1, 0, "leading fine blocks always attended"),
-            _inference_option(),
+            mechanism_option("inference", "lighthouse", "what runs outside training and at decode"),
             Option("inference_options", {}, "a dict of the inference mechanism's options", lambda v: isinstance(v, dict)),
         ),
         attend=attend,

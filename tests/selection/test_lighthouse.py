@@ -104,10 +104,10 @@ def test_inference_hands_over_to_the_named_mechanism():
 
 def test_bad_inference_options_are_named():
     model = tiny_model("llama", "lighthouse")
-    with pytest.raises(hf_attn_plus.OptionError, match="inference.*'nope'.*'dense' or the name"):
+    with pytest.raises(hf_attn_plus.OptionError, match="inference.*'nope'.*'dense' or the name of a registered"):
         hf_attn_plus.set_attention(model, "lighthouse", inference="nope")
     with pytest.raises(hf_attn_plus.OptionError, match="inference.*'lighthouse'"):
         hf_attn_plus.set_attention(model, "lighthouse", inference="lighthouse")
     hf_attn_plus.set_attention(model, "lighthouse", inference="topk", inference_options={"budgett": 3})
-    with pytest.raises(hf_attn_plus.OptionError, match="inference_options for 'topk'.*'budgett'"):
+    with pytest.raises(hf_attn_plus.OptionError, match="'lighthouse': options for 'topk'.*'budgett'"):
         logits(model.eval(), token_batch(1, 8))

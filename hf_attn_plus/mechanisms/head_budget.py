@@ -1,0 +1,80 @@
+"""head_budget (Budgeted Attention Allocation): per-head gates g_h(b) in [0, 1] conditioned on a requested budget b,
+around any mechanism (`inner` with `inner_options`; 'dense' by default):
+
+    g_h(b) = clamp(1 - (1 - b) * softplus(theta_h), 0, 1),   output of head h = g_h(b) * inner output of head h.
+
+- b = 1 gives g = 1 for every head: exactly the ungated mechanism.
+- Monotone by construction: g_h is non-decreasing in b for any theta, so a lower budget never enables a head that a
+  higher budget disabled. Head h is off (g = 0) for b <= 1 - 1/softplus(theta_h): the steepest heads go first.
+theta (one per query head and layer, `attn_plus.steepness`; softplus(theta) = 1 at initialisation, i.e. g = b) is
+learned by the recipes: the language-modelling loss at sampled budgets plus a cost term `expected_cost(model, b)`.
+
+Heads with g = 0 output zeros; the reference still computes them (a kernel would skip them). Mechanisms that need
+their own `attn_plus` weights (linear, hybrid, indexer_topk) cannot be the inner mechanism: the slot holds the gates.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import run_delegate
+from ..options import Option, float_option
+from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
+from ..registry import Mechanism, mechanism_option, register
+
+
+@register_weights
+class HeadGateWeights(MechanismWeights):
+    """One layer's gate steepness theta_h per query head."""
+
+    mechanism = "head_budget"
+
+    def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
+        super().__init__(shape, opts, layer_idx)
+        self.steepness = nn.Parameter(torch.empty(shape.q_heads))
+        HeadGateWeights.reset_parameters(self)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.steepness.fill_(math.log(math.e - 1))  # softplus = 1: every gate starts at g = b
+
+    def gates(self, budget: float) -> torch.Tensor:
+        """g_h(budget), [Hq]."""
+        return (1 - (1 - budget) * F.softplus(self.steepness)).clamp(0.0, 1.0)
+
+
+def attend(module, query, key, value, ctx, opts, scaling, dropout):
+    gates = mechanism_weights(module, "head_budget").gates(opts.budget)
+    out, probs = run_delegate(
+        "head_budget", opts.inner, opts.inner_options, opts, module, query, key, value, ctx, scaling, dropout
+    )
+    return out * gates.view(1, -1, 1, 1).to(out.dtype), probs
+
+
+def expected_cost(model: nn.Module, budget: float) -> torch.Tensor:
+    """Mean gate over heads and layers at `budget` (differentiable): the share of heads' attention still computed."""
+    gates = [m.gates(budget) for m in model.modules() if isinstance(m, HeadGateWeights)]
+    if not gates:
+        raise ValueError("the model has no head_budget gates: load it with attn_implementation 'hf_attn_plus:head_budget'")
+    return torch.cat(gates).mean()
+
+
+MECHANISM = register(
+    Mechanism(
+        name="head_budget",
+        family="learned",
+        summary="learned per-head gates, monotone in a requested budget, around any mechanism",
+        options=(
+            float_option("budget", 1.0, 0.0, "requested share of compute; 1 is the ungated mechanism", maximum=1.0),
+            mechanism_option("inner", "head_budget", "the mechanism whose heads are gated"),
+            Option("inner_options", {}, "a dict of the inner mechanism's options", lambda v: isinstance(v, dict)),
+        ),
+        attend=attend,
+        training_free=False,
+    )
+)

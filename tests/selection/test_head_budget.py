@@ -1,0 +1,69 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_attn_plus
+from core.models import token_batch
+from hf_attn_plus.mechanisms.head_budget import HeadGateWeights, expected_cost
+from hf_attn_plus.tiny import tiny_config
+
+from .selection_helpers import logits
+
+INNER = dict(inner="topk", inner_options=dict(budget=3, window=2, sinks=1))
+
+
+def gated_model(arch="llama", **options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = tiny_config(arch, hf_attn_plus={**INNER, **options})
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="hf_attn_plus:head_budget").eval()
+    with torch.no_grad():
+        for gate in (m for m in model.modules() if isinstance(m, HeadGateWeights)):
+            gate.steepness.copy_(torch.randn_like(gate.steepness) * 2)
+    return model
+
+
+def test_gates_are_monotone_in_budget_and_one_at_full_budget():
+    model = gated_model()
+    budgets = torch.linspace(0, 1, 21).tolist()
+    for gate in (m for m in model.modules() if isinstance(m, HeadGateWeights)):
+        values = torch.stack([gate.gates(b) for b in budgets])
+        assert ((values >= 0) & (values <= 1)).all()
+        assert (values[1:] >= values[:-1]).all(), "a lower budget enabled more of a head"
+        assert torch.equal(values[-1], torch.ones_like(values[-1]))
+        active = values > 0
+        assert (active[:-1] <= active[1:]).all(), "a head off at a higher budget is on at a lower one"
+        assert not active[0].all(), "random steepness must switch some head off at budget 0"
+
+
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_full_budget_equals_the_ungated_mechanism_and_lower_budgets_gate(arch):
+    model = gated_model(arch)
+    ids = token_batch(2, 16)
+    gated = logits(model, ids)
+    hf_attn_plus.set_attention(model, "head_budget", **INNER, budget=0.3)
+    lowered = logits(model, ids)
+    hf_attn_plus.set_attention(model, INNER["inner"], **INNER["inner_options"])
+    torch.testing.assert_close(gated, logits(model, ids))
+    assert not torch.allclose(lowered, gated, atol=1e-4)
+
+
+def test_gates_learn_from_the_loss_and_the_cost(tmp_path):
+    model = gated_model(budget=0.6).train()
+    ids = token_batch(2, 16)
+    loss = model(input_ids=ids, labels=ids).loss + expected_cost(model, 0.6)
+    loss.backward()
+    steepness = [m.steepness for m in model.modules() if isinstance(m, HeadGateWeights)]
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in steepness)
+    model.eval().save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for again, original in zip((m.steepness for m in loaded.modules() if isinstance(m, HeadGateWeights)), steepness):
+        assert torch.equal(again, original)
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids))
+
+
+def test_bad_options_are_named():
+    model = gated_model()
+    with pytest.raises(hf_attn_plus.OptionError, match="'budget' got 1.5; allowed: a number >= 0.0 and <= 1.0"):
+        hf_attn_plus.set_attention(model, "head_budget", budget=1.5)
+    with pytest.raises(hf_attn_plus.OptionError, match="'inner' got 'head_budget'"):
+        hf_attn_plus.set_attention(model, "head_budget", inner="head_budget")
