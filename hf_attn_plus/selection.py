@@ -37,6 +37,8 @@ def top_scoring(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> 
     on scores and positions only, never on padding or on how many keys the call holds (cached == uncached).
     """
     k = min(budget, scores.shape[-1])
+    if k == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     masked = scores.masked_fill(~candidates, float("-inf"))
     cut = masked.topk(k, dim=-1).values[..., -1:]
     above = candidates & (masked > cut)

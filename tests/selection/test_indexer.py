@@ -83,3 +83,16 @@ def test_loss_trains_only_the_indexer():
     loss.backward()
     assert query.grad is None and key.grad is None
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for m in (index_q, index_k, index_w) for p in m.parameters())
+
+
+def test_top_scoring_breaks_exact_ties_toward_recent_keys():
+    from hf_attn_plus.selection import top_scoring
+
+    scores = torch.tensor([[5.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0]])
+    candidates = torch.tensor([[True, True, True, True, True, True, False]])
+    # Two clear winners, then two of the four tied zeros among candidates: the latest ones (4 and 5).
+    assert top_scoring(scores, candidates, 4).tolist() == [[True, False, False, True, True, True, False]]
+    # Left padding (non-candidate keys in front) does not change which real keys win.
+    padded = top_scoring(torch.cat([torch.zeros(1, 3), scores], -1), torch.cat([torch.zeros(1, 3, dtype=torch.bool), candidates], -1), 4)
+    assert torch.equal(padded[:, 3:], top_scoring(scores, candidates, 4))
+    assert top_scoring(scores, candidates, 0).sum() == 0

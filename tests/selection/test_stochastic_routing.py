@@ -59,6 +59,11 @@ def test_seed_fixes_the_graph_and_layers_differ():
     assert not torch.equal(graph(0, 0), graph(0, 1))
 
 
+def test_no_links_is_the_window():
+    ctx = causal_context(1, 12)
+    assert torch.equal(routing_graph(ctx, 2, _opts(window=3, links=0), 0), (ctx.visible & (ctx.distance < 3)).expand(-1, 2, -1, -1))
+
+
 def test_budget_covering_context_is_dense():
     ctx = causal_context(2, 12)
     assert torch.equal(routing_graph(ctx, 2, _opts(window=3, links=12), 0), ctx.visible.expand(-1, 2, -1, -1))
