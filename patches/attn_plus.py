@@ -105,9 +105,23 @@ def build_mechanism_weights(model: nn.Module) -> int:
     return built
 
 
+def unwrapped(weights: nn.Module | None) -> nn.Module | None:
+    """`attn_plus` itself when PEFT wrapped it (LoRA on its parameters or `modules_to_save` wrap the module)."""
+    while not isinstance(weights, MechanismWeights) and weights is not None:
+        inner = weights.get_base_layer() if hasattr(weights, "get_base_layer") else getattr(weights, "original_module", None)
+        if inner is weights:
+            break
+        weights = inner
+    return weights
+
+
 def mechanism_weights(attention: nn.Module, mechanism: str) -> MechanismWeights:
-    """The `attn_plus` of `attention` for `mechanism`, or a clear error saying how to get it."""
-    weights = getattr(attention, "attn_plus", None)
+    """The `attn_plus` of `attention` for `mechanism`, or a clear error saying how to get it.
+
+    Call `attention.attn_plus(...)` rather than this object's methods for anything that reads trainable weights, so
+    that adapters wrapped around it take part.
+    """
+    weights = unwrapped(getattr(attention, "attn_plus", None))
     if weights is None or weights.mechanism != mechanism:
         raise ValueError(
             f"hf_attn_plus {mechanism!r} needs its weights in `{type(attention).__name__}.attn_plus`, which this layer "

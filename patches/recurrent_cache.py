@@ -16,7 +16,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..registry import PREFIX
-from .attn_plus import MechanismWeights
+from .attn_plus import MechanismWeights, unwrapped
 
 
 class RecurrentStateLayer(DynamicLayer):
@@ -110,7 +110,7 @@ def _state_layer(cache: Any, layer_idx: int, window: int) -> RecurrentStateLayer
 
 
 def _before_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    weights = module.attn_plus
+    weights = unwrapped(module.attn_plus)
     if not isinstance(weights, MechanismWeights) or not weights.recurrent:
         return
     cache = kwargs.get("past_key_values", args[3] if len(args) > 3 else None)
@@ -119,8 +119,9 @@ def _before_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _after_attention(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    if isinstance(module.attn_plus, MechanismWeights):
-        module.attn_plus.state_layer = None
+    weights = unwrapped(module.attn_plus)
+    if isinstance(weights, MechanismWeights):
+        weights.state_layer = None
 
 
 def install_state_hooks(attention: nn.Module) -> None:
