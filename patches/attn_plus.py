@@ -29,6 +29,7 @@ from ..registry import PREFIX, get_mechanism, options_from_config
 
 @dataclasses.dataclass(frozen=True)
 class AttentionShape:
+    hidden: int
     q_heads: int
     kv_heads: int  # heads of the key/value tensors the attention function receives (MLA: expanded, = q_heads)
     qk_dim: int
@@ -39,17 +40,21 @@ class MechanismWeights(nn.Module):
     """Base of every mechanism's `attn_plus` submodule.
 
     `recurrent`: decode keeps a fixed-size state in a `RecurrentStateLayer` instead of the KV cache;
-    `cache_window`: key/value slots that layer keeps besides the state (a hybrid's softmax window).
+    `cache_window`: key/value slots that layer keeps besides the state (a hybrid's softmax window);
+    `reads_hidden_states`: the attention module's input is left in `hidden_states` during its forward.
     """
 
     mechanism: str = ""
     recurrent: bool = False
+    reads_hidden_states: bool = False
 
     def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
         super().__init__()
         self.shape, self.opts, self.layer_idx = shape, opts, layer_idx
         self.cache_window = 0
-        self.state_layer = None  # the cache layer of the forward in progress (set by a pre-hook), else None
+        # Set by hooks for the duration of the attention module's forward, else None.
+        self.state_layer = None
+        self.hidden_states = None
 
     def reset_parameters(self) -> None:
         """Initialise parameters and buffers; called at construction and by transformers for missing keys."""
@@ -149,13 +154,15 @@ def _patched(base: type[nn.Module], shape: Any) -> type[nn.Module]:
 
 def _gqa_shape(self: nn.Module) -> AttentionShape:
     config = self.config
-    return AttentionShape(config.num_attention_heads, config.num_key_value_heads, self.head_dim, self.head_dim)
+    return AttentionShape(
+        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, self.head_dim, self.head_dim
+    )
 
 
 def _mla_shape(self: nn.Module) -> AttentionShape:
     # MLA expands its latent into per-head keys and values before attention; a feature map is nonlinear in the key,
     # so the state cannot stay in latent space and is kept per expanded head.
-    return AttentionShape(self.num_heads, self.num_heads, self.qk_head_dim, self.v_head_dim)
+    return AttentionShape(self.hidden_size, self.num_heads, self.num_heads, self.qk_head_dim, self.v_head_dim)
 
 
 PATCHED = {
@@ -189,7 +196,7 @@ def _teach_transformers_to_initialise_mechanism_weights() -> None:
 
     def _initialize_weights(self: PreTrainedModel, module: nn.Module, is_custom_code: bool = False) -> None:
         if isinstance(module, MechanismWeights):
-            loaded = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            loaded = [*module.parameters(), *module.buffers()]
             if loaded and all(getattr(t, "_is_hf_initialized", False) for t in loaded):
                 module._is_hf_initialized = True
             if not getattr(module, "_is_hf_initialized", False):
