@@ -12,6 +12,7 @@ checkpoint is read and its saved weights load like any other.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -210,5 +211,26 @@ def _teach_transformers_to_initialise_mechanism_weights() -> None:
     PreTrainedModel._initialize_weights = _initialize_weights
 
 
+def _make_alias_module_listings_safe() -> None:
+    # transformers 5.17's `apply_patches` (run by every from_pretrained once any patch mapping exists) calls dir() on
+    # each transformers module; its legacy alias modules (e.g. models.aria.image_processing_aria_fast) import their
+    # target inside dir(), so a missing optional dependency (torchvision) made every from_pretrained fail. An alias
+    # whose target cannot be imported holds no attention class: list it as empty.
+    for name, module in list(sys.modules.items()):
+        listing = vars(module).get("__dir__") if name.startswith("transformers") and module is not None else None
+        if listing is None or getattr(listing, "_hf_attn_plus", False):
+            continue
+
+        def safe_listing(listing=listing) -> list[str]:
+            try:
+                return listing()
+            except ImportError:
+                return []
+
+        safe_listing._hf_attn_plus = True
+        module.__dir__ = safe_listing
+
+
 _register_patches()
+_make_alias_module_listings_safe()
 _teach_transformers_to_initialise_mechanism_weights()

@@ -154,13 +154,18 @@ def test_weights_built_for_other_options_are_rejected(make):
 
 
 def test_gaussian_rf_is_seeded_and_redrawable():
-    from .conftest import build
+    from hf_attn_plus.mechanisms.linear import MECHANISM, LinearWeights
+    from hf_attn_plus.patches.attn_plus import AttentionShape
 
-    first = build("llama", "linear", feature_map="gaussian_rf", seed=3).model.layers[0].self_attn.attn_plus
-    again = build("llama", "linear", feature_map="gaussian_rf", seed=3).model.layers[0].self_attn.attn_plus
-    other = build("llama", "linear", feature_map="gaussian_rf", seed=4).model.layers[0].self_attn.attn_plus
-    assert torch.equal(first.random_features, again.random_features)
-    assert not torch.equal(first.random_features, other.random_features)
-    drawn = first.random_features.clone()
-    first.redraw(seed=123)
-    assert not torch.equal(drawn, first.random_features)
+    shape = AttentionShape(hidden=32, q_heads=4, kv_heads=2, qk_dim=8, v_dim=8)
+
+    def draw(seed, layer_idx=0):
+        opts = MECHANISM.resolve_options({"feature_map": "gaussian_rf", "seed": seed})
+        return LinearWeights(shape, opts, layer_idx).random_features
+
+    assert torch.equal(draw(3), draw(3))
+    assert not torch.equal(draw(3), draw(4)) and not torch.equal(draw(3), draw(3, layer_idx=1))
+    weights = LinearWeights(shape, MECHANISM.resolve_options({"feature_map": "gaussian_rf"}), 0)
+    drawn = weights.random_features.clone()
+    weights.redraw(seed=123)
+    assert not torch.equal(drawn, weights.random_features)
