@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
 from types import SimpleNamespace
 from typing import Any
 
@@ -179,13 +180,14 @@ _PATCHED_CLASSES = tuple(PATCHED.values())
 
 
 def _register_patches() -> None:
+    # Keys are regexes searched in every class name: anchored, or `LlamaAttention` would also replace
+    # `DiffLlamaAttention`.
+    mapping = {f"^{name}$": patched for name, patched in PATCHED.items()}
     existing = get_patch_mapping()
-    for name, patched in PATCHED.items():
-        if existing.get(name) not in (None, patched):
-            raise RuntimeError(
-                f"hf_attn_plus cannot patch {name}: another library registered {existing[name].__name__} for it"
-            )
-    register_patch_mapping({name: patched for name, patched in PATCHED.items() if name not in existing})
+    for key, patched in mapping.items():
+        if existing.get(key) not in (None, patched):
+            raise RuntimeError(f"hf_attn_plus cannot patch {key}: {existing[key].__name__} is registered for it")
+    register_patch_mapping({key: patched for key, patched in mapping.items() if key not in existing})
 
 
 def _teach_transformers_to_initialise_mechanism_weights() -> None:
@@ -231,6 +233,29 @@ def _make_alias_module_listings_safe() -> None:
         module.__dir__ = safe_listing
 
 
+def _make_lazy_module_listing_linear() -> None:
+    # With any patch mapping registered, every from_pretrained / from_config lists all transformers modules, and
+    # `_LazyModule.__dir__` is quadratic in the exported names: ~2 s per model load here, even for a tiny model.
+    # Same listing, same order, in linear time.
+    from transformers.utils.import_utils import _LazyModule
+
+    if getattr(_LazyModule.__dir__, "_hf_attn_plus", False):
+        return
+
+    def __dir__(self: _LazyModule) -> list[str]:
+        result = list(types.ModuleType.__dir__(self))
+        seen = set(result)
+        for attr in self.__all__:
+            if attr not in seen:
+                seen.add(attr)
+                result.append(attr)
+        return result
+
+    __dir__._hf_attn_plus = True
+    _LazyModule.__dir__ = __dir__
+
+
 _register_patches()
 _make_alias_module_listings_safe()
+_make_lazy_module_listing_linear()
 _teach_transformers_to_initialise_mechanism_weights()

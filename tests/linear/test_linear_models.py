@@ -169,3 +169,12 @@ def test_gaussian_rf_is_seeded_and_redrawable():
     drawn = weights.random_features.clone()
     weights.redraw(seed=123)
     assert not torch.equal(drawn, weights.random_features)
+
+
+def test_patches_leave_similarly_named_classes_alone():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("diffllama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config)
+    assert type(model.model.layers[0].self_attn).__name__ == "DiffLlamaAttention"
