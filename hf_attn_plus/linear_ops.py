@@ -273,3 +273,82 @@ def causal_key_mask(ctx: AttentionContext) -> torch.Tensor:
             "has another pattern (packed sequences, a restricted key set, or right-aligned queries)"
         )
     return real.transpose(-1, -2).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gated delta rule (Gated DeltaNet): with the state S [Dk, Dv] per KV head, keys and queries L2-normalised,
+#   S_t = α_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,   o_t = S_tᵀ q_t.
+# `recurrent_gated_delta` is the definition. The parallel form rests on the pseudo-values u_t = β_t (v_t - α_t S_{t-1}ᵀ k_t):
+# within a span starting from S0, with g_t the product of the span's gates up to t,
+#   S_t = g_t S0 + Σ_{s≤t} (g_t/g_s) k_s u_sᵀ,   U = (I + A)⁻¹ diag(β) (V - diag(g) K S0),  A_ts = β_t (g_t/g_s) k_t·k_s (s<t)
+# (the UT transform: one unit-triangular solve per span). `chunked_gated_delta` applies it per chunk and passes S between
+# chunks; with chunk_size >= length it is the whole-sequence quadratic form.
+
+
+def recurrent_gated_delta(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token by token. query [B, Hq, L, Dk] (normalised and scaled), key [B, Hkv, L, Dk] (normalised), value
+    [B, Hkv, L, Dv], log_alpha and beta [B, Hkv, L]. Returns (output [B, Hq, L, Dv], state [B, Hkv, Dk, Dv])."""
+    kv_heads = key.shape[1]
+    q, k, v = _group(_acc(query), kv_heads), _acc(key), _acc(value)
+    alpha, beta = torch.exp(_acc(log_alpha)), _acc(beta)
+    if state is None:
+        state = k.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1])
+    outputs = []
+    for t in range(k.shape[2]):
+        k_t, a_t, b_t = k[:, :, t], alpha[:, :, t, None, None], beta[:, :, t, None]
+        decayed = a_t * state
+        write = b_t * (v[:, :, t] - (k_t.unsqueeze(-2) @ decayed).squeeze(-2))  # u_t
+        state = decayed + k_t.unsqueeze(-1) * write.unsqueeze(-2)
+        outputs.append(q[:, :, :, t] @ state)  # [B, Hkv, G, Dv]
+    return _ungroup(torch.stack(outputs, dim=3)).to(value.dtype), state
+
+
+def chunked_gated_delta(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule by chunks (UT transform inside, state across); same conventions as the recurrent form."""
+    kv_heads, length = key.shape[1], key.shape[2]
+    chunk_size = min(chunk_size, length)
+    chunks = -(-length // chunk_size)
+    pad = chunks * chunk_size - length
+    # Padded steps write nothing (β = 0) and keep the state (log α = 0).
+    q = _group(F.pad(_acc(query), (0, 0, 0, pad)), kv_heads).unflatten(3, (chunks, chunk_size))
+    k = F.pad(_acc(key), (0, 0, 0, pad)).unflatten(2, (chunks, chunk_size))
+    v = F.pad(_acc(value), (0, 0, 0, pad)).unflatten(2, (chunks, chunk_size))
+    log_g = F.pad(_acc(log_alpha), (0, pad)).unflatten(2, (chunks, chunk_size)).cumsum(-1)  # [B, Hkv, n, C]
+    b = F.pad(_acc(beta), (0, pad)).unflatten(2, (chunks, chunk_size))
+    if state is None:
+        state = k.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1])
+
+    idx = torch.arange(chunk_size, device=key.device)
+    causal = idx[:, None] >= idx[None, :]
+    # g_t / g_s for s <= t; masked before exp so the upper triangle cannot overflow.
+    decay = torch.exp((log_g.unsqueeze(-1) - log_g.unsqueeze(-2)).masked_fill(~causal, float("-inf")))
+    kk = k @ k.transpose(-1, -2)
+    strict = b.unsqueeze(-1) * decay * kk * (idx[:, None] > idx[None, :])  # A, [B, Hkv, n, C, C]
+    eye = torch.eye(chunk_size, dtype=k.dtype, device=k.device)
+    qk = (q @ k.unsqueeze(2).transpose(-1, -2)) * decay.unsqueeze(2)  # [B, Hkv, G, n, C, C]
+    g = torch.exp(log_g)
+
+    outputs = []
+    for c in range(chunks):
+        rhs = b[:, :, c, :, None] * (v[:, :, c] - g[:, :, c, :, None] * (k[:, :, c] @ state))
+        u = torch.linalg.solve_triangular(eye + strict[:, :, c], rhs, upper=False, unitriangular=True)
+        outputs.append(g[:, :, None, c, :, None] * (q[:, :, :, c] @ state.unsqueeze(2)) + qk[:, :, :, c] @ u.unsqueeze(2))
+        to_end = torch.exp(log_g[:, :, c, -1:] - log_g[:, :, c])  # g_C / g_s
+        state = g[:, :, c, -1, None, None] * state + (k[:, :, c] * to_end.unsqueeze(-1)).transpose(-1, -2) @ u
+    out = _ungroup(torch.stack(outputs, dim=3).flatten(3, 4))[:, :, :length]
+    return out.to(value.dtype), state

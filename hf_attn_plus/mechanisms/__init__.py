@@ -1,10 +1,24 @@
 """Importing this package registers every mechanism; one module per mechanism."""
 
-from . import block_topk, dilated, head_budget, hybrid, indexer_topk, lighthouse, linear, santa, sliding_window, stochastic_routing, topk
+from . import (
+    block_topk,
+    dilated,
+    gated_delta,
+    head_budget,
+    hybrid,
+    indexer_topk,
+    lighthouse,
+    linear,
+    santa,
+    sliding_window,
+    stochastic_routing,
+    topk,
+)
 
 __all__ = [
     "block_topk",
     "dilated",
+    "gated_delta",
     "head_budget",
     "hybrid",
     "indexer_topk",

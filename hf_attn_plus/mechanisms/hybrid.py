@@ -36,8 +36,11 @@ class HybridWeights(LinearWeights):
         super().reset_parameters()
         self.mixing.zero_()
 
-    def gamma(self) -> torch.Tensor:
-        return torch.sigmoid(self.mixing)
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """phi(query), phi(key) and the per-query-head weight γ [Hq] of the linear terms."""
+        return *super().forward(query, key, scaling), torch.sigmoid(self.mixing)
 
 
 def attend(
@@ -53,10 +56,10 @@ def attend(
     check_call("hybrid", opts, dropout)
     weights = mechanism_weights(module, "hybrid")
     weights.check_options(opts, WEIGHT_OPTIONS)
-    phi_q, phi_k = weights.features(query, key, scaling)
+    phi_q, phi_k, gamma = module.attn_plus(query, key, scaling)  # through any adapter PEFT wrapped around them
     layer = weights.state_layer
     out, state = linear_ops.chunked_hybrid_attention(
-        query, key, value, phi_q, phi_k, linear_ops.causal_key_mask(ctx), scaling, weights.gamma(), opts.window,
+        query, key, value, phi_q, phi_k, linear_ops.causal_key_mask(ctx), scaling, gamma, opts.window,
         None if layer is None else layer.state, opts.chunk_size,
     )
     if layer is not None:

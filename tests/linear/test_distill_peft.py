@@ -29,3 +29,34 @@ def test_attention_pairs_give_student_and_dense_teacher_per_layer():
     # Outside the block the mechanism is itself again.
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, out)
+
+
+def test_lora_on_mechanism_weights_round_trips_and_missing_modules_raise(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_attn_plus.adapters import AdapterMismatchError, check_adapter, load_adapter
+
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    options = dict(feature_map="hedgehog", window=3)
+    config = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["attn_plus.q_map", "attn_plus.k_map"],
+                        modules_to_save=None, init_lora_weights=False)
+    tuned = get_peft_model(build("llama", "hybrid", **options), config)
+    with torch.no_grad():
+        base = tuned.get_base_model()
+        with tuned.disable_adapter():
+            untouched = base(ids).logits
+        expected = tuned(ids).logits
+    assert not torch.allclose(expected, untouched)  # the adapter on attn_plus really acts
+    tuned.save_pretrained(tmp_path)
+
+    loaded = load_adapter(build("llama", "hybrid", **options), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected)
+
+    from transformers import LlamaForCausalLM
+
+    plain = LlamaForCausalLM(tuned.get_base_model().config)  # direct construction: no patched class, no attn_plus
+    with pytest.raises(AdapterMismatchError, match="layers.0.self_attn.attn_plus"):
+        check_adapter(plain, str(tmp_path))
+    with pytest.raises(AdapterMismatchError, match="attn_plus.q_map"):
+        check_adapter(build("llama", "hybrid", feature_map="elu", window=3), str(tmp_path))

@@ -135,3 +135,39 @@ def test_hybrid_three_forms_agree_outputs_and_gradients(window, chunk):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])  # 64 >= length: the whole-sequence (quadratic) UT form
+def test_gated_delta_forms_agree_outputs_and_gradients(chunk):
+    length = 13
+    results = []
+    for form in ("recurrent", "chunked"):
+        q, k, v = _inputs(length)
+        g = torch.Generator().manual_seed(5)
+        log_alpha = (-torch.rand(B, HKV, length, generator=g, dtype=torch.float64)).requires_grad_()
+        beta = torch.rand(B, HKV, length, generator=g, dtype=torch.float64).requires_grad_()
+        qn, kn = torch.nn.functional.normalize(q, dim=-1) * 0.4, torch.nn.functional.normalize(k, dim=-1)
+        if form == "recurrent":
+            out, state = linear_ops.recurrent_gated_delta(qn, kn, v, log_alpha, beta)
+        else:
+            out, state = linear_ops.chunked_gated_delta(qn, kn, v, log_alpha, beta, chunk_size=chunk)
+        ((out * torch.linspace(-1, 1, DV, dtype=out.dtype)).sum() + state.sum()).backward()
+        results.append((out.detach(), state.detach(), q.grad, k.grad, v.grad, log_alpha.grad, beta.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_gated_delta_padding_leaves_state_untouched():
+    length, pad = 9, 4
+    q, k, v = (t.detach() for t in _inputs(length))
+    qn, kn = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    log_alpha, beta = -torch.rand(B, HKV, length, dtype=torch.float64), torch.rand(B, HKV, length, dtype=torch.float64)
+    real = torch.ones(B, 1, length, dtype=torch.float64)
+    real[0, :, :pad] = 0
+    out, state = linear_ops.chunked_gated_delta(qn, kn, v, log_alpha * real, beta * real, chunk_size=4)
+    alone, alone_state = linear_ops.chunked_gated_delta(
+        qn[:1, :, pad:], kn[:1, :, pad:], v[:1, :, pad:], log_alpha[:1, :, pad:], beta[:1, :, pad:], chunk_size=4
+    )
+    assert torch.equal(out[0, :, :pad], torch.zeros_like(out[0, :, :pad]))
+    torch.testing.assert_close(out[:1, :, pad:], alone)
+    torch.testing.assert_close(state[:1], alone_state)
