@@ -43,13 +43,14 @@ class HeadGateWeights(MechanismWeights):
     def reset_parameters(self) -> None:
         self.steepness.fill_(math.log(math.e - 1))  # softplus = 1: every gate starts at g = b
 
-    def gates(self, budget: float) -> torch.Tensor:
+    def forward(self, budget: float) -> torch.Tensor:
         """g_h(budget), [Hq]."""
         return (1 - (1 - budget) * F.softplus(self.steepness)).clamp(0.0, 1.0)
 
 
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
-    gates = mechanism_weights(module, "head_budget").gates(opts.budget)
+    mechanism_weights(module, "head_budget")  # a clear error when the layer has no gates
+    gates = module.attn_plus(opts.budget)  # through any adapter PEFT wrapped around the weights
     out, probs = run_delegate(
         "head_budget", opts.inner, opts.inner_options, opts, module, query, key, value, ctx, scaling, dropout
     )
@@ -58,7 +59,7 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
 
 def expected_cost(model: nn.Module, budget: float) -> torch.Tensor:
     """Mean gate over heads and layers at `budget` (differentiable): the share of heads' attention still computed."""
-    gates = [m.gates(budget) for m in model.modules() if isinstance(m, HeadGateWeights)]
+    gates = [m(budget) for m in model.modules() if isinstance(m, HeadGateWeights)]
     if not gates:
         raise ValueError("the model has no head_budget gates: load it with attn_implementation 'hf_attn_plus:head_budget'")
     return torch.cat(gates).mean()

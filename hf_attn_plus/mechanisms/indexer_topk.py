@@ -85,7 +85,7 @@ class IndexerWeights(MechanismWeights):
         for linear in (self.query_proj, self.key_proj, self.head_weights):
             nn.init.normal_(linear.weight, std=linear.in_features**-0.5)
 
-    def scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """I[t, s] from detached main queries [B, Hq, q, D] and keys [B, Hkv, kv, D]: [B, 1, q, kv]."""
         tokens_q = query.detach().transpose(1, 2).flatten(2).to(self.query_proj.weight.dtype)
         tokens_k = key.detach().transpose(1, 2).flatten(2).to(self.key_proj.weight.dtype)
@@ -97,7 +97,7 @@ class IndexerWeights(MechanismWeights):
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
     weights = mechanism_weights(module, "indexer_topk")
     weights.check_options(opts, WEIGHT_OPTIONS)
-    scores = weights.scores(query, key)
+    scores = module.attn_plus(query, key)  # through any adapter PEFT wrapped around the weights
     with torch.no_grad():
         selected = select_by_scores(scores, ctx, opts.budget, opts.sinks, opts.window)
     weights.loss = None

@@ -26,7 +26,7 @@ def test_gates_are_monotone_in_budget_and_one_at_full_budget():
     model = gated_model()
     budgets = torch.linspace(0, 1, 21).tolist()
     for gate in (m for m in model.modules() if isinstance(m, HeadGateWeights)):
-        values = torch.stack([gate.gates(b) for b in budgets])
+        values = torch.stack([gate(b) for b in budgets])
         assert ((values >= 0) & (values <= 1)).all()
         assert (values[1:] >= values[:-1]).all(), "a lower budget enabled more of a head"
         assert torch.equal(values[-1], torch.ones_like(values[-1]))
