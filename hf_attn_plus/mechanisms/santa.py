@@ -5,10 +5,11 @@ Estimator. Let F be the exact set (sinks + window), R the other visible keys, w_
 proposal over R: π_s ∝ exp(τ q·k̃_s) with k̃ the key quantised to `bits` bits (symmetric, per key). Draw n = `samples`
 indices i.i.d. from π; c_s counts the draws of s and a_s = c_s / (n π_s), so E[a_s] = 1 for every s in R. Then
 
-    N̂ = Σ_F w_s v_s + Σ_R a_s w_s v_s,   Ẑ = Σ_F w_s + Σ_R a_s w_s,   o = N̂ / Ẑ.
+    N̂ = Σ_F w_s v_s + Σ_R a_s w_s v_s,   Ẑ = Σ_F w_s + Σ_R a_s w_s,   output ô = N̂ / Ẑ.
 
-N̂ and Ẑ are unbiased for the dense numerator and normaliser. The output is their ratio (self-normalised
-importance sampling): consistent, with bias O(1/n) (first order: (Cov(Ẑ, N̂) - o Var(Ẑ)) / Z²) that vanishes when π
+N̂ and Ẑ are unbiased for the dense numerator N and normaliser Z. ô is their ratio (self-normalised importance
+sampling): consistent, with bias O(1/n) (first order: E[ô] - o ≈ (o Var(Ẑ) - Cov(N̂, Ẑ)) / Z², o = N / Z the dense
+output), which vanishes when π
 equals the true attention restricted to R. A row whose R has at most `samples` keys reads R exactly (dense).
 Draws come from a counter-based hash of (seed, layer, head, query position, draw), so they are padding- and
 batch-invariant and differ at every decode step.
