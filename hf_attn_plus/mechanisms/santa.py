@@ -9,8 +9,8 @@ indices i.i.d. from π; c_s counts the draws of s and a_s = c_s / (n π_s), so E
 
 N̂ and Ẑ are unbiased for the dense numerator N and normaliser Z. ô is their ratio (self-normalised importance
 sampling): consistent, with bias O(1/n) (first order: E[ô] - o ≈ (o Var(Ẑ) - Cov(N̂, Ẑ)) / Z², o = N / Z the dense
-output), which vanishes when π
-equals the true attention restricted to R. A row whose R has at most `samples` keys reads R exactly (dense).
+output), which vanishes when π equals the true attention restricted to R. A row whose R has at most `samples` keys
+reads R exactly (dense).
 Draws come from a counter-based hash of (seed, layer, head, query position, draw), so they are padding- and
 batch-invariant and differ at every decode step.
 
