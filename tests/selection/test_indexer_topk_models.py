@@ -101,3 +101,17 @@ def test_save_load_round_trip(tmp_path):
 def test_architectures_without_patched_attention_get_a_clear_error():
     with pytest.raises(ValueError, match="needs its weights in `DeepseekV32Attention.attn_plus`"):
         indexer_model("deepseek_v32", budget=3)(input_ids=token_batch(1, 8))
+
+
+def test_peft_adapters_on_the_indexer_take_part():
+    from peft import LoraConfig, get_peft_model
+
+    model = indexer_model("llama", budget=2, window=1, sinks=1)
+    ids = token_batch(2, 20)
+    before = logits(model, ids)
+    config = LoraConfig(r=2, target_modules=["attn_plus.query_proj", "attn_plus.key_proj"], init_lora_weights=False)
+    tuned = get_peft_model(model, config)
+    # Random (non-zero) LoRA weights change the indexer's scores, hence the selection and the output.
+    assert not torch.allclose(logits(tuned, ids), before, atol=1e-4)
+    with tuned.disable_adapter():
+        torch.testing.assert_close(logits(tuned, ids), before)
