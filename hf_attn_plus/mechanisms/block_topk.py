@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..kernels.sparse_attention import selection_kernel
 from ..masking import AttentionContext
 from ..options import int_option
 from ..registry import Mechanism, register
@@ -46,5 +47,6 @@ MECHANISM = register(
             int_option("local_blocks", 1, 1, "the query's block and the ones before it, always attended"),
         ),
         select=select,
+        kernel=selection_kernel(select),
     )
 )

@@ -1,0 +1,32 @@
+"""Triton, imported lazily: the package and its reference paths work without it; a kernel asked for explains."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels on CPU tensors (TRITON_INTERPRET=1, set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def require_triton(*tensors: torch.Tensor) -> None:
+    """Raise a clear error when a kernel is requested but cannot run here."""
+    if importlib.util.find_spec("triton") is None:
+        raise ImportError(
+            "hf_attn_plus kernels need Triton: pip install 'hf_attn_plus[kernels]', or use backend='reference'"
+        )
+    on_cpu = [t for t in tensors if not t.is_cuda]
+    if on_cpu and not interpreting():
+        raise RuntimeError(
+            "hf_attn_plus Triton kernels got CPU tensors; they run on CPU only under the Triton interpreter "
+            "(TRITON_INTERPRET=1 set before triton is imported). Use backend='reference' on CPU."
+        )
+
+
+def next_power_of_2(n: int, minimum: int = 16) -> int:
+    """tl.dot needs every dimension >= 16 and tl.arange a power of two."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
