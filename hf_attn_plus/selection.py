@@ -74,6 +74,16 @@ def visible_blocks(ctx: AttentionContext, blocks: torch.Tensor, num_blocks: int)
     return counts[..., :num_blocks] > 0
 
 
+def top_blocks(
+    scores: torch.Tensor, seen: torch.Tensor, query_block: torch.Tensor, sink_blocks: int, local_blocks: int, budget: int
+) -> torch.Tensor:
+    """Seen blocks to attend, [B, H, q_len, num_blocks]: the first `sink_blocks`, the `local_blocks` ending at the
+    query's block, and the `budget` best-scoring others."""
+    block_idx = torch.arange(scores.shape[-1], device=scores.device)
+    fixed = seen & ((block_idx < sink_blocks) | (query_block - block_idx < local_blocks))
+    return fixed | top_scoring(scores, seen & ~fixed, budget)
+
+
 def blocks_to_keys(block_keep: torch.Tensor, blocks: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """Expand a per-block choice [B, H, q_len, num_blocks] to the visible keys of those blocks."""
     batch, heads, q_len, _ = block_keep.shape

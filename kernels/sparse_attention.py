@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -33,8 +34,8 @@ def sparse_attention(
     return block_sparse_attention(query, key, value, keep, scaling)
 
 
-def selection_kernel(select: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """A Mechanism.kernel running the exact attention over what `select` keeps."""
+def selection_kernel(select: Callable[..., torch.Tensor], **select_kwargs: Any) -> Callable[..., torch.Tensor]:
+    """A Mechanism.kernel running the exact attention over what `select(..., **select_kwargs)` keeps."""
 
     def kernel(
         query: torch.Tensor,
@@ -45,7 +46,7 @@ def selection_kernel(select: Callable[..., torch.Tensor]) -> Callable[..., torch
         scaling: float,
     ) -> torch.Tensor:
         with torch.no_grad():
-            keep = select(query, key, ctx, opts)
+            keep = select(query, key, ctx, opts, **select_kwargs)
         return sparse_attention(query, key, value, keep, scaling)
 
     return kernel
