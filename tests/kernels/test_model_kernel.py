@@ -13,6 +13,7 @@ SPARSE = {
     "topk": dict(budget=4, sinks=1, window=3),
     "block_topk": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1),
     "dilated": dict(dilation=3, window=3),
+    "block_sparse": dict(block_size=4, threshold=0.6),
 }
 
 
@@ -56,12 +57,13 @@ def test_cached_generation_equals_uncached():
 
 
 def test_training_gradients_equal_reference_backend():
+    """Prefill backward through the kernel, on the prefill mechanism block_sparse."""
     ids, mask = padded_batch()
     labels = ids.masked_fill(mask == 0, -100)
     grads = {}
     for backend in ("reference", "kernel"):
         model = tiny_model("qwen2").train()
-        hf_attn_plus.set_attention(model, "dilated", backend=backend, **SPARSE["dilated"])
+        hf_attn_plus.set_attention(model, "block_sparse", backend=backend, **SPARSE["block_sparse"])
         model(ids, attention_mask=mask, labels=labels).loss.backward()
         grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads["kernel"].keys() == grads["reference"].keys()

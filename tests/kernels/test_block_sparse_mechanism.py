@@ -1,0 +1,54 @@
+"""block_sparse: threshold semantics of the shared block ranking, dense at threshold 1, subsets as it falls."""
+
+import pytest
+import torch
+
+from hf_attn_plus import OptionError
+from hf_attn_plus.masking import build_context, visible_from_mask
+from hf_attn_plus.registry import get_mechanism
+from hf_attn_plus.selection import mass_ranked_blocks
+
+MECHANISM = get_mechanism("block_sparse")
+
+
+def test_kept_mass_is_the_smallest_ranked_prefix_reaching_threshold():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, 5, 9, generator=g) * 3
+    candidates = torch.rand(3, 2, 5, 9, generator=g) < 0.7
+    candidates[..., 0] = True
+    mass = torch.softmax(logits.masked_fill(~candidates, float("-inf")), -1)
+    for threshold in (0.3, 0.7, 0.95):
+        kept = mass_ranked_blocks(logits, candidates, threshold)
+        assert (kept <= candidates).all()
+        kept_mass = (mass * kept).sum(-1)
+        assert (kept_mass >= threshold - 1e-6).all()
+        smallest_kept = mass.masked_fill(~kept, float("inf")).amin(-1)
+        assert (kept_mass - smallest_kept < threshold).all()  # no kept block could be dropped
+    assert torch.equal(mass_ranked_blocks(logits, candidates, 1.0), candidates)
+
+
+def padded_problem(seed=0, batch=2, q_heads=4, kv_heads=2, length=37, dim=16):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, q_heads, length, dim, generator=g)
+    key = torch.randn(batch, kv_heads, length, dim, generator=g)
+    visible = visible_from_mask(None, batch, length, length, "cpu").clone()
+    visible[1, ..., :6] = False
+    visible[1, :, :6, :] = False
+    return query, key, build_context(visible)
+
+
+def test_threshold_one_is_dense_and_lower_thresholds_keep_subsets():
+    query, key, ctx = padded_problem()
+    keeps = [
+        MECHANISM.select(query, key, ctx, MECHANISM.resolve_options(dict(block_size=4, threshold=t)))
+        for t in (1.0, 0.9, 0.6, 0.2)
+    ]
+    assert torch.equal(keeps[0], ctx.visible.expand_as(keeps[0]))
+    for larger, smaller in zip(keeps, keeps[1:]):
+        assert (smaller <= larger).all() and smaller.sum() < larger.sum()
+    assert (keeps[-1].sum(-1) > 0).sum() == ctx.visible.any(-1).sum() * 4  # every real query keeps keys
+
+
+def test_threshold_above_one_is_rejected():
+    with pytest.raises(OptionError, match="threshold.*<= 1.0"):
+        MECHANISM.resolve_options(dict(threshold=1.5))
