@@ -1,6 +1,6 @@
 """Split-KV attention over listed key tiles (flash-decoding), shared by selected-block decode and sparse prefill.
 
-Program (batch*kv_head, row_block, split) walks its share of the row block's tile list with an online softmax and
+Program (batch*kv_head, row_block, split) walks every splits-th tile of the row block's tile list with an online softmax and
 writes a normalised partial output and its log-sum-exp; `merge_splits` combines the splits. Rows pack the query
 heads of a KV group (see tile_lists), so each K/V tile is read once for all heads of its group.
 Reference: hf_attn_plus.reference.masked_attention (rows keeping nothing output zeros, lse = -inf).
@@ -42,7 +42,7 @@ def _forward_kernel(
     sm_b, sm_h, sm_q, sm_n,
     so_s, so_b, so_h, so_q, so_d,
     sl_s, sl_b, sl_h, sl_q,
-    kv_heads, q_len, kv_len, rows, row_blocks, max_tiles, tiles_per_split, head_dim, v_dim, scaling,
+    kv_heads, q_len, kv_len, rows, row_blocks, max_tiles, head_dim, v_dim, scaling,
     GROUP: tl.constexpr, HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -62,15 +62,14 @@ def _forward_kernel(
         q = q.to(tl.float32)
     list_at = (bh * row_blocks + row_block).to(tl.int64)
     count = tl.load(COUNTS + list_at)
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, count)
     k_base = K + b * sk_b + kv_head * sk_h
     v_base = V + b * sv_b + kv_head * sv_h
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for t in range(first, last):
+    # Splits take every `splits`-th listed tile: the work divides by the list's real length, known only here.
+    for t in range(split, count, tl.num_programs(2)):
         tile = tl.load(TILES + list_at * max_tiles + t)
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < kv_len
@@ -126,7 +125,6 @@ def tile_attention_forward(
     group = q_heads // kv_heads
     row_blocks, max_tiles = tiles.indices.shape[-2:]
     splits = max(1, min(splits, max_tiles))
-    tiles_per_split = triton.cdiv(max_tiles, splits)
     if splits == 1:
         out = torch.empty(1, batch, q_heads, q_len, v_dim, dtype=query.dtype, device=query.device)
     else:
@@ -137,7 +135,7 @@ def tile_attention_forward(
     _forward_kernel[grid](
         query, key, value, mask if mask is not None else query, tiles.indices, tiles.counts, out, lse,
         *query.stride(), *key.stride(), *value.stride(), *keep_strides, *out.stride(), *lse.stride(),
-        kv_heads, q_len, kv_len, group * q_len, row_blocks, max_tiles, tiles_per_split, head_dim, v_dim, scaling,
+        kv_heads, q_len, kv_len, group * q_len, row_blocks, max_tiles, head_dim, v_dim, scaling,
         GROUP=group, HAS_KEEP=mask is not None, UPCAST=interpreting(),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_D=next_power_of_2(head_dim), BLOCK_DV=next_power_of_2(v_dim),
