@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
@@ -15,10 +14,12 @@ def interpreting() -> bool:
 
 def require_triton(*tensors: torch.Tensor) -> None:
     """Raise a clear error when a kernel is requested but cannot run here."""
-    if importlib.util.find_spec("triton") is None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
         raise ImportError(
             "hf_attn_plus kernels need Triton: pip install 'hf_attn_plus[kernels]', or use backend='reference'"
-        )
+        ) from error
     on_cpu = [t for t in tensors if not t.is_cuda]
     if on_cpu and not interpreting():
         raise RuntimeError(

@@ -1,5 +1,10 @@
 """Model level: backend='kernel' (forced on CPU through the interpreter) reproduces the reference backend."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -90,3 +95,19 @@ def test_kernel_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     hf_attn_plus.set_attention(model, "topk", backend="kernel", **SPARSE["topk"])
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         model(padded_batch()[0])
+
+
+def test_importable_without_triton_and_a_kernel_request_explains():
+    script = """
+import sys
+sys.modules["triton"] = None  # as if not installed
+import torch, hf_attn_plus
+from hf_attn_plus.kernels.sparse_attention import sparse_attention
+try:
+    sparse_attention(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), torch.ones(1, 1, 1, 2, dtype=torch.bool), 1.0)
+except ImportError as error:
+    print(error)
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))  # this checkout, not an install
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert "hf_attn_plus kernels need Triton" in result.stdout, result.stderr
