@@ -1,7 +1,8 @@
 """Sparse attention benchmark: dense SDPA vs FlexAttention (same block mask) vs our Triton kernels, same inputs.
 
 Decode: one query token over a long cache, reading `budget` tokens of selected KV blocks; reports time and the
-achieved bandwidth on the bytes each method must read. Prefill: causal attention with a share of the causal key
+achieved bandwidth on the bytes each method must read (ours_with_scoring adds block_topk's Quest scoring of every
+block from min/max summaries and the top-block choice, i.e. a whole decode step of the mechanism). Prefill: causal attention with a share of the causal key
 blocks skipped per (head, query block); reports time and TFLOP/s on the FLOPs of the kept blocks.
 
     python benchmarks/sparse_attention.py            # GPU: the full grid, results/sparse_attention_<device>.{json,md}
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from hf_attn_plus.kernels.block_scoring.kernel import quest_scores_kernel as quest_scores  # noqa: E402
 from hf_attn_plus.kernels.block_sparse_prefill.function import block_sparse_attention  # noqa: E402
 from hf_attn_plus.kernels.selected_decode.kernel import tile_attention_forward  # noqa: E402
 from hf_attn_plus.kernels.selected_decode.wrapper import default_splits  # noqa: E402
@@ -121,6 +123,18 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
         flexed = lambda: run_flex(query, key, value, block_mask=mask, scale=scaling, enable_gqa=True)  # noqa: E731
         row["flex_ms"] = milliseconds(flexed, device)
         row["max_abs_diff_vs_flex"] = (flexed().float() - out.float()).abs().max().item()
+    # The whole block_topk decode step given the (incrementally kept) block summaries: Quest scores of every block
+    # for every query head, top blocks per head, their union per KV group as tile lists, then the attention.
+    kmin, kmax = key.reshape(1, kv_heads, num_blocks, block, dim).aminmax(dim=3)
+    group_rows = next_power_of_2(heads // kv_heads)
+
+    def ours_with_scoring():
+        scores = quest_scores(query, kmin, kmax).reshape(1, kv_heads, heads // kv_heads, num_blocks)
+        top = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(budget // block, -1).indices, True)
+        step_tiles = tiles_from_usage(top.any(dim=2, keepdim=True), group_rows, block)
+        return tile_attention_forward(query, key, value, None, step_tiles, scaling, splits)[0]
+
+    row["ours_with_scoring_ms"] = milliseconds(ours_with_scoring, device)
     row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["ours_ms"]
     return row
 
@@ -203,7 +217,7 @@ def markdown(env: dict, rows: list[dict], cfg: dict) -> str:
             "",
         ]
     for mode, columns in (
-        ("decode", ["context", "budget", "sdpa_ms", "flex_ms", "ours_ms", "sdpa_GBps", "ours_GBps", "speedup_vs_sdpa", "max_abs_diff_vs_flex"]),
+        ("decode", ["context", "budget", "sdpa_ms", "flex_ms", "ours_ms", "ours_with_scoring_ms", "sdpa_GBps", "ours_GBps", "speedup_vs_sdpa", "max_abs_diff_vs_flex"]),
         ("prefill", ["length", "skip_target", "skipped", "sdpa_ms", "flex_ms", "ours_ms", "sdpa_TFLOPs", "flex_TFLOPs", "ours_TFLOPs", "speedup_vs_sdpa", "max_abs_diff_vs_flex"]),
     ):
         lines += [f"## {mode}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
