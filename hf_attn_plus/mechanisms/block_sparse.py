@@ -1,8 +1,12 @@
-"""block_sparse (prefill; MInference / XAttention / FlexPrefill estimation, S2O early stop): queries and keys form
-blocks of `block_size` by position; for each query block the key blocks it sees are ranked by an estimate of their
-attention mass (softmax of mean-pooled query · mean-pooled key) and kept in that order until the kept share of the
-estimated mass reaches `threshold`; `sink_blocks` leading and `local_blocks` trailing blocks are always kept.
-threshold=1.0 is dense causal attention."""
+"""block_sparse (MInference / XAttention / FlexPrefill-style estimation, S2O-style early stop): keys form blocks of
+`block_size` by position; `sink_blocks` leading blocks and the `local_blocks` ending at the query's block are always
+attended; the other blocks the query sees are ranked by an estimate of their attention mass (softmax of the query
+against each block's mean key) and kept in that order until the kept share of the estimated mass reaches
+`threshold`. The kept count adapts to how concentrated attention is; threshold=1.0 is dense causal attention.
+
+Ranked blocks lie wholly before the query (its own block is always local), so their mean keys are final: the
+choice depends on nothing after the query, is the same in a cached decode step as in a full recompute, and is
+unaffected by padding. Neighbouring queries choose alike, so prefill tiles stay block-sparse."""
 
 from __future__ import annotations
 
@@ -26,32 +30,28 @@ from ..selection import (
 
 
 def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> torch.Tensor:
-    batch, q_heads, q_len, _ = query.shape
-    size = opts.block_size
-    k_blocks = key_blocks(ctx, size)
-    q_blocks = torch.where(ctx.query_pos >= 0, ctx.query_pos // size, -1).reshape(batch, q_len)
-    num_k, num_q = int(k_blocks.max()) + 1, max(int(q_blocks.max()) + 1, 1)
-    # Candidates of a query block: the key blocks any of its queries sees.
-    seen = pooled_blocks(visible_blocks(ctx, k_blocks, num_k).float(), q_blocks, num_q) > 0
-    logits = grouped_scores(pooled_blocks(query, q_blocks, num_q), pooled_blocks(key, k_blocks.reshape(batch, -1), num_k))
-    chosen = mass_ranked_blocks(logits * default_scaling(query), seen, opts.threshold)
-    block_idx = torch.arange(num_k, device=query.device)
-    q_block_idx = torch.arange(num_q, device=query.device)[:, None]
-    chosen |= seen & ((block_idx < opts.sink_blocks) | (q_block_idx - block_idx < opts.local_blocks))
-    per_query = chosen.gather(2, q_blocks.clamp(min=0).reshape(batch, 1, q_len, 1).expand(batch, q_heads, q_len, num_k))
-    return blocks_to_keys(per_query, k_blocks, ctx)
+    blocks = key_blocks(ctx, opts.block_size)
+    num_blocks = int(blocks.max()) + 1
+    seen = visible_blocks(ctx, blocks, num_blocks)
+    block_idx = torch.arange(num_blocks, device=query.device)
+    query_block = ctx.query_pos // opts.block_size
+    fixed = seen & ((block_idx < opts.sink_blocks) | (query_block - block_idx < opts.local_blocks))
+    mean_keys = pooled_blocks(key, blocks.reshape(blocks.shape[0], -1), num_blocks)
+    logits = grouped_scores(query, mean_keys) * default_scaling(query)
+    chosen = fixed | mass_ranked_blocks(logits, seen & ~fixed, opts.threshold)
+    return blocks_to_keys(chosen, blocks, ctx)
 
 
 MECHANISM = register(
     Mechanism(
         name="block_sparse",
         family="sparse",
-        summary="per query block, key blocks by estimated attention mass until a threshold share (prefill)",
+        summary="sink + local blocks, then blocks by estimated attention mass until a threshold share",
         options=(
-            int_option("block_size", 64, 1, "queries and keys per block"),
-            float_option("threshold", 0.9, 0.0, "share of estimated attention mass to keep; 1.0 = dense", 1.0),
-            int_option("sink_blocks", 1, 0, "leading key blocks always attended"),
-            # >= 1: the diagonal block holds the query block's own keys, which pooled estimates judge poorly.
+            int_option("block_size", 64, 1, "keys per block"),
+            float_option("threshold", 0.9, 0.0, "share of the ranked blocks' estimated attention mass to keep; 1.0 = dense", 1.0),
+            int_option("sink_blocks", 1, 0, "leading blocks always attended"),
+            # >= 1: the query's own block is incomplete (it holds keys after the query in prefill), so it is never ranked.
             int_option("local_blocks", 1, 1, "the query's block and the ones before it, always attended"),
         ),
         select=select,

@@ -1,4 +1,5 @@
-"""block_sparse: threshold semantics of the shared block ranking, dense at threshold 1, subsets as it falls."""
+"""block_sparse: threshold semantics of the shared block ranking, dense at threshold 1, subsets as it falls,
+and a choice that is causal (cached decode equals recompute) and padding-invariant."""
 
 import pytest
 import torch
@@ -52,3 +53,19 @@ def test_threshold_one_is_dense_and_lower_thresholds_keep_subsets():
 def test_threshold_above_one_is_rejected():
     with pytest.raises(OptionError, match="threshold.*<= 1.0"):
         MECHANISM.resolve_options(dict(threshold=1.5))
+
+
+def test_choice_ignores_later_tokens_and_padding():
+    """Selection for the first 25 tokens is the same with 12 more tokens after them, or with right padding."""
+    query, key, _ = padded_problem(seed=2)
+    query, key = query[:1], key[:1]
+    opts = MECHANISM.resolve_options(dict(block_size=4, threshold=0.5, sink_blocks=0))
+    full = MECHANISM.select(query, key, build_context(visible_from_mask(None, 1, 37, 37, "cpu")), opts)
+    prefix_ctx = build_context(visible_from_mask(None, 1, 25, 25, "cpu"))
+    prefix = MECHANISM.select(query[:, :, :25], key[:, :, :25], prefix_ctx, opts)
+    assert torch.equal(full[..., :25, :25], prefix)
+    assert full[..., :25, :25].sum() < prefix_ctx.visible.sum() * 4  # it is sparse
+    right_padded = visible_from_mask(None, 1, 37, 37, "cpu").clone()
+    right_padded[..., 25:] = False  # keys after the prompt are padding; padding queries see the prompt
+    padded = MECHANISM.select(query, key, build_context(right_padded), opts)
+    assert torch.equal(padded[..., :25, :25], prefix)
