@@ -31,3 +31,9 @@ def require_triton(*tensors: torch.Tensor) -> None:
 def next_power_of_2(n: int, minimum: int = 16) -> int:
     """tl.dot needs every dimension >= 16 and tl.arange a power of two."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def tile_size(dtype: torch.dtype) -> int:
+    """Rows and keys per tile: 64 for 16-bit inputs; 32 for fp32, whose 64-wide tiles at head dim 128 need more shared
+    memory than an H100 has and stall ptxas (seen compiling for sm_90 with benchmarks/compile_for_gpu.py)."""
+    return 32 if dtype == torch.float32 else 64

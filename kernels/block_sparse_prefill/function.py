@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .._triton import require_triton
+from .._triton import require_triton, tile_size
 from ..selected_decode.kernel import tile_attention_forward
 from ..tile_lists import TileLists, tiles_from_keep
 from .kernel import tile_attention_backward
@@ -37,8 +37,8 @@ def block_sparse_attention(
     keep: torch.Tensor | None,
     scaling: float,
     tiles: TileLists | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """query [B, Hq, q, D], key/value [B, Hkv, kv, D|Dv], keep bool broadcastable to [B, Hq, q, kv] or None
     (causal) -> [B, Hq, q, Dv]. `tiles` (from a block-level selection) skips deriving them from `keep`."""
@@ -46,5 +46,6 @@ def block_sparse_attention(
     if tiles is None:
         if keep is None:
             raise ValueError("block_sparse_attention needs `keep` or `tiles`")
+        block_m, block_n = block_m or tile_size(query.dtype), block_n or tile_size(query.dtype)
         tiles = tiles_from_keep(keep, query.shape[0], query.shape[1], key.shape[1], block_m, block_n)
     return BlockSparseAttention.apply(query, key, value, keep, tiles, scaling)

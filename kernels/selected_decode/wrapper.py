@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._triton import next_power_of_2, require_triton
+from .._triton import next_power_of_2, require_triton, tile_size
 from ..tile_lists import tiles_from_keep
 from .kernel import tile_attention_forward
 
@@ -25,7 +25,7 @@ def selected_decode(
     value: torch.Tensor,
     keep: torch.Tensor,
     scaling: float,
-    block_n: int = 64,
+    block_n: int | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, q, D] (q small) over the keys in `keep` ([B, Hq|1, q, kv] bool) -> [B, Hq, q, Dv].
@@ -36,7 +36,7 @@ def selected_decode(
     batch, q_heads, q_len, _ = query.shape
     kv_heads = key.shape[1]
     block_m = next_power_of_2(q_heads // kv_heads * q_len)
-    tiles = tiles_from_keep(keep, batch, q_heads, kv_heads, block_m, block_n)
+    tiles = tiles_from_keep(keep, batch, q_heads, kv_heads, block_m, block_n or tile_size(query.dtype))
     if splits is None:
         splits = default_splits(batch * kv_heads, query.device)
     return tile_attention_forward(query, key, value, keep, tiles, scaling, splits)[0]
