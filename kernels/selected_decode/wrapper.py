@@ -30,12 +30,14 @@ def selected_decode(
 ) -> torch.Tensor:
     """Attention of query [B, Hq, q, D] (q small) over the keys in `keep` ([B, Hq|1, q, kv] bool) -> [B, Hq, q, Dv].
 
-    All query heads of a KV group and all q queries share one row block, so each selected tile is read once.
+    The query heads of a KV group and their q queries share a row block, so each selected tile is read once per
+    group.
     """
     require_triton(query)
     batch, q_heads, q_len, _ = query.shape
     kv_heads = key.shape[1]
-    block_m = next_power_of_2(q_heads // kv_heads * q_len)
+    # Up to 64 rows share a row block (larger GQA groups times queries take several).
+    block_m = min(64, next_power_of_2(q_heads // kv_heads * q_len))
     tiles = tiles_from_keep(keep, batch, q_heads, kv_heads, block_m, block_n or tile_size(query.dtype))
     if splits is None:
         splits = default_splits(batch * kv_heads, query.device)

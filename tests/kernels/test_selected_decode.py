@@ -15,6 +15,7 @@ CASES = [
     (2, 4, 2, 2, 29, 12, 8, torch.float32, False, 2),  # GQA 2, DeepSeek dims, keep shared by heads
     (1, 4, 4, 3, 50, 12, 8, torch.float16, True, 1),  # MHA, fp16, a single split (no merge)
     (2, 8, 2, 4, 45, 64, 64, torch.float16, True, 4),  # GQA 4, four queries (speculative decode)
+    (1, 32, 1, 3, 33, 16, 16, torch.float32, True, 2),  # 96 rows per KV group: two row blocks
 ]
 
 
