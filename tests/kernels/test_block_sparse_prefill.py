@@ -40,10 +40,10 @@ def test_forward_and_gradients_equal_reference(
 
 
 def test_causal_without_mask_tensor():
-    """keep=None computes the causal mask inside the kernel; the tile lists alone carry the block sparsity."""
-    q, k, v = attention_inputs(2, 4, 2, 23, 30, 16, 16, torch.float32, seed=3, requires_grad=True)
+    """keep=None computes the causal mask inside the kernel; the tile lists alone carry the block sparsity. MHA."""
+    q, k, v = attention_inputs(2, 3, 3, 23, 30, 16, 16, torch.float32, seed=3, requires_grad=True)
     causal = torch.ones(23, 30, dtype=torch.bool).tril(30 - 23)
-    tiles = tiles_from_keep(causal[None, None], 2, 4, 2, 16, 16)
+    tiles = tiles_from_keep(causal[None, None], 2, 3, 3, 16, 16)
     out = block_sparse_attention(q, k, v, None, 0.3, tiles=tiles)
     expected = masked_attention(q, k, v, causal, 0.3)[0]
     grad = torch.randn_like(out)
