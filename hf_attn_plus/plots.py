@@ -1,0 +1,54 @@
+"""Plots of a `compare` report (matplotlib is imported here only, so the core never needs it)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def plot_report(report: dict[str, Any], out: str | Path) -> Path:
+    """Four panels: attention error and perplexity change vs share of attention kept (one line per mechanism),
+    prefill time and decode time per token vs context length (one line per setting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    lengths = report["settings"]["lengths"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    by_mechanism: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in results:
+        if row["kept_fraction"] is not None:
+            by_mechanism[row["mechanism"]].append(row)
+    quality = [
+        (axes[0, 0], lambda r: sum(r["layer_error"]) / len(r["layer_error"]), "attention output rel. error (mean over layers)"),
+        (axes[0, 1], lambda r: r["perplexity_delta"], "perplexity − dense perplexity"),
+    ]
+    for ax, value, ylabel in quality:
+        for mechanism, rows in sorted(by_mechanism.items()):
+            rows = sorted(rows, key=lambda r: r["kept_fraction"])
+            style = dict(color="black", marker="*", markersize=12) if mechanism == "dense" else dict(marker="o")
+            ax.plot([100 * r["kept_fraction"] for r in rows], [value(r) for r in rows], label=mechanism, **style)
+        ax.set_xlabel(f"attention kept at {report['settings']['quality_length']} tokens (% of dense pairs)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    timing = [(axes[1, 0], "prefill_ms", "prefill time (ms)"), (axes[1, 1], "decode_ms_per_token", "decode time per token (ms)")]
+    for ax, key, ylabel in timing:
+        for row in results:
+            style = dict(color="black", linewidth=2.5) if row["mechanism"] == "dense" else dict(alpha=0.8)
+            ax.plot(lengths, [row["speed"][str(n)][key] for n in lengths], marker=".", label=row["label"], **style)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[1, 0].legend(fontsize=6)
+    env = report["environment"]
+    fig.suptitle(f"{report['model']} — {env['device']}, torch {env['torch']}, transformers {env['transformers']}", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
