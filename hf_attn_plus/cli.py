@@ -98,7 +98,7 @@ def cmd_push(args: argparse.Namespace) -> None:
     if args.card_only:
         print(card)
         return
-    print(f"pushed: {push(args.model_dir, args.repo_id, card, token=args.token, private=args.private)}")
+    print(f"pushed: {push(args.model_dir, args.repo_id, card, token=args.token, endpoint=args.endpoint, private=args.private)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mechanism", metavar="NAME:OPT=VAL,...", help="default: as recorded in config.json")
     p.add_argument("--compare-json", metavar="REPORT", help="a `compare --json` report to include as measurements")
     p.add_argument("--token")
+    p.add_argument("--endpoint", help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co)")
     p.add_argument("--private", action="store_true")
     p.add_argument("--card-only", action="store_true", help="print the model card, upload nothing")
     p.set_defaults(run=cmd_push)

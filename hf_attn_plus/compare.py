@@ -206,7 +206,10 @@ def needle_batch(tokenizer, haystack: torch.Tensor, length: int, seed: int) -> t
         answer = encode(f" {number}")
         filler = length - len(needle) - len(question) - len(answer)
         if filler < 1:
-            raise ValueError(f"context length {length} is too short for the needle test")
+            raise ValueError(
+                f"context length {length} is too short for the needle test: it needs more than "
+                f"{length - filler} tokens with this tokenizer; pass larger --lengths"
+            )
         cut = int(filler * depth)
         hay = haystack[:filler].tolist()
         rows.append(hay[:cut] + needle + hay[cut:] + question + answer)
@@ -244,12 +247,14 @@ class TensorMemoryPeak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Views and in-place results share an input's storage: no new memory, whether or not that input is tracked.
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor):
                 continue
             storage = tensor.untyped_storage()
             ptr = storage.data_ptr()
-            if ptr in self.live or storage.nbytes() == 0:  # a view or an in-place result: already counted
+            if ptr in inputs or ptr in self.live or storage.nbytes() == 0:
                 continue
             self.live[ptr] = storage.nbytes()
             self.current += storage.nbytes()

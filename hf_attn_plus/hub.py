@@ -119,13 +119,14 @@ def push(
     card: ModelCard,
     *,
     token: str | None = None,
+    endpoint: str | None = None,
     private: bool = False,
     commit_message: str = "Upload with hf-attn-plus push",
 ) -> str:
     """Create `repo_id` if needed and upload every file of `model_dir` plus the card as README.md in one commit.
-    Returns the commit URL. The endpoint is huggingface_hub's (HF_ENDPOINT); HF_HUB_OFFLINE=1 blocks this."""
+    Returns the commit URL. `endpoint` defaults to huggingface_hub's (HF_ENDPOINT); HF_HUB_OFFLINE=1 blocks this."""
     model_dir = Path(model_dir)
-    api = HfApi(token=token)
+    api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name != "README.md")
     operations = [CommitOperationAdd(str(p.relative_to(model_dir)), str(p)) for p in files]
