@@ -53,8 +53,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from .demo import load_default_model, load_subject
 
     specs = [parse_spec(text) for text in args.mechanisms or ()]  # validate before loading anything
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.model is None:
+        # The embedded model is too small to gain from intra-op threads, and they are badly slowed by other work.
+        torch.set_num_threads(args.threads or 1)
     dtype = getattr(torch, args.dtype)
     subject = load_default_model() if args.model is None else load_subject(args.model, dtype=dtype)
     subject.model.to(dtype)
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (median)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the embedded model, else torch's choice)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="draw quality vs kept attention and speed vs length")

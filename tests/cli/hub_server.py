@@ -10,6 +10,8 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import yaml
+
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
 
 
@@ -58,6 +60,11 @@ class HubServer:
                     repo = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
                     hub.repos.setdefault(repo, {})
                     return self._json({"url": f"{hub.endpoint}/{repo}", "name": repo})
+                if self.path == "/api/validate-yaml":  # create_commit checks the README's metadata block
+                    front = json.loads(self._body())["content"].split("---")[1]
+                    if not isinstance(yaml.safe_load(front), dict):
+                        return self._json({"error": "README metadata is not a YAML mapping"}, 400)
+                    return self._json({"warnings": []})
                 if m := re.fullmatch(rf"/api/models/{REPO}/preupload/main", self.path):
                     files = json.loads(self._body())["files"]
                     return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
@@ -85,6 +92,12 @@ class HubServer:
                         "id": m["repo"], "modelId": m["repo"], "sha": hub.commits[m["repo"]], "private": False,
                         "siblings": [{"rfilename": p, "size": len(c)} for p, c in sorted(files.items())],
                     })
+                if m := re.fullmatch(rf"/api/models/{REPO}/tree/[^/]+", path):  # snapshot_download's file list
+                    files = hub.repos.get(m["repo"], {})
+                    return self._json([
+                        {"type": "file", "path": p, "size": len(c), "oid": hashlib.sha1(c).hexdigest()}
+                        for p, c in sorted(files.items())
+                    ])
                 if m := re.fullmatch(rf"/{REPO}/resolve/[^/]+/(?P<file>.+)", path):
                     content = hub.repos.get(m["repo"], {}).get(m["file"])
                     if content is None:
