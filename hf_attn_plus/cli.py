@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError) as error:  # bad options, unsupported models, missing files: no traceback
+    except (ValueError, OSError, ImportError) as error:  # bad options, unsupported models, missing files or extras
         parser.exit(2, f"hf-attn-plus {args.command}: error: {error}\n")
 
 

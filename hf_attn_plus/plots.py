@@ -10,7 +10,10 @@ from typing import Any
 def plot_report(report: dict[str, Any], out: str | Path) -> Path:
     """Four panels: attention error and perplexity change vs share of attention kept (one line per mechanism),
     prefill time and decode time per token vs context length (one line per setting)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("plots need matplotlib: pip install matplotlib (or hf_attn_plus[plots])") from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
