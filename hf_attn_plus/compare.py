@@ -349,6 +349,7 @@ def compare(
     if specs[0].name != DENSE:
         specs = [Spec(DENSE), *specs]
 
+    original = model.config._attn_implementation, model.config.hf_attn_plus
     results = []
     bar = tqdm(total=len(specs) * (2 + 2 * len(lengths)), desc="compare", disable=None if progress is None else not progress)
     try:
@@ -382,7 +383,8 @@ def compare(
             results.append(row)
     finally:
         bar.close()
-        set_attention(model, "sdpa")
+        model.set_attn_implementation(original[0])
+        model.config.hf_attn_plus = original[1]
     dense_ppl = results[0]["perplexity"]
     for row in results:
         row["perplexity_delta"] = row["perplexity"] - dense_ppl

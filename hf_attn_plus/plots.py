@@ -23,26 +23,37 @@ def plot_report(report: dict[str, Any], out: str | Path) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     by_mechanism: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in results:
-        if row["kept_fraction"] is not None:
-            by_mechanism[row["mechanism"]].append(row)
+        by_mechanism[row["mechanism"]].append(row)
+    # One colour per mechanism in every panel; in the speed panels, line style tells its settings apart.
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {m: "black" if m == "dense" else cycle[i % len(cycle)] for i, m in enumerate(sorted(by_mechanism))}
+    dashes = ["-", "--", ":", "-."]
     quality = [
         (axes[0, 0], lambda r: sum(r["layer_error"]) / len(r["layer_error"]), "attention output rel. error (mean over layers)"),
         (axes[0, 1], lambda r: r["perplexity_delta"], "perplexity − dense perplexity"),
     ]
     for ax, value, ylabel in quality:
         for mechanism, rows in sorted(by_mechanism.items()):
-            rows = sorted(rows, key=lambda r: r["kept_fraction"])
-            style = dict(color="black", marker="*", markersize=12) if mechanism == "dense" else dict(marker="o")
-            ax.plot([100 * r["kept_fraction"] for r in rows], [value(r) for r in rows], label=mechanism, **style)
+            rows = sorted((r for r in rows if r["kept_fraction"] is not None), key=lambda r: r["kept_fraction"])
+            style = dict(marker="*", markersize=12) if mechanism == "dense" else dict(marker="o")
+            ax.plot([100 * r["kept_fraction"] for r in rows], [value(r) for r in rows], label=mechanism, color=colour[mechanism], **style)
         ax.set_xlabel(f"attention kept at {report['settings']['quality_length']} tokens (% of dense pairs)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     timing = [(axes[1, 0], "prefill_ms", "prefill time (ms)"), (axes[1, 1], "decode_ms_per_token", "decode time per token (ms)")]
     for ax, key, ylabel in timing:
-        for row in results:
-            style = dict(color="black", linewidth=2.5) if row["mechanism"] == "dense" else dict(alpha=0.8)
-            ax.plot(lengths, [row["speed"][str(n)][key] for n in lengths], marker=".", label=row["label"], **style)
+        for mechanism, rows in sorted(by_mechanism.items()):
+            for i, row in enumerate(rows):
+                ax.plot(
+                    lengths,
+                    [row["speed"][str(n)][key] for n in lengths],
+                    color=colour[mechanism],
+                    linestyle=dashes[i % len(dashes)],
+                    linewidth=2.5 if mechanism == "dense" else 1.5,
+                    marker=".",
+                    label=row["label"],
+                )
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(ylabel)
         ax.set_xscale("log", base=2)

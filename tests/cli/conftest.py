@@ -10,8 +10,14 @@ import hf_attn_plus
 from hf_attn_plus.demo import char_tokenizer
 from hf_attn_plus.tiny import tiny_config
 
-# Two shared cores: one thread each is far faster than two oversubscribed ones.
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one torch thread is far faster here than two oversubscribed ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def save_tiny(path, model_type: str, mechanism: str | None = None, **options):
