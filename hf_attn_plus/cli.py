@@ -18,14 +18,9 @@ import torch
 from .registry import COMMON_OPTIONS
 
 
-def _table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(c) for c in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def cmd_list(args: argparse.Namespace) -> None:
     from . import mechanisms
+    from .compare import markdown_table
 
     entries = mechanisms()
     if args.json:
@@ -43,7 +38,7 @@ def cmd_list(args: argparse.Namespace) -> None:
         ]
         for m in entries
     ]
-    print(_table(["mechanism", "family", "training-free", "kernel", "options (defaults)"], rows))
+    print(markdown_table(["mechanism", "family", "training-free", "kernel", "options (defaults)"], rows))
     print("\nevery mechanism also takes: " + ", ".join(f"{o.name}={o.default}" for o in COMMON_OPTIONS))
     print('use as attn_implementation="hf_attn_plus:<mechanism>", options in config.hf_attn_plus')
 

@@ -449,6 +449,10 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{s['prefill_peak_mb']:.1f}",
             ]
         )
+    return markdown_table(head, rows)
+
+
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])

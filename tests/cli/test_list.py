@@ -8,7 +8,7 @@ def test_list_shows_every_mechanism_with_options(capsys):
     main(["list"])
     out = capsys.readouterr().out
     for m in hf_attn_plus.mechanisms():
-        row = next(line for line in out.splitlines() if line.startswith(m["name"] + " "))
+        row = next(line for line in out.splitlines() if line.startswith(f"| {m['name']} "))
         assert m["family"] in row
         assert ("yes" if m["training_free"] else "no") in row
         own = [k for k in m["options"] if k not in ("logit_scale", "logit_scale_c", "train_length", "backend")]
