@@ -94,11 +94,14 @@ def cmd_push(args: argparse.Namespace) -> None:
     if args.card_only:
         print(card)
         return
-    print(f"pushed: {push(args.model_dir, args.repo_id, card, token=args.token, endpoint=args.endpoint, private=args.private)}")
+    url = push(args.model_dir, args.repo_id, card, token=args.token, endpoint=args.endpoint, private=args.private)
+    print(f"pushed: {url}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-attn-plus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-plus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="the registered mechanisms, their options and defaults")

@@ -105,7 +105,8 @@ def apply(model: torch.nn.Module, spec: Spec) -> None:
 
 def kept_fraction(spec: Spec, length: int) -> float | None:
     """Share of the causally visible (query, key) pairs a mechanism attends at `length`, i.e. of dense attention's
-    work; None if it is not a key selection. Measured on random queries/keys, so for score-based selection it counts keys, not which keys."""
+    work; None if it is not a key selection. Measured on random queries and keys: for score-based selection this
+    counts how many keys are kept, not which."""
     if spec.name == DENSE:
         return 1.0
     mechanism = get_mechanism(spec.name)
@@ -346,12 +347,12 @@ def compare(
     windows = stream[: samples * quality_length].view(samples, quality_length).to(device)
     haystack = stream[samples * quality_length :]
     needles = {n: needle_batch(subject.tokenizer, haystack, n, seed=n) for n in lengths}
-    if specs[0].name != DENSE:
-        specs = [Spec(DENSE), *specs]
+    specs = [Spec(DENSE), *(s for s in specs if s.name != DENSE)]  # dense first: the others are measured against it
 
     original = model.config._attn_implementation, model.config.hf_attn_plus
     results = []
-    bar = tqdm(total=len(specs) * (2 + 2 * len(lengths)), desc="compare", disable=None if progress is None else not progress)
+    steps = len(specs) * (2 + 2 * len(lengths))
+    bar = tqdm(total=steps, desc="compare", disable=None if progress is None else not progress)  # None: on a tty
     try:
         for spec in specs:
             bar.set_postfix_str(spec.label)

@@ -77,7 +77,9 @@ def render_card(
     license_from_base = license is None
     license = license or base_model_license(base_model)
     if not license:
-        raise CardError(f"could not find the license of base model {base_model!r} (no model card found locally); pass --license")
+        raise CardError(
+            f"could not find the license of base model {base_model!r} (no model card found locally); pass --license"
+        )
 
     on_hub = not Path(base_model).exists()  # a local path is no valid Hub `base_model`
     card_data = ModelCardData(

@@ -36,12 +36,16 @@ def plot_report(report: dict[str, Any], out: str | Path) -> Path:
         for mechanism, rows in sorted(by_mechanism.items()):
             rows = sorted((r for r in rows if r["kept_fraction"] is not None), key=lambda r: r["kept_fraction"])
             style = dict(marker="*", markersize=12) if mechanism == "dense" else dict(marker="o")
-            ax.plot([100 * r["kept_fraction"] for r in rows], [value(r) for r in rows], label=mechanism, color=colour[mechanism], **style)
+            kept = [100 * r["kept_fraction"] for r in rows]
+            ax.plot(kept, [value(r) for r in rows], label=mechanism, color=colour[mechanism], **style)
         ax.set_xlabel(f"attention kept at {report['settings']['quality_length']} tokens (% of dense pairs)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    timing = [(axes[1, 0], "prefill_ms", "prefill time (ms)"), (axes[1, 1], "decode_ms_per_token", "decode time per token (ms)")]
+    timing = [
+        (axes[1, 0], "prefill_ms", "prefill time (ms)"),
+        (axes[1, 1], "decode_ms_per_token", "decode time per token (ms)"),
+    ]
     for ax, key, ylabel in timing:
         for mechanism, rows in sorted(by_mechanism.items()):
             for i, row in enumerate(rows):
@@ -60,7 +64,8 @@ def plot_report(report: dict[str, Any], out: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[1, 0].legend(fontsize=6)
     env = report["environment"]
-    fig.suptitle(f"{report['model']} — {env['device']}, torch {env['torch']}, transformers {env['transformers']}", fontsize=10)
+    title = f"{report['model']} — {env['device']}, torch {env['torch']}, transformers {env['transformers']}"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)

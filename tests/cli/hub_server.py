@@ -67,7 +67,8 @@ class HubServer:
                     return self._json({"warnings": []})
                 if m := re.fullmatch(rf"/api/models/{REPO}/preupload/main", self.path):
                     files = json.loads(self._body())["files"]
-                    return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                    modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                    return self._json({"files": modes})
                 if m := re.fullmatch(rf"/api/models/{REPO}/commit/main", self.path):
                     repo = hub.repos[m["repo"]]
                     for line in self._body().decode().splitlines():
@@ -103,7 +104,7 @@ class HubServer:
                     if content is None:
                         return self._send(404, headers={"X-Error-Code": "EntryNotFound"}, head=head)
                     etag = f'"{hashlib.sha1(content).hexdigest()}"'
-                    headers = {"ETag": etag, "X-Repo-Commit": hub.commits[m["repo"]], "Content-Type": "application/octet-stream"}
+                    headers = {"ETag": etag, "X-Repo-Commit": hub.commits[m["repo"]]}
                     return self._send(200, content, headers, head=head)
                 self._json({"error": f"unknown endpoint {self.path}"}, 404)
 
