@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_attn_plus
-from hf_attn_plus.demo import char_tokenizer
+from hf_attn_plus.demo import char_tokenizer, load_default_model
 from hf_attn_plus.tiny import tiny_config
 
 
@@ -21,9 +21,13 @@ def one_thread():
 
 
 def save_tiny(path, model_type: str, mechanism: str | None = None, **options):
-    """A tiny random model of `model_type` with the character tokenizer, optionally converted, saved to `path`."""
+    """A tiny random model of `model_type` ("default": compare's embedded default) with the character tokenizer,
+    optionally converted, saved to `path`."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    if model_type == "default":
+        model = load_default_model().model
+    else:
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
     if mechanism:
         hf_attn_plus.set_attention(model, mechanism, **options)
     model.save_pretrained(path)

@@ -72,7 +72,7 @@ def test_card_refuses_to_guess(tiny_dir, base_dir):
         render_card(dense, "me/x", base_model=str(base_dir))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["default", "qwen3", "deepseek_v3"])
 def test_push_download_load_identical(model_type, tiny_dir, base_dir, hub, tmp_path):
     path, model = tiny_dir(model_type, "block_topk", block_size=2, budget=1)
     card = render_card(path, "me/converted", base_model=str(base_dir))
