@@ -88,20 +88,26 @@ def test_push_download_load_identical(model_type, tiny_dir, base_dir, hub, tmp_p
 def test_cli_push_adapter_round_trip(tiny_dir, hub, tmp_path, capsys):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    base_path, _ = tiny_dir("qwen2", "sliding_window", window=4)  # the converted base the adapter was trained on
-    base = AutoModelForCausalLM.from_pretrained(base_path)
+    base_path, _ = tiny_dir("qwen2")  # a dense base; the mechanism is chosen at load time, as the card says
+    load_as_card_says = dict(attn_implementation="hf_attn_plus:sliding_window", hf_attn_plus={"window": 4})
+    base = AutoModelForCausalLM.from_pretrained(base_path, **load_as_card_says)
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter_dir = tmp_path / "adapter"
     peft_model.save_pretrained(adapter_dir)
     expected = logits(peft_model.eval())
 
-    main(["push", str(adapter_dir), "me/adapter", "--endpoint", hub.endpoint, "--license", "apache-2.0"])
+    main([
+        "push", str(adapter_dir), "me/adapter", "--endpoint", hub.endpoint, "--license", "apache-2.0",
+        "--mechanism", "sliding_window:window=4",
+    ])
     assert "pushed: " in capsys.readouterr().out
     local = snapshot_download("me/adapter", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
-    assert "PeftModel.from_pretrained" in open(f"{local}/README.md").read()
-    fresh = AutoModelForCausalLM.from_pretrained(base_path)
-    assert fresh.config._attn_implementation == "hf_attn_plus:sliding_window"
+    card = open(f"{local}/README.md").read()
+    assert "PeftModel.from_pretrained" in card and "hf_attn_plus={'window': 4}" in card
+    fresh = AutoModelForCausalLM.from_pretrained(base_path, **load_as_card_says)
     torch.testing.assert_close(logits(PeftModel.from_pretrained(fresh, local).eval()), expected, rtol=0, atol=0)
+    dense = AutoModelForCausalLM.from_pretrained(base_path)
+    assert not torch.equal(logits(PeftModel.from_pretrained(dense, local).eval()), expected)  # the mechanism matters
 
 
 def test_loading_without_the_plugin_names_the_implementation(tiny_dir):
