@@ -5,7 +5,8 @@ import torch
 
 from hf_attn_plus import OptionError
 from hf_attn_plus.cli import main
-from hf_attn_plus.compare import Spec, TensorMemoryPeak, kept_fraction, needle_batch, parse_spec
+from hf_attn_plus.compare import Spec, kept_fraction, needle_batch, parse_spec
+from hf_attn_plus.measure import TensorMemoryPeak
 from hf_attn_plus.demo import char_tokenizer, default_text
 
 # Small enough for seconds per run: quality at 96 tokens, speed/needle at 64 and 96.

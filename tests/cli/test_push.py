@@ -7,7 +7,6 @@ import torch
 from huggingface_hub import constants, snapshot_download
 from transformers import AutoModelForCausalLM
 
-import hf_attn_plus
 from hf_attn_plus.cli import main
 from hf_attn_plus.hub import CardError, push, render_card
 
