@@ -53,9 +53,12 @@ class Spec:
         return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options.items())
 
 
+_LITERALS = {"None": None, "null": None, "True": True, "true": True, "False": False, "false": False}
+
+
 def _parse_value(text: str) -> Any:
-    if text in ("None", "null"):
-        return None
+    if text in _LITERALS:
+        return _LITERALS[text]
     for cast in (int, float):
         try:
             return cast(text)

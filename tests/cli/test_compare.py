@@ -17,6 +17,9 @@ COVERING, NARROW = "sliding_window:window=96,sinks=0", "sliding_window:window=4,
 
 def test_parse_spec_validates_through_the_registry():
     assert parse_spec("hf_attn_plus:topk:budget=8,window=0") == Spec("topk", {"budget": 8, "window": 0})
+    from hf_attn_plus.compare import _parse_value
+
+    assert [_parse_value(v) for v in ("3", "0.5", "None", "true", "False", "log")] == [3, 0.5, None, True, False, "log"]
     assert parse_spec("topk:logit_scale=log,logit_scale_c=0.5,train_length=None").options == {
         "logit_scale": "log", "logit_scale_c": 0.5, "train_length": None
     }
