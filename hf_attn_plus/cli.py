@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", nargs="+", type=int, default=[128, 256, 512],
                    help="context lengths for retrieval and speed; quality uses the longest")
     p.add_argument("--samples", type=int, default=2, help="windows of the longest length for quality")
-    p.add_argument("--decode-tokens", type=int, default=8)
+    p.add_argument("--decode-tokens", type=int, default=16, help="cached decode steps (>= 2) for speed and decode agreement")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (median)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the embedded model, else torch's choice)")

@@ -1,8 +1,8 @@
 """Dense attention vs hf_attn_plus mechanisms on one model and one text: what a mechanism costs and what it buys.
 
 Quality is measured on `samples` windows of the longest context length: perplexity, next-token agreement with
-dense, and each attention layer's output error when fed the dense model's inputs (so errors do not compound and
-each layer is judged on its own). Retrieval is a needle-in-a-haystack copy task over the context lengths. Speed and
+dense (in the prefill, and over cached decode steps fed dense's greedy tokens), and each attention layer's output
+error when fed the dense model's inputs (so errors do not compound and each layer is judged on its own). Retrieval is a needle-in-a-haystack copy task over the context lengths. Speed and
 peak memory are measured for prefill and for cached decode at every length.
 """
 
@@ -180,6 +180,19 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(ids).logits.float()
 
 
+@torch.no_grad()
+def cached_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, forced: torch.Tensor | None = None):
+    """Greedy predictions [B, steps] after `prompt`, decoding with a KV cache. With `forced` [B, steps] the model is
+    fed those tokens instead of its own (teacher forcing), so every step is judged on the same history."""
+    out = model(prompt, use_cache=True)
+    cache, predicted = out.past_key_values, [out.logits[:, -1].argmax(-1)]
+    for step in range(steps - 1):
+        token = predicted[-1] if forced is None else forced[:, step]
+        out = model(token[:, None], past_key_values=cache, use_cache=True)
+        predicted.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(predicted, 1)
+
+
 def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     return math.exp(float(loss))
@@ -233,7 +246,7 @@ def compare(
     specs: Sequence[Spec],
     lengths: Sequence[int] = (128, 256, 512),
     samples: int = 2,
-    decode_tokens: int = 8,
+    decode_tokens: int = 16,
     repeats: int = 2,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
@@ -241,6 +254,8 @@ def compare(
     """Run every spec on the same windows of `subject.text`; returns the JSON-ready report (see module docstring)."""
     from tqdm.auto import tqdm
 
+    if decode_tokens < 2:
+        raise ValueError(f"decode_tokens must be >= 2 (one prefill prediction, then decode steps), got {decode_tokens}")
     device = torch.device(device)
     model = subject.model.to(device)
     lengths = sorted(set(lengths))
@@ -268,9 +283,11 @@ def compare(
             logits = _logits(model, windows)
             if spec.name == DENSE:
                 dense_logits, dense_io = logits, _dense_attention_io(model, windows)
+                dense_tokens = cached_decode(model, windows, decode_tokens)
                 errors = [0.0] * len(dense_io)
             else:
                 errors = _layer_errors(model, windows, dense_io)
+            decoded = cached_decode(model, windows, decode_tokens, forced=dense_tokens)
             bar.update(2)
             row: dict[str, Any] = {
                 "label": spec.label,
@@ -279,6 +296,9 @@ def compare(
                 "kept_fraction": kept_fraction(spec, quality_length),
                 "perplexity": _perplexity(logits, windows),
                 "agreement": float((logits.argmax(-1) == dense_logits.argmax(-1)).float().mean()),
+                # Decode steps only (the first prediction comes from the prefill): mechanisms that differ from dense
+                # only when decoding from a cache show it here.
+                "decode_agreement": float((decoded == dense_tokens)[:, 1:].float().mean()),
                 "layer_error": errors,
                 "needle": {},
                 "speed": {},
@@ -334,6 +354,7 @@ def format_table(report: dict[str, Any]) -> str:
         "ppl",
         "Δppl",
         "agree",
+        "decode agree",
         "attn err (mean/max)",
         "needle " + "/".join(str(x) for x in settings["lengths"]),
         f"prefill ms @{n}",
@@ -351,6 +372,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r['perplexity']:.2f}",
                 f"{r['perplexity_delta']:+.2f}",
                 f"{r['agreement']:.1%}",
+                f"{r['decode_agreement']:.1%}",
                 f"{statistics.mean(errors):.3f}/{max(errors):.3f}",
                 "/".join(f"{r['needle'][str(x)]:.2f}" for x in settings["lengths"]),
                 f"{s['prefill_ms']:.1f}",

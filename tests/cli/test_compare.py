@@ -10,7 +10,7 @@ from hf_attn_plus.measure import TensorMemoryPeak
 from hf_attn_plus.demo import char_tokenizer, default_text
 
 # Small enough for seconds per run: quality at 96 tokens, speed/needle at 64 and 96.
-FAST = ["--lengths", "64", "96", "--samples", "1", "--repeats", "1", "--decode-tokens", "2", "--no-progress"]
+FAST = ["--lengths", "64", "96", "--samples", "1", "--repeats", "1", "--decode-tokens", "3", "--no-progress"]
 # A window covering every key is dense attention; a 4-key window is not.
 COVERING, NARROW = "sliding_window:window=96,sinks=0", "sliding_window:window=4,sinks=0"
 
@@ -80,7 +80,8 @@ def test_compare_default_model_table_json_and_plot(tmp_path, capsys):
     assert [r["label"] for r in report["results"]] == ["dense", COVERING, NARROW]
     assert all(r["label"] in table for r in report["results"])
     assert covering["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-5)
-    assert covering["agreement"] == 1.0 and max(covering["layer_error"]) < 1e-5
+    assert covering["agreement"] == covering["decode_agreement"] == 1.0 and max(covering["layer_error"]) < 1e-5
+    assert 0.0 <= narrow["decode_agreement"] <= 1.0
     assert narrow["kept_fraction"] < 0.2 and min(narrow["layer_error"]) > 1e-3 and narrow["agreement"] < 1.0
     assert len(narrow["layer_error"]) == 2  # tiny_config: two layers
     for row in report["results"]:
@@ -96,7 +97,7 @@ def test_compare_local_model_dir(model_type, tiny_dir, tmp_path):
     out_json = tmp_path / "r.json"
     main(["compare", str(path), "--mechanisms", COVERING, NARROW, "--json", str(out_json), *FAST])
     dense, covering, narrow = json.loads(out_json.read_text())["results"]
-    assert covering["agreement"] == 1.0 and max(covering["layer_error"]) < 1e-5
+    assert covering["agreement"] == covering["decode_agreement"] == 1.0 and max(covering["layer_error"]) < 1e-5
     assert min(narrow["layer_error"]) > 1e-3
 
 

@@ -43,6 +43,7 @@ def test_card_records_mechanism_license_and_measurements(tiny_dir, base_dir, tmp
         "settings": {"lengths": [8], "quality_length": 8},
         "results": [{
             "label": "dense", "kept_fraction": 1.0, "perplexity": 2.0, "perplexity_delta": 0.0, "agreement": 1.0,
+            "decode_agreement": 1.0,
             "layer_error": [0.0], "needle": {"8": 0.5},
             "speed": {"8": {"prefill_ms": 1.0, "decode_ms_per_token": 0.5, "prefill_peak_mb": 0.1}},
         }],
