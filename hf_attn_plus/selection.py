@@ -74,13 +74,17 @@ def visible_blocks(ctx: AttentionContext, blocks: torch.Tensor, num_blocks: int)
     return counts[..., :num_blocks] > 0
 
 
+def fixed_blocks(seen: torch.Tensor, query_block: torch.Tensor, sink_blocks: int, local_blocks: int) -> torch.Tensor:
+    """Seen blocks always attended: the first `sink_blocks` and the `local_blocks` ending at the query's block."""
+    block_idx = torch.arange(seen.shape[-1], device=seen.device)
+    return seen & ((block_idx < sink_blocks) | (query_block - block_idx < local_blocks))
+
+
 def top_blocks(
     scores: torch.Tensor, seen: torch.Tensor, query_block: torch.Tensor, sink_blocks: int, local_blocks: int, budget: int
 ) -> torch.Tensor:
-    """Seen blocks to attend, [B, H, q_len, num_blocks]: the first `sink_blocks`, the `local_blocks` ending at the
-    query's block, and the `budget` best-scoring others."""
-    block_idx = torch.arange(scores.shape[-1], device=scores.device)
-    fixed = seen & ((block_idx < sink_blocks) | (query_block - block_idx < local_blocks))
+    """Seen blocks to attend, [B, H, q_len, num_blocks]: the fixed ones and the `budget` best-scoring others."""
+    fixed = fixed_blocks(seen, query_block, sink_blocks, local_blocks)
     return fixed | top_scoring(scores, seen & ~fixed, budget)
 
 

@@ -21,6 +21,7 @@ from ..reference import default_scaling
 from ..registry import Mechanism, register
 from ..selection import (
     blocks_to_keys,
+    fixed_blocks,
     grouped_scores,
     key_blocks,
     mass_ranked_blocks,
@@ -33,9 +34,7 @@ def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: 
     blocks = key_blocks(ctx, opts.block_size)
     num_blocks = int(blocks.max()) + 1
     seen = visible_blocks(ctx, blocks, num_blocks)
-    block_idx = torch.arange(num_blocks, device=query.device)
-    query_block = ctx.query_pos // opts.block_size
-    fixed = seen & ((block_idx < opts.sink_blocks) | (query_block - block_idx < opts.local_blocks))
+    fixed = fixed_blocks(seen, ctx.query_pos // opts.block_size, opts.sink_blocks, opts.local_blocks)
     mean_keys = pooled_blocks(key, blocks.reshape(blocks.shape[0], -1), num_blocks)
     logits = grouped_scores(query, mean_keys) * default_scaling(query)
     chosen = fixed | mass_ranked_blocks(logits, seen & ~fixed, opts.threshold)
