@@ -98,6 +98,7 @@ def _forward_kernel(
 
 
 def mask_strides(keep: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor | None, tuple]:
+    """The keep mask as the kernels read it (bytes, broadcast to `shape` without copying) and its strides."""
     if keep is None:
         return None, (0, 0, 0, 0)
     # Broadcast dims get stride 0, so a [B, 1, q, kv] mask is never repeated per head; bool is read as bytes.
