@@ -101,7 +101,7 @@ def run_mechanism(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One mechanism on a built context -> (output [B, Hq, q, Dv], probabilities or None); wrappers that hand over
     to another mechanism (lighthouse at inference) call this with that mechanism's options."""
-    use_kernel = _use_kernel(mechanism, opts, query)  # raises for backend='kernel' where there is no kernel
+    use_kernel = _use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
     if mechanism.attend is not None:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
     if use_kernel:
@@ -155,7 +155,14 @@ def logit_scale(module: torch.nn.Module, attended: torch.Tensor, opts: Any) -> t
     return log_length_scale(attended, train_length, opts.logit_scale_c)
 
 
-def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor) -> bool:
+def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:
+    # The kernels implement exact attention without logit scaling or attention dropout: `auto` takes the reference
+    # whenever either is asked for, and a forced kernel refuses rather than silently skipping it.
+    unsupported = []
+    if opts.logit_scale != "none":
+        unsupported.append(f"logit_scale={opts.logit_scale!r}")
+    if dropout > 0:
+        unsupported.append(f"attention dropout={dropout}")
     if opts.backend == "reference":
         return False
     if opts.backend == "kernel":
@@ -164,10 +171,10 @@ def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor) -> bool:
                 f"hf_attn_plus mechanism {mechanism.name!r} has no kernel; option 'backend' allowed here: "
                 "'auto', 'reference'"
             )
-        if opts.logit_scale != "none":
+        if unsupported:
             raise OptionError(
                 f"hf_attn_plus mechanism {mechanism.name!r}: backend='kernel' does not implement "
-                f"logit_scale={opts.logit_scale!r}; use backend='reference' or logit_scale='none'"
+                f"{' or '.join(unsupported)}; use backend='reference'"
             )
         return True
-    return mechanism.kernel is not None and query.is_cuda and opts.logit_scale == "none"
+    return mechanism.kernel is not None and query.is_cuda and not unsupported

@@ -1,6 +1,7 @@
 """Importing this package registers every mechanism; one module per mechanism."""
 
 from . import (
+    block_sparse,
     block_topk,
     dilated,
     gated_delta,
@@ -16,6 +17,7 @@ from . import (
 )
 
 __all__ = [
+    "block_sparse",
     "block_topk",
     "dilated",
     "gated_delta",
