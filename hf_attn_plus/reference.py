@@ -42,11 +42,15 @@ def masked_attention(
     logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
     probs = torch.softmax(logits, dim=-1) * keep
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    batch, q_heads, q_len, kv_len = probs.shape
+    return grouped_weighted_sum(probs.to(value.dtype), value), probs.to(query.dtype)
+
+
+def grouped_weighted_sum(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """weights [B, Hq, q, kv] @ value [B, Hkv, kv, Dv] per query head's KV head, without repeating values."""
+    batch, q_heads, q_len, kv_len = weights.shape
     kv_heads = value.shape[1]
-    grouped = probs.to(value.dtype).reshape(batch, kv_heads, q_heads // kv_heads, q_len, kv_len)
-    out = (grouped @ value.unsqueeze(2)).reshape(batch, q_heads, q_len, value.shape[-1])
-    return out, probs.to(query.dtype)
+    grouped = weights.reshape(batch, kv_heads, q_heads // kv_heads, q_len, kv_len)
+    return (grouped @ value.unsqueeze(2)).reshape(batch, q_heads, q_len, value.shape[-1])
 
 
 def default_scaling(query: torch.Tensor) -> float:

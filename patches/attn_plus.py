@@ -1,0 +1,193 @@
+"""Mechanism weights on attention modules: per-architecture classes swapped in at load time via transformers' patch
+mapping (`transformers.monkey_patching.register_patch_mapping`, present since transformers 5.17).
+
+Each patched class is the original attention class plus, when `config._attn_implementation` names a mechanism that
+registered weights here, a submodule `attn_plus` holding them (so `model.layers.0.self_attn.attn_plus.*`, and training
+only the new weights means training parameters whose name contains `.attn_plus.`). The original module's code,
+parameters and state-dict keys are untouched, so with dense attention the patched model computes exactly what the
+original does. Because the class is swapped during `from_pretrained` / `from_config`, `attn_plus` exists before the
+checkpoint is read and its saved weights load like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+from transformers.monkey_patching import get_patch_mapping, register_patch_mapping
+
+from ..registry import PREFIX, get_mechanism, options_from_config
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    q_heads: int
+    kv_heads: int  # heads of the key/value tensors the attention function receives (MLA: expanded, = q_heads)
+    qk_dim: int
+    v_dim: int
+
+
+class MechanismWeights(nn.Module):
+    """Base of every mechanism's `attn_plus` submodule.
+
+    `recurrent`: decode keeps a fixed-size state in a `RecurrentStateLayer` instead of the KV cache;
+    `cache_window`: key/value slots that layer keeps besides the state (a hybrid's softmax window).
+    """
+
+    mechanism: str = ""
+    recurrent: bool = False
+
+    def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
+        super().__init__()
+        self.shape, self.opts, self.layer_idx = shape, opts, layer_idx
+        self.cache_window = 0
+        self.state_layer = None  # the cache layer of the forward in progress (set by a pre-hook), else None
+
+    def reset_parameters(self) -> None:
+        """Initialise parameters and buffers; called at construction and by transformers for missing keys."""
+
+    def check_options(self, opts: SimpleNamespace, names: tuple[str, ...]) -> None:
+        """Raise if the options that shaped these weights differ from the ones the model now runs with."""
+        for name in names:
+            if getattr(opts, name) != getattr(self.opts, name):
+                raise ValueError(
+                    f"hf_attn_plus {self.mechanism!r}: option {name!r} is {getattr(opts, name)!r} but layer "
+                    f"{self.layer_idx}'s weights were built for {getattr(self.opts, name)!r}; call "
+                    "hf_attn_plus.patches.attn_plus.build_mechanism_weights(model) to rebuild them"
+                )
+
+
+_WEIGHTS: dict[str, type[MechanismWeights]] = {}
+
+
+def register_weights(weights_class: type[MechanismWeights]) -> type[MechanismWeights]:
+    """Declare that mechanism `weights_class.mechanism` adds weights: patched attention classes will build them."""
+    _WEIGHTS[weights_class.mechanism] = weights_class
+    return weights_class
+
+
+def _mechanism_name(config: Any) -> str | None:
+    implementation = getattr(config, "_attn_implementation", None)
+    if isinstance(implementation, str) and implementation.startswith(PREFIX):
+        return implementation.removeprefix(PREFIX)
+    return None
+
+
+def attach(attention: nn.Module, config: Any) -> None:
+    """Give `attention` (a patched attention module) the `attn_plus` weights its config's mechanism asks for."""
+    name = _mechanism_name(config)
+    if name not in _WEIGHTS:
+        attention.attn_plus = None
+        return
+    opts = options_from_config(get_mechanism(name), config)
+    attention.attn_plus = _WEIGHTS[name](attention.attn_plus_shape(), opts, attention.layer_idx)
+
+
+def build_mechanism_weights(model: nn.Module) -> int:
+    """(Re)build `attn_plus` on every patched attention module of `model` for its current mechanism and options;
+    returns how many modules got weights. Use after `set_attention` on a model loaded with another mechanism."""
+    built = 0
+    for module in model.modules():
+        if isinstance(module, _PATCHED_CLASSES):
+            attach(module, module.config)
+            if module.attn_plus is not None:
+                device = next(p.device for p in module.parameters() if p.device.type != "meta")
+                module.attn_plus.to(device)
+                built += 1
+    return built
+
+
+def mechanism_weights(attention: nn.Module, mechanism: str) -> MechanismWeights:
+    """The `attn_plus` of `attention` for `mechanism`, or a clear error saying how to get it."""
+    weights = getattr(attention, "attn_plus", None)
+    if weights is None or weights.mechanism != mechanism:
+        raise ValueError(
+            f"hf_attn_plus {mechanism!r} needs its weights in `{type(attention).__name__}.attn_plus`, which this layer "
+            f"does not have. Import hf_attn_plus before loading the model with attn_implementation='{PREFIX}{mechanism}' "
+            "(supported: Llama, Qwen2, Qwen3, DeepSeek-V3), or call "
+            "hf_attn_plus.patches.attn_plus.build_mechanism_weights(model) after set_attention"
+        )
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-architecture classes
+
+
+def _patched(base: type[nn.Module], shape: Any) -> type[nn.Module]:
+    from .recurrent_cache import install_state_hooks  # imports this module's MechanismWeights
+
+    def __init__(self: nn.Module, config: Any, layer_idx: int) -> None:
+        base.__init__(self, config, layer_idx)
+        attach(self, config)
+        install_state_hooks(self)
+
+    return type(f"HfAttnPlus{base.__name__}", (base,), {"__init__": __init__, "attn_plus_shape": shape})
+
+
+def _gqa_shape(self: nn.Module) -> AttentionShape:
+    config = self.config
+    return AttentionShape(config.num_attention_heads, config.num_key_value_heads, self.head_dim, self.head_dim)
+
+
+def _mla_shape(self: nn.Module) -> AttentionShape:
+    # MLA expands its latent into per-head keys and values before attention; a feature map is nonlinear in the key,
+    # so the state cannot stay in latent space and is kept per expanded head.
+    return AttentionShape(self.num_heads, self.num_heads, self.qk_head_dim, self.v_head_dim)
+
+
+PATCHED = {
+    base.__name__: _patched(base, shape)
+    for base, shape in (
+        (LlamaAttention, _gqa_shape),
+        (Qwen2Attention, _gqa_shape),
+        (Qwen3Attention, _gqa_shape),
+        (DeepseekV3Attention, _mla_shape),
+    )
+}
+_PATCHED_CLASSES = tuple(PATCHED.values())
+
+
+def _register_patches() -> None:
+    existing = get_patch_mapping()
+    for name, patched in PATCHED.items():
+        if existing.get(name) not in (None, patched):
+            raise RuntimeError(
+                f"hf_attn_plus cannot patch {name}: another library registered {existing[name].__name__} for it"
+            )
+    register_patch_mapping({name: patched for name, patched in PATCHED.items() if name not in existing})
+
+
+def _teach_transformers_to_initialise_mechanism_weights() -> None:
+    # from_pretrained builds modules on the meta device and initialises missing keys with the model's `_init_weights`,
+    # which knows nothing of these modules: without this they would hold uninitialised memory.
+    if getattr(PreTrainedModel._initialize_weights, "_hf_attn_plus", False):
+        return
+    original = PreTrainedModel._initialize_weights
+
+    def _initialize_weights(self: PreTrainedModel, module: nn.Module, is_custom_code: bool = False) -> None:
+        if isinstance(module, MechanismWeights):
+            loaded = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if loaded and all(getattr(t, "_is_hf_initialized", False) for t in loaded):
+                module._is_hf_initialized = True
+            if not getattr(module, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    module.reset_parameters()
+                module._is_hf_initialized = True
+            return
+        original(self, module, is_custom_code)
+
+    _initialize_weights._hf_attn_plus = True
+    PreTrainedModel._initialize_weights = _initialize_weights
+
+
+_register_patches()
+_teach_transformers_to_initialise_mechanism_weights()

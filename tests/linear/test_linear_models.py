@@ -1,0 +1,150 @@
+"""The linear family inside real (tiny) models: padding, cached decode, generation, saving, dense behaviour."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from hf_attn_plus.patches.recurrent_cache import RecurrentStateLayer
+
+from .conftest import ARCHS, shared
+
+# One mechanism configuration per architecture keeps the suite short while every feature map meets a model.
+CASES = [
+    ("llama", "linear", {"feature_map": "hedgehog"}),
+    ("qwen2", "linear", {"feature_map": "gaussian_rf", "chunk_size": 4}),
+    ("qwen3", "linear", {"feature_map": "elu", "chunk_size": 3}),
+    ("deepseek_v3", "linear", {"feature_map": "hedgehog", "chunk_size": 4}),
+]
+
+
+def _ids(batch, length, seed=0):
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch,mechanism,options", CASES)
+def test_left_padding_does_not_change_real_tokens(arch, mechanism, options):
+    model = shared(arch, mechanism, **options)
+    ids, pad = _ids(2, 11), 4
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+        batched = model(ids, attention_mask=mask, position_ids=positions).logits
+        alone = model(ids[1:, pad:]).logits
+    assert batched.isfinite().all()
+    torch.testing.assert_close(batched[1:, pad:], alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,mechanism,options", CASES)
+def test_cached_decode_equals_full_forward(arch, mechanism, options):
+    model = shared(arch, mechanism, **options)
+    ids, prompt = _ids(2, 12), 5
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache).logits]
+        for t in range(prompt, ids.shape[1]):
+            steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits)
+    assert all(isinstance(layer, RecurrentStateLayer) for layer in cache.layers)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_generate_cached_equals_uncached(arch):
+    model = shared(arch, "linear", feature_map="elu")
+    ids = _ids(2, 6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    settings = [dict(do_sample=False), dict(num_beams=3, do_sample=False), dict(do_sample=True, top_k=5)]
+    for kwargs in settings:
+        runs = []
+        for use_cache in (True, False):
+            torch.manual_seed(0)
+            runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=use_cache,
+                                       pad_token_id=0, **kwargs))
+        assert torch.equal(runs[0], runs[1]), kwargs
+
+
+def test_decode_memory_is_constant_in_generated_length():
+    model = shared("qwen3", "linear", feature_map="elu", chunk_size=3)
+    sizes = []
+    for total in (10, 1000):  # tokens through the cache: a long prompt, then decode steps
+        out = model.generate(_ids(1, total - 3), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             return_dict_in_generate=True, pad_token_id=0)
+        cache = out.past_key_values
+        assert cache.get_seq_length() == total
+        sizes.append([layer.memory_elements() for layer in cache.layers])
+    assert sizes[0] == sizes[1] and min(sizes[0]) > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_is_bit_exact(arch, tmp_path):
+    model = shared(arch, "linear", feature_map="gaussian_rf" if arch == "qwen2" else "hedgehog")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config._attn_implementation == "hf_attn_plus:linear"
+    before, after = model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys() and any(".attn_plus." in key for key in after)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    ids = _ids(1, 7)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_dense_checkpoint_gets_initialised_mechanism_weights(tmp_path):
+    from hf_attn_plus.tiny import tiny_config
+
+    dense = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    dense.save_pretrained(tmp_path)
+    converted = AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="hf_attn_plus:linear", hf_attn_plus={"feature_map": "hedgehog"}
+    )
+    weights = converted.model.layers[1].self_attn.attn_plus
+    eye = torch.eye(8).expand_as(weights.q_map)
+    assert torch.equal(weights.q_map, eye) and torch.equal(weights.k_map, torch.eye(8).expand_as(weights.k_map))
+    dense_state = dense.state_dict()
+    assert all(torch.equal(dense_state[key], value) for key, value in converted.state_dict().items() if key in dense_state)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patched_class_keeps_dense_behaviour_and_keys(arch):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from hf_attn_plus.tiny import tiny_config
+
+    config = tiny_config(arch)
+    torch.manual_seed(0)
+    original = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config).eval()  # direct construction: no patches
+    patched = AutoModelForCausalLM.from_config(config).eval()
+    assert type(patched.model.layers[0].self_attn).__name__.startswith("HfAttnPlus")
+    assert type(original.model.layers[0].self_attn).__name__ != type(patched.model.layers[0].self_attn).__name__
+    patched.load_state_dict(original.state_dict(), strict=True)
+    ids = _ids(2, 7)
+    with torch.no_grad():
+        assert torch.equal(original(ids).logits, patched(ids).logits)
+
+
+def test_weights_built_for_other_options_are_rejected(make):
+    model = make("llama", "linear", feature_map="hedgehog")
+    model.config.hf_attn_plus = {"feature_map": "elu"}
+    with pytest.raises(ValueError, match="option 'feature_map' is 'elu'"):
+        model(_ids(1, 4))
+    from hf_attn_plus.patches.attn_plus import build_mechanism_weights
+
+    assert build_mechanism_weights(model) == 2
+    assert model(_ids(1, 4)).logits.isfinite().all()
+
+
+def test_gaussian_rf_is_seeded_and_redrawable():
+    from .conftest import build
+
+    first = build("llama", "linear", feature_map="gaussian_rf", seed=3).model.layers[0].self_attn.attn_plus
+    again = build("llama", "linear", feature_map="gaussian_rf", seed=3).model.layers[0].self_attn.attn_plus
+    other = build("llama", "linear", feature_map="gaussian_rf", seed=4).model.layers[0].self_attn.attn_plus
+    assert torch.equal(first.random_features, again.random_features)
+    assert not torch.equal(first.random_features, other.random_features)
+    drawn = first.random_features.clone()
+    first.redraw(seed=123)
+    assert not torch.equal(drawn, first.random_features)

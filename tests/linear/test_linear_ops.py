@@ -1,0 +1,95 @@
+"""The three forms of linear attention (definition, chunked, recurrent) agree, for every feature map, with GQA."""
+
+import pytest
+import torch
+
+from hf_attn_plus import linear_ops
+from hf_attn_plus.masking import build_context
+
+B, HQ, HKV, D, DV = 2, 4, 2, 6, 5
+
+
+def _features(kind, q, k):
+    torch.manual_seed(1)
+    if kind == "elu":
+        return linear_ops.elu_features(q), linear_ops.elu_features(k)
+    if kind == "relu":
+        return linear_ops.relu_features(q), linear_ops.relu_features(k)
+    if kind == "hedgehog":
+        wq, wk = torch.randn(HQ, D, 7), torch.randn(HKV, D, 7)
+        return linear_ops.hedgehog_features(q, wq), linear_ops.hedgehog_features(k, wk)
+    w = torch.randn(HKV, D, 9)
+    return (
+        linear_ops.gaussian_rf_features(q * 0.5, w.repeat_interleave(HQ // HKV, 0), True),
+        linear_ops.gaussian_rf_features(k * 0.5, w, False),
+    )
+
+
+def _inputs(length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, HQ, length, D, generator=g, dtype=torch.float64).requires_grad_()
+    k = torch.randn(B, HKV, length, D, generator=g, dtype=torch.float64).requires_grad_()
+    v = torch.randn(B, HKV, length, DV, generator=g, dtype=torch.float64).requires_grad_()
+    return q, k, v
+
+
+def _causal(length):
+    return torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+
+
+@pytest.mark.parametrize("kind", ["elu", "relu", "hedgehog", "gaussian_rf"])
+@pytest.mark.parametrize("length,chunk", [(13, 4), (8, 8), (5, 16)])
+def test_three_forms_agree_outputs_and_gradients(kind, length, chunk):
+    results = []
+    for form in ("quadratic", "chunked", "recurrent"):
+        q, k, v = _inputs(length)
+        phi_q, phi_k = _features(kind, q, k)
+        if form == "quadratic":
+            out = linear_ops.quadratic_linear_attention(phi_q, phi_k, v, _causal(length))
+        elif form == "chunked":
+            out, _ = linear_ops.chunked_linear_attention(phi_q, phi_k, v, chunk_size=chunk)
+        else:
+            out, _ = linear_ops.recurrent_linear_attention(phi_q, phi_k, v)
+        (out * torch.linspace(-1, 1, DV, dtype=out.dtype)).sum().backward()
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_state_continues_across_calls():
+    q, k, v = _inputs(11)
+    phi_q, phi_k = linear_ops.elu_features(q), linear_ops.elu_features(k)
+    whole, whole_state = linear_ops.chunked_linear_attention(phi_q, phi_k, v, chunk_size=4)
+    first, state = linear_ops.chunked_linear_attention(phi_q[:, :, :6], phi_k[:, :, :6], v[:, :, :6], chunk_size=4)
+    rest, final = linear_ops.recurrent_linear_attention(phi_q[:, :, 6:], phi_k[:, :, 6:], v[:, :, 6:], state)
+    torch.testing.assert_close(torch.cat([first, rest], 2), whole)
+    for a, b in zip(final, whole_state):
+        torch.testing.assert_close(a, b)
+
+
+def test_padding_keys_contribute_nothing_and_empty_rows_are_zero():
+    length, pad = 9, 3
+    real = torch.ones(B, length, dtype=torch.bool)
+    real[0, :pad] = False  # left padding of the first sequence, as transformers' SDPA mask lays it out
+    ctx = build_context(_causal(length) & real[:, None, None, :])
+    q, k, v = _inputs(length)
+    with torch.no_grad():
+        k[0, :, :pad] = 1e4  # garbage in padding must not leak
+        v[0, :, :pad] = float("nan")
+    phi_q, phi_k = linear_ops.elu_features(q), linear_ops.elu_features(k) * linear_ops.causal_key_mask(ctx)
+    v_clean = torch.where(linear_ops.causal_key_mask(ctx).bool(), v, 0.0)
+    chunked, _ = linear_ops.chunked_linear_attention(phi_q, phi_k, v_clean, chunk_size=4)
+    reference = linear_ops.quadratic_linear_attention(phi_q, phi_k, v_clean, ctx.visible)
+    torch.testing.assert_close(chunked, reference)
+    assert torch.equal(chunked[0, :, :pad], torch.zeros_like(chunked[0, :, :pad]))
+    unpadded, _ = linear_ops.chunked_linear_attention(
+        phi_q[:1, :, pad:], phi_k[:1, :, pad:], v_clean[:1, :, pad:], chunk_size=4
+    )
+    torch.testing.assert_close(chunked[:1, :, pad:], unpadded)
+
+
+def test_mask_other_than_causal_padding_is_rejected():
+    visible = torch.ones(1, 1, 4, 4, dtype=torch.bool)  # bidirectional
+    with pytest.raises(ValueError, match="causal attention with padding only"):
+        linear_ops.causal_key_mask(build_context(visible))
