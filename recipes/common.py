@@ -19,6 +19,7 @@ import glob
 import itertools
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -404,6 +405,12 @@ def summarise(
 
 def setup(cfg: RecipeConfig) -> Accelerator:
     accelerator = Accelerator()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but each runs alone (Accelerate sees {accelerator.num_processes}); "
+            "without GPUs set ACCELERATE_USE_CPU=true, see recipes/accelerate/ddp.yaml"
+        )
     set_seed(cfg.train.seed)
     if not accelerator.is_main_process:
         datasets.disable_progress_bars()

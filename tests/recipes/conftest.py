@@ -1,17 +1,14 @@
-"""Shared fixtures: one tiny teacher per session and a helper that runs a recipe through `accelerate launch`."""
+"""One tiny teacher per test session (seconds to train), shared by every recipe test."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 from hf_attn_plus.teacher import TINY_SPEC, teacher_path
 
-from .runs import ROOT
-
-sys.path.insert(0, str(ROOT / "recipes"))  # the recipe scripts import `common` the way `accelerate launch` runs them
+from . import runs  # noqa: F401  (puts recipes/ on sys.path)
 
 
 @pytest.fixture(scope="session")

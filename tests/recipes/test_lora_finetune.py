@@ -8,14 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from accelerate import Accelerator
-from common import DataConfig, load_corpus
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import hf_attn_plus
 from hf_attn_plus.teacher import perplexity
 
-from .runs import evals, launch, losses
+from .runs import evals, launch, losses, tiny_eval_blocks
 
 CONFIG = "teacher/sliding_window.yaml"
 RUN = ["train.steps=6", "train.save_every=3", "train.eval_every=6", "train.lr=0.01", "lora.kl_weight=0.5",
@@ -64,6 +62,4 @@ def test_adapter_and_merged_model_reload_to_the_trained_outputs(run: tuple[dict,
         torch.testing.assert_close(merged(tokens).logits, with_adapter(tokens).logits, rtol=1e-4, atol=1e-4)
         with with_adapter.disable_adapter():
             assert not torch.allclose(with_adapter(tokens).logits, merged(tokens).logits)  # the adapter did something
-    data = DataConfig(seq_len=64, max_documents=30, eval_blocks=8)
-    blocks = load_corpus(data, AutoTokenizer.from_pretrained(tiny_teacher), Accelerator(cpu=True)).eval_blocks(64, 8)
-    assert perplexity(merged, blocks) == pytest.approx(summary["results"]["sliding_window + LoRA ppl@64"], rel=1e-4)
+    assert perplexity(merged, tiny_eval_blocks(tiny_teacher)) == pytest.approx(summary["results"]["sliding_window + LoRA ppl@64"], rel=1e-4)
