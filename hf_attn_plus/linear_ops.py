@@ -103,8 +103,19 @@ def chunked_linear_attention(
     Query i and key i are the same position (queries are the newest tokens). Keys that must not count (padding) are
     expected as zero feature rows: they then add nothing to any state or normaliser.
     """
-    batch, kv_heads, length, features = phi_k.shape
-    dv = value.shape[-1]
+    num, den, state = chunked_linear_terms(phi_q, phi_k, value, state, chunk_size)
+    return (num / (den + EPS)).to(value.dtype), state
+
+
+def chunked_linear_terms(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    value: torch.Tensor,
+    state: LinearState | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, LinearState]:
+    """Numerator [B, Hq, L, Dv] and normaliser [B, Hq, L, 1] of `chunked_linear_attention`, and the final state."""
+    kv_heads, length = phi_k.shape[1], phi_k.shape[2]
     state_kv, state_k = empty_state(phi_k, value) if state is None else state
     chunks = -(-length // chunk_size)
     pad = chunks * chunk_size - length
@@ -122,9 +133,8 @@ def chunked_linear_attention(
     within = (q @ k.unsqueeze(2).transpose(-1, -2)) * causal  # [B, Hkv, G, n, C, C]
     num = within @ v.unsqueeze(2) + q @ before_kv.unsqueeze(2)
     den = within.sum(-1, keepdim=True) + (q * before_k.unsqueeze(2).unsqueeze(-2)).sum(-1, keepdim=True)
-    out = _ungroup((num / (den + EPS)).flatten(3, 4))[:, :, :length]
     final = (state_kv + chunk_kv.sum(2), state_k + chunk_k.sum(2))
-    return out.to(value.dtype), final
+    return _ungroup(num.flatten(3, 4))[:, :, :length], _ungroup(den.flatten(3, 4))[:, :, :length], final
 
 
 def recurrent_linear_attention(
@@ -147,6 +157,106 @@ def recurrent_linear_attention(
     return out.to(value.dtype), (state_kv, state_k)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Hybrid (LoLCATs): exact softmax on the last `window` keys, linear attention on older ones, one normaliser:
+# o_t = (Σ_win e^{τq·k - m_t} v + γ_h Σ_old phi(q)·phi(k) v) / (Σ_win e^{τq·k - m_t} + γ_h Σ_old phi(q)·phi(k)), m_t the
+# largest window logit of the row. The shift m_t is part of the definition (as in LoLCATs): without it e^{τq·k}
+# overflows, and the softmax terms are not invariant to it once linear terms share the normaliser.
+
+
+def quadratic_hybrid_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    visible: torch.Tensor,
+    in_window: torch.Tensor,
+    scaling: float,
+    gamma: torch.Tensor,
+) -> torch.Tensor:
+    """The definition on explicit [q, kv] weights; `in_window` marks the softmax keys (e.g. the core's window)."""
+    window = visible & in_window
+    logits = (grouped_scores(_acc(query), _acc(key)) * scaling).masked_fill(~window, torch.finfo(_acc(query).dtype).min)
+    soft = torch.exp(logits - logits.amax(-1, keepdim=True)) * window
+    linear = grouped_scores(_acc(phi_q), _acc(phi_k)) * (visible & ~in_window) * gamma.view(1, -1, 1, 1)
+    weights = soft + linear
+    out = grouped_weighted_sum(weights, _acc(value)) / (weights.sum(-1, keepdim=True) + EPS)
+    return out.to(value.dtype)
+
+
+def chunked_hybrid_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    key_mask: torch.Tensor,
+    scaling: float,
+    gamma: torch.Tensor,
+    window: int,
+    state: LinearState | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, LinearState]:
+    """Hybrid attention in O(L·(C + window)): a banded softmax and a chunked linear part on keys delayed by `window`.
+
+    Keys are the `kv - q` slots kept from earlier calls (at most `window`, the decode cache) followed by the queries'
+    own tokens; `key_mask` [B, 1, kv, 1] zeroes padding. `state` holds every key older than those slots. Returns the
+    output and the state after the keys that have now left every query's window. Windows count slots, which equal
+    real positions for left or right padding (padding mid-sequence would differ from the definition).
+    """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    kept = kv_len - q_len
+    if kept > window:
+        raise ValueError(f"hybrid attention got {kept} cached slots for a window of {window}")
+    real_k = _acc(phi_k) * key_mask
+    real_v = _acc(value) * key_mask
+    # Linear part: query i sits at slot kept + i and reads the keys at slots <= kept + i - window.
+    delay = window - kept
+    delayed_k = F.pad(real_k, (0, 0, delay, 0))[:, :, :q_len]
+    delayed_v = F.pad(real_v, (0, 0, delay, 0))[:, :, :q_len]
+    lin_num, lin_den, state = chunked_linear_terms(phi_q, delayed_k, delayed_v, state, chunk_size)
+    soft_num, soft_den = _banded_softmax_terms(query, key, real_v, key_mask, scaling, window, kept, chunk_size)
+    gamma = gamma.view(1, -1, 1, 1)
+    out = (soft_num + gamma * lin_num) / (soft_den + gamma * lin_den + EPS)
+    return out.to(value.dtype), state
+
+
+def _banded_softmax_terms(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_mask: torch.Tensor,
+    scaling: float,
+    window: int,
+    kept: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_win e^{τq·k - m} v and Σ_win e^{τq·k - m}: each chunk of C queries against its C + window - 1 keys."""
+    batch, kv_heads, kv_len, _ = key.shape
+    q_len = query.shape[2]
+    chunks = -(-q_len // chunk_size)
+    span = chunk_size + window - 1
+
+    def bands(x: torch.Tensor) -> torch.Tensor:
+        # Key slot j of chunk c, position u in its band, is slot kept + c*C + u - (window - 1) of `x`.
+        lead = window - 1 - kept
+        x = F.pad(x, (0, 0, lead, chunks * chunk_size + window - 1 - lead - kv_len))
+        return x.unfold(2, span, chunk_size).transpose(-1, -2)  # [B, Hkv, n, span, D]
+
+    q = _group(F.pad(_acc(query), (0, 0, 0, chunks * chunk_size - q_len)), kv_heads).unflatten(3, (chunks, chunk_size))
+    k, v, real = bands(_acc(key)), bands(value), bands(key_mask.expand(batch, kv_heads, kv_len, 1))
+    r = torch.arange(chunk_size, device=key.device)[:, None]
+    u = torch.arange(span, device=key.device)[None, :]
+    inside = (u >= r) & (u < r + window) & real.squeeze(-1).unsqueeze(-2).bool()  # [B, Hkv, n, C, span]
+    logits = (q @ k.unsqueeze(2).transpose(-1, -2)) * scaling  # [B, Hkv, G, n, C, span]
+    logits = logits.masked_fill(~inside.unsqueeze(2), torch.finfo(logits.dtype).min)
+    soft = torch.exp(logits - logits.amax(-1, keepdim=True)) * inside.unsqueeze(2)
+    num = _ungroup((soft @ v.unsqueeze(2)).flatten(3, 4))[:, :, :q_len]
+    den = _ungroup(soft.sum(-1, keepdim=True).flatten(3, 4))[:, :, :q_len]
+    return num, den
+
+
 def causal_key_mask(ctx: AttentionContext) -> torch.Tensor:
     """Which keys count, [B, 1, kv, 1] as 0/1, for the forms that are causal by index (chunked, recurrent).
 
@@ -163,3 +273,82 @@ def causal_key_mask(ctx: AttentionContext) -> torch.Tensor:
             "has another pattern (packed sequences, a restricted key set, or right-aligned queries)"
         )
     return real.transpose(-1, -2).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gated delta rule (Gated DeltaNet): with the state S [Dk, Dv] per KV head, keys and queries L2-normalised,
+#   S_t = α_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,   o_t = S_tᵀ q_t.
+# `recurrent_gated_delta` is the definition. The parallel form rests on the pseudo-values u_t = β_t (v_t - α_t S_{t-1}ᵀ k_t):
+# within a span starting from S0, with g_t the product of the span's gates up to t,
+#   S_t = g_t S0 + Σ_{s≤t} (g_t/g_s) k_s u_sᵀ,   U = (I + A)⁻¹ diag(β) (V - diag(g) K S0),  A_ts = β_t (g_t/g_s) k_t·k_s (s<t)
+# (the UT transform: one unit-triangular solve per span). `chunked_gated_delta` applies it per chunk and passes S between
+# chunks; with chunk_size >= length it is the whole-sequence quadratic form.
+
+
+def recurrent_gated_delta(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token by token. query [B, Hq, L, Dk] (normalised and scaled), key [B, Hkv, L, Dk] (normalised), value
+    [B, Hkv, L, Dv], log_alpha and beta [B, Hkv, L]. Returns (output [B, Hq, L, Dv], state [B, Hkv, Dk, Dv])."""
+    kv_heads = key.shape[1]
+    q, k, v = _group(_acc(query), kv_heads), _acc(key), _acc(value)
+    alpha, beta = torch.exp(_acc(log_alpha)), _acc(beta)
+    if state is None:
+        state = k.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1])
+    outputs = []
+    for t in range(k.shape[2]):
+        k_t, a_t, b_t = k[:, :, t], alpha[:, :, t, None, None], beta[:, :, t, None]
+        decayed = a_t * state
+        write = b_t * (v[:, :, t] - (k_t.unsqueeze(-2) @ decayed).squeeze(-2))  # u_t
+        state = decayed + k_t.unsqueeze(-1) * write.unsqueeze(-2)
+        outputs.append(q[:, :, :, t] @ state)  # [B, Hkv, G, Dv]
+    return _ungroup(torch.stack(outputs, dim=3)).to(value.dtype), state
+
+
+def chunked_gated_delta(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule by chunks (UT transform inside, state across); same conventions as the recurrent form."""
+    kv_heads, length = key.shape[1], key.shape[2]
+    chunk_size = min(chunk_size, length)
+    chunks = -(-length // chunk_size)
+    pad = chunks * chunk_size - length
+    # Padded steps write nothing (β = 0) and keep the state (log α = 0).
+    q = _group(F.pad(_acc(query), (0, 0, 0, pad)), kv_heads).unflatten(3, (chunks, chunk_size))
+    k = F.pad(_acc(key), (0, 0, 0, pad)).unflatten(2, (chunks, chunk_size))
+    v = F.pad(_acc(value), (0, 0, 0, pad)).unflatten(2, (chunks, chunk_size))
+    log_g = F.pad(_acc(log_alpha), (0, pad)).unflatten(2, (chunks, chunk_size)).cumsum(-1)  # [B, Hkv, n, C]
+    b = F.pad(_acc(beta), (0, pad)).unflatten(2, (chunks, chunk_size))
+    if state is None:
+        state = k.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1])
+
+    idx = torch.arange(chunk_size, device=key.device)
+    causal = idx[:, None] >= idx[None, :]
+    # g_t / g_s for s <= t; masked before exp so the upper triangle cannot overflow.
+    decay = torch.exp((log_g.unsqueeze(-1) - log_g.unsqueeze(-2)).masked_fill(~causal, float("-inf")))
+    kk = k @ k.transpose(-1, -2)
+    strict = b.unsqueeze(-1) * decay * kk * (idx[:, None] > idx[None, :])  # A, [B, Hkv, n, C, C]
+    eye = torch.eye(chunk_size, dtype=k.dtype, device=k.device)
+    qk = (q @ k.unsqueeze(2).transpose(-1, -2)) * decay.unsqueeze(2)  # [B, Hkv, G, n, C, C]
+    g = torch.exp(log_g)
+
+    outputs = []
+    for c in range(chunks):
+        rhs = b[:, :, c, :, None] * (v[:, :, c] - g[:, :, c, :, None] * (k[:, :, c] @ state))
+        u = torch.linalg.solve_triangular(eye + strict[:, :, c], rhs, upper=False, unitriangular=True)
+        outputs.append(g[:, :, None, c, :, None] * (q[:, :, :, c] @ state.unsqueeze(2)) + qk[:, :, :, c] @ u.unsqueeze(2))
+        to_end = torch.exp(log_g[:, :, c, -1:] - log_g[:, :, c])  # g_C / g_s
+        state = g[:, :, c, -1, None, None] * state + (k[:, :, c] * to_end.unsqueeze(-1)).transpose(-1, -2) @ u
+    out = _ungroup(torch.stack(outputs, dim=3).flatten(3, 4))[:, :, :length]
+    return out.to(value.dtype), state

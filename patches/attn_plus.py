@@ -12,6 +12,8 @@ checkpoint is read and its saved weights load like any other.
 from __future__ import annotations
 
 import dataclasses
+import sys
+import types
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,6 +31,7 @@ from ..registry import PREFIX, get_mechanism, options_from_config
 
 @dataclasses.dataclass(frozen=True)
 class AttentionShape:
+    hidden: int
     q_heads: int
     kv_heads: int  # heads of the key/value tensors the attention function receives (MLA: expanded, = q_heads)
     qk_dim: int
@@ -39,17 +42,21 @@ class MechanismWeights(nn.Module):
     """Base of every mechanism's `attn_plus` submodule.
 
     `recurrent`: decode keeps a fixed-size state in a `RecurrentStateLayer` instead of the KV cache;
-    `cache_window`: key/value slots that layer keeps besides the state (a hybrid's softmax window).
+    `cache_window`: key/value slots that layer keeps besides the state (a hybrid's softmax window);
+    `reads_hidden_states`: the attention module's input is left in `hidden_states` during its forward.
     """
 
     mechanism: str = ""
     recurrent: bool = False
+    reads_hidden_states: bool = False
 
     def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
         super().__init__()
         self.shape, self.opts, self.layer_idx = shape, opts, layer_idx
         self.cache_window = 0
-        self.state_layer = None  # the cache layer of the forward in progress (set by a pre-hook), else None
+        # Set by hooks for the duration of the attention module's forward, else None.
+        self.state_layer = None
+        self.hidden_states = None
 
     def reset_parameters(self) -> None:
         """Initialise parameters and buffers; called at construction and by transformers for missing keys."""
@@ -105,9 +112,23 @@ def build_mechanism_weights(model: nn.Module) -> int:
     return built
 
 
+def unwrapped(weights: nn.Module | None) -> nn.Module | None:
+    """`attn_plus` itself when PEFT wrapped it (LoRA on its parameters or `modules_to_save` wrap the module)."""
+    while not isinstance(weights, MechanismWeights) and weights is not None:
+        inner = weights.get_base_layer() if hasattr(weights, "get_base_layer") else getattr(weights, "original_module", None)
+        if inner is weights:
+            break
+        weights = inner
+    return weights
+
+
 def mechanism_weights(attention: nn.Module, mechanism: str) -> MechanismWeights:
-    """The `attn_plus` of `attention` for `mechanism`, or a clear error saying how to get it."""
-    weights = getattr(attention, "attn_plus", None)
+    """The `attn_plus` of `attention` for `mechanism`, or a clear error saying how to get it.
+
+    Call `attention.attn_plus(...)` rather than this object's methods for anything that reads trainable weights, so
+    that adapters wrapped around it take part.
+    """
+    weights = unwrapped(getattr(attention, "attn_plus", None))
     if weights is None or weights.mechanism != mechanism:
         raise ValueError(
             f"hf_attn_plus {mechanism!r} needs its weights in `{type(attention).__name__}.attn_plus`, which this layer "
@@ -135,13 +156,15 @@ def _patched(base: type[nn.Module], shape: Any) -> type[nn.Module]:
 
 def _gqa_shape(self: nn.Module) -> AttentionShape:
     config = self.config
-    return AttentionShape(config.num_attention_heads, config.num_key_value_heads, self.head_dim, self.head_dim)
+    return AttentionShape(
+        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, self.head_dim, self.head_dim
+    )
 
 
 def _mla_shape(self: nn.Module) -> AttentionShape:
     # MLA expands its latent into per-head keys and values before attention; a feature map is nonlinear in the key,
     # so the state cannot stay in latent space and is kept per expanded head.
-    return AttentionShape(self.num_heads, self.num_heads, self.qk_head_dim, self.v_head_dim)
+    return AttentionShape(self.hidden_size, self.num_heads, self.num_heads, self.qk_head_dim, self.v_head_dim)
 
 
 PATCHED = {
@@ -157,13 +180,14 @@ _PATCHED_CLASSES = tuple(PATCHED.values())
 
 
 def _register_patches() -> None:
+    # Keys are regexes searched in every class name: anchored, or `LlamaAttention` would also replace
+    # `DiffLlamaAttention`.
+    mapping = {f"^{name}$": patched for name, patched in PATCHED.items()}
     existing = get_patch_mapping()
-    for name, patched in PATCHED.items():
-        if existing.get(name) not in (None, patched):
-            raise RuntimeError(
-                f"hf_attn_plus cannot patch {name}: another library registered {existing[name].__name__} for it"
-            )
-    register_patch_mapping({name: patched for name, patched in PATCHED.items() if name not in existing})
+    for key, patched in mapping.items():
+        if existing.get(key) not in (None, patched):
+            raise RuntimeError(f"hf_attn_plus cannot patch {key}: {existing[key].__name__} is registered for it")
+    register_patch_mapping({key: patched for key, patched in mapping.items() if key not in existing})
 
 
 def _teach_transformers_to_initialise_mechanism_weights() -> None:
@@ -175,7 +199,7 @@ def _teach_transformers_to_initialise_mechanism_weights() -> None:
 
     def _initialize_weights(self: PreTrainedModel, module: nn.Module, is_custom_code: bool = False) -> None:
         if isinstance(module, MechanismWeights):
-            loaded = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            loaded = [*module.parameters(), *module.buffers()]
             if loaded and all(getattr(t, "_is_hf_initialized", False) for t in loaded):
                 module._is_hf_initialized = True
             if not getattr(module, "_is_hf_initialized", False):
@@ -189,5 +213,49 @@ def _teach_transformers_to_initialise_mechanism_weights() -> None:
     PreTrainedModel._initialize_weights = _initialize_weights
 
 
+def _make_alias_module_listings_safe() -> None:
+    # transformers 5.17's `apply_patches` (run by every from_pretrained once any patch mapping exists) calls dir() on
+    # each transformers module; its legacy alias modules (e.g. models.aria.image_processing_aria_fast) import their
+    # target inside dir(), so a missing optional dependency (torchvision) made every from_pretrained fail. An alias
+    # whose target cannot be imported holds no attention class: list it as empty.
+    for name, module in list(sys.modules.items()):
+        listing = vars(module).get("__dir__") if name.startswith("transformers") and module is not None else None
+        if listing is None or getattr(listing, "_hf_attn_plus", False):
+            continue
+
+        def safe_listing(listing=listing) -> list[str]:
+            try:
+                return listing()
+            except ImportError:
+                return []
+
+        safe_listing._hf_attn_plus = True
+        module.__dir__ = safe_listing
+
+
+def _make_lazy_module_listing_linear() -> None:
+    # With any patch mapping registered, every from_pretrained / from_config lists all transformers modules, and
+    # `_LazyModule.__dir__` is quadratic in the exported names: ~2 s per model load here, even for a tiny model.
+    # Same listing, same order, in linear time.
+    from transformers.utils.import_utils import _LazyModule
+
+    if getattr(_LazyModule.__dir__, "_hf_attn_plus", False):
+        return
+
+    def __dir__(self: _LazyModule) -> list[str]:
+        result = list(types.ModuleType.__dir__(self))
+        seen = set(result)
+        for attr in self.__all__:
+            if attr not in seen:
+                seen.add(attr)
+                result.append(attr)
+        return result
+
+    __dir__._hf_attn_plus = True
+    _LazyModule.__dir__ = __dir__
+
+
 _register_patches()
+_make_alias_module_listings_safe()
+_make_lazy_module_listing_linear()
 _teach_transformers_to_initialise_mechanism_weights()

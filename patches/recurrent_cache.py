@@ -1,5 +1,7 @@
 """O(1)-memory decode for linear-family mechanisms inside transformers' own `DynamicCache`.
 
+The same hooks hand a mechanism the attention module's input hidden states when its weights read them (gates).
+
 The model code calls `past_key_values.update(key, value, layer_idx)` and hands the result to the attention function;
 it never learns that a layer keeps a state. A forward-pre-hook on each patched attention module swaps the cache's
 layer for a `RecurrentStateLayer` before the first update, the way qwen3_next / olmo_hybrid put a
@@ -16,7 +18,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..registry import PREFIX
-from .attn_plus import MechanismWeights
+from .attn_plus import MechanismWeights, unwrapped
 
 
 class RecurrentStateLayer(DynamicLayer):
@@ -110,8 +112,12 @@ def _state_layer(cache: Any, layer_idx: int, window: int) -> RecurrentStateLayer
 
 
 def _before_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    weights = module.attn_plus
-    if not isinstance(weights, MechanismWeights) or not weights.recurrent:
+    weights = unwrapped(module.attn_plus)
+    if not isinstance(weights, MechanismWeights):
+        return
+    if weights.reads_hidden_states:  # gates computed from the token, which the attention function does not receive
+        weights.hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+    if not weights.recurrent:
         return
     cache = kwargs.get("past_key_values", args[3] if len(args) > 3 else None)
     active = module.config._attn_implementation == PREFIX + weights.mechanism
@@ -119,8 +125,9 @@ def _before_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _after_attention(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    if isinstance(module.attn_plus, MechanismWeights):
-        module.attn_plus.state_layer = None
+    weights = unwrapped(module.attn_plus)
+    if isinstance(weights, MechanismWeights):
+        weights.state_layer = weights.hidden_states = None
 
 
 def install_state_hooks(attention: nn.Module) -> None:

@@ -40,7 +40,7 @@ class LinearWeights(MechanismWeights):
             self.k_map = nn.Parameter(torch.empty(shape.kv_heads, shape.qk_dim, dim))
         elif opts.feature_map == "gaussian_rf":
             self.register_buffer("random_features", torch.empty(shape.kv_heads, shape.qk_dim, dim))
-        self.reset_parameters()
+        LinearWeights.reset_parameters(self)  # not the override: a subclass's own weights do not exist yet
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -59,7 +59,7 @@ class LinearWeights(MechanismWeights):
         drawn = torch.randn(self.random_features.shape, generator=torch.Generator().manual_seed(seed))
         self.random_features.copy_(drawn)
 
-    def features(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         """phi(query) [B, Hq, q, F] and phi(key) [B, Hkv, kv, F]."""
         kind = self.opts.feature_map
         if kind == "elu":
@@ -99,7 +99,7 @@ def attend(
     check_call("linear", opts, dropout)
     weights = mechanism_weights(module, "linear")
     weights.check_options(opts, WEIGHT_OPTIONS)
-    phi_q, phi_k = weights.features(query, key, scaling)
+    phi_q, phi_k = module.attn_plus(query, key, scaling)  # through any adapter PEFT wrapped around the weights
     phi_k = phi_k * linear_ops.causal_key_mask(ctx).to(phi_k.dtype)
     layer = weights.state_layer
     out, state = linear_ops.chunked_linear_attention(

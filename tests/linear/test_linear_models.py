@@ -14,6 +14,11 @@ CASES = [
     ("qwen2", "linear", {"feature_map": "gaussian_rf", "chunk_size": 4}),
     ("qwen3", "linear", {"feature_map": "elu", "chunk_size": 3}),
     ("deepseek_v3", "linear", {"feature_map": "hedgehog", "chunk_size": 4}),
+    ("llama", "hybrid", {"feature_map": "hedgehog", "window": 3, "chunk_size": 4}),
+    ("qwen2", "hybrid", {"feature_map": "elu", "window": 5}),
+    ("deepseek_v3", "hybrid", {"feature_map": "gaussian_rf", "window": 2, "chunk_size": 3}),
+    ("qwen3", "gated_delta", {"chunk_size": 4}),
+    ("deepseek_v3", "gated_delta", {}),
 ]
 
 
@@ -51,9 +56,9 @@ def test_cached_decode_equals_full_forward(arch, mechanism, options):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
-def test_generate_cached_equals_uncached(arch):
-    model = shared(arch, "linear", feature_map="elu")
+@pytest.mark.parametrize("arch,mechanism,options", [CASES[0], CASES[5], CASES[7]])
+def test_generate_cached_equals_uncached(arch, mechanism, options):
+    model = shared(arch, mechanism, **options)
     ids = _ids(2, 6)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
@@ -67,8 +72,11 @@ def test_generate_cached_equals_uncached(arch):
         assert torch.equal(runs[0], runs[1]), kwargs
 
 
-def test_decode_memory_is_constant_in_generated_length():
-    model = shared("qwen3", "linear", feature_map="elu", chunk_size=3)
+@pytest.mark.parametrize("mechanism,options", [("linear", {"feature_map": "elu", "chunk_size": 3}),
+                                               ("hybrid", {"feature_map": "elu", "window": 5}),
+                                               ("gated_delta", {"chunk_size": 4})])
+def test_decode_memory_is_constant_in_generated_length(mechanism, options):
+    model = shared("qwen3", mechanism, **options)
     sizes = []
     for total in (10, 1000):  # tokens through the cache: a long prompt, then decode steps
         out = model.generate(_ids(1, total - 3), max_new_tokens=4, min_new_tokens=4, do_sample=False,
@@ -79,12 +87,17 @@ def test_decode_memory_is_constant_in_generated_length():
     assert sizes[0] == sizes[1] and min(sizes[0]) > 0
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_load_round_trip_is_bit_exact(arch, tmp_path):
-    model = shared(arch, "linear", feature_map="gaussian_rf" if arch == "qwen2" else "hedgehog")
+@pytest.mark.parametrize("arch,mechanism,options", [
+    ("llama", "linear", {"feature_map": "hedgehog"}),
+    ("qwen2", "linear", {"feature_map": "gaussian_rf", "chunk_size": 4}),
+    ("qwen3", "gated_delta", {"chunk_size": 4}),
+    ("deepseek_v3", "hybrid", {"feature_map": "gaussian_rf", "window": 2, "chunk_size": 3}),
+])
+def test_save_load_round_trip_is_bit_exact(arch, mechanism, options, tmp_path):
+    model = shared(arch, mechanism, **options)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.config._attn_implementation == "hf_attn_plus:linear"
+    assert loaded.config._attn_implementation == f"hf_attn_plus:{mechanism}"
     before, after = model.state_dict(), loaded.state_dict()
     assert before.keys() == after.keys() and any(".attn_plus." in key for key in after)
     assert all(torch.equal(before[key], after[key]) for key in before)
@@ -106,6 +119,9 @@ def test_dense_checkpoint_gets_initialised_mechanism_weights(tmp_path):
     assert torch.equal(weights.q_map, eye) and torch.equal(weights.k_map, torch.eye(8).expand_as(weights.k_map))
     dense_state = dense.state_dict()
     assert all(torch.equal(dense_state[key], value) for key, value in converted.state_dict().items() if key in dense_state)
+    gated = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="hf_attn_plus:gated_delta")
+    decay = gated.model.layers[0].self_attn.attn_plus.decay_proj
+    assert torch.equal(decay.bias, torch.full_like(decay.bias, -4.0)) and 0 < decay.weight.std() < 0.05
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -138,13 +154,27 @@ def test_weights_built_for_other_options_are_rejected(make):
 
 
 def test_gaussian_rf_is_seeded_and_redrawable():
-    from .conftest import build
+    from hf_attn_plus.mechanisms.linear import MECHANISM, LinearWeights
+    from hf_attn_plus.patches.attn_plus import AttentionShape
 
-    first = build("llama", "linear", feature_map="gaussian_rf", seed=3).model.layers[0].self_attn.attn_plus
-    again = build("llama", "linear", feature_map="gaussian_rf", seed=3).model.layers[0].self_attn.attn_plus
-    other = build("llama", "linear", feature_map="gaussian_rf", seed=4).model.layers[0].self_attn.attn_plus
-    assert torch.equal(first.random_features, again.random_features)
-    assert not torch.equal(first.random_features, other.random_features)
-    drawn = first.random_features.clone()
-    first.redraw(seed=123)
-    assert not torch.equal(drawn, first.random_features)
+    shape = AttentionShape(hidden=32, q_heads=4, kv_heads=2, qk_dim=8, v_dim=8)
+
+    def draw(seed, layer_idx=0):
+        opts = MECHANISM.resolve_options({"feature_map": "gaussian_rf", "seed": seed})
+        return LinearWeights(shape, opts, layer_idx).random_features
+
+    assert torch.equal(draw(3), draw(3))
+    assert not torch.equal(draw(3), draw(4)) and not torch.equal(draw(3), draw(3, layer_idx=1))
+    weights = LinearWeights(shape, MECHANISM.resolve_options({"feature_map": "gaussian_rf"}), 0)
+    drawn = weights.random_features.clone()
+    weights.redraw(seed=123)
+    assert not torch.equal(drawn, weights.random_features)
+
+
+def test_patches_leave_similarly_named_classes_alone():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("diffllama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config)
+    assert type(model.model.layers[0].self_attn).__name__ == "DiffLlamaAttention"

@@ -1,0 +1,91 @@
+"""gated_delta (Gated DeltaNet): S_t = α_t S_{t-1} (I - β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t, with L2-normalised
+queries (times the model's τ) and keys. α_t = exp(-softplus(a_t)) (decay) and β_t = sigmoid(b_t) (write strength) come
+from two small projections of the layer's input token, one value per KV head: the state [Dk, Dv] is kept per KV head.
+
+Trained and prefilled chunk-parallel (UT transform), decoded recurrently on a constant-size state. Math:
+hf_attn_plus/linear_ops.py.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import linear_ops
+from ..masking import AttentionContext
+from ..options import int_option
+from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
+from ..registry import Mechanism, register
+from .linear import check_call
+
+# softplus(-4) ≈ 0.018: the state starts by keeping ~98% per token, a memory of about fifty tokens.
+_DECAY_BIAS = -4.0
+
+
+@register_weights
+class GatedDeltaWeights(MechanismWeights):
+    """The decay and write-strength projections of one attention layer."""
+
+    mechanism = "gated_delta"
+    recurrent = True
+    reads_hidden_states = True
+
+    def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
+        super().__init__(shape, opts, layer_idx)
+        self.decay_proj = nn.Linear(shape.hidden, shape.kv_heads)
+        self.write_proj = nn.Linear(shape.hidden, shape.kv_heads)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for proj, bias in ((self.decay_proj, _DECAY_BIAS), (self.write_proj, 0.0)):
+            proj.weight.normal_(0.0, 0.02)
+            proj.bias.fill_(bias)
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, hidden_states: torch.Tensor, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised query and key, log α and β [B, Hkv, L]."""
+        log_alpha = -F.softplus(self.decay_proj(hidden_states)).transpose(1, 2)
+        beta = torch.sigmoid(self.write_proj(hidden_states)).transpose(1, 2)
+        return F.normalize(query, dim=-1) * scaling, F.normalize(key, dim=-1), log_alpha, beta
+
+
+def attend(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ctx: AttentionContext,
+    opts: SimpleNamespace,
+    scaling: float,
+    dropout: float,
+) -> tuple[torch.Tensor, None]:
+    check_call("gated_delta", opts, dropout)
+    weights = mechanism_weights(module, "gated_delta")
+    query, key, log_alpha, beta = module.attn_plus(query, key, weights.hidden_states, scaling)
+    # Padding tokens neither decay nor write the state.
+    real = linear_ops.causal_key_mask(ctx).squeeze(-1)
+    layer = weights.state_layer
+    out, state = linear_ops.chunked_gated_delta(
+        query, key, value, log_alpha * real, beta * real,
+        None if layer is None or layer.state is None else layer.state[0], opts.chunk_size,
+    )
+    if layer is not None:
+        layer.state = (state,)
+    return out, None
+
+
+MECHANISM = register(
+    Mechanism(
+        name="gated_delta",
+        family="linear",
+        summary="Gated DeltaNet: decayed delta-rule state, chunked UT-transform prefill, recurrent decode",
+        options=(int_option("chunk_size", 64, 1, "tokens per chunk of the chunked (UT transform) form"),),
+        attend=attend,
+        training_free=False,
+    )
+)
