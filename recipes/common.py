@@ -112,6 +112,11 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             if not isinstance(value, dict):
                 raise ValueError(f"config section {where + name!r} must be a mapping, got {value!r}")
             value = _build(type(default), value, f"{where}{name}.")
+        elif fields[name].type == "float" and isinstance(value, (int, str)):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"config key {where + name!r} must be a number, got {value!r}") from None
         kwargs[name] = value
     return cls(**kwargs)
 
