@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_attn_plus import teacher
 from hf_attn_plus.teacher import TINY_SPEC, heldout_blocks, perplexity, stdlib_files, stdlib_texts, teacher_path
 
+from .runs import tiny_eval_blocks
+
 
 def test_heldout_split_is_by_file_and_covers_the_corpus() -> None:
     files = stdlib_files()
@@ -55,3 +57,8 @@ def test_saved_teacher_reloads_and_matches_its_reported_perplexity(tiny_teacher:
     ppl = perplexity(model, blocks)
     assert ppl == pytest.approx(summary["heldout_perplexity"], rel=1e-5)
     assert ppl < 0.5 * len(tokenizer)  # far better than a uniform guess: it learned from the corpus
+
+
+def test_recipes_evaluate_on_the_teachers_heldout_text(tiny_teacher: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
+    torch.testing.assert_close(tiny_eval_blocks(tiny_teacher), heldout_blocks(tokenizer, 64, 8))
