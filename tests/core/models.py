@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 import hf_attn_plus
 from hf_attn_plus.tiny import tiny_config
 
-MECHANISMS = ("sliding_window", "topk", "block_topk", "dilated")
+MECHANISMS = ("sliding_window", "topk", "block_topk", "dilated", "block_sparse")
 
 # Budgets that cover any context used in these tests: each mechanism must then be dense attention.
 COVERING = {
@@ -14,6 +14,7 @@ COVERING = {
     "topk": dict(budget=512, sinks=0, window=0),
     "block_topk": dict(block_size=4, budget=128),
     "dilated": dict(dilation=1, window=1),
+    "block_sparse": dict(block_size=4, threshold=1.0),
 }
 
 # Budgets that drop most of a ~30-token context.
@@ -22,6 +23,7 @@ SPARSE = {
     "topk": dict(budget=4, sinks=1, window=3),
     "block_topk": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1),
     "dilated": dict(dilation=3, window=3),
+    "block_sparse": dict(block_size=4, threshold=0.5),
 }
 
 

@@ -155,3 +155,9 @@ def test_peft_model_can_switch_mechanism():
     hf_attn_plus.set_attention(model, "topk", **SPARSE["topk"])
     assert model.config._attn_implementation == "hf_attn_plus:topk"
     assert (model(ids).logits - dense).abs().max() > 1e-3
+
+
+def test_forced_kernel_refuses_attention_dropout():
+    model = with_mechanism(tiny_model("llama", attention_dropout=0.1), "topk", {"backend": "kernel"}).train()
+    with pytest.raises(hf_attn_plus.OptionError, match="does not implement attention dropout=0.1"):
+        model(token_batch(1, 6))
