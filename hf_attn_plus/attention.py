@@ -88,7 +88,7 @@ def attention_forward(
     if mechanism.attend is not None:
         out, probs = mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
         return out.transpose(1, 2).contiguous(), probs
-    if _use_kernel(mechanism, opts, query):
+    if _use_kernel(mechanism, opts, query, dropout):
         out = mechanism.kernel(query, key, value, ctx, opts, scaling)
         return out.transpose(1, 2).contiguous(), None
 
@@ -102,7 +102,14 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), probs
 
 
-def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor) -> bool:
+def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:
+    # The kernels implement exact attention without logit scaling or attention dropout: `auto` takes the reference
+    # whenever either is asked for, and a forced kernel refuses rather than silently skipping it.
+    unsupported = []
+    if opts.logit_scale != "none":
+        unsupported.append(f"logit_scale={opts.logit_scale!r}")
+    if dropout > 0:
+        unsupported.append(f"attention dropout={dropout}")
     if opts.backend == "reference":
         return False
     if opts.backend == "kernel":
@@ -111,10 +118,10 @@ def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor) -> bool:
                 f"hf_attn_plus mechanism {mechanism.name!r} has no kernel; option 'backend' allowed here: "
                 "'auto', 'reference'"
             )
-        if opts.logit_scale != "none":
+        if unsupported:
             raise OptionError(
                 f"hf_attn_plus mechanism {mechanism.name!r}: backend='kernel' does not implement "
-                f"logit_scale={opts.logit_scale!r}; use backend='reference' or logit_scale='none'"
+                f"{' or '.join(unsupported)}; use backend='reference'"
             )
         return True
-    return mechanism.kernel is not None and query.is_cuda and opts.logit_scale == "none"
+    return mechanism.kernel is not None and query.is_cuda and not unsupported

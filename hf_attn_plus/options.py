@@ -40,8 +40,15 @@ def int_option(name: str, default: int | None, minimum: int, doc: str = "", opti
     )
 
 
-def float_option(name: str, default: float, minimum: float, doc: str = "") -> Option:
-    return Option(name, default, f"a number >= {minimum}", lambda v: _is_number(v) and v >= minimum, doc)
+def float_option(name: str, default: float, minimum: float, doc: str = "", maximum: float | None = None) -> Option:
+    rule = f"a number >= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
+    return Option(
+        name,
+        default,
+        rule,
+        lambda v: _is_number(v) and v >= minimum and (maximum is None or v <= maximum),
+        doc,
+    )
 
 
 def choice_option(name: str, default: str, choices: Sequence[str], doc: str = "") -> Option:

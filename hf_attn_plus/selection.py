@@ -74,8 +74,42 @@ def visible_blocks(ctx: AttentionContext, blocks: torch.Tensor, num_blocks: int)
     return counts[..., :num_blocks] > 0
 
 
+def fixed_blocks(seen: torch.Tensor, query_block: torch.Tensor, sink_blocks: int, local_blocks: int) -> torch.Tensor:
+    """Seen blocks always attended: the first `sink_blocks` and the `local_blocks` ending at the query's block."""
+    block_idx = torch.arange(seen.shape[-1], device=seen.device)
+    return seen & ((block_idx < sink_blocks) | (query_block - block_idx < local_blocks))
+
+
+def top_blocks(
+    scores: torch.Tensor, seen: torch.Tensor, query_block: torch.Tensor, sink_blocks: int, local_blocks: int, budget: int
+) -> torch.Tensor:
+    """Seen blocks to attend, [B, H, q_len, num_blocks]: the fixed ones and the `budget` best-scoring others."""
+    fixed = fixed_blocks(seen, query_block, sink_blocks, local_blocks)
+    return fixed | top_scoring(scores, seen & ~fixed, budget)
+
+
 def blocks_to_keys(block_keep: torch.Tensor, blocks: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """Expand a per-block choice [B, H, q_len, num_blocks] to the visible keys of those blocks."""
     batch, heads, q_len, _ = block_keep.shape
     slot = blocks.clamp(min=0).expand(batch, heads, q_len, blocks.shape[-1])
     return block_keep.gather(-1, slot) & ctx.visible
+
+
+def pooled_blocks(x: torch.Tensor, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Mean of x [B, H, n, D] over each block, blocks [B, n] (-1: excluded) -> [B, H, num_blocks, D] (empty: 0)."""
+    batch, heads, n, dim = x.shape
+    slot = torch.where(blocks < 0, num_blocks, blocks).reshape(batch, 1, n, 1)
+    sums = x.new_zeros(batch, heads, num_blocks + 1, dim).scatter_add_(2, slot.expand(batch, heads, n, dim), x)
+    counts = x.new_zeros(batch, 1, num_blocks + 1, 1).scatter_add_(2, slot, x.new_ones(batch, 1, n, 1))
+    return (sums / counts.clamp(min=1))[:, :, :num_blocks]
+
+
+def mass_ranked_blocks(logits: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per row, candidates taken in decreasing estimated attention mass (softmax of `logits` over the candidates)
+    until the kept share reaches `threshold` (S2O-style early stop): a block is kept while the mass ranked before
+    it is below the threshold: any threshold > 0 keeps the best block, threshold=1 keeps every candidate."""
+    logits = logits.float().masked_fill(~candidates, float("-inf"))
+    mass = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows without candidates
+    ranked, order = mass.sort(dim=-1, descending=True)
+    kept_ranked = (ranked.cumsum(-1) - ranked < threshold) | (threshold >= 1.0)
+    return torch.zeros(mass.shape, dtype=torch.bool, device=mass.device).scatter_(-1, order, kept_ranked) & candidates

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 
 # Head counts give GQA (4 query heads per KV head on Llama, 2 on Qwen); DeepSeek uses MLA with q/k head dim
 # (nope + rope = 12) different from v head dim (8), and V3.2 adds its lightning indexer with a small top-k.
@@ -33,7 +33,7 @@ _TINY["deepseek_v32"] = dict(_TINY["deepseek_v3"], index_n_heads=2, index_head_d
 ARCHITECTURES: tuple[str, ...] = tuple(_TINY)
 
 
-def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
+def tiny_config(model_type: str, **overrides: Any) -> PreTrainedConfig:
     """A two-layer config of `model_type` with hidden size 32 and vocabulary 128, CPU-friendly in fp32."""
     if model_type not in _TINY:
         raise ValueError(f"no tiny config for {model_type!r}; available: {', '.join(ARCHITECTURES)}")

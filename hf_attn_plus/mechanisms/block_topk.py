@@ -4,10 +4,13 @@ min and max of its keys, scored against the query by the upper bound sum_d max(q
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
 
+from ..kernels.block_scoring import quest_scores
+from ..kernels.sparse_attention import selection_kernel
 from ..masking import AttentionContext
 from ..options import int_option
 from ..registry import Mechanism, register
@@ -16,20 +19,25 @@ from ..selection import (
     blocks_to_keys,
     key_blocks,
     quest_block_scores,
-    top_scoring,
+    top_blocks,
     visible_blocks,
 )
 
 
-def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> torch.Tensor:
+def select(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    ctx: AttentionContext,
+    opts: SimpleNamespace,
+    block_scores: Callable[..., torch.Tensor] = quest_block_scores,
+) -> torch.Tensor:
+    """`block_scores(query, kmin, kmax)`: the reference bound, or the Triton kernel computing the same bound."""
     blocks = key_blocks(ctx, opts.block_size)
     num_blocks = int(blocks.max()) + 1
     kmin, kmax = block_key_bounds(key, blocks, num_blocks)
     seen = visible_blocks(ctx, blocks, num_blocks)
-    block_idx = torch.arange(num_blocks, device=blocks.device)
-    query_block = ctx.query_pos // opts.block_size
-    fixed = seen & ((block_idx < opts.sink_blocks) | (query_block - block_idx < opts.local_blocks))
-    chosen = fixed | top_scoring(quest_block_scores(query, kmin, kmax), seen & ~fixed, opts.budget)
+    scores = block_scores(query, kmin, kmax)
+    chosen = top_blocks(scores, seen, ctx.query_pos // opts.block_size, opts.sink_blocks, opts.local_blocks, opts.budget)
     return blocks_to_keys(chosen, blocks, ctx)
 
 
@@ -46,5 +54,6 @@ MECHANISM = register(
             int_option("local_blocks", 1, 1, "the query's block and the ones before it, always attended"),
         ),
         select=select,
+        kernel=selection_kernel(select, block_scores=quest_scores),
     )
 )

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..kernels.sparse_attention import selection_kernel
 from ..masking import AttentionContext
 from ..options import int_option
 from ..registry import Mechanism, register
@@ -27,5 +28,6 @@ MECHANISM = register(
             int_option("window", 256, 1, "most recent keys always attended"),
         ),
         select=select,
+        kernel=selection_kernel(select),
     )
 )

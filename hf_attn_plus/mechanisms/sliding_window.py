@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..kernels.sparse_attention import selection_kernel
 from ..masking import AttentionContext
 from ..options import int_option
 from ..registry import Mechanism, register
@@ -27,5 +28,6 @@ MECHANISM = register(
             int_option("sinks", 4, 0, "first real tokens always attended"),
         ),
         select=select,
+        kernel=selection_kernel(select),
     )
 )

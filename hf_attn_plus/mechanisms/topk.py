@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..kernels.sparse_attention import selection_kernel
 from ..masking import AttentionContext
 from ..options import int_option
 from ..registry import Mechanism, register
@@ -29,5 +30,6 @@ MECHANISM = register(
             int_option("window", 64, 0, "most recent keys always attended"),
         ),
         select=select,
+        kernel=selection_kernel(select),
     )
 )

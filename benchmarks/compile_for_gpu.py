@@ -1,0 +1,73 @@
+"""Compile every Triton kernel for an NVIDIA target (default sm_90, H100) on a machine without a GPU.
+
+The interpreter runs the kernels' arithmetic but checks nothing of the GPU compile: types, layouts, shared memory,
+register pressure. This lowers each kernel through ptxas with the tile sizes the wrappers use, per input dtype and
+mask mode, and prints the shared memory each needs. Minutes on two CPU cores the first time (Triton caches).
+
+    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from hf_attn_plus.kernels._triton import tile_size
+from hf_attn_plus.kernels.block_scoring import kernel as scoring
+from hf_attn_plus.kernels.block_sparse_prefill import kernel as prefill
+from hf_attn_plus.kernels.selected_decode import kernel as decode
+
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def signature(fn, pointers: dict[str, str], constants: dict) -> dict[str, str]:
+    """Pointer arguments as given, constexprs as such, the scale fp32, every other scalar i32."""
+    return {
+        name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "scaling" else "i32")
+        for name in fn.arg_names
+    }
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--head-dim", type=int, default=128)
+    args = parser.parse_args()
+    target = GPUTarget("cuda", args.arch, 32)
+    for dt, torch_name in TORCH_DTYPES.items():
+        tile = tile_size(getattr(torch, torch_name))
+        x = f"*{dt}"
+        common = dict(Q=x, K=x, V=x, KEEP="*u8", COUNTS="*i32", LSE="*fp32")
+        kernels = [
+            (decode._forward_kernel, dict(common, TILES="*i32", O="*fp32")),
+            (prefill._backward_dq_kernel, dict(common, TILES="*i32", DO=x, DELTA="*fp32", DQ=x)),
+            (prefill._backward_dkdv_kernel, dict(common, ROW_BLOCKS="*i32", DO=x, DELTA="*fp32", DK=x, DV=x)),
+        ]
+        for fn, pointers in kernels:
+            for has_keep in (True, False):
+                constants = dict(
+                    GROUP=4, HAS_KEEP=has_keep, UPCAST=False, BLOCK_M=tile, BLOCK_N=tile,
+                    BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
+                )
+                start = time.perf_counter()
+                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+                print(
+                    f"{dt} {fn.fn.__name__} keep={has_keep} tile={tile}: {compiled.metadata.shared} B shared, "
+                    f"{time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
+    constants = dict(GROUP=4, BLOCK_M=16, BLOCK_B=64, BLOCK_D=args.head_dim)
+    pointers = dict(Q="*bf16", KMIN="*bf16", KMAX="*bf16", S="*fp32")
+    fn = scoring._quest_scores_kernel
+    compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+    print(f"bf16 _quest_scores_kernel: {compiled.metadata.shared} B shared", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""`hf-attn-plus` (also `python -m hf_attn_plus`): list mechanisms, compare them with dense attention, push models.
+
+    hf-attn-plus list
+    hf-attn-plus compare [MODEL] [--mechanisms topk:budget=64 sliding_window:window=128 ...] [--json OUT] [--plot OUT.png]
+    hf-attn-plus push MODEL_DIR REPO_ID [--compare-json REPORT] [--license L] [--base-model B] [--card-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .registry import COMMON_OPTIONS
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from . import mechanisms
+    from .compare import markdown_table
+
+    entries = mechanisms()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return
+    common = {o.name for o in COMMON_OPTIONS}
+    gpu = torch.cuda.is_available()
+    rows = [
+        [
+            m["name"],
+            m["family"],
+            "yes" if m["training_free"] else "no",
+            ("yes" if gpu else "yes (CUDA only; reference here)") if m["kernel"] else "no",
+            ", ".join(f"{k}={v['default']}" for k, v in m["options"].items() if k not in common),
+        ]
+        for m in entries
+    ]
+    print(markdown_table(["mechanism", "family", "training-free", "kernel", "options (defaults)"], rows))
+    print("\nevery mechanism also takes: " + ", ".join(f"{o.name}={o.default}" for o in COMMON_OPTIONS))
+    print('use as attn_implementation="hf_attn_plus:<mechanism>", options in config.hf_attn_plus')
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare, default_specs, format_table, parse_spec
+    from .demo import load_default_model, load_subject
+
+    specs = [parse_spec(text) for text in args.mechanisms or ()]  # validate before loading anything
+    if args.threads or args.model is None:
+        # The embedded model is too small to gain from intra-op threads, and they are badly slowed by other work.
+        torch.set_num_threads(args.threads or 1)
+    dtype = getattr(torch, args.dtype)
+    subject = load_default_model() if args.model is None else load_subject(args.model, dtype=dtype)
+    subject.model.to(dtype)
+    if args.data:
+        subject.text = Path(args.data).read_text(errors="replace")
+    report = compare(
+        subject,
+        specs or default_specs(subject.model),
+        lengths=args.lengths,
+        samples=args.samples,
+        decode_tokens=args.decode_tokens,
+        repeats=args.repeats,
+        device=args.device,
+        progress=False if args.no_progress else None,
+    )
+    env = report["environment"]
+    print(f"{report['model']} on {env['device']} ({env['threads']} threads), torch {env['torch']}, "
+          f"transformers {env['transformers']}")
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .plots import plot_report
+
+        print(f"wrote {plot_report(report, args.plot)}")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from .compare import parse_spec
+    from .hub import push, render_card
+
+    mechanism = None
+    if args.mechanism:
+        spec = parse_spec(args.mechanism)
+        mechanism = (spec.name, spec.options)
+    report = json.loads(Path(args.compare_json).read_text()) if args.compare_json else None
+    card = render_card(
+        args.model_dir, args.repo_id, base_model=args.base_model, license=args.license, mechanism=mechanism, report=report
+    )
+    if args.card_only:
+        print(card)
+        return
+    url = push(args.model_dir, args.repo_id, card, token=args.token, endpoint=args.endpoint, private=args.private)
+    print(f"pushed: {url}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-plus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="the registered mechanisms, their options and defaults")
+    p.add_argument("--json", action="store_true", help="print hf_attn_plus.mechanisms() as JSON")
+    p.set_defaults(run=cmd_list)
+
+    p = sub.add_parser("compare", help="dense vs mechanisms: quality, retrieval, speed, memory")
+    p.add_argument("model", nargs="?", help="local model directory with its tokenizer; default: the embedded demo model")
+    p.add_argument("--mechanisms", nargs="+", metavar="NAME:OPT=VAL,...",
+                   help="settings to compare with dense (default: a sweep of every training-free mechanism)")
+    p.add_argument("--data", metavar="FILE", help="evaluation text (default: the stdlib argparse source)")
+    p.add_argument("--lengths", nargs="+", type=int, default=[128, 256, 512],
+                   help="context lengths for retrieval and speed; quality uses the longest")
+    p.add_argument("--samples", type=int, default=2, help="windows of the longest length for quality")
+    p.add_argument("--decode-tokens", type=int, default=16, help="cached decode steps (>= 2) for speed and decode agreement")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (median)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the embedded model, else torch's choice)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", metavar="OUT", help="write the full report as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="draw quality vs kept attention and speed vs length")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_compare)
+
+    p = sub.add_parser("push", help="upload a converted model or adapter with a rendered model card")
+    p.add_argument("model_dir")
+    p.add_argument("repo_id")
+    p.add_argument("--base-model", help="Hub id of the original model (default: as recorded in MODEL_DIR)")
+    p.add_argument("--license", help="default: the base model card's license")
+    p.add_argument("--mechanism", metavar="NAME:OPT=VAL,...", help="default: as recorded in config.json")
+    p.add_argument("--compare-json", metavar="REPORT", help="a `compare --json` report to include as measurements")
+    p.add_argument("--token")
+    p.add_argument("--endpoint", help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--card-only", action="store_true", help="print the model card, upload nothing")
+    p.set_defaults(run=cmd_push)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, OSError, ImportError) as error:  # bad options, unsupported models, missing files or extras
+        parser.exit(2, f"hf-attn-plus {args.command}: error: {error}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,59 @@
+"""block_sparse (MInference / XAttention / FlexPrefill-style estimation, S2O-style early stop): keys form blocks of
+`block_size` by position; `sink_blocks` leading blocks and the `local_blocks` ending at the query's block are always
+attended; the other blocks the query sees are ranked by an estimate of their attention mass (softmax of the query
+against each block's mean key) and kept in that order until the kept share of the estimated mass reaches
+`threshold`. The kept count adapts to how concentrated attention is; threshold=1.0 is dense causal attention.
+
+Ranked blocks lie wholly before the query (its own block is always local), so their mean keys are final: the
+choice depends on nothing after the query, is the same in a cached decode step as in a full recompute, and is
+unaffected by padding. Neighbouring queries choose alike, so prefill tiles stay block-sparse."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from ..kernels.sparse_attention import selection_kernel
+from ..masking import AttentionContext
+from ..options import float_option, int_option
+from ..reference import default_scaling
+from ..registry import Mechanism, register
+from ..selection import (
+    blocks_to_keys,
+    fixed_blocks,
+    grouped_scores,
+    key_blocks,
+    mass_ranked_blocks,
+    pooled_blocks,
+    visible_blocks,
+)
+
+
+def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> torch.Tensor:
+    blocks = key_blocks(ctx, opts.block_size)
+    num_blocks = int(blocks.max()) + 1
+    seen = visible_blocks(ctx, blocks, num_blocks)
+    fixed = fixed_blocks(seen, ctx.query_pos // opts.block_size, opts.sink_blocks, opts.local_blocks)
+    mean_keys = pooled_blocks(key, blocks.reshape(blocks.shape[0], -1), num_blocks)
+    logits = grouped_scores(query, mean_keys) * default_scaling(query)
+    chosen = fixed | mass_ranked_blocks(logits, seen & ~fixed, opts.threshold)
+    return blocks_to_keys(chosen, blocks, ctx)
+
+
+MECHANISM = register(
+    Mechanism(
+        name="block_sparse",
+        family="sparse",
+        summary="sink + local blocks, then blocks by estimated attention mass until a threshold share",
+        options=(
+            int_option("block_size", 64, 1, "keys per block"),
+            float_option("threshold", 0.9, 0.0, "share of the ranked blocks' estimated attention mass to keep; 1.0 = dense", 1.0),
+            int_option("sink_blocks", 1, 0, "leading blocks always attended"),
+            # >= 1: the query's own block is incomplete (it holds keys after the query in prefill), so it is never ranked.
+            int_option("local_blocks", 1, 1, "the query's block and the ones before it, always attended"),
+        ),
+        select=select,
+        kernel=selection_kernel(select),
+    )
+)

@@ -1,0 +1,64 @@
+"""Which key tiles each block of query rows must read: the sparse layout every attention kernel here walks.
+
+Rows pack the query heads of one KV group with their queries, row r = (head h = hkv*group + r // q_len,
+query r % q_len), so one K/V tile read serves every query head of its group (GQA). Rows form blocks of
+`block_m`, keys form physical tiles of `block_n` consecutive cache slots. A tile list is a compact int32 index
+list per (batch, kv head, row block) plus its length, like FlexAttention's kv_indices / kv_num_blocks; tiles
+outside it hold no kept key of any row in the block, and the kernels apply the exact per-token keep mask inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLists:
+    indices: torch.Tensor  # [B, Hkv, row_blocks, tiles] int32: tiles to read, first `counts` entries valid
+    counts: torch.Tensor  # [B, Hkv, row_blocks] int32
+    usage: torch.Tensor  # [B, Hkv, row_blocks, tiles] bool: the same lists as a dense map (for the transposed walk)
+    block_m: int
+    block_n: int
+
+
+def compact(used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool [..., n] -> (indices [..., n] int32 with the True positions first in increasing order, counts [...])."""
+    order = torch.sort((~used).to(torch.int8), dim=-1, stable=True).indices
+    return order.to(torch.int32).contiguous(), used.sum(-1, dtype=torch.int32).contiguous()
+
+
+def grouped_rows(keep: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Keep mask broadcastable to [B, Hq, q, kv] -> [B, Hkv, group*q, kv] in the row order the kernels use."""
+    batch, q_heads, q_len, kv_len = keep.shape
+    return keep.reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, kv_len)
+
+
+def tile_usage(keep: torch.Tensor, kv_heads: int, block_m: int, block_n: int) -> torch.Tensor:
+    """Whether any row of a row block keeps any key of a tile: bool [B, Hkv, row_blocks, tiles]."""
+    rows = grouped_rows(keep, kv_heads)
+    num_rows, kv_len = rows.shape[-2:]
+    pad_rows = -num_rows % block_m
+    pad_keys = -kv_len % block_n
+    rows = F.pad(rows, (0, pad_keys, 0, pad_rows))
+    b, h, r, n = rows.shape
+    return rows.reshape(b, h, r // block_m, block_m, n // block_n, block_n).any(dim=5).any(dim=3)
+
+
+def tiles_from_keep(
+    keep: torch.Tensor, batch: int, q_heads: int, kv_heads: int, block_m: int, block_n: int
+) -> TileLists:
+    """Tile lists covering a token keep mask (broadcastable to [batch, q_heads, q, kv])."""
+    keep = keep.expand(batch, q_heads, *keep.shape[-2:])
+    return tiles_from_usage(tile_usage(keep, kv_heads, block_m, block_n), block_m, block_n)
+
+
+def tiles_from_usage(usage: torch.Tensor, block_m: int, block_n: int) -> TileLists:
+    return TileLists(*compact(usage), usage, block_m, block_n)
+
+
+def transposed(tiles: TileLists) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key tile, the row blocks that read it (the backward pass's dK/dV walk): ([B, Hkv, T, R], [B, Hkv, T])."""
+    return compact(tiles.usage.transpose(-1, -2))

@@ -1,0 +1,63 @@
+"""Tiny models and option sets shared by the core model-level tests."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_attn_plus
+from hf_attn_plus.tiny import tiny_config
+
+MECHANISMS = ("sliding_window", "topk", "block_topk", "dilated", "block_sparse")
+
+# Budgets that cover any context used in these tests: each mechanism must then be dense attention.
+COVERING = {
+    "sliding_window": dict(window=512, sinks=0),
+    "topk": dict(budget=512, sinks=0, window=0),
+    "block_topk": dict(block_size=4, budget=128),
+    "dilated": dict(dilation=1, window=1),
+    "block_sparse": dict(block_size=4, threshold=1.0),
+}
+
+# Budgets that drop most of a ~30-token context.
+SPARSE = {
+    "sliding_window": dict(window=5, sinks=2),
+    "topk": dict(budget=4, sinks=1, window=3),
+    "block_topk": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1),
+    "dilated": dict(dilation=3, window=3),
+    "block_sparse": dict(block_size=4, threshold=0.5),
+}
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation="sdpa").eval()
+
+
+def with_mechanism(model, name, options):
+    hf_attn_plus.set_attention(model, name, **options)
+    return model
+
+
+def token_batch(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, length), generator=g)
+
+
+def left_pad(sequences, pad_id: int = 0):
+    """Left-padded ids, attention mask and position ids counting real tokens, as generate() builds them."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = seq
+        mask[row, width - len(seq) :] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def right_pad(sequences, pad_id: int = 0):
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return ids, mask, torch.arange(width).expand(len(sequences), width)

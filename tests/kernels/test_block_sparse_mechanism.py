@@ -1,0 +1,71 @@
+"""block_sparse: threshold semantics of the shared block ranking, dense at threshold 1, subsets as it falls,
+and a choice that is causal (cached decode equals recompute) and padding-invariant."""
+
+import pytest
+import torch
+
+from hf_attn_plus import OptionError
+from hf_attn_plus.masking import build_context, visible_from_mask
+from hf_attn_plus.registry import get_mechanism
+from hf_attn_plus.selection import mass_ranked_blocks
+
+MECHANISM = get_mechanism("block_sparse")
+
+
+def test_kept_mass_is_the_smallest_ranked_prefix_reaching_threshold():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, 5, 9, generator=g) * 3
+    candidates = torch.rand(3, 2, 5, 9, generator=g) < 0.7
+    candidates[..., 0] = True
+    mass = torch.softmax(logits.masked_fill(~candidates, float("-inf")), -1)
+    for threshold in (0.3, 0.7, 0.95):
+        kept = mass_ranked_blocks(logits, candidates, threshold)
+        assert (kept <= candidates).all()
+        kept_mass = (mass * kept).sum(-1)
+        assert (kept_mass >= threshold - 1e-6).all()
+        smallest_kept = mass.masked_fill(~kept, float("inf")).amin(-1)
+        assert (kept_mass - smallest_kept < threshold).all()  # no kept block could be dropped
+    assert torch.equal(mass_ranked_blocks(logits, candidates, 1.0), candidates)
+
+
+def padded_problem(seed=0, batch=2, q_heads=4, kv_heads=2, length=37, dim=16):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, q_heads, length, dim, generator=g)
+    key = torch.randn(batch, kv_heads, length, dim, generator=g)
+    visible = visible_from_mask(None, batch, length, length, "cpu").clone()
+    visible[1, ..., :6] = False
+    visible[1, :, :6, :] = False
+    return query, key, build_context(visible)
+
+
+def test_threshold_one_is_dense_and_lower_thresholds_keep_subsets():
+    query, key, ctx = padded_problem()
+    keeps = [
+        MECHANISM.select(query, key, ctx, MECHANISM.resolve_options(dict(block_size=4, threshold=t)))
+        for t in (1.0, 0.9, 0.6, 0.2)
+    ]
+    assert torch.equal(keeps[0], ctx.visible.expand_as(keeps[0]))
+    for larger, smaller in zip(keeps, keeps[1:]):
+        assert (smaller <= larger).all() and smaller.sum() < larger.sum()
+    assert (keeps[-1].sum(-1) > 0).sum() == ctx.visible.any(-1).sum() * 4  # every real query keeps keys
+
+
+def test_threshold_above_one_is_rejected():
+    with pytest.raises(OptionError, match="threshold.*<= 1.0"):
+        MECHANISM.resolve_options(dict(threshold=1.5))
+
+
+def test_choice_ignores_later_tokens_and_padding():
+    """Selection for the first 25 tokens is the same with 12 more tokens after them, or with right padding."""
+    query, key, _ = padded_problem(seed=2)
+    query, key = query[:1], key[:1]
+    opts = MECHANISM.resolve_options(dict(block_size=4, threshold=0.5, sink_blocks=0))
+    full = MECHANISM.select(query, key, build_context(visible_from_mask(None, 1, 37, 37, "cpu")), opts)
+    prefix_ctx = build_context(visible_from_mask(None, 1, 25, 25, "cpu"))
+    prefix = MECHANISM.select(query[:, :, :25], key[:, :, :25], prefix_ctx, opts)
+    assert torch.equal(full[..., :25, :25], prefix)
+    assert full[..., :25, :25].sum() < prefix_ctx.visible.sum() * 4  # it is sparse
+    right_padded = visible_from_mask(None, 1, 37, 37, "cpu").clone()
+    right_padded[..., 25:] = False  # keys after the prompt are padding; padding queries see the prompt
+    padded = MECHANISM.select(query, key, build_context(right_padded), opts)
+    assert torch.equal(padded[..., :25, :25], prefix)
