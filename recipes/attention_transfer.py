@@ -4,10 +4,11 @@ output matches dense attention's, both computed on the dense model's own hidden 
     accelerate launch --config_file recipes/accelerate/single.yaml recipes/attention_transfer.py \
         --config recipes/teacher/hybrid.yaml
 
-The interface to a mechanism is small: it is an `attn_implementation` that the attention modules call, and its
-trainable weights are the parameters whose name contains `.attn_plus.` (the plugin's convention). Everything else
-stays frozen. Reports held-out perplexity of the dense teacher, of the untrained swap and of the distilled model, and
-saves the distilled model (mechanism weights and options included) to output_dir/final.
+The interface to a mechanism is small: `hf_attn_plus.distill.attention_pairs` gives each layer's (mechanism output,
+dense output) on the same query/key/value, and its trainable weights are the parameters whose name contains
+`.attn_plus.` (the plugin's convention). Everything else stays frozen. Reports held-out perplexity of the dense
+teacher, of the untrained swap and of the distilled model, and saves the distilled model (mechanism weights and
+options included) to output_dir/final.
 """
 
 from __future__ import annotations
@@ -20,42 +21,9 @@ import torch.nn.functional as F
 
 from common import dense_teacher, load_corpus, load_model, parse_args, perplexity, setup, summarise, train
 
+from hf_attn_plus.distill import attention_pairs
+
 MECHANISM_WEIGHTS = ".attn_plus."
-
-
-def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder's attention modules, in layer order (Llama, Qwen and DeepSeek name them `self_attn`)."""
-    layers = [module for name, module in model.named_modules() if name.endswith("self_attn")]
-    if not layers:
-        raise ValueError(f"no `self_attn` modules in {type(model).__name__}")
-    return layers
-
-
-def attention_pairs(model: torch.nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer: (output of the layer's attention under the model's mechanism, output under dense attention),
-    both on the inputs the layer receives in the dense model. Only the first carries gradients.
-
-    One dense forward records each attention module's call (hidden states, rotary embeddings, mask); each module is
-    then called again on exactly those inputs with the mechanism switched back on.
-    """
-    calls: dict[torch.nn.Module, tuple] = {}
-
-    def record(module: torch.nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
-        calls[module] = (args, kwargs, output[0])
-
-    layers = attention_layers(model)
-    handles = [layer.register_forward_hook(record, with_kwargs=True) for layer in layers]
-    try:
-        with dense_teacher(model) as teacher:
-            teacher.get_decoder()(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    pairs = []
-    for layer in layers:
-        args, kwargs, dense = calls[layer]
-        pairs.append((layer(*args, **kwargs)[0], dense))
-    return pairs
 
 
 def train_only_mechanism_weights(model: torch.nn.Module, mechanism: str) -> int:
@@ -73,14 +41,17 @@ def train_only_mechanism_weights(model: torch.nn.Module, mechanism: str) -> int:
 
 
 class AttentionTransfer(torch.nn.Module):
-    """Mean over layers of MSE(mechanism attention output, dense attention output)."""
+    """Mean over layers of MSE(mechanism attention output, dense attention output), each layer fed the dense
+    model's hidden states (`hf_attn_plus.distill.attention_pairs` with propagate='teacher')."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        losses = [F.mse_loss(student.float(), dense.float()) for student, dense in attention_pairs(self.model, input_ids)]
+        with attention_pairs(self.model) as pairs:
+            self.model.get_decoder()(input_ids=input_ids, use_cache=False)  # the LM head plays no part
+        losses = [F.mse_loss(pair.student.float(), pair.teacher.float()) for pair in pairs.values()]
         return {"loss": torch.stack(losses).mean()}
 
 
