@@ -352,3 +352,88 @@ def chunked_gated_delta(
         state = g[:, :, c, -1, None, None] * state + (k[:, :, c] * to_end.unsqueeze(-1)).transpose(-1, -2) @ u
     out = _ungroup(torch.stack(outputs, dim=3).flatten(3, 4))[:, :, :length]
     return out.to(value.dtype), state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Momentum delta rule (MDN-style): the delta-rule correction u_t = β_t (v_t - α_t S_{t-1}ᵀ k_t) enters a momentum
+#   M_t = μ_t M_{t-1} + k_t u_tᵀ,   S_t = α_t S_{t-1} + M_t,   o_t = S_tᵀ q_t;   μ = 0 is the gated delta rule.
+# Within a span from (S0, M0), with G and P the running products of α and μ:
+#   S_t = G_t S0 + a_t M0 + Σ_{r≤t} C_tr k_r u_rᵀ,  C = Dg·Dm (Dg_ts = G_t/G_s, Dm_sr = P_s/P_r, lower), a = Dg·P,
+# and α_t S_{t-1} is the same with C - Dm and a - P, which again gives one unit-triangular solve per chunk for U.
+# Padding steps (α = 1, β = 0, μ = 1) still add M to S: exact for left padding (M is zero there) and right padding.
+
+
+def recurrent_momentum_delta(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    log_mu: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Token by token (the definition); conventions of `recurrent_gated_delta`, state (S, M)."""
+    kv_heads = key.shape[1]
+    q, k, v = _group(_acc(query), kv_heads), _acc(key), _acc(value)
+    alpha, beta, mu = torch.exp(_acc(log_alpha)), _acc(beta), torch.exp(_acc(log_mu))
+    if state is None:
+        zeros = k.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1])
+        state = (zeros, zeros)
+    s, m = state
+    outputs = []
+    for t in range(k.shape[2]):
+        k_t = k[:, :, t]
+        decayed = alpha[:, :, t, None, None] * s
+        write = beta[:, :, t, None] * (v[:, :, t] - (k_t.unsqueeze(-2) @ decayed).squeeze(-2))
+        m = mu[:, :, t, None, None] * m + k_t.unsqueeze(-1) * write.unsqueeze(-2)
+        s = decayed + m
+        outputs.append(q[:, :, :, t] @ s)
+    return _ungroup(torch.stack(outputs, dim=3)).to(value.dtype), (s, m)
+
+
+def chunked_momentum_delta(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    log_mu: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The momentum delta rule by chunks; same conventions as the recurrent form. The last chunk is shorter instead
+    of padded: a padding step would still add M to S."""
+    kv_heads, length = key.shape[1], key.shape[2]
+    q, k, v = _group(_acc(query), kv_heads), _acc(key), _acc(value)
+    log_alpha, beta, log_mu = _acc(log_alpha), _acc(beta), _acc(log_mu)
+    if state is None:
+        zeros = k.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1])
+        state = (zeros, zeros)
+    s, m = state
+    outputs = []
+    for start in range(0, length, chunk_size):
+        span = slice(start, min(start + chunk_size, length))
+        q_i, k_i, v_i, b_i = q[:, :, :, span], k[:, :, span], v[:, :, span], beta[:, :, span]
+        log_g, log_p = log_alpha[:, :, span].cumsum(-1), log_mu[:, :, span].cumsum(-1)
+        idx = torch.arange(k_i.shape[2], device=key.device)
+        lower = idx[:, None] >= idx[None, :]
+        # run_t / run_s for s <= t, else 0 (masked before exp so the upper triangle cannot overflow)
+        dg = torch.exp((log_g.unsqueeze(-1) - log_g.unsqueeze(-2)).masked_fill(~lower, float("-inf")))
+        dm = torch.exp((log_p.unsqueeze(-1) - log_p.unsqueeze(-2)).masked_fill(~lower, float("-inf")))
+        g, p = torch.exp(log_g), torch.exp(log_p)
+        c = dg @ dm
+        a = (dg @ p.unsqueeze(-1)).squeeze(-1)
+        strict = b_i.unsqueeze(-1) * (c - dm) * (k_i @ k_i.transpose(-1, -2)) * (idx[:, None] > idx[None, :])
+        rhs = b_i.unsqueeze(-1) * (v_i - g.unsqueeze(-1) * (k_i @ s) - (a - p).unsqueeze(-1) * (k_i @ m))
+        eye = torch.eye(k_i.shape[2], dtype=k.dtype, device=k.device)
+        u = torch.linalg.solve_triangular(eye + strict, rhs, upper=False, unitriangular=True)
+        outputs.append(
+            g[:, :, None, :, None] * (q_i @ s.unsqueeze(2))
+            + a[:, :, None, :, None] * (q_i @ m.unsqueeze(2))
+            + ((q_i @ k_i.unsqueeze(2).transpose(-1, -2)) * c.unsqueeze(2)) @ u.unsqueeze(2)
+        )
+        s, m = (
+            g[..., -1, None, None] * s + a[..., -1, None, None] * m + (k_i * c[..., -1, :, None]).transpose(-1, -2) @ u,
+            p[..., -1, None, None] * m + (k_i * dm[..., -1, :, None]).transpose(-1, -2) @ u,
+        )
+    return _ungroup(torch.cat(outputs, dim=3)).to(value.dtype), (s, m)

@@ -106,8 +106,8 @@ def build_mechanism_weights(model: nn.Module) -> int:
         if isinstance(module, _PATCHED_CLASSES):
             attach(module, module.config)
             if module.attn_plus is not None:
-                device = next(p.device for p in module.parameters() if p.device.type != "meta")
-                module.attn_plus.to(device)
+                like = module.o_proj.weight
+                module.attn_plus.to(like.device, like.dtype)
                 built += 1
     return built
 

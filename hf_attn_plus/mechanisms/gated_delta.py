@@ -37,7 +37,7 @@ class GatedDeltaWeights(MechanismWeights):
         super().__init__(shape, opts, layer_idx)
         self.decay_proj = nn.Linear(shape.hidden, shape.kv_heads)
         self.write_proj = nn.Linear(shape.hidden, shape.kv_heads)
-        self.reset_parameters()
+        GatedDeltaWeights.reset_parameters(self)  # not the override: a subclass's own weights do not exist yet
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

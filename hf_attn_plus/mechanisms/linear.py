@@ -4,7 +4,8 @@ Feature maps: `elu` (elu+1), `relu`, `hedgehog` ([softmax(Wx); softmax(-Wx)], W 
 initialisation) and `gaussian_rf` (Performer positive random features estimating exp(τ q·k); W ~ N(0, I) drawn from
 `seed` and the layer index, stored as a buffer so a saved model reloads the same draw; `redraw()` draws anew).
 Query heads have their own hedgehog W; keys use one W per KV head, so the state stays per KV head under GQA.
-Math and the three forms: hf_attn_plus/linear_ops.py. Weights and decode cache: hf_attn_plus/patches/.
+Math and the three forms: hf_attn_plus/linear_ops.py. Weights and decode cache: hf_attn_plus/patches/. Triton
+(chunked forward, decode step): hf_attn_plus/kernels/linear_attention/, used on GPU tensors or with backend='kernel'.
 """
 
 from __future__ import annotations
@@ -76,11 +77,11 @@ class LinearWeights(MechanismWeights):
         return phi_q, linear_ops.gaussian_rf_features(key * root, weight, False)
 
 
-def check_call(name: str, opts: SimpleNamespace, dropout: float) -> None:
+def check_call(name: str, opts: SimpleNamespace, dropout: float, has_kernel: bool = False) -> None:
     """Reject what the linear family does not implement instead of silently computing something else."""
     if opts.logit_scale != "none":
         raise OptionError(f"hf_attn_plus mechanism {name!r}: option 'logit_scale' got {opts.logit_scale!r}; allowed: 'none'")
-    if opts.backend == "kernel":
+    if opts.backend == "kernel" and not has_kernel:
         raise OptionError(f"hf_attn_plus mechanism {name!r} has no kernel; option 'backend' allowed here: 'auto', 'reference'")
     if dropout > 0:
         raise ValueError(f"hf_attn_plus mechanism {name!r} does not implement attention dropout (got {dropout})")
@@ -96,18 +97,32 @@ def attend(
     scaling: float,
     dropout: float,
 ) -> tuple[torch.Tensor, None]:
-    check_call("linear", opts, dropout)
+    check_call("linear", opts, dropout, has_kernel=True)
     weights = mechanism_weights(module, "linear")
     weights.check_options(opts, WEIGHT_OPTIONS)
     phi_q, phi_k = module.attn_plus(query, key, scaling)  # through any adapter PEFT wrapped around the weights
     phi_k = phi_k * linear_ops.causal_key_mask(ctx).to(phi_k.dtype)
     layer = weights.state_layer
-    out, state = linear_ops.chunked_linear_attention(
-        phi_q, phi_k, value, None if layer is None else layer.state, opts.chunk_size
-    )
+    state = None if layer is None else layer.state
+    # The kernels differentiate only from an empty state (training); a state that needs gradients stays in PyTorch.
+    if _use_kernel(opts, query) and not (state is not None and torch.is_grad_enabled()):
+        from ..kernels.linear_attention import chunked as kernel
+
+        if state is None and torch.is_grad_enabled():
+            out, state = kernel.linear_attention(phi_q, phi_k, value, opts.chunk_size)
+        elif state is not None and query.shape[2] == 1:
+            out = kernel.decode_step(phi_q, phi_k, value, state)  # updates the state in place
+        else:
+            out, state = kernel.chunked_forward(phi_q, phi_k, value, state, opts.chunk_size)
+    else:
+        out, state = linear_ops.chunked_linear_attention(phi_q, phi_k, value, state, opts.chunk_size)
     if layer is not None:
         layer.state = state
     return out, None
+
+
+def _use_kernel(opts: SimpleNamespace, query: torch.Tensor) -> bool:
+    return opts.backend == "kernel" or (opts.backend == "auto" and query.is_cuda)
 
 
 FEATURE_OPTIONS = (

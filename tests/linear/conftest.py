@@ -1,3 +1,8 @@
+import os
+
+# Triton kernels run on CPU through the interpreter; it must be chosen before any kernel is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import functools
 
 import pytest

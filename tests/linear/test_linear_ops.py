@@ -171,3 +171,31 @@ def test_gated_delta_padding_leaves_state_untouched():
     assert torch.equal(out[0, :, :pad], torch.zeros_like(out[0, :, :pad]))
     torch.testing.assert_close(out[:1, :, pad:], alone)
     torch.testing.assert_close(state[:1], alone_state)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_momentum_delta_forms_agree_and_reduce_to_gated_delta(chunk):
+    length = 13
+    results = []
+    for form in ("recurrent", "chunked"):
+        q, k, v = _inputs(length)
+        g = torch.Generator().manual_seed(6)
+        log_alpha = (-torch.rand(B, HKV, length, generator=g, dtype=torch.float64)).requires_grad_()
+        beta = torch.rand(B, HKV, length, generator=g, dtype=torch.float64).requires_grad_()
+        log_mu = (-2 * torch.rand(B, HKV, length, generator=g, dtype=torch.float64)).requires_grad_()
+        qn, kn = torch.nn.functional.normalize(q, dim=-1) * 0.4, torch.nn.functional.normalize(k, dim=-1)
+        fn = linear_ops.recurrent_momentum_delta if form == "recurrent" else linear_ops.chunked_momentum_delta
+        out, (s, m) = fn(qn, kn, v, log_alpha, beta, log_mu, **({} if form == "recurrent" else {"chunk_size": chunk}))
+        ((out * torch.linspace(-1, 1, DV, dtype=out.dtype)).sum() + s.sum() + m.sum()).backward()
+        results.append((out.detach(), s.detach(), m.detach(), q.grad, k.grad, v.grad, log_alpha.grad, beta.grad,
+                        log_mu.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    q, k, v = (t.detach() for t in _inputs(length))
+    qn, kn = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    log_alpha, beta = -torch.rand(B, HKV, length, dtype=torch.float64), torch.rand(B, HKV, length, dtype=torch.float64)
+    no_momentum = torch.full_like(log_alpha, -1e4)  # μ = 0
+    torch.testing.assert_close(
+        linear_ops.chunked_momentum_delta(qn, kn, v, log_alpha, beta, no_momentum, chunk_size=4)[0],
+        linear_ops.chunked_gated_delta(qn, kn, v, log_alpha, beta, chunk_size=4)[0],
+    )

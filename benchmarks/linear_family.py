@@ -1,0 +1,86 @@
+"""Linear-family cost against dense SDPA: attention-only prefill time by length, and decode memory by length.
+
+    PYTHONPATH=. python benchmarks/linear_family.py [--lengths 1024 4096] [--out benchmarks/results/x.json]
+
+Times are medians of a few runs of the attention math alone (no projections), batch 1, 8 query / 2 KV heads, head
+dim 64, fp32 on CPU or bf16 on GPU. The results file names the device and library versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from hf_attn_plus import linear_ops
+
+
+def _median_seconds(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q_heads, kv_heads, dim, window = 8, 2, 64, 64
+    rows = []
+    for length in args.lengths:
+        q = torch.randn(1, q_heads, length, dim, device=device, dtype=dtype)
+        k = torch.randn(1, kv_heads, length, dim, device=device, dtype=dtype)
+        v = torch.randn(1, kv_heads, length, dim, device=device, dtype=dtype)
+        phi_q, phi_k = linear_ops.elu_features(q), linear_ops.elu_features(k)
+        gamma = torch.full((q_heads,), 0.5, device=device)
+        key_mask = torch.ones(1, 1, length, 1, device=device)
+        log_alpha = torch.full((1, kv_heads, length), -0.02, device=device)
+        beta = torch.full((1, kv_heads, length), 0.5, device=device)
+        qn, kn = F.normalize(q, dim=-1) / dim**0.5, F.normalize(k, dim=-1)
+        cases = {
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+            "linear_chunked": lambda: linear_ops.chunked_linear_attention(phi_q, phi_k, v, chunk_size=64),
+            "hybrid_chunked": lambda: linear_ops.chunked_hybrid_attention(
+                q, k, v, phi_q, phi_k, key_mask, dim**-0.5, gamma, window, chunk_size=64),
+            "gated_delta_chunked": lambda: linear_ops.chunked_gated_delta(qn, kn, v, log_alpha, beta, chunk_size=64),
+        }
+        with torch.no_grad():
+            row = {"length": length, **{name: _median_seconds(fn) for name, fn in cases.items()}}
+        # Decode memory per layer: dense KV cache vs the linear state (elements).
+        row["dense_kv_elements"] = 2 * kv_heads * length * dim
+        row["linear_state_elements"] = kv_heads * dim * (dim + 1)
+        row["hybrid_state_elements"] = row["linear_state_elements"] + 2 * kv_heads * window * dim
+        rows.append(row)
+        print(json.dumps(row))
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "shape": {"batch": 1, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": dim, "hybrid_window": window},
+        "seconds_and_elements": rows,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""What every recipe shares: the YAML config, data (through `datasets`), model loading, and the training loop with
+periodic evaluation, checkpoint/resume and a final summary.
+
+A recipe script defines only its objective: an `nn.Module` wrapping the model whose `forward(input_ids)` returns
+`{"loss": tensor, ...metrics}`. Wrapping the whole objective (not just the model) lets Accelerate put DDP around
+everything that computes the loss, so gradients synchronise even when the loss calls attention layers directly.
+
+Determinism: the global batch of step s is a pure function of (seed, s), each process takes every
+`num_processes`-th row of it, and the learning rate is a pure function of s; `save_state` adds model, optimizer and
+RNG states, so a resumed run repeats an uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+import hf_attn_plus  # noqa: F401  (registers the mechanisms)
+from hf_attn_plus.registry import PREFIX, get_mechanism
+from hf_attn_plus.teacher import DEFAULT_SPEC, HELD_OUT_EVERY, TINY_SPEC, stdlib_files, teacher_path, token_nll, warmup_cosine
+
+EMBEDDED_MODELS = {"teacher": DEFAULT_SPEC, "teacher-tiny": TINY_SPEC}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "stdlib"  # 'stdlib', local .txt / .json / .jsonl files (globs allowed), or a Hub dataset name
+    split: str = "train"  # Hub split to read
+    text_field: str = "text"
+    seq_len: int = 256  # tokens per packed block
+    eval_blocks: int = 32  # held-out blocks (every 10th document is held out, as for the teacher)
+    max_documents: int | None = None
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    output_dir: str = "runs/recipe"
+    steps: int = 100
+    batch_size: int = 8  # global: summed over processes and accumulation steps
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints if there is one
+
+
+@dataclasses.dataclass
+class LoraSection:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    kl_weight: float = 0.0  # adds kl_weight * T^2 * KL(dense teacher || student) at temperature T
+    kl_temperature: float = 1.0
+    merge: bool = True  # also save the adapter merged into the weights (output_dir/merged)
+
+
+@dataclasses.dataclass
+class LongContextSection:
+    seq_len: int = 1024  # training length; data.seq_len stays the short evaluation length
+    eval_lengths: list[int] = dataclasses.field(default_factory=lambda: [256, 1024])
+
+
+@dataclasses.dataclass
+class RecipeConfig:
+    model: str = "teacher"  # 'teacher' / 'teacher-tiny' (embedded, trained on first use), a local dir or a Hub id
+    mechanism: str = "sliding_window"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    long_context: LongContextSection = dataclasses.field(default_factory=LongContextSection)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} in {where or 'the top level'}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ValueError(f"config section {where + name!r} must be a mapping, got {value!r}")
+            value = _build(type(default), value, f"{where}{name}.")
+        elif fields[name].type == "float" and isinstance(value, (int, str)):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"config key {where + name!r} must be a number, got {value!r}") from None
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(values: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ValueError(f"--set expects KEY=VALUE (e.g. train.steps=10), got {assignment!r}")
+    dotted, raw = assignment.split("=", 1)
+    *parents, leaf = dotted.split(".")
+    for parent in parents:
+        values = values.setdefault(parent, {})
+    values[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RecipeConfig:
+    """YAML file (or defaults) plus `section.key=value` overrides; unknown keys are errors, not silently ignored."""
+    values = yaml.safe_load(Path(path).read_text()) if path else {}
+    for assignment in overrides:
+        _set_dotted(values, assignment)
+    return _build(RecipeConfig, values or {}, "")
+
+
+def parse_args(description: str) -> RecipeConfig:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="recipes/<model>/<mechanism>.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=10")
+    args = parser.parse_args()
+    return load_config(args.config, args.set)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _documents(data: DataConfig) -> datasets.Dataset:
+    if data.source == "stdlib":
+        files = stdlib_files()
+        return datasets.Dataset.from_dict({"text": [p.read_text(encoding="utf-8", errors="replace") for p in files]})
+    files = sorted(glob.glob(data.source))
+    if files:
+        suffixes = {Path(f).suffix for f in files}
+        builders = {".txt": "text", ".json": "json", ".jsonl": "json"}
+        if len(suffixes) != 1 or next(iter(suffixes)) not in builders:
+            raise ValueError(f"data.source {data.source!r}: expected files of one type among {sorted(builders)}, got {sorted(suffixes)}")
+        builder = builders[next(iter(suffixes))]
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+    return datasets.load_dataset(data.source, split=data.split)
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Tokenised documents (column `ids`, each ending in EOS); every 10th document is held out, as for the teacher."""
+
+    train: datasets.Dataset
+    heldout: datasets.Dataset
+    source: str
+
+    def train_blocks(self, seq_len: int) -> torch.Tensor:
+        return _pack(self.train, seq_len)
+
+    def eval_blocks(self, seq_len: int, n_blocks: int) -> torch.Tensor:
+        blocks = _pack(self.heldout, seq_len)[:n_blocks]
+        if len(blocks) == 0:
+            raise ValueError(f"no held-out block of {seq_len} tokens in {self.source!r}; use more data or shorter blocks")
+        return blocks
+
+
+def _pack(tokenized: datasets.Dataset, seq_len: int) -> torch.Tensor:
+    """Documents joined and cut into [n, seq_len] blocks (each group of 1000 documents drops its ragged tail)."""
+
+    def group(batch: dict[str, list]) -> dict[str, list]:
+        flat = list(itertools.chain.from_iterable(batch["ids"]))
+        return {"input_ids": [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]}
+
+    packed = tokenized.map(group, batched=True, batch_size=1000, remove_columns=["ids"], desc=f"pack {seq_len}")
+    return torch.tensor(packed["input_ids"], dtype=torch.long).view(-1, seq_len)
+
+
+def load_corpus(data: DataConfig, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator) -> Corpus:
+    with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
+        documents = _documents(data)
+        if data.text_field not in documents.column_names:
+            raise ValueError(f"data.text_field {data.text_field!r} is not a column; columns: {documents.column_names}")
+        if data.max_documents is not None:
+            documents = documents.select(range(min(data.max_documents, len(documents))))
+
+        def tokenize(batch: dict[str, list]) -> dict[str, list]:
+            ids = tokenizer(batch[data.text_field], add_special_tokens=False)["input_ids"]
+            return {"ids": [x + [tokenizer.eos_token_id] for x in ids]}
+
+        tokenized = documents.map(tokenize, batched=True, remove_columns=documents.column_names, desc="tokenize")
+    held = [i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 for i in range(len(tokenized))]
+    return Corpus(
+        train=tokenized.select([i for i, h in enumerate(held) if not h]),
+        heldout=tokenized.select([i for i, h in enumerate(held) if h]),
+        source=data.source,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def load_model(cfg: RecipeConfig, accelerator: Accelerator) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The pretrained model running `cfg.mechanism`; the embedded teacher is trained first if it is not cached."""
+    get_mechanism(cfg.mechanism).resolve_options(cfg.options)  # a bad option fails before anything loads
+    with accelerator.main_process_first():
+        path = teacher_path(EMBEDDED_MODELS[cfg.model]) if cfg.model in EMBEDDED_MODELS else cfg.model
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation=PREFIX + cfg.mechanism, hf_attn_plus=dict(cfg.options)
+    )
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def dense_teacher(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The model as its own teacher: dense SDPA attention, LoRA adapters (if any) switched off, no gradients."""
+    implementation = model.config._attn_implementation
+    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    model.set_attn_implementation("sdpa")
+    try:
+        with adapters_off, torch.no_grad():
+            yield model
+    finally:
+        model.set_attn_implementation(implementation)
+
+
+def perplexity(accelerator: Accelerator, model: torch.nn.Module, blocks: torch.Tensor) -> float:
+    """Held-out perplexity, each process scoring every `num_processes`-th block."""
+    rows = blocks[accelerator.process_index :: accelerator.num_processes].to(accelerator.device)
+    total, count = token_nll(model, rows) if len(rows) else (0.0, 0)
+    summed = accelerator.reduce(torch.tensor([total, float(count)], device=accelerator.device), "sum")
+    return math.exp((summed[0] / summed[1]).item())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training loop
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = state["step"]
+
+
+def global_batch(step: int, n_blocks: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Row indices of step `step`'s global batch: epoch e walks a permutation seeded by seed + e."""
+    per_epoch = n_blocks // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{n_blocks} training blocks are fewer than train.batch_size={batch_size}")
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[index * batch_size : (index + 1) * batch_size]
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    return sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _read_log(path: Path, upto: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [row for row in map(json.loads, path.read_text().splitlines()) if row["step"] <= upto]
+
+
+def train(
+    cfg: RecipeConfig,
+    accelerator: Accelerator,
+    objective: torch.nn.Module,
+    train_blocks: torch.Tensor,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]],
+) -> list[dict[str, Any]]:
+    """Optimise the trainable parameters of `objective`; returns the log (one row per step, eval rows included).
+
+    `evaluate(unwrapped objective)` runs at step 0, every `eval_every` steps and at the end. Writes
+    output_dir/log.jsonl and checkpoints; resumes from the newest checkpoint when `train.resume`.
+    """
+    t = cfg.train
+    world = accelerator.num_processes
+    if t.batch_size % (world * t.grad_accum):
+        raise ValueError(
+            f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum = {world} x {t.grad_accum}"
+        )
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the objective has no trainable parameters")
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    output_dir = Path(t.output_dir)
+    log_path = output_dir / "log.jsonl"
+    checkpoints = _checkpoints(output_dir)
+    if t.resume and checkpoints:
+        accelerator.load_state(str(checkpoints[-1]))
+        accelerator.print(f"resumed from {checkpoints[-1]} at step {state.step}")
+    log = _read_log(log_path, state.step)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("".join(json.dumps(row) + "\n" for row in log))
+
+    def record(row: dict[str, Any]) -> None:
+        log.append(row)
+        if accelerator.is_main_process:
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def run_eval(step: int) -> None:
+        metrics = evaluate(accelerator.unwrap_model(objective))
+        record({"step": step, "eval": metrics})
+        accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    if state.step == 0:
+        run_eval(0)
+    objective.train()
+    progress = tqdm(range(state.step, t.steps), initial=state.step, total=t.steps, disable=not accelerator.is_main_process)
+    for step in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(step, t.steps, t.warmup_steps, t.lr)
+        rows = global_batch(step, len(train_blocks), t.batch_size, t.seed)[accelerator.process_index :: world]
+        micro_batches = train_blocks[rows].to(accelerator.device).chunk(t.grad_accum)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for i, micro in enumerate(micro_batches):
+            sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(objective)
+            with sync:
+                loss = objective(micro)["loss"] / t.grad_accum
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+        if t.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step = step + 1
+
+        loss_value = accelerator.reduce(step_loss, "mean").item()
+        record({"step": state.step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]})
+        progress.set_postfix(loss=f"{loss_value:.4f}")
+        if state.step % t.eval_every == 0 or state.step == t.steps:
+            run_eval(state.step)
+        if state.step % t.save_every == 0 and state.step < t.steps:
+            _save_checkpoint(accelerator, output_dir, state.step, t.keep_checkpoints)
+    return log
+
+
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
+    accelerator.save_state(str(output_dir / "checkpoints" / f"step-{step}"))
+    if accelerator.is_main_process:
+        for old in _checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Summary
+
+
+def summarise(
+    cfg: RecipeConfig, accelerator: Accelerator, log: list[dict[str, Any]], rows: dict[str, float], started: float
+) -> dict[str, Any]:
+    """Print the final table and write output_dir/summary.json; `rows` maps a model description to a figure."""
+    losses = [row["loss"] for row in log if "loss" in row]
+    summary = {
+        "model": cfg.model,
+        "mechanism": cfg.mechanism,
+        "options": cfg.options,
+        "steps": cfg.train.steps,
+        "processes": accelerator.num_processes,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "wall_seconds": round(time.time() - started, 1),
+        "results": rows,
+    }
+    if accelerator.is_main_process:
+        width = max(map(len, rows)) + 2
+        lines = [f"{'':{width}}value", *(f"{name:{width}}{value:.4g}" for name, value in rows.items())]
+        if losses:
+            lines.append(f"{'train loss':{width}}{losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} logged steps")
+        lines.append(f"{'wall time':{width}}{summary['wall_seconds']} s on {accelerator.num_processes} process(es)")
+        print("\n".join(["", f"== {cfg.model} -> {cfg.mechanism} {cfg.options} ==", *lines]), flush=True)
+        (Path(cfg.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def setup(cfg: RecipeConfig) -> Accelerator:
+    accelerator = Accelerator()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but each runs alone (Accelerate sees {accelerator.num_processes}); "
+            "without GPUs set ACCELERATE_USE_CPU=true, see recipes/accelerate/ddp.yaml"
+        )
+    set_seed(cfg.train.seed)
+    if not accelerator.is_main_process:
+        datasets.disable_progress_bars()
+    return accelerator

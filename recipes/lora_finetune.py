@@ -1,0 +1,103 @@
+"""LoRA fine-tune onto a mechanism (LoLCATs stage 2): PEFT LoRA on the attention projections, next-token loss,
+optionally plus a KL to the dense teacher's logits (the same model with dense attention and the adapters off).
+
+    accelerate launch --config_file recipes/accelerate/single.yaml recipes/lora_finetune.py \
+        --config recipes/teacher/sliding_window.yaml
+
+Saves the adapter to output_dir/final (load it with `PeftModel.from_pretrained` on the base model, then
+`set_attention`) and, with `lora.merge`, the merged model to output_dir/merged (reloads with the mechanism set).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from common import (
+    RecipeConfig,
+    dense_teacher,
+    load_corpus,
+    load_model,
+    parse_args,
+    perplexity,
+    setup,
+    summarise,
+    train,
+)
+
+
+class NextTokenObjective(torch.nn.Module):
+    """Cross-entropy on the next token, plus kl_weight * T^2 * KL(teacher_T || student_T) when kl_weight > 0."""
+
+    def __init__(self, model: torch.nn.Module, kl_weight: float, temperature: float) -> None:
+        super().__init__()
+        self.model, self.kl_weight, self.temperature = model, kl_weight, temperature
+
+    def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        output = self.model(input_ids=input_ids, labels=input_ids, use_cache=False)
+        if not self.kl_weight:
+            return {"loss": output.loss}
+        with dense_teacher(self.model) as teacher:
+            teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
+        t = self.temperature
+        kl = F.kl_div(
+            F.log_softmax(output.logits[:, :-1].float() / t, -1).flatten(0, 1),
+            F.log_softmax(teacher_logits[:, :-1].float() / t, -1).flatten(0, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        return {"loss": output.loss + self.kl_weight * t * t * kl}
+
+
+def finetune(cfg: RecipeConfig, train_seq_len: int, eval_lengths: list[int]) -> dict:
+    """LoRA-train `cfg.model` running `cfg.mechanism` on blocks of `train_seq_len`; report held-out perplexity of the
+    dense teacher and of the student before and after, at each of `eval_lengths`."""
+    started = time.time()
+    accelerator = setup(cfg)
+    model, tokenizer = load_model(cfg, accelerator)
+    lora = cfg.lora
+    model = get_peft_model(
+        model,
+        LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules),
+    )
+    corpus = load_corpus(cfg.data, tokenizer, accelerator)
+    train_blocks = corpus.train_blocks(train_seq_len)
+    eval_sets = {n: corpus.eval_blocks(n, cfg.data.eval_blocks) for n in eval_lengths}
+
+    with dense_teacher(model) as teacher:
+        teacher_ppl = {n: perplexity(accelerator, teacher, blocks) for n, blocks in eval_sets.items()}
+
+    def evaluate(objective: NextTokenObjective) -> dict[str, float]:
+        return {f"ppl@{n}": perplexity(accelerator, objective.model, blocks) for n, blocks in eval_sets.items()}
+
+    objective = NextTokenObjective(model, lora.kl_weight, lora.kl_temperature)
+    log = train(cfg, accelerator, objective, train_blocks, evaluate)
+
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(objective).model
+    out = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
+        model.save_pretrained(out / "final")
+        tokenizer.save_pretrained(out / "final")
+    evals = [row["eval"] for row in log if "eval" in row]
+    rows = {}
+    for n in eval_lengths:
+        rows[f"teacher (dense) ppl@{n}"] = teacher_ppl[n]
+        rows[f"{cfg.mechanism} before ppl@{n}"] = evals[0][f"ppl@{n}"]
+        rows[f"{cfg.mechanism} + LoRA ppl@{n}"] = evals[-1][f"ppl@{n}"]
+    summary = summarise(cfg, accelerator, log, rows, started)
+    if lora.merge and accelerator.is_main_process:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    config = parse_args(__doc__)
+    finetune(config, config.data.seq_len, [config.data.seq_len])

@@ -1,0 +1,65 @@
+"""LoRA fine-tune end to end through `accelerate launch`: learning, exact resume, adapter and merged reload."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import hf_attn_plus
+from hf_attn_plus.teacher import perplexity
+
+from .runs import evals, launch, losses, tiny_eval_blocks
+
+CONFIG = "teacher/sliding_window.yaml"
+RUN = ["train.steps=6", "train.save_every=3", "train.eval_every=6", "train.lr=0.01", "lora.kl_weight=0.5",
+       "options.window=16"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    output_dir = tmp_path_factory.mktemp("lora")
+    return launch("lora_finetune.py", CONFIG, output_dir, [f"model={tiny_teacher}", *RUN]), output_dir
+
+
+def test_lora_learns_on_the_mechanism(run: tuple[dict, Path]) -> None:
+    summary, _ = run
+    before, after = evals(summary)[0]["ppl@64"], evals(summary)[-1]["ppl@64"]
+    assert sorted(losses(summary)) == list(range(1, 7))
+    assert after < before, (before, after)
+
+
+def test_resume_repeats_the_uninterrupted_trajectory(run: tuple[dict, Path], tiny_teacher: Path, tmp_path: Path) -> None:
+    summary, output_dir = run
+    # A run that stopped after its step-3 checkpoint: only that checkpoint and the log up to it survive.
+    shutil.copytree(output_dir / "checkpoints" / "step-3", tmp_path / "checkpoints" / "step-3")
+    (tmp_path / "log.jsonl").write_text("".join(
+        line + "\n" for line in (output_dir / "log.jsonl").read_text().splitlines()[:4]
+    ))
+    resumed = launch("lora_finetune.py", CONFIG, tmp_path, [f"model={tiny_teacher}", *RUN])
+    full, rest = losses(summary), losses(resumed)
+    assert sorted(rest) == list(range(1, 7))
+    for step in (4, 5, 6):
+        assert rest[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
+    assert evals(resumed)[-1]["ppl@64"] == pytest.approx(evals(summary)[-1]["ppl@64"], rel=1e-6)
+
+
+def test_adapter_and_merged_model_reload_to_the_trained_outputs(run: tuple[dict, Path], tiny_teacher: Path) -> None:
+    summary, output_dir = run
+    base = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    with_adapter = PeftModel.from_pretrained(base, output_dir / "final")
+    hf_attn_plus.set_attention(with_adapter, "sliding_window", window=16, sinks=4)
+    merged = AutoModelForCausalLM.from_pretrained(output_dir / "merged")  # the mechanism comes back from its config
+    assert merged.config._attn_implementation == "hf_attn_plus:sliding_window"
+    assert merged.config.hf_attn_plus == {"window": 16, "sinks": 4}
+
+    tokens = torch.randint(3, base.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens).logits, with_adapter(tokens).logits, rtol=1e-4, atol=1e-4)
+        with with_adapter.disable_adapter():
+            assert not torch.allclose(with_adapter(tokens).logits, merged(tokens).logits)  # the adapter did something
+    assert perplexity(merged, tiny_eval_blocks(tiny_teacher)) == pytest.approx(summary["results"]["sliding_window + LoRA ppl@64"], rel=1e-4)
