@@ -181,3 +181,9 @@ def test_patches_leave_similarly_named_classes_alone():
                                   num_attention_heads=4, num_key_value_heads=2)
     model = AutoModelForCausalLM.from_config(config)
     assert type(model.model.layers[0].self_attn).__name__ == "DiffLlamaAttention"
+
+
+def test_static_cache_is_refused_not_silently_used():
+    model = shared("qwen3", "linear", feature_map="elu", chunk_size=3)
+    with pytest.raises(ValueError, match="DynamicCache; got StaticCache"):
+        model.generate(_ids(1, 4), max_new_tokens=2, cache_implementation="static", pad_token_id=0)
