@@ -101,6 +101,8 @@ def run_mechanism(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One mechanism on a built context -> (output [B, Hq, q, Dv], probabilities or None); wrappers that hand over
     to another mechanism (lighthouse at inference) call this with that mechanism's options."""
+    if mechanism.attend_has_kernel:
+        return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
     use_kernel = _use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
     if mechanism.attend is not None:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)

@@ -48,10 +48,19 @@ class Mechanism:
     training_free: bool = True
     # kernel(query, key, value, ctx, opts, scaling) -> output [B, Hq, q_len, Dv]; must equal the reference.
     kernel: Callable[..., Any] | None = None
+    # An `attend` mechanism whose attend dispatches its own Triton kernel and honours the `backend` option itself
+    # (its kernel needs the recurrent state, which only attend sees).
+    attend_has_kernel: bool = False
 
     def __post_init__(self) -> None:
         if (self.select is None) == (self.attend is None):
             raise ValueError(f"mechanism {self.name!r} must define exactly one of select or attend")
+        if self.attend_has_kernel and (self.attend is None or self.kernel is not None):
+            raise ValueError(f"mechanism {self.name!r}: attend_has_kernel is for attend mechanisms without `kernel`")
+
+    @property
+    def has_kernel(self) -> bool:
+        return self.kernel is not None or self.attend_has_kernel
 
     @property
     def attn_implementation(self) -> str:
@@ -98,7 +107,7 @@ def mechanisms() -> list[dict[str, Any]]:
             "family": m.family,
             "summary": m.summary,
             "training_free": m.training_free,
-            "kernel": m.kernel is not None,
+            "kernel": m.has_kernel,
             "options": {o.name: {"default": o.default, "allowed": o.allowed, "doc": o.doc} for o in m.schema},
         }
         for m in all_mechanisms()

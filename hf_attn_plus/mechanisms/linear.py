@@ -77,12 +77,10 @@ class LinearWeights(MechanismWeights):
         return phi_q, linear_ops.gaussian_rf_features(key * root, weight, False)
 
 
-def check_call(name: str, opts: SimpleNamespace, dropout: float, has_kernel: bool = False) -> None:
+def check_call(name: str, opts: SimpleNamespace, dropout: float) -> None:
     """Reject what the linear family does not implement instead of silently computing something else."""
     if opts.logit_scale != "none":
         raise OptionError(f"hf_attn_plus mechanism {name!r}: option 'logit_scale' got {opts.logit_scale!r}; allowed: 'none'")
-    if opts.backend == "kernel" and not has_kernel:
-        raise OptionError(f"hf_attn_plus mechanism {name!r} has no kernel; option 'backend' allowed here: 'auto', 'reference'")
     if dropout > 0:
         raise ValueError(f"hf_attn_plus mechanism {name!r} does not implement attention dropout (got {dropout})")
 
@@ -97,7 +95,7 @@ def attend(
     scaling: float,
     dropout: float,
 ) -> tuple[torch.Tensor, None]:
-    check_call("linear", opts, dropout, has_kernel=True)
+    check_call("linear", opts, dropout)
     weights = mechanism_weights(module, "linear")
     weights.check_options(opts, WEIGHT_OPTIONS)
     phi_q, phi_k = module.attn_plus(query, key, scaling)  # through any adapter PEFT wrapped around the weights
@@ -139,6 +137,7 @@ MECHANISM = register(
         summary="feature-map linear attention, O(1)-memory recurrent decode",
         options=FEATURE_OPTIONS,
         attend=attend,
+        attend_has_kernel=True,
         training_free=False,
     )
 )
