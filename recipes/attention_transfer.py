@@ -19,26 +19,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import dense_teacher, load_corpus, load_model, parse_args, perplexity, setup, summarise, train
+from common import (
+    MECHANISM_WEIGHTS,
+    dense_teacher,
+    load_corpus,
+    load_model,
+    parse_args,
+    perplexity,
+    setup,
+    summarise,
+    train,
+    train_only_mechanism_weights,
+)
 
 from hf_attn_plus.distill import attention_pairs
-
-MECHANISM_WEIGHTS = ".attn_plus."
-
-
-def train_only_mechanism_weights(model: torch.nn.Module, mechanism: str) -> int:
-    """Freeze every parameter except the mechanism's own; returns how many parameters stay trainable."""
-    trainable = 0
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(MECHANISM_WEIGHTS in name)
-        trainable += parameter.numel() if parameter.requires_grad else 0
-    if not trainable:
-        raise ValueError(
-            f"mechanism {mechanism!r} adds no weights (no parameter name contains {MECHANISM_WEIGHTS!r}); attention "
-            "transfer trains a mechanism's new weights: use one that has them, such as 'linear' or 'hybrid'"
-        )
-    return trainable
-
 
 class AttentionTransfer(torch.nn.Module):
     """Mean over layers of MSE(mechanism attention output, dense attention output), each layer fed the dense

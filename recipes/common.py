@@ -420,3 +420,20 @@ def setup(cfg: RecipeConfig) -> Accelerator:
     if not accelerator.is_main_process:
         datasets.disable_progress_bars()
     return accelerator
+
+
+MECHANISM_WEIGHTS = ".attn_plus."
+
+
+def train_only_mechanism_weights(model: torch.nn.Module, mechanism: str) -> int:
+    """Freeze every parameter except the mechanism's own; returns how many parameters stay trainable."""
+    trainable = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(MECHANISM_WEIGHTS in name)
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    if not trainable:
+        raise ValueError(
+            f"mechanism {mechanism!r} adds no weights (no parameter name contains {MECHANISM_WEIGHTS!r}); this "
+            "recipe trains a mechanism's new weights: use one that has them, such as 'linear', 'hybrid' or 'indexer_topk'"
+        )
+    return trainable
