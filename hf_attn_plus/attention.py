@@ -103,10 +103,10 @@ def run_mechanism(
     to another mechanism (lighthouse at inference) call this with that mechanism's options."""
     if mechanism.attend_has_kernel:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
-    use_kernel = _use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
+    chosen = use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
     if mechanism.attend is not None:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
-    if use_kernel:
+    if chosen:
         return mechanism.kernel(query, key, value, ctx, opts, scaling), None
     with torch.no_grad():
         keep = mechanism.select(query, key, ctx, opts)
@@ -157,7 +157,7 @@ def logit_scale(module: torch.nn.Module, attended: torch.Tensor, opts: Any) -> t
     return log_length_scale(attended, train_length, opts.logit_scale_c)
 
 
-def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:
+def use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:
     # The kernels implement exact attention without logit scaling or attention dropout: `auto` takes the reference
     # whenever either is asked for, and a forced kernel refuses rather than silently skipping it.
     unsupported = []
@@ -168,7 +168,7 @@ def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: f
     if opts.backend == "reference":
         return False
     if opts.backend == "kernel":
-        if mechanism.kernel is None:
+        if not mechanism.has_kernel:
             raise OptionError(
                 f"hf_attn_plus mechanism {mechanism.name!r} has no kernel; option 'backend' allowed here: "
                 "'auto', 'reference'"
@@ -179,4 +179,4 @@ def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: f
                 f"{' or '.join(unsupported)}; use backend='reference'"
             )
         return True
-    return mechanism.kernel is not None and query.is_cuda and not unsupported
+    return mechanism.has_kernel and query.is_cuda and not unsupported

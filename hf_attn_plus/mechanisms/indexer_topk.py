@@ -17,6 +17,12 @@ cache). Its weights are the layer's `attn_plus` (`IndexerWeights`). Option `stag
 forward runs: 'warmup' attends densely and records the full KL, 'sparse' attends the selection and records the
 selected-set KL; `indexer_loss(model)` collects them for the recipes. Evaluation always attends the selection.
 
+Scores are computed in fp32 in every model dtype. Backend 'kernel' ('auto' on CUDA tensors): in inference the
+scoring and top-k run in the Triton indexer kernel (hf_attn_plus.kernels.indexer_topk, same selection, ties
+included) and the attention over the selection in the sparse attention kernel; training forwards keep the
+reference (differentiable) scores and selection, which the KL losses need, and run the sparse kernel (with its
+backward) for the attention.
+
 On DeepSeek-V3.2 the model's own indexer already selects (`indices`, honoured by the core for every mechanism); this
 mechanism adds no weights there.
 """
@@ -28,7 +34,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..attention import attend_selected
+from ..attention import attend_selected, use_kernel
 from ..masking import AttentionContext
 from ..options import choice_option, int_option
 from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
@@ -44,6 +50,12 @@ def select_by_scores(scores: torch.Tensor, ctx: AttentionContext, budget: int, s
     """Sinks + window + the `budget` other visible keys with the largest scores ([B, 1|Hq, q, kv]) -> keep mask."""
     fixed = sinks_and_window(ctx, sinks, window)
     return fixed | top_scoring(scores, (ctx.visible & ~fixed).expand_as(scores), budget)
+
+
+def fp32_indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head_weights: torch.Tensor) -> torch.Tensor:
+    """I[t, s] [B, 1, q, kv] computed in fp32 whatever the model dtype: half-precision scores would tie far more
+    often, and the kernel (fp32 accumulation of exact products) reproduces this selection in every dtype."""
+    return indexer_scores(index_query.float(), index_key.float(), head_weights.float())
 
 
 def attention_target(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, scaling: float) -> torch.Tensor:
@@ -85,27 +97,41 @@ class IndexerWeights(MechanismWeights):
         for linear in (self.query_proj, self.key_proj, self.head_weights):
             nn.init.normal_(linear.weight, std=linear.in_features**-0.5)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """I[t, s] from detached main queries [B, Hq, q, D] and keys [B, Hkv, kv, D]: [B, 1, q, kv]."""
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From detached main queries [B, Hq, q, D] and keys [B, Hkv, kv, D]: index queries [B, Hi, q, Di], index keys
+        [B, kv, Di] and head weights [B, Hi, q], the inputs of `fp32_indexer_scores` and of the indexer kernel."""
         tokens_q = query.detach().transpose(1, 2).flatten(2).to(self.query_proj.weight.dtype)
         tokens_k = key.detach().transpose(1, 2).flatten(2).to(self.key_proj.weight.dtype)
         index_query = self.query_proj(tokens_q).unflatten(-1, (self.opts.index_heads, -1)).transpose(1, 2)
         head_weights = self.head_weights(tokens_q).transpose(1, 2) * self.opts.index_heads**-0.5
-        return indexer_scores(index_query, self.key_proj(tokens_k), head_weights)
+        return index_query, self.key_proj(tokens_k), head_weights
 
 
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
     weights = mechanism_weights(module, "indexer_topk")
     weights.check_options(opts, WEIGHT_OPTIONS)
-    scores = module.attn_plus(query, key)  # through any adapter PEFT wrapped around the weights
-    with torch.no_grad():
-        selected = select_by_scores(scores, ctx, opts.budget, opts.sinks, opts.window)
+    index_inputs = module.attn_plus(query, key)  # through any adapter PEFT wrapped around the weights
+    kernel = use_kernel(MECHANISM, opts, query, dropout)
     weights.loss = None
-    if module.training:
+    if module.training:  # the KL losses need the differentiable scores: reference scoring and selection
+        scores = fp32_indexer_scores(*index_inputs)
+        with torch.no_grad():
+            selected = select_by_scores(scores, ctx, opts.budget, opts.sinks, opts.window)
         warmup = opts.stage == "warmup"
         weights.loss = indexer_kl(scores, attention_target(query, key, ctx, scaling), ctx.visible if warmup else selected)
         if warmup:
             selected = ctx.visible
+    elif kernel:
+        from ..kernels.indexer_topk.wrapper import indexer_topk_keep
+
+        selected = indexer_topk_keep(*index_inputs, ctx, opts.budget, opts.sinks, opts.window)
+    else:
+        with torch.no_grad():
+            selected = select_by_scores(fp32_indexer_scores(*index_inputs), ctx, opts.budget, opts.sinks, opts.window)
+    if kernel:
+        from ..kernels.sparse_attention import sparse_attention
+
+        return sparse_attention(query, key, value, selected, scaling), None
     return attend_selected(module, query, key, value, selected, opts, scaling, dropout)
 
 
@@ -137,6 +163,7 @@ MECHANISM = register(
             ),
         ),
         attend=attend,
+        attend_has_kernel=True,
         training_free=False,
     )
 )
