@@ -57,7 +57,9 @@ def _weighted_relu_scores(
         w = tl.load(W + b * sw_b + head * sw_h + qi * sw_q, mask=ok, other=0.0).to(tl.float32)
         per_head = tl.maximum(tl.dot(q, tl.trans(k), input_precision="ieee"), 0.0) * w[:, None]
         scores += tl.sum(tl.reshape(per_head, [HEADS, BLOCK_M, BLOCK_N]), axis=0)
-    # -0.0 (a zero ReLU times a negative weight) must tie with 0.0 as it does in the reference comparison.
+    # -0.0 (a zero ReLU times a negative weight) must tie with 0.0 in the sortable keys as in the reference's float
+    # comparison. Adding it to the +0.0 accumulator already gives +0.0 in IEEE arithmetic; explicit, so no
+    # compiler rewrite of `0 + x` can bring a -0.0 back.
     return tl.where(scores == 0.0, 0.0, scores)
 
 
