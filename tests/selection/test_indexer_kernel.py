@@ -9,14 +9,15 @@ from core.models import token_batch
 from hf_attn_plus.kernels.indexer_topk import reference
 from hf_attn_plus.kernels.indexer_topk.kernel import masked_scores_kernel
 from hf_attn_plus.kernels.indexer_topk.wrapper import indexer_topk_indices, indexer_topk_keep
-from hf_attn_plus.masking import build_context
+from hf_attn_plus.masking import AttentionContext, build_context
+from hf_attn_plus.mechanisms.indexer_topk import indexer_loss
 from hf_attn_plus.options import OptionError
 from hf_attn_plus.selection import indexer_scores, sinks_and_window
 
 from .test_indexer_topk_models import indexer_model
 
 
-def context(batch: int, q_len: int, kv_len: int, padding: str) -> "build_context":
+def context(batch: int, q_len: int, kv_len: int, padding: str) -> AttentionContext:
     """Causal visibility of the last q_len of kv_len keys; row 1 left- or right-padded by 5 keys."""
     real = torch.ones(batch, kv_len, dtype=torch.bool)
     if padding == "left":
@@ -123,6 +124,24 @@ def test_kernel_backend_equals_reference_in_models(arch):
     torch.testing.assert_close(results["kernel"][0], results["reference"][0], atol=2e-5, rtol=1e-4)
     assert torch.equal(results["kernel"][1], results["reference"][1])
     torch.testing.assert_close(results["kernel"][2], results["reference"][2], atol=2e-5, rtol=1e-4)
+
+
+def test_kernel_backend_training_keeps_reference_scores_and_differentiates_the_attention():
+    """Training forwards: reference scores (the KL needs them), the sparse kernel with its backward for attention."""
+    ids = token_batch(2, 12)
+    results = {}
+    for backend in ("reference", "kernel"):
+        model = indexer_model("llama", budget=3, window=2, sinks=1, backend=backend).train()
+        out = model(input_ids=ids, labels=ids)
+        (out.loss + indexer_loss(model)).backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results[backend] = out.logits.detach(), indexer_loss(model).detach(), grads
+    (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = results["kernel"], results["reference"]
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and any(".attn_plus." in name for name in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4)
 
 
 def test_forced_kernel_refuses_what_it_does_not_implement():
