@@ -5,6 +5,8 @@ achieved bandwidth on the bytes each method must read (ours_with_scoring adds bl
 block from min/max summaries and the top-block choice, i.e. a whole decode step of the mechanism; model_path is
 what backend="kernel" runs inside a model today: the reference selection, then the kernel). Prefill: causal attention with a share of the causal key
 blocks skipped per (head, query block); reports time and TFLOP/s on the FLOPs of the kept blocks.
+Indexer (indexer_topk's lightning indexer, decode and prefill): scoring + top-k of our Triton kernel vs the PyTorch
+reference (scores, then selection.top_scoring), dense SDPA of the main attention at the same context for scale.
 
     python benchmarks/sparse_attention.py            # GPU: the full grid, results/sparse_attention_<device>.{json,md}
     python benchmarks/sparse_attention.py --smoke    # CPU: tiny shapes through the Triton interpreter
@@ -30,6 +32,9 @@ import triton  # noqa: E402
 
 from hf_attn_plus.kernels.block_scoring.kernel import quest_scores_kernel as quest_scores  # noqa: E402
 from hf_attn_plus.kernels.block_sparse_prefill.function import block_sparse_attention  # noqa: E402
+from hf_attn_plus.kernels.indexer_topk import reference as indexer_reference  # noqa: E402
+from hf_attn_plus.kernels.indexer_topk.kernel import masked_scores_kernel  # noqa: E402
+from hf_attn_plus.kernels.indexer_topk.wrapper import indexer_topk_keep  # noqa: E402
 from hf_attn_plus.kernels.selected_decode.kernel import tile_attention_forward  # noqa: E402
 from hf_attn_plus.kernels.selected_decode.wrapper import default_splits  # noqa: E402
 from hf_attn_plus.kernels.tile_lists import tiles_from_usage  # noqa: E402
@@ -49,6 +54,15 @@ TINY = dict(
     heads=4, kv_heads=2, head_dim=16, dtype=torch.float16, decode_block=16, prefill_block=16, tile=16,
     contexts=[128, 256], budgets=[32, 64], lengths=[64, 192], skips=[0.5, 0.9],
 )
+
+# Indexer shapes: DeepSeek-V3.2's lightning indexer (64 heads of dim 128) on GPU; tiny ones for the smoke run.
+INDEXER_FULL = dict(
+    index_heads=64, index_dim=128, sinks=4, window=64, contexts=[16384, 65536, 131072], budgets=[256, 2048],
+    decode_queries=[1, 4], lengths=[4096, 16384],
+)
+INDEXER_TINY = dict(index_heads=2, index_dim=16, sinks=2, window=8, contexts=[128], budgets=[16, 64], decode_queries=[1], lengths=[48])
+# The reference materialises fp32 scores per indexer head: skipped above this many bytes.
+INDEXER_REFERENCE_BYTES = 8 << 30
 
 
 def milliseconds(fn, device: torch.device) -> float:
@@ -200,12 +214,49 @@ def prefill_case(cfg, length: int, skip: float, device, flex) -> dict:
     return row
 
 
+def indexer_case(cfg, icfg, q_len: int, context: int, budget: int, device) -> dict:
+    """Scoring + top-k of q_len queries (the last q_len positions) over `context` keys, batch 1."""
+    heads, dim, dtype = icfg["index_heads"], icfg["index_dim"], cfg["dtype"]
+    g = torch.Generator(device=device).manual_seed(0)
+    index_query = torch.randn(1, heads, q_len, dim, device=device, dtype=dtype, generator=g)
+    index_key = torch.randn(1, context, dim, device=device, dtype=dtype, generator=g)
+    head_weights = torch.randn(1, heads, q_len, device=device, dtype=dtype, generator=g)
+    causal = torch.ones(q_len, context, dtype=torch.bool, device=device).tril(context - q_len)
+    ctx = build_context(causal.expand(1, 1, q_len, context))
+    inputs = (index_query, index_key, head_weights, ctx)
+    rules = dict(budget=budget, sinks=icfg["sinks"], window=icfg["window"])
+    mode = "indexer_decode" if q_len <= 16 else "indexer_prefill"
+    row = dict(mode=mode, queries=q_len, context=context, budget=budget, index_heads=heads, index_dim=dim)
+    with torch.no_grad():
+        keep = indexer_topk_keep(*inputs, **rules)
+        row["ours_ms"] = milliseconds(lambda: indexer_topk_keep(*inputs, **rules), device)
+        row["ours_scores_only_ms"] = milliseconds(
+            lambda: masked_scores_kernel(*inputs, icfg["sinks"], icfg["window"]), device
+        )
+        row["ours_index_key_GBps"] = context * dim * (torch.finfo(dtype).bits // 8) / row["ours_ms"] / 1e6
+        if heads * q_len * context * 4 <= INDEXER_REFERENCE_BYTES:
+            row["reference_ms"] = milliseconds(lambda: indexer_reference.select(*inputs, **rules), device)
+            row["same_selection"] = bool(torch.equal(keep, indexer_reference.select(*inputs, **rules)))
+            row["speedup_vs_reference"] = row["reference_ms"] / row["ours_ms"]
+        # The main attention this selection replaces: dense SDPA over the whole context.
+        query = torch.randn(1, cfg["heads"], q_len, cfg["head_dim"], device=device, dtype=dtype, generator=g)
+        key = torch.randn(1, cfg["kv_heads"], context, cfg["head_dim"], device=device, dtype=dtype, generator=g)
+        row["sdpa_ms"] = milliseconds(lambda: dense_sdpa(query, key, key, causal=q_len > 1), device)
+    return row
+
+
 def environment(device: torch.device, flex_mode: str) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     return dict(
         device=name, torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
         triton_interpreter=os.environ.get("TRITON_INTERPRET") == "1", flex_attention=flex_mode,
     )
+
+
+INDEXER_COLUMNS = [
+    "queries", "context", "budget", "index_heads", "index_dim", "reference_ms", "ours_ms", "ours_scores_only_ms",
+    "ours_index_key_GBps", "speedup_vs_reference", "same_selection", "sdpa_ms",
+]
 
 
 def markdown(env: dict, rows: list[dict], cfg: dict) -> str:
@@ -228,6 +279,8 @@ def markdown(env: dict, rows: list[dict], cfg: dict) -> str:
     for mode, columns in (
         ("decode", ["context", "budget", "sdpa_ms", "flex_ms", "ours_ms", "ours_with_scoring_ms", "model_path_ms", "sdpa_GBps", "ours_GBps", "speedup_vs_sdpa", "max_abs_diff_vs_flex"]),
         ("prefill", ["length", "skip_target", "skipped", "sdpa_ms", "flex_ms", "ours_ms", "sdpa_TFLOPs", "flex_TFLOPs", "ours_TFLOPs", "speedup_vs_sdpa", "max_abs_diff_vs_flex"]),
+        ("indexer_decode", INDEXER_COLUMNS),
+        ("indexer_prefill", INDEXER_COLUMNS),
     ):
         lines += [f"## {mode}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for row in (r for r in rows if r["mode"] == mode):
@@ -255,6 +308,16 @@ def main() -> None:
     for length in cfg["lengths"]:
         for skip in cfg["skips"]:
             rows.append(prefill_case(cfg, length, skip, device, flex))
+            print(rows[-1], flush=True)
+    icfg = INDEXER_TINY if args.smoke else INDEXER_FULL
+    for context in icfg["contexts"]:
+        for q_len in icfg["decode_queries"]:
+            for budget in icfg["budgets"]:
+                rows.append(indexer_case(cfg, icfg, q_len, context, budget, device))
+                print(rows[-1], flush=True)
+    for length in icfg["lengths"]:
+        for budget in icfg["budgets"]:
+            rows.append(indexer_case(cfg, icfg, length, length, budget, device))
             print(rows[-1], flush=True)
     env = environment(device, flex[2])
     stem = "sparse_attention_cpu_smoke" if args.smoke else "sparse_attention_" + env["device"].replace(" ", "_")
