@@ -4,7 +4,7 @@ The interpreter runs the kernels' arithmetic but checks nothing of the GPU compi
 register pressure. This lowers each kernel through ptxas with the tile sizes the wrappers use, per input dtype and
 mask mode, and prints the shared memory each needs. Minutes on two CPU cores the first time (Triton caches).
 
-    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128]
+    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from triton.compiler import ASTSource
 from hf_attn_plus.kernels._triton import tile_size
 from hf_attn_plus.kernels.block_scoring import kernel as scoring
 from hf_attn_plus.kernels.block_sparse_prefill import kernel as prefill
+from hf_attn_plus.kernels.indexer_topk import kernel as indexer
 from hf_attn_plus.kernels.selected_decode import kernel as decode
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -38,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--index-dim", type=int, default=128, help="indexer_topk index_dim (DeepSeek-V3.2: 128)")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     for dt, torch_name in TORCH_DTYPES.items():
@@ -67,7 +69,33 @@ def main() -> None:
     fn = scoring._quest_scores_kernel
     compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
     print(f"bf16 _quest_scores_kernel: {compiled.metadata.shared} B shared", flush=True)
+    compile_indexer(target, args.index_dim)
 
+
+def compile_indexer(target: GPUTarget, index_dim: int, index_heads: int = 64) -> None:
+    """The indexer kernel in its three outputs with the wrapper's block shapes, for decode (1 query) and prefill."""
+    import torch
+
+    fn = indexer._indexer_kernel
+    for dt, torch_name in TORCH_DTYPES.items():
+        x = f"*{dt}"
+        dtype = getattr(torch, torch_name)
+        for q_len in (1, 4096):
+            for sortable, top in ((False, None), (True, None), (True, indexer.max_top(dtype))):
+                rows, heads, keys = indexer.block_shapes(q_len, index_heads, dtype, top)
+                pointers = dict(IQ=x, W=x, IK=x, VIS="*u8", KPOS="*i64", QPOS="*i64", OUT="*i64" if sortable else "*fp32")
+                constants = dict(
+                    SORTABLE=sortable, TOP_ONLY=top is not None, HEADS=heads, UPCAST=False,
+                    BLOCK_M=rows, BLOCK_N=keys, BLOCK_D=index_dim,
+                )
+                start = time.perf_counter()
+                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+                output = "scores" if not sortable else f"running top {top}" if top else "keys"
+                print(
+                    f"{dt} _indexer_kernel {output} rows={rows} heads/dot={heads} keys/tile={keys}: "
+                    f"{compiled.metadata.shared} B shared, {time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
 
 if __name__ == "__main__":
     main()

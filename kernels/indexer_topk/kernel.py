@@ -24,8 +24,13 @@ from ...masking import AttentionContext
 
 # Low 31 bits of a sortable key: the key index; bits 31..62: the score's order-preserving 32-bit pattern.
 INDEX_BITS = 31
-# Largest running top-k set a program keeps in registers; larger budgets store every key.
+# Largest running top-k set a program keeps (16-bit inputs; half that for fp32, whose 256-key tiles need 192 KiB of
+# shared memory on sm_90); larger budgets store every key.
 MAX_TOP = 256
+
+
+def max_top(dtype: torch.dtype) -> int:
+    return MAX_TOP // 2 if dtype == torch.float32 else MAX_TOP
 
 
 @triton.jit
@@ -119,6 +124,17 @@ def _row_block(q_len: int, dtype: torch.dtype) -> int:
     return next_power_of_2(q_len, minimum=1) if q_len <= 16 else tile_size(dtype)
 
 
+def block_shapes(q_len: int, index_heads: int, dtype: torch.dtype, top: int | None) -> tuple[int, int, int]:
+    """(BLOCK_M query rows, HEADS indexer heads per dot, BLOCK_N keys per tile) of a launch; `top`: the running
+    top-k width (None: every key stored)."""
+    block_m = _row_block(q_len, dtype)
+    if top:
+        block_m = min(block_m, max(1, 4096 // top))  # the sort works on BLOCK_M x top int64 keys in registers
+    # Short row blocks (decode) pack several indexer heads into one dot: >= 16 rows, at most 64.
+    heads = max(16 // block_m, min(next_power_of_2(index_heads, minimum=1), max(1, 64 // block_m)))
+    return block_m, heads, top or tile_size(dtype)
+
+
 def _launch(
     index_query: torch.Tensor,
     index_key: torch.Tensor,
@@ -133,11 +149,7 @@ def _launch(
     require_triton(index_query, index_key, head_weights)
     batch, index_heads, q_len, dim = index_query.shape
     kv_len = index_key.shape[1]
-    tile = tile_size(index_query.dtype)
-    block_m = _row_block(q_len, index_query.dtype)
-    # Short row blocks (decode) pack several indexer heads into one dot: >= 16 rows, at most 64.
-    heads = max(16 // block_m, min(next_power_of_2(index_heads, minimum=1), max(1, 64 // block_m)))
-    block_n = top or tile
+    block_m, heads, block_n = block_shapes(q_len, index_heads, index_query.dtype, top)
     num_tiles = triton.cdiv(kv_len, block_n)
     row_blocks = triton.cdiv(q_len, block_m)
     tiles_per_split = triton.cdiv(num_tiles, splits or num_tiles) if top else 1
@@ -178,15 +190,15 @@ def candidate_keys_kernel(
 ) -> torch.Tensor:
     """Sortable keys [B, q, n] (-1: none) whose `budget` largest are exactly the reference's top-k candidates.
 
-    top_only (default: when next_power_of_2(budget) <= MAX_TOP and a split covers several tiles) keeps a running
+    top_only (default: when next_power_of_2(budget) <= max_top(dtype) and a split covers several tiles) keeps a running
     top-next_power_of_2(budget) per split of `splits` (default: enough programs to fill the GPU) instead of every key.
     """
     top = next_power_of_2(budget)
     if splits is None:
-        batch, _, q_len, _ = index_query.shape
-        programs = batch * triton.cdiv(q_len, _row_block(q_len, index_query.dtype))
+        batch, index_heads, q_len, _ = index_query.shape
+        programs = batch * triton.cdiv(q_len, block_shapes(q_len, index_heads, index_query.dtype, top)[0])
         target = 4 * torch.cuda.get_device_properties(index_query.device).multi_processor_count if index_query.is_cuda else 2
         splits = max(1, target // programs)
     if top_only is None:
-        top_only = top <= MAX_TOP and triton.cdiv(index_key.shape[1], top) >= 2 * splits
+        top_only = top <= max_top(index_query.dtype) and triton.cdiv(index_key.shape[1], top) >= 2 * splits
     return _launch(index_query, index_key, head_weights, ctx, sinks, window, True, top if top_only else None, splits)

@@ -2,7 +2,7 @@
 
 Fused in Triton (kernel.py): the index-query x index-key products of all indexer heads, ReLU, head weighting and
 sum, the visibility / padding / sink / window exclusions, the packing of (score, key index) into one sortable int64,
-and, for budgets up to kernel.MAX_TOP, a running per-split top-k. Not fused: the final torch.topk over the
+and, for budgets up to kernel.max_top(dtype), a running per-split top-k. Not fused: the final torch.topk over the
 candidates (for larger budgets every key's: one int64 per query and key, written once, in query chunks that bound
 that buffer in long prefills), the index list -> keep mask scatter, and the index projections themselves
 (IndexerWeights, plain nn.Linear). No gradient: the selection is a discrete choice; training takes the
