@@ -2,7 +2,8 @@
 with the selection's exclusions applied, written as fp32 scores or as sortable top-k keys.
 
 Program (batch, row block, split) reads each index-key tile of its split once for all rows and all indexer heads
-(heads are packed into the rows of one tl.dot when the row block is short, as in decode), then:
+(heads are packed into the rows of one tl.dot when the row block is short, as in decode; tiles without a candidate
+for any row, e.g. above the causal diagonal, skip the products), then:
 - SORTABLE=False: stores the fp32 scores, -inf where the key is not a top-k candidate (the dense reference view);
 - SORTABLE=True: turns each score into an int64 key that sorts like (score, key index), so the largest keys are the
   best scores with exact ties going to the most recent key (selection.top_scoring's rule); -1 marks a non-candidate.
@@ -93,15 +94,17 @@ def _indexer_kernel(
     for tile in range(first, tl.minimum(first + tiles_per_split, num_tiles)):
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < kv_len
-        scores = _weighted_relu_scores(
-            IQ, W, IK, b, q_start, n, sq_b, sq_h, sq_q, sq_d, sw_b, sw_h, sw_q, sk_b, sk_n, sk_d,
-            index_heads, q_len, kv_len, dim, HEADS, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
-        )
         inside = q_ok[:, None] & n_ok[None, :]
         visible = tl.load(VIS + b * sv_b + qi[:, None] * sv_q + n[None, :] * sv_n, mask=inside, other=0) != 0
         kpos = tl.load(KPOS + b * skp_b + n * skp_n, mask=n_ok, other=-1)
         fixed = (kpos[None, :] < sinks) | (qpos[:, None] - kpos[None, :] < window)
         candidate = visible & ~fixed
+        scores = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if tl.max(candidate.to(tl.int32)) > 0:  # skips the products of tiles above the causal diagonal
+            scores = _weighted_relu_scores(
+                IQ, W, IK, b, q_start, n, sq_b, sq_h, sq_q, sq_d, sw_b, sw_h, sw_q, sk_b, sk_n, sk_d,
+                index_heads, q_len, kv_len, dim, HEADS, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
         out_ptrs = OUT + b * so_b + qi[:, None] * so_q + n[None, :] * so_n
         if SORTABLE:
             # IEEE bits -> an unsigned 32-bit pattern in score order, shifted above the 31 index bits.
