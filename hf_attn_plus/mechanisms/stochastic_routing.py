@@ -3,15 +3,19 @@ small-world graph: its local window (plus optional sinks) and `links` random lon
 uniformly without replacement from the keys beyond the window. Few links per token still connect any two tokens
 in few hops across layers.
 
-The draw is counter-based: key s is linked to query t in head h of layer l iff the hash of (seed, l, h, t, s) is
-among the `links` smallest over t's long-range keys. Positions are real-token positions, so the graph does not
-depend on padding, batch layout, sequence length or the KV cache (cached decode equals recomputation).
+The draw is counter-based and linear-time: query t of head h in layer l draws its links with Robert Floyd's sampling
+algorithm from hashes of (seed, l, h, t, step j), O(links^2) per query whatever the context
+(`selection.random_links`). Positions are real-token positions, so the graph does not depend on padding, batch
+layout, sequence length or the KV cache (cached decode equals recomputation). A drawn key the model's own mask hides
+(DeepSeek-V3.2's indexer choice) is dropped, not replaced.
 
 With `resample=True` a training forward draws a new graph per optimisation step: the seed is mixed with the step
 the training loop sets through `set_step(model, step)` (not a forward counter, so gradient-checkpoint recomputation
 sees the same graph). Evaluation always uses the base seed.
 
-The reference builds a [q, kv] keep mask (O(q·kv) memory); the attended set per query is window + sinks + links.
+The reference builds a [q, kv] keep mask from the drawn positions (O(q·kv) memory) and runs exact masked softmax;
+the kernel (kernels/gathered_attention, backend option) reads the window and sinks as slot ranges and gathers the
+listed links: O(q·(sinks + window + links)) work and memory.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from ..attention import attend_selected
 from ..masking import AttentionContext
 from ..options import bool_option, int_option
 from ..registry import Mechanism, register
-from ..selection import counter_hash, random_links, sinks_and_window
+from ..selection import counter_hash, positions_to_keep, random_links, sinks_and_window
 
 STEP_ATTRIBUTE = "_hf_attn_plus_step"
 
@@ -33,10 +37,13 @@ def routing_graph(
     ctx: AttentionContext, q_heads: int, opts: SimpleNamespace, layer: int, step: int | None = None
 ) -> torch.Tensor:
     """Keep mask [B, q_heads, q, kv]: sinks + window + `links` seeded random keys per head; `step` reseeds."""
-    fixed = sinks_and_window(ctx, opts.sinks, opts.window)
+    return sinks_and_window(ctx, opts.sinks, opts.window) | positions_to_keep(ctx, link_positions(ctx, q_heads, opts, layer, step))
+
+
+def link_positions(ctx: AttentionContext, q_heads: int, opts: SimpleNamespace, layer: int, step: int | None = None) -> torch.Tensor:
+    """Real positions of every query's long-range links, [B, q_heads, q, links] (-1: unused); `step` reseeds."""
     seed = opts.seed if step is None else int(counter_hash(opts.seed, step))
-    far = (ctx.visible & ~fixed).expand(-1, q_heads, -1, -1)
-    return fixed | random_links(ctx, far, opts.links, seed, layer)
+    return random_links(ctx.query_pos, q_heads, opts.sinks, opts.window, opts.links, seed, layer)
 
 
 def set_step(model: torch.nn.Module, step: int) -> None:
