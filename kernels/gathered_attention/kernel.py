@@ -1,0 +1,159 @@
+"""Triton forward of gathered attention (reference.gathered_attention_reference).
+
+Program (batch * kv head, row block). Rows are (query, head of the KV group) pairs, query-major, so a row block holds
+consecutive queries of every head of one group: their sink and window ranges overlap and are read once per group as
+key tiles (tl.dot), each row masking its own range and the visibility mask. The listed slots differ per row and are
+gathered one entry at a time for all rows of the block (a [rows, D] gather, a row-wise dot). One online softmax over
+all three parts; tiles multiply in the input dtype, the state and the listed keys are fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton import interpreting, next_power_of_2, tile_size
+
+
+@triton.jit
+def _softmax_update(m_i, l_i, acc, s, v):
+    """Online-softmax step for logits s [M, N] (-inf: dropped) and values v [N, DV]; fp32 state."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has kept nothing so far stays at -inf; shifting it by 0 keeps exp() at 0 instead of NaN.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - shift)
+    p = tl.exp(s - shift[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _range_tiles(
+    m_i, l_i, acc, q, start, end, row_ok, qi, b, k_base, v_base, VIS,
+    sk_n, sk_d, sv_n, sv_d, sm_b, sm_q, sm_n, kv_len, head_dim, v_dim, scaling,
+    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Attend every row to the visible keys of its own slot range [start, end), walking their union in tiles."""
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    nonempty = row_ok & (end > start)
+    lo = tl.min(tl.where(nonempty, start, kv_len), 0)
+    hi = tl.max(tl.where(nonempty, end, 0), 0)
+    lo = lo - lo % BLOCK_N
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < kv_len
+        k = tl.load(k_base + n[:, None] * sk_n + d[None, :] * sk_d, mask=n_ok[:, None] & (d < head_dim)[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+        keep = nonempty[:, None] & (n[None, :] >= start[:, None]) & (n[None, :] < end[:, None])
+        keep = keep & (tl.load(VIS + b * sm_b + qi[:, None] * sm_q + n[None, :] * sm_n, mask=keep, other=0) != 0)
+        v = tl.load(v_base + n[:, None] * sv_n + dv[None, :] * sv_d, mask=n_ok[:, None] & (dv < v_dim)[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        m_i, l_i, acc = _softmax_update(m_i, l_i, acc, tl.where(keep, s, float("-inf")), v)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, VIS, SPANS, SLOTS, LOGW, O,
+    sq_b, sq_h, sq_q, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sm_b, sm_q, sm_n,
+    sp_b, sp_q, sp_i,
+    ss_b, ss_h, ss_q, ss_j,
+    so_b, so_h, so_q, so_d,
+    kv_heads, q_len, kv_len, n_listed, head_dim, v_dim, scaling,
+    GROUP: tl.constexpr, HAS_WEIGHTS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // kv_heads).to(tl.int64)
+    kv_head = bh % kv_heads
+    r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi = r // GROUP
+    head = kv_head * GROUP + r % GROUP
+    row_ok = qi < q_len
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + b * sq_b + head[:, None] * sq_h + qi[:, None] * sq_q + d[None, :] * sq_d,
+        mask=row_ok[:, None] & (d < head_dim)[None, :], other=0.0,
+    )
+    q32 = q.to(tl.float32)
+    if UPCAST:  # the interpreter's 16-bit tl.dot is wrong
+        q = q32
+    k_base = K + b * sk_b + kv_head * sk_h
+    v_base = V + b * sv_b + kv_head * sv_h
+    span = SPANS + b * sp_b + qi * sp_q
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for part in range(2):  # sinks, then the window
+        start = tl.load(span + (2 * part) * sp_i, mask=row_ok, other=0)
+        end = tl.load(span + (2 * part + 1) * sp_i, mask=row_ok, other=0)
+        m_i, l_i, acc = _range_tiles(
+            m_i, l_i, acc, q, start, end, row_ok, qi, b, k_base, v_base, VIS,
+            sk_n, sk_d, sv_n, sv_d, sm_b, sm_q, sm_n, kv_len, head_dim, v_dim, scaling,
+            UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
+        )
+    listed = b * ss_b + head * ss_h + qi * ss_q
+    for j in range(0, n_listed):
+        slot = tl.load(SLOTS + listed + j * ss_j, mask=row_ok, other=-1)
+        ok = slot >= 0
+        ok = ok & (tl.load(VIS + b * sm_b + qi * sm_q + slot * sm_n, mask=ok, other=0) != 0)
+        k = tl.load(k_base + slot[:, None] * sk_n + d[None, :] * sk_d, mask=ok[:, None] & (d < head_dim)[None, :], other=0.0)
+        s = tl.sum(q32 * k.to(tl.float32), 1) * scaling
+        if HAS_WEIGHTS:
+            s += tl.load(LOGW + listed + j * ss_j, mask=ok, other=0.0)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, s)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - shift)
+        p = tl.exp(s - shift)
+        v = tl.load(v_base + slot[:, None] * sv_n + dv[None, :] * sv_d, mask=ok[:, None] & (dv < v_dim)[None, :], other=0.0)
+        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+        l_i = l_i * alpha + p
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = O + b * so_b + head[:, None] * so_h + qi[:, None] * so_q + dv[None, :] * so_d
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < v_dim)[None, :])
+
+
+def gathered_attention_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor,
+    spans: torch.Tensor,
+    slots: torch.Tensor,
+    log_weights: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Same contract as reference.gathered_attention_reference; returns [B, Hq, q, Dv] in the query's dtype."""
+    batch, q_heads, q_len, head_dim = query.shape
+    _, kv_heads, kv_len, _ = key.shape
+    v_dim = value.shape[-1]
+    group = q_heads // kv_heads
+    out = torch.empty(batch, q_heads, q_len, v_dim, dtype=query.dtype, device=query.device)
+    # Broadcast dims keep stride 0 (the mask is never copied per head); bool is read as bytes.
+    vis = visible.expand(batch, 1, q_len, kv_len)[:, 0].view(torch.uint8)
+    spans = spans.to(torch.int32)
+    slots = slots.to(torch.int32).expand(batch, q_heads, q_len, -1)
+    weights = slots if log_weights is None else log_weights.float().expand(slots.shape).contiguous()
+    slots = slots.contiguous()
+    block_m = min(tile_size(query.dtype), next_power_of_2(group * q_len))
+    grid = (batch * kv_heads, triton.cdiv(group * q_len, block_m))
+    _forward_kernel[grid](
+        query, key, value, vis, spans, slots, weights, out,
+        *query.stride(), *key.stride(), *value.stride(), *vis.stride(), *spans.stride(), *slots.stride(), *out.stride(),
+        kv_heads, q_len, kv_len, slots.shape[-1], head_dim, v_dim, scaling,
+        GROUP=group, HAS_WEIGHTS=log_weights is not None, UPCAST=interpreting(),
+        BLOCK_M=block_m, BLOCK_N=tile_size(query.dtype),
+        BLOCK_D=next_power_of_2(head_dim), BLOCK_DV=next_power_of_2(v_dim),
+    )
+    return out
