@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..attention import attend_selected
+from ..attention import _use_kernel, attend_selected
 from ..masking import AttentionContext
 from ..options import bool_option, int_option
 from ..registry import Mechanism, register
@@ -55,8 +55,18 @@ def set_step(model: torch.nn.Module, step: int) -> None:
 
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
     step = getattr(module, STEP_ATTRIBUTE, 0) if opts.resample and module.training else None
+    layer = getattr(module, "layer_idx", 0)
+    if _use_kernel(MECHANISM, opts, query, dropout):
+        from ..kernels.gathered_attention.function import gathered_attention
+        from ..kernels.gathered_attention.lists import fixed_spans, position_slots, slot_table
+
+        with torch.no_grad():
+            table = slot_table(ctx)
+            spans = fixed_spans(ctx, opts.sinks, opts.window, table)
+            slots = position_slots(ctx, link_positions(ctx, query.shape[1], opts, layer, step), table)
+        return gathered_attention(query, key, value, ctx.visible, spans, slots, scaling), None
     with torch.no_grad():
-        keep = routing_graph(ctx, query.shape[1], opts, getattr(module, "layer_idx", 0), step)
+        keep = routing_graph(ctx, query.shape[1], opts, layer, step)
     return attend_selected(module, query, key, value, keep, opts, scaling, dropout)
 
 
@@ -73,6 +83,7 @@ MECHANISM = register(
             bool_option("resample", False, "training forwards draw a new graph per step set by set_step()"),
         ),
         attend=attend,
+        attend_has_kernel=True,
         training_free=False,
     )
 )
