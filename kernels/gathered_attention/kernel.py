@@ -17,47 +17,6 @@ from .._triton import interpreting, next_power_of_2, tile_size
 
 
 @triton.jit
-def _softmax_update(m_i, l_i, acc, s, v):
-    """Online-softmax step for logits s [M, N] (-inf: dropped) and values v [N, DV]; fp32 state."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has kept nothing so far stays at -inf; shifting it by 0 keeps exp() at 0 instead of NaN.
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - shift)
-    p = tl.exp(s - shift[:, None])
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    return m_new, l_i * alpha + tl.sum(p, 1), acc
-
-
-@triton.jit
-def _range_tiles(
-    m_i, l_i, acc, q, start, end, row_ok, qi, b, k_base, v_base, VIS,
-    sk_n, sk_d, sv_n, sv_d, sm_b, sm_q, sm_n, kv_len, head_dim, v_dim, scaling,
-    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """Attend every row to the visible keys of its own slot range [start, end), walking their union in tiles."""
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    nonempty = row_ok & (end > start)
-    lo = tl.min(tl.where(nonempty, start, kv_len), 0)
-    hi = tl.max(tl.where(nonempty, end, 0), 0)
-    lo = lo - lo % BLOCK_N
-    for n0 in range(lo, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < kv_len
-        k = tl.load(k_base + n[:, None] * sk_n + d[None, :] * sk_d, mask=n_ok[:, None] & (d < head_dim)[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
-        keep = nonempty[:, None] & (n[None, :] >= start[:, None]) & (n[None, :] < end[:, None])
-        keep = keep & (tl.load(VIS + b * sm_b + qi[:, None] * sm_q + n[None, :] * sm_n, mask=keep, other=0) != 0)
-        v = tl.load(v_base + n[:, None] * sv_n + dv[None, :] * sv_d, mask=n_ok[:, None] & (dv < v_dim)[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        m_i, l_i, acc = _softmax_update(m_i, l_i, acc, tl.where(keep, s, float("-inf")), v)
-    return m_i, l_i, acc
-
-
-@triton.jit
 def _forward_kernel(
     Q, K, V, VIS, SPANS, SLOTS, LOGW, O,
     sq_b, sq_h, sq_q, sq_d,
@@ -93,29 +52,51 @@ def _forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for part in range(2):  # sinks, then the window
+    for part in range(2):  # sinks, then the window: each row masks its own slot range [start, end) of their union
         start = tl.load(span + (2 * part) * sp_i, mask=row_ok, other=0)
         end = tl.load(span + (2 * part + 1) * sp_i, mask=row_ok, other=0)
-        m_i, l_i, acc = _range_tiles(
-            m_i, l_i, acc, q, start, end, row_ok, qi, b, k_base, v_base, VIS,
-            sk_n, sk_d, sv_n, sv_d, sm_b, sm_q, sm_n, kv_len, head_dim, v_dim, scaling,
-            UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
-        )
-    listed = b * ss_b + head * ss_h + qi * ss_q
+        nonempty = row_ok & (end > start)
+        lo = tl.min(tl.where(nonempty, start, kv_len), 0)
+        hi = tl.max(tl.where(nonempty, end, 0), 0)
+        for n0 in range(lo - lo % BLOCK_N, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < kv_len
+            k = tl.load(k_base + n[:, None] * sk_n + d[None, :] * sk_d, mask=n_ok[:, None] & (d < head_dim)[None, :], other=0.0)
+            v = tl.load(v_base + n[:, None] * sv_n + dv[None, :] * sv_d, mask=n_ok[:, None] & (dv < v_dim)[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            keep = nonempty[:, None] & (n[None, :] >= start[:, None]) & (n[None, :] < end[:, None])
+            keep = keep & (tl.load(VIS + b * sm_b + qi[:, None] * sm_q + n[None, :] * sm_n, mask=keep, other=0) != 0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has kept nothing so far stays at -inf; shifting it by 0 keeps exp() at 0 instead of NaN.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - shift)
+            p = tl.exp(s - shift[:, None])
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+    listed = SLOTS + b * ss_b + head * ss_h + qi * ss_q
+    weights = LOGW + b * ss_b + head * ss_h + qi * ss_q
+    vis_row = VIS + b * sm_b + qi * sm_q
+    k_cols = k_base + d[None, :] * sk_d
+    v_cols = v_base + dv[None, :] * sv_d
     for j in range(0, n_listed):
-        slot = tl.load(SLOTS + listed + j * ss_j, mask=row_ok, other=-1)
+        slot = tl.load(listed + j * ss_j, mask=row_ok, other=-1)
         ok = slot >= 0
-        ok = ok & (tl.load(VIS + b * sm_b + qi * sm_q + slot * sm_n, mask=ok, other=0) != 0)
-        k = tl.load(k_base + slot[:, None] * sk_n + d[None, :] * sk_d, mask=ok[:, None] & (d < head_dim)[None, :], other=0.0)
+        ok = ok & (tl.load(vis_row + slot * sm_n, mask=ok, other=0) != 0)
+        k = tl.load(k_cols + slot[:, None] * sk_n, mask=ok[:, None] & (d < head_dim)[None, :], other=0.0)
         s = tl.sum(q32 * k.to(tl.float32), 1) * scaling
         if HAS_WEIGHTS:
-            s += tl.load(LOGW + listed + j * ss_j, mask=ok, other=0.0)
+            s += tl.load(weights + j * ss_j, mask=ok, other=0.0)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, s)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - shift)
         p = tl.exp(s - shift)
-        v = tl.load(v_base + slot[:, None] * sv_n + dv[None, :] * sv_d, mask=ok[:, None] & (dv < v_dim)[None, :], other=0.0)
+        v = tl.load(v_cols + slot[:, None] * sv_n, mask=ok[:, None] & (dv < v_dim)[None, :], other=0.0)
         acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
         l_i = l_i * alpha + p
         m_i = m_new
@@ -146,7 +127,8 @@ def gathered_attention_forward(
     slots = slots.to(torch.int32).expand(batch, q_heads, q_len, -1)
     weights = slots if log_weights is None else log_weights.float().expand(slots.shape).contiguous()
     slots = slots.contiguous()
-    block_m = min(tile_size(query.dtype), next_power_of_2(group * q_len))
+    # The interpreter pays per program: fewer, larger row blocks there.
+    block_m = min(64 if interpreting() else tile_size(query.dtype), next_power_of_2(group * q_len))
     grid = (batch * kv_heads, triton.cdiv(group * q_len, block_m))
     _forward_kernel[grid](
         query, key, value, vis, spans, slots, weights, out,
