@@ -155,7 +155,7 @@ def random_links(ctx: AttentionContext, candidates: torch.Tensor, links: int, se
     Key s is ranked by the top 24 bits of a hash of (seed, layer, head, query position, key position), exact in
     float32; the `links` largest win, and top_scoring breaks the rare exact ties by position.
     """
-    heads = torch.arange(candidates.shape[1], device=candidates.device).view(1, -1, 1, 1)
+    heads = ctx.head_index(candidates.shape[1], candidates.device)
     rank = (counter_hash(seed, layer, heads, ctx.query_pos, ctx.key_pos) >> 8).float()
     return top_scoring(rank, candidates, links)
 
