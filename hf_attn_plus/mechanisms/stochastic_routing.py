@@ -43,7 +43,7 @@ def routing_graph(
 def link_positions(ctx: AttentionContext, q_heads: int, opts: SimpleNamespace, layer: int, step: int | None = None) -> torch.Tensor:
     """Real positions of every query's long-range links, [B, q_heads, q, links] (-1: unused); `step` reseeds."""
     seed = opts.seed if step is None else int(counter_hash(opts.seed, step))
-    return random_links(ctx.query_pos, q_heads, opts.sinks, opts.window, opts.links, seed, layer)
+    return random_links(ctx, q_heads, opts.sinks, opts.window, opts.links, seed, layer)
 
 
 def set_step(model: torch.nn.Module, step: int) -> None:

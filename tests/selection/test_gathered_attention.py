@@ -11,7 +11,7 @@ import hf_attn_plus
 from hf_attn_plus.kernels.gathered_attention.function import gathered_attention
 from hf_attn_plus.kernels.gathered_attention.lists import fixed_spans, position_slots
 from hf_attn_plus.kernels.gathered_attention.reference import gathered_attention_reference
-from hf_attn_plus.masking import build_context
+from hf_attn_plus.masking import AttentionContext, build_context
 from hf_attn_plus.mechanisms.santa import importance_log_weights, sampled_slots
 from hf_attn_plus.mechanisms.stochastic_routing import link_positions, routing_graph
 from hf_attn_plus.options import OptionError
@@ -92,10 +92,15 @@ def test_log_weights_and_repeated_slots():
     torch.testing.assert_close(out, masked_attention(query, key, value, keep, 0.5, log_weights=dense_weights)[0])
 
 
+def _at(query_pos: torch.Tensor) -> AttentionContext:
+    """A context with only query positions (all the link draw reads)."""
+    return AttentionContext(visible=torch.ones_like(query_pos, dtype=torch.bool), key_pos=query_pos[:, :, :1], query_pos=query_pos)
+
+
 def test_links_are_beyond_the_window_distinct_and_as_many_as_asked():
     sinks, window, links, heads = 2, 5, 4, 8
     t = torch.arange(-1, 40).view(1, 1, -1, 1)  # -1: a query that sees nothing
-    drawn = random_links(t, heads, sinks, window, links, seed=3, layer=2)[0]
+    drawn = random_links(_at(t), heads, sinks, window, links, seed=3, layer=2)[0]
     far = (t[0, :, :, 0] - window - sinks + 1).clamp(min=0)  # number of far keys per query
     used = drawn >= 0
     assert torch.equal(used.sum(-1), far.clamp(max=links).expand(heads, -1))
@@ -112,7 +117,7 @@ def test_links_have_uniform_marginals():
     sinks, window, links, heads = 1, 3, 5, 4000
     t = torch.tensor(sinks + window + 19).view(1, 1, 1, 1)
     for layer in range(2):
-        drawn = random_links(t, heads, sinks, window, links, seed=0, layer=layer)[0, :, 0]
+        drawn = random_links(_at(t), heads, sinks, window, links, seed=0, layer=layer)[0, :, 0]
         counts = torch.bincount(drawn.flatten() - sinks, minlength=20).double()
         z = (counts - heads / 4) / (heads * 0.25 * 0.75) ** 0.5
         assert counts.sum() == heads * links and z.abs().max() < 5
