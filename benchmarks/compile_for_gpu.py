@@ -19,6 +19,7 @@ from triton.compiler import ASTSource
 from hf_attn_plus.kernels._triton import tile_size
 from hf_attn_plus.kernels.block_scoring import kernel as scoring
 from hf_attn_plus.kernels.block_sparse_prefill import kernel as prefill
+from hf_attn_plus.kernels.gathered_attention import kernel as gathered
 from hf_attn_plus.kernels.selected_decode import kernel as decode
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -62,6 +63,21 @@ def main() -> None:
                     f"{time.perf_counter() - start:.0f} s",
                     flush=True,
                 )
+        # Gathered attention: BLOCK_M 16 is a decode call (one query, a GQA group of rows), the tile size prefill.
+        fn = gathered._forward_kernel
+        pointers = dict(Q=x, K=x, V=x, VIS="*u8", SPANS="*i32", SLOTS="*i32", LOGW="*fp32", O=x)
+        for has_weights, block_m in ((False, tile), (True, 16)):
+            constants = dict(
+                GROUP=4, HAS_WEIGHTS=has_weights, UPCAST=False, BLOCK_M=block_m, BLOCK_N=tile,
+                BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
+            )
+            start = time.perf_counter()
+            compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+            print(
+                f"{dt} {fn.fn.__name__} weights={has_weights} rows={block_m} tile={tile}: {compiled.metadata.shared} B "
+                f"shared, {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
     constants = dict(GROUP=4, BLOCK_M=16, BLOCK_B=64, BLOCK_D=args.head_dim)
     pointers = dict(Q="*bf16", KMIN="*bf16", KMAX="*bf16", S="*fp32")
     fn = scoring._quest_scores_kernel
