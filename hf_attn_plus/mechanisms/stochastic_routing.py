@@ -37,10 +37,13 @@ def routing_graph(
     ctx: AttentionContext, q_heads: int, opts: SimpleNamespace, layer: int, step: int | None = None
 ) -> torch.Tensor:
     """Keep mask [B, q_heads, q, kv]: sinks + window + `links` seeded random keys per head; `step` reseeds."""
-    return sinks_and_window(ctx, opts.sinks, opts.window) | positions_to_keep(ctx, link_positions(ctx, q_heads, opts, layer, step))
+    links = positions_to_keep(ctx, link_positions(ctx, q_heads, opts, layer, step))
+    return sinks_and_window(ctx, opts.sinks, opts.window) | links
 
 
-def link_positions(ctx: AttentionContext, q_heads: int, opts: SimpleNamespace, layer: int, step: int | None = None) -> torch.Tensor:
+def link_positions(
+    ctx: AttentionContext, q_heads: int, opts: SimpleNamespace, layer: int, step: int | None = None
+) -> torch.Tensor:
     """Real positions of every query's long-range links, [B, q_heads, q, links] (-1: unused); `step` reseeds."""
     seed = opts.seed if step is None else int(counter_hash(opts.seed, step))
     return random_links(ctx, q_heads, opts.sinks, opts.window, opts.links, seed, layer)

@@ -1,9 +1,8 @@
-"""Differentiable gathered attention: Triton forward, backward recomputed through the PyTorch reference.
+"""Differentiable gathered attention: Triton forward and backward.
 
 gathered_attention(...) == reference.gathered_attention_reference(...), outputs and gradients w.r.t. query, key,
-value. The backward gathers each query's keys again and differentiates the reference (O(q · listed keys · D)
-memory; the key/value gradients are summed by index_add, whose CUDA atomics make their float summation order
-non-deterministic). A Triton backward is not written yet.
+value (the log-weights and lists are constants). The backward walks the same ranges and lists; key and value
+gradients are fp32 atomic sums, so their last bits may vary between GPU runs.
 """
 
 from __future__ import annotations
@@ -11,26 +10,21 @@ from __future__ import annotations
 import torch
 
 from .._triton import require_triton
-from .kernel import gathered_attention_forward
-from .reference import gathered_attention_reference
+from .kernel import gathered_attention_backward, gathered_attention_forward
 
 
 class GatheredAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, visible, spans, slots, log_weights, scaling: float):
-        ctx.save_for_backward(query, key, value, visible, spans, slots, log_weights)
+        out, lse = gathered_attention_forward(query, key, value, visible, spans, slots, log_weights, scaling)
+        ctx.save_for_backward(query, key, value, visible, spans, slots, log_weights, out, lse)
         ctx.scaling = scaling
-        return gathered_attention_forward(query, key, value, visible, spans, slots, log_weights, scaling)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, visible, spans, slots, log_weights = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(need) for t, need in zip((query, key, value), ctx.needs_input_grad[:3])]
-        with torch.enable_grad():
-            out = gathered_attention_reference(*inputs, visible, spans, slots, log_weights, ctx.scaling)
-            wanted = [t for t in inputs if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return (*(next(grads) if t.requires_grad else None for t in inputs), None, None, None, None, None)
+        dq, dk, dv = gathered_attention_backward(grad_out, *ctx.saved_tensors, ctx.scaling)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def gathered_attention(
