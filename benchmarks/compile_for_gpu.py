@@ -64,20 +64,24 @@ def main() -> None:
                     flush=True,
                 )
         # Gathered attention: BLOCK_M 16 is a decode call (one query, a GQA group of rows), the tile size prefill.
-        fn = gathered._forward_kernel
-        pointers = dict(Q=x, K=x, V=x, VIS="*u8", SPANS="*i32", SLOTS="*i32", LOGW="*fp32", O=x)
-        for has_weights, block_m in ((False, tile), (True, 16)):
-            constants = dict(
-                GROUP=4, HAS_WEIGHTS=has_weights, UPCAST=False, BLOCK_M=block_m, BLOCK_N=tile,
-                BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
-            )
-            start = time.perf_counter()
-            compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
-            print(
-                f"{dt} {fn.fn.__name__} weights={has_weights} rows={block_m} tile={tile}: {compiled.metadata.shared} B "
-                f"shared, {time.perf_counter() - start:.0f} s",
-                flush=True,
-            )
+        gathered_common = dict(Q=x, K=x, V=x, VIS="*u8", SPANS="*i32", SLOTS="*i32", LOGW="*fp32", LSE="*fp32")
+        gathered_kernels = [
+            (gathered._forward_kernel, dict(gathered_common, O=x), ((False, tile), (True, 16))),
+            (gathered._backward_kernel, dict(gathered_common, DO=x, DELTA="*fp32", DQ=x, DK="*fp32", DV="*fp32"), ((False, tile),)),
+        ]
+        for fn, pointers, variants in gathered_kernels:
+            for has_weights, block_m in variants:
+                constants = dict(
+                    GROUP=4, HAS_WEIGHTS=has_weights, UPCAST=False, BLOCK_M=block_m, BLOCK_N=tile,
+                    BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
+                )
+                start = time.perf_counter()
+                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+                print(
+                    f"{dt} {fn.fn.__name__} weights={has_weights} rows={block_m} tile={tile}: "
+                    f"{compiled.metadata.shared} B shared, {time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
     constants = dict(GROUP=4, BLOCK_M=16, BLOCK_B=64, BLOCK_D=args.head_dim)
     pointers = dict(Q="*bf16", KMIN="*bf16", KMAX="*bf16", S="*fp32")
     fn = scoring._quest_scores_kernel

@@ -57,7 +57,7 @@ TINY = dict(
 )
 # stochastic_routing (window, sinks, links per query and head) and santa decode (samples, window, sinks).
 STOCHASTIC_FULL = dict(
-    window=64, sinks=4, links=16, samples=64, prefill_lengths=[8192, 32768, 131072], training_lengths=[2048, 8192],
+    window=64, sinks=4, links=16, samples=64, prefill_lengths=[8192, 32768, 131072], training_lengths=[8192, 32768],
     decode_contexts=[16384, 65536, 131072], flex_max_length=32768,
 )
 STOCHASTIC_TINY = dict(
