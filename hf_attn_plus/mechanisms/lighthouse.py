@@ -23,6 +23,9 @@ query head, over the n real tokens (positions count real tokens, so padding and 
    the positions up to the end of the next emitted entry, minus one. Nothing a position reads holds a later
    position. Positions before the first entry ends (inside an unrefined first entry) output zeros.
 With a budget covering every candidate of every level all entries are tokens and this is dense causal attention.
+As in the paper, which entries are refined is decided over the whole sequence (a later token's norm can change the
+resolution of an earlier one); values and gradients never flow from a later position to an earlier one. The paper
+ends training with a short dense phase (recovery): switch the model to 'sdpa' for the last steps.
 
 Where the official code differs: its kernel selects per tile of the sequence (topk/128 tiles, 128 entries each);
 here the top-k runs over the whole sequence (identical for one tile). It also keeps each refined entry in the

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import hf_attn_plus
+from hf_attn_plus.attention import attend_selected
 from hf_attn_plus.masking import build_context
 from hf_attn_plus.mechanisms.lighthouse import attend, compressed_sequence, real_token_order
 from hf_attn_plus.reference import masked_attention
@@ -122,6 +123,12 @@ def test_pyramid_with_a_budget_covering_every_entry_is_dense_causal_attention():
     torch.testing.assert_close(out, dense)
     sparse, _ = attend(TRAINING, query, key, value, ctx, _pyramid(), 0.4, 0.0)
     assert not torch.allclose(sparse, dense, atol=1e-3)
+    # logit_scale counts the entries each one attends: at a covering budget, the keys of dense attention.
+    scaled = dict(logit_scale="log", logit_scale_c=0.5, train_length=8)
+    out, _ = attend(TRAINING, query, key, value, ctx, SimpleNamespace(**vars(_pyramid(budget=27)) | scaled), 0.4, 0.0)
+    expected, _ = attend_selected(TRAINING, query, key, value, ctx.visible, SimpleNamespace(**scaled), 0.4)
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, dense, atol=1e-3)
 
 
 def test_pyramid_gives_left_padded_right_padded_and_alone_the_same_outputs():
