@@ -1,8 +1,9 @@
 """lighthouse: training-only hierarchical attention (Lighthouse Attention, Peng, Ghosh, Quesnelle 2026) that hands
 over to dense attention or a named mechanism at inference.
 
-form='pyramid' (default, the paper's algorithm; github.com/ighoshsubho/lighthouse-attention). Per batch row and
-query head, over the n real tokens (positions count real tokens, so padding and batch layout change nothing):
+form='pyramid' (default: the paper's algorithm, github.com/ighoshsubho/lighthouse-attention, with each position
+reading exactly one entry unless scatter='sum'). Per batch row and query head, over the n real tokens (positions count
+real tokens, so padding and batch layout change nothing):
 
 1. Pyramid. Level 0 entries are the tokens; level l = 1..`levels` entry i covers positions [i*f^l, (i+1)*f^l)
    (f = `factor`) and holds the mean of their queries, keys and values (symmetric pooling). An entry exists if it
@@ -18,7 +19,7 @@ query head, over the n real tokens (positions count real tokens, so padding and 
    causal SDPA runs on it with the pooled queries, keys and values. Causality rule: entry e may see entry g iff g
    starts at or before e; as entries are disjoint, a key other than e's own holds only positions before e's first,
    and e's own key holds only positions inside e.
-4. Scatter back. Position t takes the output of the last entry that ends at or before t + 1 (the latest entry all
+4. Scatter back (scatter='latest', the default). Position t takes the output of the last entry that ends at or before t + 1 (the latest entry all
    of whose positions are <= t): a token its own output; a pooled entry [s, s+c) writes its last position s+c-1 and
    the positions up to the end of the next emitted entry, minus one. Nothing a position reads holds a later
    position. Positions before the first entry ends (inside an unrefined first entry) output zeros.
@@ -27,12 +28,15 @@ As in the paper, which entries are refined is decided over the whole sequence (a
 resolution of an earlier one); values and gradients never flow from a later position to an earlier one. The paper
 ends training with a short dense phase (recovery): switch the model to 'sdpa' for the last steps.
 
-Where the official code differs: its kernel selects per tile of the sequence (topk/128 tiles, 128 entries each);
-here the top-k runs over the whole sequence (identical for one tile). It also keeps each refined entry in the
-sequence, placed right after its children, and adds into position t the outputs of the entry of every level that
-ended at or before t + 1 (a shifted fan-out with atomic adds), so its output is a sum over levels and does not reduce
-to dense attention; here each position reads exactly one entry. Model-side restrictions beyond causality and padding
-(DeepSeek-V3.2's indexer choice, sliding windows) are not applied in training; the selection above replaces them.
+scatter='sum' follows the released code (src/lighthouse_selection.py) where it differs from the above: every
+refined complete entry also stays in the sequence, placed after its last position (after the refined entries of finer
+levels that end there, before the next emitted entry), and position t adds up, for every level, the output of that
+level's last entry ending at or before t + 1 if it is in the sequence (the kernel's atomic fan-out of entry [s, s+c)
+into positions [s+c-1, s+2c-1)). Entries' ends never decrease along the sequence, so this is causal too, but the
+output is a sum over levels and does not reduce to dense attention at any budget. Not followed in either mode: the
+released kernel selects per tile of the sequence (topk/128 tiles of 128 entries per level); here the top-k runs over
+the whole sequence (the same for one tile). Model-side restrictions beyond causality and padding (DeepSeek-V3.2's
+indexer choice, sliding windows) are not applied in training; the selection above replaces them.
 
 form='blocks': coarse pooled levels choose which fine key blocks each query attends to. Keys form fine blocks of
 `block_size` real tokens and `levels` coarser levels, each `factor` times larger; every block is summarised by the
@@ -77,19 +81,22 @@ def pyramid(x: torch.Tensor, levels: int, factor: int) -> torch.Tensor:
     return torch.cat(means, dim=2)
 
 
-def entry_spans(length: int, levels: int, factor: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """First position and size of every pyramid entry in `pyramid`'s order, [P] each."""
-    sizes = [factor**level for level in range(levels + 1)]
-    starts = torch.cat([torch.arange(0, length, size, device=device) for size in sizes])
-    widths = torch.cat([torch.full((length // size,), size, device=device) for size in sizes])
-    return starts, widths
+def entry_spans(length: int, levels: int, factor: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First position, size and level of every pyramid entry in `pyramid`'s order, [P] each."""
+    spans = [torch.arange(0, length, factor**level, device=device) for level in range(levels + 1)]
+    starts = torch.cat(spans)
+    level = torch.cat([torch.full_like(span, index) for index, span in enumerate(spans)])
+    return starts, factor**level, level
 
 
-def pyramid_selection(query_norm: torch.Tensor, key_norm: torch.Tensor, real: torch.Tensor, opts: SimpleNamespace) -> torch.Tensor:
-    """Emitted entries [B, H, P] (in `pyramid`'s order) from per-token norms [B, H, N] and real lengths [B, 1]."""
+def pyramid_selection(
+    query_norm: torch.Tensor, key_norm: torch.Tensor, real: torch.Tensor, opts: SimpleNamespace
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(emitted, refined and complete) entries [B, H, P] in `pyramid`'s order, from per-token norms [B, H, N] and
+    real lengths [B, 1]."""
     batch, heads, length = query_norm.shape
     real = real[:, :, None]
-    emitted, refined = [], None
+    emitted, chosen, refined = [], [], None
     for level in range(opts.levels, 0, -1):
         size = opts.factor**level
         start = torch.arange(0, length, size, device=real.device)
@@ -103,27 +110,60 @@ def pyramid_selection(query_norm: torch.Tensor, key_norm: torch.Tensor, real: to
         by_key = top_scoring(key_score, complete & ~by_query, opts.budget // 2)
         refined = (candidate & ~complete) | by_query | by_key
         emitted.insert(0, candidate & ~refined)
+        chosen.insert(0, by_query | by_key)
     tokens = (torch.arange(length, device=real.device) < real).expand(batch, heads, -1)
     if refined is not None:
         tokens = tokens & refined.repeat_interleave(opts.factor, dim=-1)
-    return torch.cat([tokens, *emitted], dim=-1)
+    return torch.cat([tokens, *emitted], dim=-1), torch.cat([torch.zeros_like(tokens), *chosen], dim=-1)
 
 
 def compressed_sequence(
     query: torch.Tensor, key: torch.Tensor, real: torch.Tensor, opts: SimpleNamespace
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The selected entries of each row and query head sorted by first position: (pyramid index [B, Hq, S], first
-    position, size, valid [B, Hq, S]); query [B, Hq, N, D], key [B, Hkv, N, D] in real-token order."""
+    """The entries of each row and query head in sequence order: (pyramid index [B, Hq, S], first position, size,
+    valid [B, Hq, S]); query [B, Hq, N, D], key [B, Hkv, N, D] in real-token order."""
     batch, q_heads, length, _ = query.shape
     groups = q_heads // key.shape[1]
     key_norm = key.float().norm(dim=-1).repeat_interleave(groups, dim=1)
-    emitted = pyramid_selection(query.float().norm(dim=-1), key_norm, real, opts)
-    starts, sizes = entry_spans(length, opts.levels, opts.factor, query.device)
-    # Emitted entries are disjoint, so their first positions are distinct; the rest sort after them.
-    order = torch.where(emitted, starts, length).argsort(dim=-1, stable=True)
-    count = emitted.sum(-1, keepdim=True)
+    emitted, refined = pyramid_selection(query.float().norm(dim=-1), key_norm, real, opts)
+    starts, sizes, level = entry_spans(length, opts.levels, opts.factor, query.device)
+    # Emitted entries are disjoint, so their first positions order them. scatter='sum' also keeps refined entries,
+    # each right after its last position and after the refined entries of finer levels that end there.
+    width = opts.levels + 1
+    rank = torch.where(emitted, starts * width, (starts + sizes - 1) * width + level)
+    in_sequence = emitted | refined if opts.scatter == "sum" else emitted
+    order = torch.where(in_sequence, rank, length * width).argsort(dim=-1, stable=True)
+    count = in_sequence.sum(-1, keepdim=True)
     order = order[..., : int(count.max())]
     return order, starts[order], sizes[order], torch.arange(order.shape[-1], device=query.device) < count
+
+
+def scatter_sources(
+    entries: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, length: int, opts: SimpleNamespace
+) -> torch.Tensor:
+    """Sequence indices [B, Hq, length, m] whose outputs each position adds up; -1: none.
+
+    'latest' (m = 1): the last entry that ended at or before t + 1. 'sum' (m = levels + 1): for every level, the
+    last entry of that level that ended at or before t + 1, where it is in the sequence.
+    """
+    *lead, seq_len = entries.shape
+    sequence_index = torch.arange(seq_len, device=entries.device).expand_as(entries)
+    if opts.scatter == "latest":
+        ends = torch.where(valid, starts + sizes - 1, length)
+        ended = torch.full((*lead, length + 1), -1, dtype=torch.long, device=entries.device)
+        ended.scatter_(-1, ends, sequence_index)
+        return ended[..., :length].cummax(dim=-1).values[..., None]
+    entry_count = sum(length // opts.factor**level for level in range(opts.levels + 1))
+    slot = torch.full((*lead, entry_count + 1), -1, dtype=torch.long, device=entries.device)
+    slot.scatter_(-1, torch.where(valid, entries, entry_count), sequence_index)
+    t = torch.arange(length, device=entries.device)
+    found, offset = [], 0
+    for level in range(opts.levels + 1):
+        size = opts.factor**level
+        index = (t + 1) // size - 1
+        found.append(torch.where(index >= 0, slot[..., offset + index.clamp(min=0)], -1))
+        offset += length // size
+    return torch.stack(found, dim=-1)
 
 
 def gather_entries(pyramid_x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -163,15 +203,12 @@ def pyramid_attention(module, query, key, value, ctx, opts, scaling, dropout):
     # Valid entries come first, so causal attention never lets a valid entry see an invalid one.
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout)
     with torch.no_grad():
-        ends = torch.where(valid, starts + sizes - 1, length)
-        finished = torch.full((batch, q_heads, length + 1), -1, dtype=torch.long, device=q.device)
-        finished.scatter_(-1, ends, torch.arange(seq_len, device=q.device).expand_as(ends))
-        source = finished[..., :length].cummax(dim=-1).values  # the last entry ended at or before each position
-        position = ctx.query_pos[:, :, :, 0].clamp(min=0).expand(-1, q_heads, -1)
-        source = source.gather(-1, position)
-        keep = ((source >= 0) & (ctx.query_pos[:, :, :, 0] >= 0))[..., None]
-    picked = out.gather(2, source.clamp(min=0)[..., None].expand(-1, -1, -1, out.shape[-1]))
-    return picked * keep, None
+        sources = scatter_sources(entries, starts, sizes, valid, length, opts)
+        position = ctx.query_pos[:, :, :, :1].clamp(min=0).expand(-1, q_heads, -1, sources.shape[-1])
+        sources = torch.where(ctx.query_pos >= 0, sources.gather(2, position), -1)
+    picked = out.gather(2, sources.clamp(min=0).reshape(batch, q_heads, -1, 1).expand(-1, -1, -1, out.shape[-1]))
+    picked = picked.reshape(*sources.shape, -1) * (sources >= 0)[..., None]
+    return picked.sum(3), None
 
 
 def causal_block_queries(query: torch.Tensor, ctx: AttentionContext, block_size: int) -> torch.Tensor:
@@ -231,6 +268,10 @@ MECHANISM = register(
         "(or pooled selection of fine blocks); inference: dense or a named mechanism",
         options=(
             choice_option("form", "pyramid", ("pyramid", "blocks"), "the paper's compressed sequence, or block selection"),
+            choice_option(
+                "scatter", "latest", ("latest", "sum"),
+                "pyramid: each position reads the latest finished entry, or the released code's sum over levels",
+            ),
             int_option("levels", 2, 0, "pooled levels above the tokens (pyramid) or above the fine blocks (blocks)"),
             int_option("factor", 4, 2, "entries of one level per entry of the next coarser level"),
             int_option("budget", 8, 1, "entries refined per level (pyramid); blocks chosen per level (blocks)"),

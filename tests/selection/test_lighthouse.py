@@ -18,7 +18,7 @@ BLOCKS = dict(block_size=4, levels=2, factor=2, budget=2, local_blocks=1, sink_b
 TRAINING = SimpleNamespace(training=True, config=None)
 
 
-def _written_out_pyramid(q, k, v, levels, factor, budget, scaling):
+def _written_out_pyramid(q, k, v, levels, factor, budget, scaling, scatter="latest"):
     """The pyramid form for one unpadded sequence and head, built entry by entry with Python lists: [n, Dv]."""
     n = q.shape[0]
     q_norm, k_norm = q.detach().norm(dim=-1), k.detach().norm(dim=-1)
@@ -26,20 +26,27 @@ def _written_out_pyramid(q, k, v, levels, factor, budget, scaling):
     def best(spans, norms, count):
         return sorted(spans, key=lambda span: -float(norms[span[0] : span[0] + span[1]].max()))[:count]
 
-    emitted, candidates = [], [(s, factor**levels) for s in range(0, n, factor**levels)]
+    # Sort keys: an emitted entry by its first position; a refined one (scatter='sum') after its last position.
+    keyed, candidates = [], [(s, factor**levels) for s in range(0, n, factor**levels)]
     for level in range(levels, 0, -1):
         complete = [span for span in candidates if span[0] + span[1] <= n]
         by_query = best(complete, q_norm, budget - budget // 2)
         by_key = best([span for span in complete if span not in by_query], k_norm, budget // 2)
         refined = [span for span in candidates if span not in complete] + by_query + by_key
-        emitted += [span for span in candidates if span not in refined]
+        keyed += [((s, 0, 0), (s, c)) for s, c in candidates if (s, c) not in refined]
+        if scatter == "sum":
+            keyed += [((s + c - 1, 1, level), (s, c)) for s, c in by_query + by_key]
         child = factor ** (level - 1)
         candidates = [(s + j * child, child) for s, _ in refined for j in range(factor) if s + j * child < n]
-    spans = sorted(emitted + candidates)
+    spans = [span for _, span in sorted(keyed + [((s, 0, 0), (s, c)) for s, c in candidates])]
     pq, pk, pv = (torch.stack([x[s : s + c].mean(0) for s, c in spans]) for x in (q, k, v))
     entry_out = [torch.softmax(scaling * pk[: j + 1] @ pq[j], dim=0) @ pv[: j + 1] for j in range(len(spans))]
     out = []
     for t in range(n):
+        if scatter == "sum":  # the released kernel's fan-out: entry [s, s+c) adds into positions [s+c-1, s+2c-1)
+            parts = [entry_out[j] for j, (s, c) in enumerate(spans) if s + c - 1 <= t < s + 2 * c - 1]
+            out.append(torch.stack(parts).sum(0) if parts else torch.zeros_like(v[0]))
+            continue
         finished = [j for j, (s, c) in enumerate(spans) if s + c - 1 <= t]
         out.append(entry_out[finished[-1]] if finished else torch.zeros_like(v[0]))
     return torch.stack(out)
@@ -59,16 +66,17 @@ def _inputs(batch, length, seed=0, q_heads=4, kv_heads=2, dim=6, v_dim=5):
 
 
 def _pyramid(**options):
-    return SimpleNamespace(form="pyramid", **{**PYRAMID, **options}, logit_scale="none")
+    return SimpleNamespace(**{"form": "pyramid", "scatter": "latest", **PYRAMID, **options}, logit_scale="none")
 
 
-def test_pyramid_equals_the_written_out_construction_forward_and_backward():
+@pytest.mark.parametrize("scatter", ["latest", "sum"])
+def test_pyramid_equals_the_written_out_construction_forward_and_backward(scatter):
     # Two rows of different real lengths (neither a multiple of the coarsest entry), one left-, one right-padded.
     real = torch.zeros(2, 30, dtype=torch.bool)
     real[0, 7:] = True
     real[1, :23] = True
     query, key, value = _inputs(2, 30)
-    out, _ = attend(TRAINING, query, key, value, _padded_context(real), _pyramid(), 0.4, 0.0)
+    out, _ = attend(TRAINING, query, key, value, _padded_context(real), _pyramid(scatter=scatter), 0.4, 0.0)
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)) * real[:, None, :, None]
     grads = torch.autograd.grad((out * weight).sum(), (query, key, value))
     expected = torch.zeros_like(out)
@@ -76,7 +84,7 @@ def test_pyramid_equals_the_written_out_construction_forward_and_backward():
         for h in range(4):
             pick = real[b]
             expected[b, h, pick] = _written_out_pyramid(
-                query[b, h, pick], key[b, h // 2, pick], value[b, h // 2, pick], **PYRAMID, scaling=0.4
+                query[b, h, pick], key[b, h // 2, pick], value[b, h // 2, pick], **PYRAMID, scaling=0.4, scatter=scatter
             )
     assert not (out * ~real[:, None, :, None]).any(), "padding queries output zeros"
     torch.testing.assert_close(out, expected)
@@ -85,26 +93,34 @@ def test_pyramid_equals_the_written_out_construction_forward_and_backward():
         torch.testing.assert_close(grad, expected_grad)
 
 
-def test_compressed_sequence_partitions_the_real_tokens_and_values_never_flow_backwards():
+@pytest.mark.parametrize("scatter", ["latest", "sum"])
+def test_compressed_sequence_covers_the_real_tokens_and_values_never_flow_backwards(scatter):
     real = torch.zeros(3, 29, dtype=torch.bool)
     real[0], real[1, 5:], real[2, :18] = True, True, True
     query, key, value = _inputs(3, 29, seed=2)
     ctx = _padded_context(real)
     order, lengths = real_token_order(ctx, 32)
     compact = lambda x: x.detach().gather(2, order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
-    entries, starts, sizes, valid = compressed_sequence(compact(query), compact(key), lengths, _pyramid())
+    entries, starts, sizes, valid = compressed_sequence(compact(query), compact(key), lengths, _pyramid(scatter=scatter))
     assert (sizes[valid] > 1).any() and (sizes[valid] == 1).any(), "both pooled entries and tokens are selected"
     for b in range(3):
         for h in range(4):
             s, c = starts[b, h][valid[b, h]], sizes[b, h][valid[b, h]]
+            e = s + c
+            assert not (s % c).any(), "entries are aligned pyramid nodes"
+            inside = (s[:, None] <= s[None, :]) & (e[None, :] <= e[:, None])
+            leaf = inside.sum(-1) == 1  # no other entry inside it (scatter='sum' keeps refined parents too)
             covered = torch.zeros(32, dtype=torch.long)
-            for first, size in zip(s.tolist(), c.tolist()):
-                assert first % size == 0, "entries are aligned pyramid nodes"
-                covered[first : first + size] += 1
-            assert torch.equal(covered, (torch.arange(32) < lengths[b]).long()), "each real position exactly once"
-            assert torch.equal(s[1:], s[:-1] + c[:-1]), "sorted and contiguous: every visible earlier key ends before"
+            for first, end in zip(s[leaf].tolist(), e[leaf].tolist()):
+                covered[first:end] += 1
+            assert torch.equal(covered, (torch.arange(32) < lengths[b]).long()), "each real position in one leaf"
+            # An entry's output goes to positions >= its last one; every entry before it in the sequence (the keys
+            # it sees) ends no later, so no key holds a position after any position the output reaches.
+            assert (e[1:] >= e[:-1]).all()
+            if scatter == "latest":
+                assert leaf.all() and torch.equal(s[1:], e[:-1]), "a partition in order"
     # Through the values (selection is gradient-free), outputs up to t depend on no input after t.
-    out, _ = attend(TRAINING, query, key, value, ctx, _pyramid(), 0.4, 0.0)
+    out, _ = attend(TRAINING, query, key, value, ctx, _pyramid(scatter=scatter), 0.4, 0.0)
     position = ctx.key_pos[:, 0, 0]
     for t in (0, 3, 8, 13, 16):
         upto = ((position >= 0) & (position <= t))[:, None, :, None]
@@ -131,9 +147,10 @@ def test_pyramid_with_a_budget_covering_every_entry_is_dense_causal_attention():
     assert not torch.allclose(out, dense, atol=1e-3)
 
 
-def test_pyramid_gives_left_padded_right_padded_and_alone_the_same_outputs():
+@pytest.mark.parametrize("scatter", ["latest", "sum"])
+def test_pyramid_gives_left_padded_right_padded_and_alone_the_same_outputs(scatter):
     query, key, value = (x.detach() for x in _inputs(1, 21, seed=4))
-    alone, _ = attend(TRAINING, query, key, value, causal_context(1, 21), _pyramid(), 0.4, 0.0)
+    alone, _ = attend(TRAINING, query, key, value, causal_context(1, 21), _pyramid(scatter=scatter), 0.4, 0.0)
     for pad_left in (True, False):
         place = slice(6, None) if pad_left else slice(0, 21)
         real = torch.zeros(1, 27, dtype=torch.bool)
@@ -141,7 +158,7 @@ def test_pyramid_gives_left_padded_right_padded_and_alone_the_same_outputs():
         padded = [torch.zeros(*x.shape[:2], 27, x.shape[-1]) for x in (query, key, value)]
         for full, x in zip(padded, (query, key, value)):
             full[:, :, place] = x
-        out, _ = attend(TRAINING, *padded, _padded_context(real), _pyramid(), 0.4, 0.0)
+        out, _ = attend(TRAINING, *padded, _padded_context(real), _pyramid(scatter=scatter), 0.4, 0.0)
         torch.testing.assert_close(out[:, :, place], alone)
 
 
@@ -215,9 +232,9 @@ def test_pyramid_training_is_padding_invariant(model_type):
     assert_padding_invariant(_training_model(model_type, **PYRAMID), length=30, pad=7)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "deepseek_v3"])
-def test_pyramid_training_steps_stay_finite(model_type):
-    model = _training_model(model_type, **PYRAMID)
+@pytest.mark.parametrize("model_type, scatter", [("llama", "latest"), ("deepseek_v3", "latest"), ("llama", "sum")])
+def test_pyramid_training_steps_stay_finite(model_type, scatter):
+    model = _training_model(model_type, **PYRAMID, scatter=scatter)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = token_batch(2, 40)
     for _ in range(2):
