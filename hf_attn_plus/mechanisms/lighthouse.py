@@ -19,10 +19,11 @@ real tokens, so padding and batch layout change nothing):
    causal SDPA runs on it with the pooled queries, keys and values. Causality rule: entry e may see entry g iff g
    starts at or before e; as entries are disjoint, a key other than e's own holds only positions before e's first,
    and e's own key holds only positions inside e.
-4. Scatter back (scatter='latest', the default). Position t takes the output of the last entry that ends at or before t + 1 (the latest entry all
-   of whose positions are <= t): a token its own output; a pooled entry [s, s+c) writes its last position s+c-1 and
-   the positions up to the end of the next emitted entry, minus one. Nothing a position reads holds a later
-   position. Positions before the first entry ends (inside an unrefined first entry) output zeros.
+4. Scatter back (scatter='latest', the default). Position t takes the output of the last entry that ends at or
+   before t + 1 (the latest entry all of whose positions are <= t): a token its own output; a pooled entry [s, s+c)
+   writes its last position s+c-1 and the positions up to the end of the next emitted entry, minus one. Nothing a
+   position reads holds a later position. Positions before the first entry ends (inside an unrefined first entry)
+   output zeros.
 With a budget covering every candidate of every level all entries are tokens and this is dense causal attention.
 As in the paper, which entries are refined is decided over the whole sequence (a later token's norm can change the
 resolution of an earlier one); values and gradients never flow from a later position to an earlier one. The paper
@@ -77,11 +78,13 @@ def real_token_order(ctx: AttentionContext, padded_length: int) -> tuple[torch.T
 def pyramid(x: torch.Tensor, levels: int, factor: int) -> torch.Tensor:
     """x [B, H, N, D] with N a multiple of factor**levels -> every level's means concatenated, [B, H, P, D]."""
     batch, heads, length, dim = x.shape
-    means = [x.reshape(batch, heads, length // factor**level, factor**level, dim).mean(3) for level in range(levels + 1)]
-    return torch.cat(means, dim=2)
+    sizes = [factor**level for level in range(levels + 1)]
+    return torch.cat([x.reshape(batch, heads, length // size, size, dim).mean(3) for size in sizes], dim=2)
 
 
-def entry_spans(length: int, levels: int, factor: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def entry_spans(
+    length: int, levels: int, factor: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """First position, size and level of every pyramid entry in `pyramid`'s order, [P] each."""
     spans = [torch.arange(0, length, factor**level, device=device) for level in range(levels + 1)]
     starts = torch.cat(spans)
@@ -139,7 +142,12 @@ def compressed_sequence(
 
 
 def scatter_sources(
-    entries: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, length: int, opts: SimpleNamespace
+    entries: torch.Tensor,
+    starts: torch.Tensor,
+    sizes: torch.Tensor,
+    valid: torch.Tensor,
+    length: int,
+    opts: SimpleNamespace,
 ) -> torch.Tensor:
     """Sequence indices [B, Hq, length, m] whose outputs each position adds up; -1: none.
 
@@ -173,8 +181,17 @@ def gather_entries(pyramid_x: torch.Tensor, order: torch.Tensor) -> torch.Tensor
     return pyramid_x.gather(2, index).reshape(*order.shape, dim)
 
 
-def pyramid_attention(module, query, key, value, ctx, opts, scaling, dropout):
-    """The pyramid form's output [B, Hq, q, Dv] (see the module docstring)."""
+def pyramid_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ctx: AttentionContext,
+    opts: SimpleNamespace,
+    scaling: float,
+    dropout: float,
+) -> tuple[torch.Tensor, None]:
+    """The pyramid form's output [B, Hq, q, Dv] (see the module docstring); no attention weights."""
     batch, q_heads, q_len, _ = query.shape
     if q_len != key.shape[2]:
         raise ValueError(
@@ -197,14 +214,15 @@ def pyramid_attention(module, query, key, value, ctx, opts, scaling, dropout):
     k = gather_entries(pyramid(key, opts.levels, opts.factor), entries)
     v = gather_entries(pyramid(value, opts.levels, opts.factor), entries)
     seq_len = entries.shape[-1]
-    beta = logit_scale(module, torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril(), opts)
-    if beta is not None:  # logits * beta == (beta * q) . k
-        q = q * beta.to(q.dtype)
+    # Entry j attends the j + 1 entries up to it (the causal mask is only built when logit_scale is on).
+    if opts.logit_scale != "none":
+        beta = logit_scale(module, torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril(), opts)
+        q = q * beta.to(q.dtype)  # logits * beta == (beta * q) . k
     # Valid entries come first, so causal attention never lets a valid entry see an invalid one.
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout)
     with torch.no_grad():
         sources = scatter_sources(entries, starts, sizes, valid, length, opts)
-        position = ctx.query_pos[:, :, :, :1].clamp(min=0).expand(-1, q_heads, -1, sources.shape[-1])
+        position = ctx.query_pos.clamp(min=0).expand(-1, q_heads, -1, sources.shape[-1])
         sources = torch.where(ctx.query_pos >= 0, sources.gather(2, position), -1)
     picked = out.gather(2, sources.clamp(min=0).reshape(batch, q_heads, -1, 1).expand(-1, -1, -1, out.shape[-1]))
     picked = picked.reshape(*sources.shape, -1) * (sources >= 0)[..., None]
@@ -267,7 +285,7 @@ MECHANISM = register(
         summary="training: pooled Q/K/V pyramid, top-k refinement, SDPA on the compressed sequence, scatter back "
         "(or pooled selection of fine blocks); inference: dense or a named mechanism",
         options=(
-            choice_option("form", "pyramid", ("pyramid", "blocks"), "the paper's compressed sequence, or block selection"),
+            choice_option("form", "pyramid", ("pyramid", "blocks"), "the paper's compressed sequence, or blocks"),
             choice_option(
                 "scatter", "latest", ("latest", "sum"),
                 "pyramid: each position reads the latest finished entry, or the released code's sum over levels",

@@ -101,7 +101,8 @@ def test_compressed_sequence_covers_the_real_tokens_and_values_never_flow_backwa
     ctx = _padded_context(real)
     order, lengths = real_token_order(ctx, 32)
     compact = lambda x: x.detach().gather(2, order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
-    entries, starts, sizes, valid = compressed_sequence(compact(query), compact(key), lengths, _pyramid(scatter=scatter))
+    opts = _pyramid(scatter=scatter)
+    entries, starts, sizes, valid = compressed_sequence(compact(query), compact(key), lengths, opts)
     assert (sizes[valid] > 1).any() and (sizes[valid] == 1).any(), "both pooled entries and tokens are selected"
     for b in range(3):
         for h in range(4):
@@ -120,7 +121,7 @@ def test_compressed_sequence_covers_the_real_tokens_and_values_never_flow_backwa
             if scatter == "latest":
                 assert leaf.all() and torch.equal(s[1:], e[:-1]), "a partition in order"
     # Through the values (selection is gradient-free), outputs up to t depend on no input after t.
-    out, _ = attend(TRAINING, query, key, value, ctx, _pyramid(scatter=scatter), 0.4, 0.0)
+    out, _ = attend(TRAINING, query, key, value, ctx, opts, 0.4, 0.0)
     position = ctx.key_pos[:, 0, 0]
     for t in (0, 3, 8, 13, 16):
         upto = ((position >= 0) & (position <= t))[:, None, :, None]
