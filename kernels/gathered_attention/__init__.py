@@ -3,6 +3,6 @@ explicit list of other key slots, each listed key with an additive log-weight (0
 correction for sampled estimators). Shared by stochastic_routing (training and inference) and santa (decode).
 
 lists.py turns real positions into the ranges and slot lists; reference.py is the plain-PyTorch truth; kernel.py the
-Triton forward; function.py the autograd Function (its backward recomputes through the reference). Import the
-kernel and function submodules only where Triton is available; lists and reference need only PyTorch.
+Triton forward and backward; function.py the autograd Function. Import the kernel and function submodules only where
+Triton is available; lists and reference need only PyTorch.
 """

@@ -1,4 +1,4 @@
-"""Triton forward of gathered attention (reference.gathered_attention_reference).
+"""Triton forward and backward of gathered attention (reference.gathered_attention_reference).
 
 Program (batch * kv head, row block). Rows are (query, head of the KV group) pairs, query-major, so a row block holds
 consecutive queries of every head of one group: their sink and window ranges overlap and are read once per group as

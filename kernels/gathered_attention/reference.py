@@ -1,6 +1,6 @@
-"""Gathered attention in plain PyTorch: the truth the Triton kernel matches, and the backward's recomputation.
+"""Gathered attention in plain PyTorch: the truth the Triton kernels match (outputs and gradients).
 
-Work and memory are O(q · listed keys), never O(q · kv): each query gathers its own keys.
+Work and memory are O(q · listed keys · D), never O(q · kv): each query gathers its own keys.
 """
 
 from __future__ import annotations
