@@ -44,6 +44,8 @@ class BlockSummaries:
         """Fold keys [B, Hkv, n, D] of cache slots covered..covered+n-1, real positions key_pos [B, 1, 1, n] (-1:
         padding), into the summaries."""
         batch, kv_heads, n, dim = keys.shape
+        if self._min is not None and self._min.shape[:2] != keys.shape[:2]:
+            raise ValueError(f"BlockSummaries hold [batch, kv heads] {list(self._min.shape[:2])}, got keys {list(keys.shape)}")
         blocks = torch.where(key_pos >= 0, key_pos // self.block_size, -1).reshape(batch, n)
         self.num_blocks = max(self.num_blocks, int(blocks.max()) + 1)
         capacity = -1 if self._min is None else self._min.shape[2] - 1
