@@ -66,8 +66,13 @@ def test_decode_folds_only_new_keys(monkeypatch):
 
     folded = []
     extend = summaries_module.BlockSummaries.extend
+
+    def counted_extend(self, keys, key_pos):
+        folded.append(keys.shape[2])
+        extend(self, keys, key_pos)
+
     monkeypatch.setattr(block_topk, "block_key_bounds", recompute)
-    monkeypatch.setattr(summaries_module.BlockSummaries, "extend", lambda self, k, p: folded.append(k.shape[2]) or extend(self, k, p))
+    monkeypatch.setattr(summaries_module.BlockSummaries, "extend", counted_extend)
     model = sparse_model()
     ids, mask = padded_prompts()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
