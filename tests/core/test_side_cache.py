@@ -115,14 +115,22 @@ def test_crop_and_reset_rebuild_side_states():
     assert_states_equal_recompute(cache, torch.ones(1, 14, dtype=torch.long))
 
 
-def test_no_side_state_without_cache_or_in_training():
+def test_side_cache_only_in_cached_inference_on_patched_classes(monkeypatch):
     model = sparse_model()
     ids = token_batch(1, 12, seed=7)
     seen = []
-    model.model.layers[0].self_attn.register_forward_hook(lambda m, a, o: seen.append(m.attn_plus_cache_layer))
-
+    # Runs after the plugin's own pre-hook, which sets the layer for the duration of the attention call.
+    model.model.layers[0].self_attn.register_forward_pre_hook(lambda m, args: seen.append(m.attn_plus_cache_layer))
     cache = DynamicCache(config=model.config)
     model.train()(ids, past_key_values=cache)
     model.eval()(ids, use_cache=False)
-    assert all(layer is None for layer in seen) and cache.get_seq_length() == 12
-    assert not any(isinstance(layer, SideCacheLayer) for layer in cache.layers)
+    assert seen == [None, None] and not any(isinstance(layer, SideCacheLayer) for layer in cache.layers)
+    model(ids, past_key_values=DynamicCache(config=model.config))
+    assert isinstance(seen[-1], SideCacheLayer)
+
+    def no_side_state(*args):
+        raise AssertionError("side state on an unpatched attention class")
+
+    monkeypatch.setattr(block_topk, "block_summaries", no_side_state)
+    unpatched = sparse_model("deepseek_v32")  # transformers' own V3.2 attention: no hook, recompute path
+    unpatched.generate(ids, max_new_tokens=3, do_sample=False)
