@@ -45,21 +45,26 @@ def main() -> None:
         tile = tile_size(getattr(torch, torch_name))
         x = f"*{dt}"
         common = dict(Q=x, K=x, V=x, KEEP="*u8", COUNTS="*i32", LSE="*fp32")
+        # Mask modes: (HAS_KEEP, BLOCK_MODE); block mode (block_topk decode) reads the visibility mask too.
+        decode_modes = [dict(HAS_KEEP=True, BLOCK_MODE=False), dict(HAS_KEEP=False, BLOCK_MODE=False),
+                        dict(HAS_KEEP=True, BLOCK_MODE=True)]
+        prefill_modes = [dict(HAS_KEEP=True), dict(HAS_KEEP=False)]
         kernels = [
-            (decode._forward_kernel, dict(common, TILES="*i32", O="*fp32")),
-            (prefill._backward_dq_kernel, dict(common, TILES="*i32", DO=x, DELTA="*fp32", DQ=x)),
-            (prefill._backward_dkdv_kernel, dict(common, ROW_BLOCKS="*i32", DO=x, DELTA="*fp32", DK=x, DV=x)),
+            (decode._forward_kernel, dict(common, POS="*i64", CHOSEN="*u8", TILES="*i32", O="*fp32"), decode_modes),
+            (prefill._backward_dq_kernel, dict(common, TILES="*i32", DO=x, DELTA="*fp32", DQ=x), prefill_modes),
+            (prefill._backward_dkdv_kernel, dict(common, ROW_BLOCKS="*i32", DO=x, DELTA="*fp32", DK=x, DV=x), prefill_modes),
         ]
-        for fn, pointers in kernels:
-            for has_keep in (True, False):
+        for fn, pointers, modes in kernels:
+            for mode in modes:
                 constants = dict(
-                    GROUP=4, HAS_KEEP=has_keep, UPCAST=False, BLOCK_M=tile, BLOCK_N=tile,
-                    BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
+                    GROUP=4, UPCAST=False, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
+                    **mode,
                 )
                 start = time.perf_counter()
                 compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+                flags = " ".join(f"{name.lower()}={value}" for name, value in mode.items())
                 print(
-                    f"{dt} {fn.fn.__name__} keep={has_keep} tile={tile}: {compiled.metadata.shared} B shared, "
+                    f"{dt} {fn.fn.__name__} {flags} tile={tile}: {compiled.metadata.shared} B shared, "
                     f"{time.perf_counter() - start:.0f} s",
                     flush=True,
                 )

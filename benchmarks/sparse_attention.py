@@ -1,10 +1,14 @@
 """Sparse attention benchmark: dense SDPA vs FlexAttention (same block mask) vs our Triton kernels, same inputs.
 
-Decode: one query token over a long cache, reading `budget` tokens of selected KV blocks; reports time and the
-achieved bandwidth on the bytes each method must read (ours_with_scoring adds block_topk's Quest scoring of every
-block from min/max summaries and the top-block choice, i.e. a whole decode step of the mechanism; model_path is
-what backend="kernel" runs inside a model today: the reference selection, then the kernel). Prefill: causal attention with a share of the causal key
-blocks skipped per (head, query block); reports time and TFLOP/s on the FLOPs of the kept blocks.
+Decode: one query token over a long cache. `ours` is the block-mode attention kernel alone over `budget` tokens of
+fixed blocks (the same blocks for FlexAttention), with bandwidth on the bytes it reads. `step` is a whole block_topk
+decode step as backend="kernel" runs it in a model with a cache: the new key folded into the layer's block
+summaries, Quest scores of every block, top blocks per query head, tiles of their union per KV group, block-mode
+attention; its bytes (`step_MB_read`: the listed K/V tiles with their positions/visibility/choice bytes, plus the
+summaries) are counted from the tiles actually read, since per-head choices read up to the GQA group size times the
+budget. `recompute_step` is that step without the side cache (bounds from every key). speedup_vs_sdpa = sdpa / step.
+Prefill: causal attention with a share of the causal key blocks skipped per (head, query block); reports time and
+TFLOP/s on the FLOPs of the kept blocks.
 Stochastic: stochastic_routing prefill (forward) and training (forward + backward) over sinks + window + random
 links, and santa decode (sampled keys with importance weights) through kernels/gathered_attention.
 
@@ -30,18 +34,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from hf_attn_plus.kernels.block_scoring.kernel import quest_scores_kernel as quest_scores  # noqa: E402
+from hf_attn_plus.kernels.block_scoring import quest_scores  # noqa: E402
 from hf_attn_plus.kernels.block_sparse_prefill.function import block_sparse_attention  # noqa: E402
 from hf_attn_plus.kernels.gathered_attention.function import gathered_attention  # noqa: E402
 from hf_attn_plus.kernels.gathered_attention.lists import fixed_spans, position_slots  # noqa: E402
-from hf_attn_plus.kernels.selected_decode.kernel import tile_attention_forward  # noqa: E402
-from hf_attn_plus.kernels.selected_decode.wrapper import default_splits  # noqa: E402
-from hf_attn_plus.kernels.tile_lists import tiles_from_usage  # noqa: E402
-from hf_attn_plus.kernels._triton import next_power_of_2  # noqa: E402
+from hf_attn_plus.kernels.selected_decode.wrapper import decode_rows, default_splits, selected_block_decode  # noqa: E402
+from hf_attn_plus.kernels.tile_lists import tiles_from_blocks, tiles_from_usage  # noqa: E402
 from hf_attn_plus.masking import AttentionContext, build_context  # noqa: E402
-from hf_attn_plus.mechanisms import santa, stochastic_routing  # noqa: E402
+from hf_attn_plus.mechanisms import block_topk, santa, stochastic_routing  # noqa: E402
+from hf_attn_plus.patches.side_cache import SideCacheLayer  # noqa: E402
 from hf_attn_plus.reference import masked_attention  # noqa: E402
 from hf_attn_plus.registry import get_mechanism  # noqa: E402
+from hf_attn_plus.selection import key_blocks  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -112,26 +116,38 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
     key = torch.randn(1, kv_heads, context, dim, device=device, dtype=dtype, generator=g)
     value = torch.randn(1, kv_heads, context, dim, device=device, dtype=dtype, generator=g)
     num_blocks = triton.cdiv(context, block)
-    # One selection per KV group (what one read per group serves): sink block, local block and random others.
+    scaling = dim**-0.5
+    itemsize = torch.finfo(dtype).bits // 8
+    kv_bytes_per_token = 2 * kv_heads * dim * itemsize
+    row = dict(mode="decode", context=context, budget=budget)
+    # The same cache as a model's decode step sees it: a SideCacheLayer holding the keys, the step's visibility.
+    layer = SideCacheLayer()
+    layer.update(key, value)
+    ctx = build_context(torch.ones(1, 1, 1, context, dtype=torch.bool, device=device), cache_layer=layer)
+    key_pos = ctx.key_pos.flatten(1)
+
+    # 1. Attention alone on a fixed choice shared by each KV group (sink, local and random blocks): the same blocks
+    # for SDPA (all), FlexAttention and our block-mode kernel.
     picks = torch.rand(1, kv_heads, num_blocks, device=device, generator=g)
     picks[..., 0] = picks[..., -1] = 2.0
     chosen = torch.zeros(1, kv_heads, num_blocks, dtype=torch.bool, device=device)
     chosen.scatter_(-1, picks.topk(budget // block, dim=-1).indices, True)
-    scaling = dim**-0.5
-    tiles = tiles_from_usage(chosen.unsqueeze(2), next_power_of_2(heads // kv_heads), block)
+    head_chosen = chosen.repeat_interleave(heads // kv_heads, 1).unsqueeze(2)  # [1, Hq, 1, blocks]
+    first = torch.arange(num_blocks, device=device)[None] * block  # no padding: block j holds slots j*block...
+    spans = first, (first + block - 1).clamp(max=context - 1)
     splits = default_splits(kv_heads, device)
-    ours = lambda: tile_attention_forward(query, key, value, None, tiles, scaling, splits)[0]  # noqa: E731
-    itemsize = torch.finfo(dtype).bits // 8
-    kv_bytes_per_token = 2 * kv_heads * dim * itemsize
-    row = dict(mode="decode", context=context, budget=budget)
+    tile = cfg["tile"]
+    ours = lambda: selected_block_decode(  # noqa: E731
+        query, key, value, ctx.visible, key_pos, head_chosen, spans, block, scaling, tile, splits
+    )
     out = ours()
     row["ours_ms"] = milliseconds(ours, device)
     row["sdpa_ms"] = milliseconds(lambda: dense_sdpa(query, key, value, causal=False), device)
-    row["ours_GBps"] = budget * kv_bytes_per_token / row["ours_ms"] / 1e6
     row["sdpa_GBps"] = context * kv_bytes_per_token / row["sdpa_ms"] / 1e6
+    tiles = tiles_from_blocks(head_chosen, *spans, context, kv_heads, decode_rows(query, key), tile)
+    row["ours_GBps"] = attention_bytes(tiles, dim, itemsize) / row["ours_ms"] / 1e6
     run_flex, BlockMask, _ = flex
     if run_flex is not None:
-        head_chosen = chosen.repeat_interleave(heads // kv_heads, 1).unsqueeze(2)  # [1, Hq, 1 q block, blocks]
         counts, indices = compact_blocks(head_chosen)
         # Eager flex (CPU) reads only mask_mod, compiled flex only the block lists on full blocks: give both.
         mask = BlockMask.from_kv_blocks(
@@ -141,26 +157,45 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
         flexed = lambda: run_flex(query, key, value, block_mask=mask, scale=scaling, enable_gqa=True)  # noqa: E731
         row["flex_ms"] = milliseconds(flexed, device)
         row["max_abs_diff_vs_flex"] = (flexed().float() - out.float()).abs().max().item()
-    # The whole block_topk decode step given the (incrementally kept) block summaries: Quest scores of every block
-    # for every query head, top blocks per head, their union per KV group as tile lists, then the attention.
-    kmin, kmax = key.reshape(1, kv_heads, num_blocks, block, dim).aminmax(dim=3)
-    group_rows = next_power_of_2(heads // kv_heads)
 
-    def ours_with_scoring():
-        scores = quest_scores(query, kmin, kmax).reshape(1, kv_heads, heads // kv_heads, num_blocks)
-        top = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(budget // block, -1).indices, True)
-        step_tiles = tiles_from_usage(top.any(dim=2, keepdim=True), group_rows, block)
-        return tile_attention_forward(query, key, value, None, step_tiles, scaling, splits)[0]
-
-    row["ours_with_scoring_ms"] = milliseconds(ours_with_scoring, device)
-    # What backend="kernel" runs today inside a model: the reference block_topk selection (bounds recomputed from
-    # every key, per-token keep mask) and then the kernel.
+    # 2. The whole block_topk decode step as backend="kernel" runs it in a model: fold the new key into the layer's
+    # block summaries, Quest-score every block for every query head, top blocks per head, tiles of their union per
+    # KV group, block-mode attention. Each query head picks its own blocks, so a group reads up to `group` times the
+    # budget: the bytes are counted from the tiles actually listed.
     mechanism = get_mechanism("block_topk")
     opts = mechanism.resolve_options(dict(block_size=block, budget=max(1, budget // block - 2), backend="kernel"))
-    ctx = build_context(torch.ones(1, 1, 1, context, dtype=torch.bool, device=device))
-    row["model_path_ms"] = milliseconds(lambda: mechanism.kernel(query, key, value, ctx, opts, scaling), device)
-    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["ours_ms"]
+    state_name = f"block_topk:block_size={block}"
+
+    def decode_step():
+        state = layer.side.get(state_name)
+        if state is not None:
+            state.covered = context - 1  # the newest key arrives this step
+        return mechanism.kernel(query, key, value, ctx, opts, scaling)
+
+    stepped = decode_step()
+    row["step_ms"] = milliseconds(decode_step, device)
+    reference = masked_attention(query, key, value, mechanism.select(query, key, build_context(ctx.visible), opts), scaling)[0]
+    row["step_max_abs_diff_vs_reference"] = (stepped.float() - reference.float()).abs().max().item()
+    summaries = layer.side[state_name]
+    step_chosen = block_topk.chosen_blocks(query, ctx, opts, key_blocks(ctx, block), summaries.bounds, quest_scores)
+    step_tiles = tiles_from_blocks(step_chosen, *summaries.spans, context, kv_heads, decode_rows(query, key), tile)
+    step_attention = attention_bytes(step_tiles, dim, itemsize)
+    summary_bytes = 2 * kv_heads * num_blocks * dim * itemsize
+    row["step_tokens_read"] = int(step_tiles.counts.sum()) * tile // kv_heads
+    row["step_MB_read"] = (step_attention + summary_bytes) / 1e6
+    row["step_GBps"] = (step_attention + summary_bytes) / row["step_ms"] / 1e6
+    # The same step without the side cache: block bounds recomputed from every key (the recompute path).
+    recompute_ctx = build_context(ctx.visible)
+    row["recompute_step_ms"] = milliseconds(lambda: mechanism.kernel(query, key, value, recompute_ctx, opts, scaling), device)
+    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["step_ms"]
     return row
+
+
+def attention_bytes(tiles, dim: int, itemsize: int) -> int:
+    """Bytes the block-mode kernel reads: K and V of every listed tile per (batch, KV head, row block), plus each
+    tile's positions (int64), visibility and chosen-block bytes; the query, output and tile lists are negligible."""
+    per_tile = tiles.block_n * (2 * dim * itemsize + 8 + 1 + 1)
+    return int(tiles.counts.sum()) * per_tile
 
 
 def prefill_case(cfg, length: int, skip: float, device, flex) -> dict:
@@ -341,7 +376,7 @@ def markdown(env: dict, rows: list[dict], cfg: dict) -> str:
             "",
         ]
     for mode, columns in (
-        ("decode", ["context", "budget", "sdpa_ms", "flex_ms", "ours_ms", "ours_with_scoring_ms", "model_path_ms", "sdpa_GBps", "ours_GBps", "speedup_vs_sdpa", "max_abs_diff_vs_flex"]),
+        ("decode", ["context", "budget", "sdpa_ms", "flex_ms", "ours_ms", "sdpa_GBps", "ours_GBps", "max_abs_diff_vs_flex", "step_ms", "step_tokens_read", "step_MB_read", "step_GBps", "recompute_step_ms", "step_max_abs_diff_vs_reference", "speedup_vs_sdpa"]),
         ("prefill", ["length", "skip_target", "skipped", "sdpa_ms", "flex_ms", "ours_ms", "sdpa_TFLOPs", "flex_TFLOPs", "ours_TFLOPs", "speedup_vs_sdpa", "max_abs_diff_vs_flex"]),
         *(
             (mode, ["length", "attended", "sdpa_ms", "flex_ms", "ours_ms", "ours_with_draw_ms", "speedup_vs_sdpa", "max_abs_diff_vs_flex"])

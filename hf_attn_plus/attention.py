@@ -82,7 +82,9 @@ def attention_forward(
 
     visible = visible_from_mask(attention_mask, batch, q_len, kv_len, query.device)
     indices = kwargs.get("indices")
-    ctx = build_context(visible, None if indices is None else indices_to_mask(indices, kv_len))
+    restrict = None if indices is None else indices_to_mask(indices, kv_len)
+    # Set by the patched attention classes' pre-hook for mechanisms declaring `side_cache` (patches/side_cache.py).
+    ctx = build_context(visible, restrict, getattr(module, "attn_plus_cache_layer", None))
 
     out, probs = run_mechanism(mechanism, opts, module, query, key, value, ctx, scaling, dropout)
     return out.transpose(1, 2).contiguous(), probs
