@@ -5,7 +5,7 @@
 - block_sparse_prefill/: flash-attention forward/backward over per-row-block tile lists (autograd Function).
 - block_scoring/: per-block key min/max summaries and slot spans grown with the cache, and the Quest bound kernel.
 - gathered_attention/: attention over per-query slot ranges plus listed slots with log-weights (stochastic_routing,
-  santa); Triton forward, backward through its PyTorch reference.
+  santa); Triton forward and backward (dK/dV by fp32 atomics).
 - sparse_attention.py: the Mechanism.kernel adapter for every mechanism that is softmax over `select`'s keys.
 
 Triton is imported only when a kernel runs, so the package and every reference path work without it.
