@@ -6,7 +6,8 @@ decode step as backend="kernel" runs it in a model with a cache: the new key fol
 summaries, Quest scores of every block, top blocks per query head, tiles of their union per KV group, block-mode
 attention; its bytes (`step_MB_read`: the listed K/V tiles with their positions/visibility/choice bytes, plus the
 summaries) are counted from the tiles actually read, since per-head choices read up to the GQA group size times the
-budget. `recompute_step` is that step without the side cache (bounds from every key). speedup_vs_sdpa = sdpa / step.
+budget; `group_step` is the same with choose_per='group' (a KV group's heads share `budget` blocks). `recompute_step`
+is the per-head step without the side cache (bounds from every key). speedup_vs_sdpa = sdpa / step.
 Prefill: causal attention with a share of the causal key blocks skipped per (head, query block); reports time and
 TFLOP/s on the FLOPs of the kept blocks.
 Stochastic: stochastic_routing prefill (forward) and training (forward + backward) over sinks + window + random
@@ -159,35 +160,40 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
         row["max_abs_diff_vs_flex"] = (flexed().float() - out.float()).abs().max().item()
 
     # 2. The whole block_topk decode step as backend="kernel" runs it in a model: fold the new key into the layer's
-    # block summaries, Quest-score every block for every query head, top blocks per head, tiles of their union per
-    # KV group, block-mode attention. Each query head picks its own blocks, so a group reads up to `group` times the
-    # budget: the bytes are counted from the tiles actually listed.
+    # block summaries, Quest-score every block for every query head, top blocks (per query head, or shared by a KV
+    # group: choose_per='group', columns group_step_*), tiles of their union per KV group, block-mode attention. Per-
+    # head choices read up to `group` times the budget: the bytes are counted from the tiles actually listed.
     mechanism = get_mechanism("block_topk")
-    opts = mechanism.resolve_options(dict(block_size=block, budget=max(1, budget // block - 2), backend="kernel"))
     state_name = f"block_topk:block_size={block}"
+    for choose_per, prefix in (("head", "step"), ("group", "group_step")):
+        opts = mechanism.resolve_options(
+            dict(block_size=block, budget=max(1, budget // block - 2), backend="kernel", choose_per=choose_per)
+        )
 
-    def decode_step():
-        state = layer.side.get(state_name)
-        if state is not None:
-            state.covered = context - 1  # the newest key arrives this step
-        return mechanism.kernel(query, key, value, ctx, opts, scaling)
+        def decode_step():
+            state = layer.side.get(state_name)
+            if state is not None:
+                state.covered = context - 1  # the newest key arrives this step
+            return mechanism.kernel(query, key, value, ctx, opts, scaling)
 
-    stepped = decode_step()
-    row["step_ms"] = milliseconds(decode_step, device)
-    reference = masked_attention(query, key, value, mechanism.select(query, key, build_context(ctx.visible), opts), scaling)[0]
-    row["step_max_abs_diff_vs_reference"] = (stepped.float() - reference.float()).abs().max().item()
-    summaries = layer.side[state_name]
-    step_chosen = block_topk.chosen_blocks(query, ctx, opts, key_blocks(ctx, block), summaries.bounds, quest_scores)
-    step_tiles = tiles_from_blocks(step_chosen, *summaries.spans, context, kv_heads, decode_rows(query, key), tile)
-    step_attention = attention_bytes(step_tiles, dim, itemsize)
-    summary_bytes = 2 * kv_heads * num_blocks * dim * itemsize
-    row["step_tokens_read"] = int(step_tiles.counts.sum()) * tile // kv_heads
-    row["step_MB_read"] = (step_attention + summary_bytes) / 1e6
-    row["step_GBps"] = (step_attention + summary_bytes) / row["step_ms"] / 1e6
-    # The same step without the side cache: block bounds recomputed from every key (the recompute path).
+        stepped = decode_step()
+        row[f"{prefix}_ms"] = milliseconds(decode_step, device)
+        selected = mechanism.select(query, key, build_context(ctx.visible), opts)
+        reference = masked_attention(query, key, value, selected, scaling)[0]
+        row[f"{prefix}_max_abs_diff_vs_reference"] = (stepped.float() - reference.float()).abs().max().item()
+        summaries = layer.side[state_name]
+        step_chosen = block_topk.chosen_blocks(query, ctx, opts, key_blocks(ctx, block), summaries.bounds, quest_scores)
+        step_tiles = tiles_from_blocks(step_chosen, *summaries.spans, context, kv_heads, decode_rows(query, key), tile)
+        step_bytes = attention_bytes(step_tiles, dim, itemsize) + 2 * kv_heads * num_blocks * dim * itemsize
+        row[f"{prefix}_tokens_read"] = int(step_tiles.counts.sum()) * tile // kv_heads
+        row[f"{prefix}_MB_read"] = step_bytes / 1e6
+        row[f"{prefix}_GBps"] = step_bytes / row[f"{prefix}_ms"] / 1e6
+    # The per-head step without the side cache: block bounds recomputed from every key (the recompute path).
     recompute_ctx = build_context(ctx.visible)
+    opts = mechanism.resolve_options(dict(block_size=block, budget=max(1, budget // block - 2), backend="kernel"))
     row["recompute_step_ms"] = milliseconds(lambda: mechanism.kernel(query, key, value, recompute_ctx, opts, scaling), device)
     row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["step_ms"]
+    row["group_speedup_vs_sdpa"] = row["sdpa_ms"] / row["group_step_ms"]
     return row
 
 
@@ -376,7 +382,7 @@ def markdown(env: dict, rows: list[dict], cfg: dict) -> str:
             "",
         ]
     for mode, columns in (
-        ("decode", ["context", "budget", "sdpa_ms", "flex_ms", "ours_ms", "sdpa_GBps", "ours_GBps", "max_abs_diff_vs_flex", "step_ms", "step_tokens_read", "step_MB_read", "step_GBps", "recompute_step_ms", "step_max_abs_diff_vs_reference", "speedup_vs_sdpa"]),
+        ("decode", ["context", "budget", "sdpa_ms", "flex_ms", "ours_ms", "sdpa_GBps", "ours_GBps", "max_abs_diff_vs_flex", "step_ms", "step_tokens_read", "step_MB_read", "step_GBps", "recompute_step_ms", "step_max_abs_diff_vs_reference", "speedup_vs_sdpa", "group_step_ms", "group_step_tokens_read", "group_step_GBps", "group_step_max_abs_diff_vs_reference", "group_speedup_vs_sdpa"]),
         ("prefill", ["length", "skip_target", "skipped", "sdpa_ms", "flex_ms", "ours_ms", "sdpa_TFLOPs", "flex_TFLOPs", "ours_TFLOPs", "speedup_vs_sdpa", "max_abs_diff_vs_flex"]),
         *(
             (mode, ["length", "attended", "sdpa_ms", "flex_ms", "ours_ms", "ours_with_draw_ms", "speedup_vs_sdpa", "max_abs_diff_vs_flex"])

@@ -1,6 +1,8 @@
 """block_topk (Quest): keys form blocks of `block_size` by position; each block is summarised by the elementwise
 min and max of its keys, scored against the query by the upper bound sum_d max(q_d*min_d, q_d*max_d), and the top
-`budget` blocks (besides `sink_blocks` leading and `local_blocks` trailing ones) are attended exactly.
+`budget` blocks (besides `sink_blocks` leading and `local_blocks` trailing ones) are attended exactly. Each query head
+chooses for itself (`choose_per='head'`, Quest), or the heads of a GQA group share the blocks whose largest bound over
+the group's heads is best (`choose_per='group'`): one KV read of `budget` blocks then serves the whole group.
 
 Cached decode keeps the summaries as the layer's side state (patches/side_cache.py), so a step folds in only its new
 keys, and the kernel goes from the chosen blocks straight to the tiles they cover (no per-token mask): the work
@@ -17,7 +19,7 @@ import torch
 from ..kernels.block_scoring import BlockSummaries, quest_scores
 from ..kernels.sparse_attention import decoding, selection_kernel
 from ..masking import AttentionContext
-from ..options import int_option
+from ..options import choice_option, int_option
 from ..patches.side_cache import side_state
 from ..registry import Mechanism, register
 from ..selection import (
@@ -48,7 +50,11 @@ def chosen_blocks(
     kmin, kmax = bounds
     seen = visible_blocks(ctx, blocks, kmin.shape[2])
     scores = block_scores(query, kmin, kmax)
-    return top_blocks(scores, seen, ctx.query_pos // opts.block_size, opts.sink_blocks, opts.local_blocks, opts.budget)
+    group = query.shape[1] // kmin.shape[1] if opts.choose_per == "group" else 1
+    if group > 1:  # one choice per KV group, by the largest bound any of its heads gives
+        scores = scores.unflatten(1, (-1, group)).amax(dim=2)
+    chosen = top_blocks(scores, seen, ctx.query_pos // opts.block_size, opts.sink_blocks, opts.local_blocks, opts.budget)
+    return chosen.repeat_interleave(group, dim=1) if group > 1 else chosen
 
 
 def select(
@@ -104,6 +110,11 @@ MECHANISM = register(
             int_option("sink_blocks", 1, 0, "leading blocks always attended"),
             # >= 1: the query's own block holds keys from its future during prefill, so its bound must never decide.
             int_option("local_blocks", 1, 1, "the query's block and the ones before it, always attended"),
+            choice_option(
+                "choose_per", "head", ("head", "group"),
+                "'group': the query heads of a KV group share one choice (the max of their bounds), so a decode step "
+                "reads `budget` blocks per KV head instead of up to group size x budget",
+            ),
         ),
         select=select,
         kernel=kernel,

@@ -16,8 +16,8 @@ OPTIONS = SPARSE["block_topk"]
 STATE = f"block_topk:block_size={OPTIONS['block_size']}"
 
 
-def sparse_model(arch="llama"):
-    return with_mechanism(tiny_model(arch), "block_topk", OPTIONS)
+def sparse_model(arch="llama", **extra):
+    return with_mechanism(tiny_model(arch), "block_topk", {**OPTIONS, **extra})
 
 
 def padded_prompts():
@@ -36,13 +36,13 @@ def assert_states_equal_recompute(cache, mask):
         assert all(torch.equal(got, want) for got, want in zip(state.bounds, expected))
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("arch, choose_per", [("llama", "head"), ("deepseek_v3", "head"), ("qwen3", "group")])
 @pytest.mark.parametrize(
     "search", [dict(num_beams=2, do_sample=False), dict(do_sample=True, top_k=20, num_return_sequences=2)]
 )
-def test_beam_search_and_sampling_equal_uncached(arch, search):
+def test_beam_search_and_sampling_equal_uncached(arch, choose_per, search):
     """Beam search reorders the cache (and the side states with it) at every step."""
-    model = sparse_model(arch)
+    model = sparse_model(arch, choose_per=choose_per)
     ids, mask = padded_prompts()
     runs = []
     for use_cache in (True, False):

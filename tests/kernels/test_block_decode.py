@@ -54,7 +54,7 @@ CASES = [
 def test_equals_reference_selection(q_heads, kv_heads, q_len, kv_len, head_dim, v_dim, dtype, block_size, tile):
     q, k, v = attention_inputs(2, q_heads, kv_heads, q_len, kv_len, head_dim, v_dim, dtype, seed=kv_len)
     ctx = decode_context(kv_len, q_len, pads=[0, 7])
-    opts = SimpleNamespace(block_size=block_size, budget=2, sink_blocks=1, local_blocks=1)
+    opts = SimpleNamespace(block_size=block_size, budget=2, sink_blocks=1, local_blocks=1, choose_per="head")
     chosen, spans, keep = reference_choice(q, k, ctx, opts)
     assert (keep != ctx.visible).any()  # the budget drops keys
     out = selected_block_decode(q, k, v, ctx.visible, ctx.key_pos.flatten(1), chosen, spans, block_size, 0.3, tile)
@@ -80,7 +80,7 @@ def test_tiles_are_exactly_those_the_chosen_blocks_cover(pad, block_size, tile):
     kv_len, q_heads, kv_heads = 200 + pad, 4, 2
     q, k, _ = attention_inputs(1, q_heads, kv_heads, 1, kv_len, 16, 16, torch.float32, seed=pad)
     ctx = decode_context(kv_len, 1, pads=[pad])
-    opts = SimpleNamespace(block_size=block_size, budget=2, sink_blocks=1, local_blocks=1)
+    opts = SimpleNamespace(block_size=block_size, budget=2, sink_blocks=1, local_blocks=1, choose_per="head")
     chosen, spans, keep = reference_choice(q, k, ctx, opts)
     block_m = decode_rows(q, k)
     tiles = tiles_from_blocks(chosen, *spans, kv_len, kv_heads, block_m, tile)
@@ -93,6 +93,23 @@ def test_tiles_are_exactly_those_the_chosen_blocks_cover(pad, block_size, tile):
         assert listed == sorted(needed)
         assert len(listed) <= len(group_blocks) * (-(-block_size // tile) + 1)
         assert len(listed) < -(-kv_len // tile)
+
+
+def test_group_choice_reads_the_budget_once_per_kv_head():
+    """choose_per='group': a GQA group's heads share sink + local + `budget` blocks, so each KV head's tile list covers
+    exactly those (per-head choices read their union, here more); the kernel still equals the reference."""
+    q, k, v = attention_inputs(1, 8, 2, 1, 203, 16, 16, torch.float32, seed=9)
+    ctx = decode_context(203, 1, pads=[3])
+    per_head = SimpleNamespace(block_size=8, budget=2, sink_blocks=1, local_blocks=1, choose_per="head")
+    per_group = SimpleNamespace(**{**vars(per_head), "choose_per": "group"})
+    head_chosen = reference_choice(q, k, ctx, per_head)[0][0, :, 0].unflatten(0, (2, 4))
+    chosen, spans, keep = reference_choice(q, k, ctx, per_group)
+    group_chosen = chosen[0, :, 0].unflatten(0, (2, 4))
+    assert (group_chosen == group_chosen[:, :1]).all()
+    assert group_chosen[:, 0].sum(-1).tolist() == [4, 4]  # 1 sink + 1 local + budget 2
+    assert (head_chosen.any(1).sum(-1) > 4).any()
+    out = selected_block_decode(q, k, v, ctx.visible, ctx.key_pos.flatten(1), chosen, spans, 8, 0.25, 16)
+    torch.testing.assert_close(out, masked_attention(q, k, v, keep, scaling=0.25)[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "deepseek_v3"])
