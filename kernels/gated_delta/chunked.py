@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import next_power_of_2
+from .._triton import next_power_of_2, tile_size
 from . import recurrent
 
 
@@ -81,10 +81,10 @@ def _chunked_forward(
 
 
 def chunk_tokens(chunk_size: int, dtype: torch.dtype) -> int:
-    """Tokens per kernel chunk: `chunk_size` rounded up to a power of two >= 16 (tl.dot), at most 64 (the solve is
-    O(C) steps of C² work, and larger fp32 tiles exceed an H100's shared memory). Any C gives the same result up to
-    rounding: the chunked form is exact algebra."""
-    return min(64, next_power_of_2(chunk_size))
+    """Tokens per kernel chunk: `chunk_size` rounded up to a power of two >= 16 (tl.dot), at most the dtype's tile
+    size (64; 32 for fp32, whose exact-fp32 products at C = 64 need 131 KB of shared memory and four minutes of
+    ptxas for sm_90). Any C gives the same result up to rounding: the chunked form is exact algebra."""
+    return min(tile_size(dtype), next_power_of_2(chunk_size))
 
 
 def chunked_forward(
