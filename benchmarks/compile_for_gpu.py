@@ -77,7 +77,7 @@ def compile_gated_delta(target: GPUTarget, head_dim: int) -> None:
     mechanism passes them)."""
     import torch
 
-    block_k, block_v = delta_recurrent._blocks(head_dim, head_dim)
+    block_k, block_v = delta_recurrent.state_blocks(head_dim, head_dim)
     blocks = dict(BLOCK_K=block_k, BLOCK_V=block_v)
     for dt, torch_name in TORCH_DTYPES.items():
         x = f"*{dt}"
@@ -87,10 +87,10 @@ def compile_gated_delta(target: GPUTarget, head_dim: int) -> None:
             (delta_recurrent._recurrent_forward, dict(common, S_IN="*fp32", O=x, S_OUT="*fp32"), dict(HAS_STATE=True)),
             (delta_chunked._chunked_forward, dict(common, S_IN="*fp32", O=x, S_OUT="*fp32", S_CHUNKS="*fp32"),
              dict(HAS_STATE=True, SAVE_CHUNKS=True, CHUNK=chunk, PRECISION="ieee" if dt == "fp32" else "tf32")),
-            (delta_recurrent._recurrent_backward,
-             dict(common, S_CHUNKS="*fp32", SCRATCH="*fp32", DO=x, DS_OUT="*fp32", DQ="*fp32", DK="*fp32", DV=x,
+            (delta_chunked._chunked_backward,
+             dict(common, S_CHUNKS="*fp32", DO=x, DS_OUT="*fp32", DQ="*fp32", DK="*fp32", DV=x,
                   DLOG_ALPHA="*fp32", DBETA="*fp32", DS_IN="*fp32"),
-             dict(HAS_DS_OUT=True, CHUNK=chunk)),
+             dict(HAS_DS_OUT=True, CHUNK=chunk, PRECISION="ieee" if dt == "fp32" else "tf32")),
         ]
         for fn, pointers, constants in kernels:
             constants = dict(constants, **blocks)

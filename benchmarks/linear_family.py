@@ -36,7 +36,7 @@ def _median_seconds(fn, repeats: int = 3) -> float:
 
 
 GATED_DELTA_NOTES = (
-    "gated_delta_*: kernel = hf_attn_plus.kernels.gated_delta (chunked forward; backward = Triton reverse time walk), "
+    "gated_delta_*: kernel = hf_attn_plus.kernels.gated_delta (chunked forward and backward), "
     "torch = linear_ops.chunked_gated_delta under autograd, sdpa = dense causal attention; fwd_bwd = forward + "
     "backward of sum(out * grad). fla = flash-linear-attention's chunk_gated_delta_rule on the same inputs with keys, "
     "values and gates repeated to the query heads (fla shares q/k heads across value heads, not the reverse), so it "

@@ -5,8 +5,9 @@ chunks in order with S [Dk, BV] in registers (fp32). Per chunk of C tokens, with
   A = strictly lower (β_t g_t/g_s k_t·k_s),  T = (I + A)⁻¹ by forward substitution (row i needs rows < i),
   W = T diag(βg) K,  U = T diag(β) V - W S   (the pseudo-values u_t of the chunk, from S before it),
   O = diag(g) Q S + (Q Kᵀ ∘ g_t/g_s, causal) U,   S ← g_C S + (K ∘ g_C/g_s)ᵀ U.
-The G query heads of a group read the chunk's U and S in turn (no per-query-head state). The backward is the Triton
-reverse time walk of `recurrent.py` from the states saved before each chunk (not a chunked backward yet).
+The G query heads of a group read the chunk's U and S in turn (no per-query-head state). The backward walks the chunks
+in reverse from the states the forward saved before each chunk, recomputes the chunk's T, W, U and differentiates
+these formulas (dT to dA = -Tᵀ dT Tᵀ; log g to log α by suffix sums).
 """
 
 from __future__ import annotations
@@ -80,6 +81,158 @@ def _chunked_forward(
     tl.store(S_OUT + bh * dk * dv + s_offsets, s, mask=s_mask)
 
 
+@triton.jit
+def _chunked_backward(
+    Q, K, V, LOG_ALPHA, BETA, S_CHUNKS, DO, DS_OUT, DQ, DK, DV, DLOG_ALPHA, DBETA, DS_IN,
+    length, q_heads, groups, dk, dv,
+    HAS_DS_OUT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Chunks in reverse, carrying dS = dL/dS (the state before the chunk on exit). Each chunk recomputes its forward
+    # quantities (T, W, U) from the saved state before it, then differentiates the forward formulas above. DQ, DK,
+    # DLOG_ALPHA and DBETA sum over Dv: each column block writes its part (leading index = block), the caller adds up.
+    bh = tl.program_id(0)
+    iv = tl.program_id(1)
+    batch_heads = tl.num_programs(0)
+    kv_heads = q_heads // groups
+    b = bh // kv_heads
+    hk = bh % kv_heads
+    r = tl.arange(0, BLOCK_K)
+    d = iv * BLOCK_V + tl.arange(0, BLOCK_V)
+    r_ok = r < dk
+    d_ok = d < dv
+    s_mask = r_ok[:, None] & d_ok[None, :]
+    s_offsets = r[:, None] * dv + d[None, :]
+    if HAS_DS_OUT:
+        ds = tl.load(DS_OUT + bh * dk * dv + s_offsets, mask=s_mask, other=0.0)
+    else:
+        ds = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    rows = tl.arange(0, CHUNK)
+    causal = rows[:, None] >= rows[None, :]
+    strict = rows[:, None] > rows[None, :]
+    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    chunks = tl.cdiv(length, CHUNK)
+    for back in range(chunks):
+        c = chunks - 1 - back
+        # ---- the chunk's forward, as in _chunked_forward
+        s = tl.load(S_CHUNKS + (bh * chunks + c) * dk * dv + s_offsets, mask=s_mask, other=0.0)
+        t = c * CHUNK + rows
+        t_ok = t < length
+        k_mask = t_ok[:, None] & r_ok[None, :]
+        v_mask = t_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + (bh * length + t)[:, None] * dk + r[None, :], mask=k_mask, other=0.0).to(tl.float32)
+        v = tl.load(V + (bh * length + t)[:, None] * dv + d[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        log_g = tl.cumsum(tl.load(LOG_ALPHA + bh * length + t, mask=t_ok, other=0.0).to(tl.float32), axis=0)
+        beta = tl.load(BETA + bh * length + t, mask=t_ok, other=0.0).to(tl.float32)
+        g = tl.exp(log_g)
+        decay = tl.where(causal, tl.exp(tl.where(causal, log_g[:, None] - log_g[None, :], 0.0)), 0.0)
+        kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)
+        a = tl.where(strict, beta[:, None] * decay * kk, 0.0)
+        inverse = eye
+        for i in range(1, CHUNK):
+            a_i = tl.sum(tl.where(rows[:, None] == i, a, 0.0), axis=0)
+            row_i = tl.where(rows == i, 1.0, 0.0) - tl.sum(a_i[:, None] * inverse, axis=0)
+            inverse = tl.where(rows[:, None] == i, row_i[None, :], inverse)
+        k_bg = (beta * g)[:, None] * k
+        v_b = beta[:, None] * v
+        w = tl.dot(inverse, k_bg, input_precision=PRECISION)
+        u = tl.dot(inverse, v_b, input_precision=PRECISION) - tl.dot(w, s, input_precision=PRECISION)
+        log_end = tl.sum(tl.where(rows == CHUNK - 1, log_g, 0.0), axis=0)
+        to_end = tl.exp(log_end - log_g)
+        # ---- S' = g_C S + (to_end ∘ K)ᵀ U
+        du = tl.dot(to_end[:, None] * k, ds, input_precision=PRECISION)
+        dk_end = tl.dot(u, tl.trans(ds), input_precision=PRECISION)  # d(to_end ∘ K)
+        end_terms = to_end * tl.sum(k * dk_end, axis=1)
+        dk_acc = to_end[:, None] * dk_end
+        dlog_g = -end_terms
+        dlog_end = tl.exp(log_end) * tl.sum(tl.sum(ds * s, axis=1), axis=0) + tl.sum(end_terms, axis=0)
+        ds = tl.exp(log_end) * ds
+        # ---- O = diag(g) Q S + (Q Kᵀ ∘ decay) U, per query head of the group
+        d_decay = tl.zeros([CHUNK, CHUNK], dtype=tl.float32)  # dL/d(decay), before the chain to log g
+        for gi in range(groups):
+            row = (b * q_heads + hk * groups + gi) * length + t
+            q = tl.load(Q + row[:, None] * dk + r[None, :], mask=k_mask, other=0.0).to(tl.float32)
+            do = tl.load(DO + row[:, None] * dv + d[None, :], mask=v_mask, other=0.0).to(tl.float32)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            do_u = tl.dot(do, tl.trans(u), input_precision=PRECISION)
+            du += tl.dot(tl.trans(qk * decay), do, input_precision=PRECISION)
+            ds += tl.dot(tl.trans(q), g[:, None] * do, input_precision=PRECISION)
+            dlog_g += g * tl.sum(do * tl.dot(q, s, input_precision=PRECISION), axis=1)
+            d_decay += do_u * qk
+            dq = g[:, None] * tl.dot(do, tl.trans(s), input_precision=PRECISION)
+            dq += tl.dot(do_u * decay, k, input_precision=PRECISION)
+            tl.store(DQ + (iv * batch_heads * groups * length + row)[:, None] * dk + r[None, :], dq, mask=k_mask)
+            dk_acc += tl.dot(tl.trans(do_u * decay), q, input_precision=PRECISION)
+        # ---- U = T diag(β) V - W S,  W = T diag(βg) K
+        ds -= tl.dot(tl.trans(w), du, input_precision=PRECISION)
+        dw = -tl.dot(du, tl.trans(s), input_precision=PRECISION)
+        dv_b = tl.dot(tl.trans(inverse), du, input_precision=PRECISION)
+        tl.store(DV + (bh * length + t)[:, None] * dv + d[None, :], (beta[:, None] * dv_b).to(DV.dtype.element_ty),
+                 mask=v_mask)
+        dk_bg = tl.dot(tl.trans(inverse), dw, input_precision=PRECISION)
+        dk_acc += (beta * g)[:, None] * dk_bg
+        k_dk_bg = tl.sum(k * dk_bg, axis=1)
+        dbeta = tl.sum(v * dv_b, axis=1) + g * k_dk_bg
+        dlog_g += beta * g * k_dk_bg
+        # ---- T = (I + A)⁻¹: dA = -Tᵀ dT Tᵀ on the strict lower triangle, A = β_t decay_ts (k_t·k_s)
+        d_inverse = tl.dot(du, tl.trans(v_b), input_precision=PRECISION) + tl.dot(dw, tl.trans(k_bg), input_precision=PRECISION)
+        da = -tl.dot(tl.trans(inverse), tl.dot(d_inverse, tl.trans(inverse), input_precision=PRECISION),
+                     input_precision=PRECISION)
+        da = tl.where(strict, da, 0.0)
+        dbeta += tl.sum(da * decay * kk, axis=1)
+        d_decay += da * beta[:, None] * kk
+        d_kk = da * beta[:, None] * decay
+        dk_acc += tl.dot(d_kk + tl.trans(d_kk), k, input_precision=PRECISION)
+        # ---- decay_ts = exp(log g_t - log g_s), log g = cumsum(log α), log g_C = its last entry
+        n = d_decay * decay
+        dlog_g += tl.sum(n, axis=1) - tl.sum(n, axis=0)
+        dlog_g += tl.where(rows == CHUNK - 1, dlog_end, 0.0)
+        dlog_alpha = tl.sum(dlog_g, axis=0) - tl.cumsum(dlog_g, axis=0) + dlog_g  # suffix sums
+        partial = iv * batch_heads * length + bh * length + t
+        tl.store(DK + partial[:, None] * dk + r[None, :], dk_acc, mask=k_mask)
+        tl.store(DBETA + partial, dbeta, mask=t_ok)
+        tl.store(DLOG_ALPHA + partial, dlog_alpha, mask=t_ok)
+    tl.store(DS_IN + bh * dk * dv + s_offsets, ds, mask=s_mask)
+
+
+def chunked_backward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    chunk_states: torch.Tensor,
+    chunk: int,
+    grad_out: torch.Tensor,
+    grad_state: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients (query, key, value, log_alpha, beta, initial state) given `chunk_states` [B, Hkv, n, Dk, Dv], the fp32
+    state before each kernel chunk of `chunk` tokens (from `chunked_forward`). Inputs contiguous; gradients in the
+    inputs' dtypes, the state's in fp32."""
+    batch, q_heads, length, dk = query.shape
+    kv_heads, dv = key.shape[1], value.shape[-1]
+    block_k, block_v = recurrent.state_blocks(dk, dv)
+    blocks = triton.cdiv(dv, block_v)
+    f32 = dict(dtype=torch.float32, device=value.device)
+    dq = torch.empty(blocks, batch, q_heads, length, dk, **f32)
+    dk_ = torch.empty(blocks, batch, kv_heads, length, dk, **f32)
+    dv_ = torch.empty_like(value)
+    dlog_alpha = torch.empty(blocks, batch, kv_heads, length, **f32)
+    dbeta = torch.empty(blocks, batch, kv_heads, length, **f32)
+    ds_in = torch.empty(batch, kv_heads, dk, dv, **f32)
+    _chunked_backward[(batch * kv_heads, blocks)](
+        query, key, value, log_alpha, beta, chunk_states, grad_out.contiguous(),
+        ds_in if grad_state is None else grad_state.float().contiguous(),
+        dq, dk_, dv_, dlog_alpha, dbeta, ds_in, length, q_heads, q_heads // kv_heads, dk, dv,
+        HAS_DS_OUT=grad_state is not None, CHUNK=chunk, BLOCK_K=block_k, BLOCK_V=block_v,
+        PRECISION="ieee" if value.dtype == torch.float32 else "tf32",
+    )
+    return (
+        dq.sum(0).to(query.dtype), dk_.sum(0).to(key.dtype), dv_,
+        dlog_alpha.sum(0).to(log_alpha.dtype), dbeta.sum(0).to(beta.dtype), ds_in,
+    )
+
+
 def chunk_tokens(chunk_size: int, dtype: torch.dtype) -> int:
     """Tokens per kernel chunk: `chunk_size` rounded up to a power of two >= 16 (tl.dot), at most the dtype's tile
     size (64; 32 for fp32, whose exact-fp32 products at C = 64 need 131 KB of shared memory and four minutes of
@@ -108,7 +261,7 @@ def chunked_forward(
         torch.empty(batch, kv_heads, triton.cdiv(length, chunk), dk, dv, dtype=torch.float32, device=value.device)
         if save_chunk_states else None
     )
-    block_k, block_v = recurrent._blocks(dk, dv)
+    block_k, block_v = recurrent.state_blocks(dk, dv)
     _chunked_forward[(batch * kv_heads, triton.cdiv(dv, block_v))](
         query.contiguous(), key.contiguous(), value.contiguous(), log_alpha.contiguous(), beta.contiguous(),
         s_out if state is None else state.float().contiguous(), out, s_out,
@@ -134,7 +287,7 @@ class _GatedDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_state):
         *inputs, chunk_states = ctx.saved_tensors
-        grads = recurrent.recurrent_backward(*inputs, chunk_states, ctx.chunk, grad_out, grad_state)
+        grads = chunked_backward(*inputs, chunk_states, ctx.chunk, grad_out, grad_state)
         grad_initial = None if ctx.state_dtype is None else grads[-1].to(ctx.state_dtype)
         return (*grads[:-1], grad_initial, None)
 
