@@ -22,8 +22,6 @@ from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weig
 from ..registry import Mechanism, register
 from .linear import _use_kernel, check_call
 
-# New tokens up to which a call with a state (decode) runs the token-by-token kernel rather than the chunked one.
-_DECODE_TOKENS = 16
 # softplus(-4) ≈ 0.018: the state starts by keeping ~98% per token, a memory of about fifty tokens.
 _DECAY_BIAS = -4.0
 
@@ -76,16 +74,10 @@ def attend(
     state = None if layer is None or layer.state is None else layer.state[0]
     log_alpha, beta = log_alpha * real, beta * real
     if _use_kernel(opts, query):
-        from ..kernels.gated_delta import chunked, recurrent
-
-        if torch.is_grad_enabled():
-            out, state = chunked.gated_delta(query, key, value, log_alpha, beta, state, opts.chunk_size)
-        elif state is not None and query.shape[2] <= _DECODE_TOKENS:
-            out, state = recurrent.recurrent_forward(query, key, value, log_alpha, beta, state)
-        else:
-            out, state, _ = chunked.chunked_forward(query, key, value, log_alpha, beta, state, opts.chunk_size)
+        from ..kernels.gated_delta import gated_delta_attention as gated_delta_rule
     else:
-        out, state = linear_ops.chunked_gated_delta(query, key, value, log_alpha, beta, state, opts.chunk_size)
+        gated_delta_rule = linear_ops.chunked_gated_delta
+    out, state = gated_delta_rule(query, key, value, log_alpha, beta, state, opts.chunk_size)
     if layer is not None:
         layer.state = (state,)
     return out, None

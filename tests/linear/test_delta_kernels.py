@@ -24,10 +24,18 @@ def _inputs(batch, q_heads, kv_heads, length, dk, dv, dtype, seed=0):
 
 # fp16 inputs against the fp32 reference on the same (rounded) inputs: outputs are stored in fp16 (rel. 1e-3) and the
 # kernel's 16-bit path multiplies in tf32 on a GPU; gradients are stored in fp16 too.
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
-@pytest.mark.parametrize("q_heads,kv_heads,length,dv,with_state", [(2, 2, 19, 6, False), (4, 2, 21, 72, True)])
-def test_chunked_forward_and_gradients_match_reference(dtype, tol, q_heads, kv_heads, length, dv, with_state):
-    inputs, state = _inputs(2, q_heads, kv_heads, length, 8, dv, dtype)
+# Dv = 72 runs two column blocks of the state (partial sums of dq, dk, dβ, dlog α); lengths are not multiples of the
+# chunk (16), 35 makes three chunks.
+@pytest.mark.parametrize(
+    "dtype,tol,batch,q_heads,kv_heads,length,dv,with_state",
+    [
+        (torch.float32, 1e-5, 2, 2, 2, 19, 6, False),
+        (torch.float32, 1e-5, 1, 4, 2, 21, 72, True),
+        (torch.float16, 3e-3, 2, 4, 2, 35, 6, True),
+    ],
+)
+def test_chunked_forward_and_gradients_match_reference(dtype, tol, batch, q_heads, kv_heads, length, dv, with_state):
+    inputs, state = _inputs(batch, q_heads, kv_heads, length, 8, dv, dtype)
     state = state if with_state else None
     chunk = 16  # the lengths are not multiples of it
     ref_leaves = [t.float().clone().requires_grad_() for t in inputs] + ([state.clone().requires_grad_()] if with_state else [])
