@@ -77,27 +77,28 @@ def compile_gated_delta(target: GPUTarget, head_dim: int) -> None:
     mechanism passes them)."""
     import torch
 
-    block_k, block_v = delta_recurrent.state_blocks(head_dim, head_dim)
-    blocks = dict(BLOCK_K=block_k, BLOCK_V=block_v)
     for dt, torch_name in TORCH_DTYPES.items():
         x = f"*{dt}"
         common = dict(Q=x, K=x, V=x, LOG_ALPHA="*fp32", BETA="*fp32")
         chunk = delta_chunked.chunk_tokens(64, getattr(torch, torch_name))
+        precision = delta_chunked.dot_precision(getattr(torch, torch_name))
         kernels = [
             (delta_recurrent._recurrent_forward, dict(common, S_IN="*fp32", O=x, S_OUT="*fp32"), dict(HAS_STATE=True)),
             (delta_chunked._chunked_forward, dict(common, S_IN="*fp32", O=x, S_OUT="*fp32", S_CHUNKS="*fp32"),
-             dict(HAS_STATE=True, SAVE_CHUNKS=True, CHUNK=chunk, PRECISION="ieee" if dt == "fp32" else "tf32")),
+             dict(HAS_STATE=True, SAVE_CHUNKS=True, CHUNK=chunk, PRECISION=precision)),
             (delta_chunked._chunked_backward,
              dict(common, S_CHUNKS="*fp32", DO=x, DS_OUT="*fp32", DQ="*fp32", DK="*fp32", DV=x,
                   DLOG_ALPHA="*fp32", DBETA="*fp32", DS_IN="*fp32"),
-             dict(HAS_DS_OUT=True, CHUNK=chunk, PRECISION="ieee" if dt == "fp32" else "tf32")),
+             dict(HAS_DS_OUT=True, CHUNK=chunk, PRECISION=precision)),
         ]
         for fn, pointers, constants in kernels:
-            constants = dict(constants, **blocks)
+            block_k, block_v = (delta_chunked.backward_blocks if fn is delta_chunked._chunked_backward
+                                else delta_recurrent.state_blocks)(head_dim, head_dim)
+            constants = dict(constants, BLOCK_K=block_k, BLOCK_V=block_v)
             start = time.perf_counter()
             compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
             print(
-                f"{dt} {fn.fn.__name__} chunk={chunk} blocks={block_k}x{block_v}: {compiled.metadata.shared} B shared, "
+                f"{dt} {fn.fn.__name__} chunk={chunk} state block={block_k}x{block_v}: {compiled.metadata.shared} B shared, "
                 f"{compiled.metadata.num_warps} warps, {time.perf_counter() - start:.0f} s",
                 flush=True,
             )

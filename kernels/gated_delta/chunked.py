@@ -2,7 +2,7 @@
 
 Equal to `hf_attn_plus.linear_ops.chunked_gated_delta`. One program per (batch, KV head, block of Dv columns) walks the
 chunks in order with S [Dk, BV] in registers (fp32). Per chunk of C tokens, with g_t = exp(cumulative log α) in fp32:
-  A = strictly lower (β_t g_t/g_s k_t·k_s),  T = (I + A)⁻¹ by forward substitution (row i needs rows < i),
+  A = strictly lower (β_t g_t/g_s k_t·k_s),  T = (I + A)⁻¹ (substitution in 16-row blocks, see _unit_lower_inverse),
   W = T diag(βg) K,  U = T diag(β) V - W S   (the pseudo-values u_t of the chunk, from S before it),
   O = diag(g) Q S + (Q Kᵀ ∘ g_t/g_s, causal) U,   S ← g_C S + (K ∘ g_C/g_s)ᵀ U.
 The G query heads of a group read the chunk's U and S in turn (no per-query-head state). The backward walks the chunks
@@ -18,6 +18,60 @@ import triton.language as tl
 
 from .._triton import next_power_of_2, tile_size
 from . import recurrent
+
+
+# Diagonal blocks of T solved by substitution; a chunk of several blocks then combines them with a few products.
+SOLVE_BLOCK: tl.constexpr = 16
+
+
+@triton.jit
+def _unit_lower_inverse(a, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + A)⁻¹ for A [CHUNK, CHUNK] strictly lower. Substitution inside the 16-row diagonal blocks, all blocks at
+    once and one tl.dot per step (row i of each block needs its rows < i); then, with D the block-diagonal part and
+    M = D⁻¹ (A - A_diag), X = D⁻¹ - M X reaches (I + M)⁻¹ D⁻¹ = (I + A)⁻¹ in blocks - 1 steps (M is nilpotent).
+    The products of that step span at most CHUNK / 16 blocks, so no long alternating sums (which a Neumann series
+    in A would need: its powers grow like binomials for repeated keys)."""
+    rows = tl.arange(0, CHUNK)
+    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    same_block = (rows[:, None] // SOLVE_BLOCK) == (rows[None, :] // SOLVE_BLOCK)
+    a_diag = tl.where(same_block, a, 0.0)
+    inverse = eye
+    for i in range(1, SOLVE_BLOCK):
+        step = eye - tl.dot(a_diag, inverse, input_precision=PRECISION)
+        inverse = tl.where((rows % SOLVE_BLOCK == i)[:, None], step, inverse)
+    if CHUNK > SOLVE_BLOCK:
+        m = tl.dot(inverse, tl.where(same_block, 0.0, a), input_precision=PRECISION)
+        block_inverse = inverse
+        for _ in range(CHUNK // SOLVE_BLOCK - 1):
+            inverse = block_inverse - tl.dot(m, inverse, input_precision=PRECISION)
+    return inverse
+
+
+@triton.jit
+def _chunk_terms(
+    K, V, LOG_ALPHA, BETA, s, bh, c, length, dk, dv, r, d, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Chunk c's keys, values (fp32, zero past the end), cumulative log g, β, decay g_t/g_s, K Kᵀ, T, W and U."""
+    rows = tl.arange(0, CHUNK)
+    causal = rows[:, None] >= rows[None, :]
+    t = c * CHUNK + rows
+    t_ok = t < length
+    k = tl.load(K + (bh * length + t)[:, None] * dk + r[None, :], mask=t_ok[:, None] & (r < dk)[None, :], other=0.0)
+    v = tl.load(V + (bh * length + t)[:, None] * dv + d[None, :], mask=t_ok[:, None] & (d < dv)[None, :], other=0.0)
+    k = k.to(tl.float32)
+    v = v.to(tl.float32)
+    # Rows past the end: log α = 0 and β = 0, so they neither decay nor write (as the reference's padding).
+    log_g = tl.cumsum(tl.load(LOG_ALPHA + bh * length + t, mask=t_ok, other=0.0).to(tl.float32), axis=0)
+    beta = tl.load(BETA + bh * length + t, mask=t_ok, other=0.0).to(tl.float32)
+    # g_t / g_s for s <= t, from the difference of logs (masked before exp: the upper triangle could overflow)
+    decay = tl.where(causal, tl.exp(tl.where(causal, log_g[:, None] - log_g[None, :], 0.0)), 0.0)
+    kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)
+    inverse = _unit_lower_inverse(
+        tl.where(rows[:, None] > rows[None, :], beta[:, None] * decay * kk, 0.0), CHUNK, PRECISION
+    )
+    w = tl.dot(inverse, (beta * tl.exp(log_g))[:, None] * k, input_precision=PRECISION)
+    u = tl.dot(inverse, beta[:, None] * v, input_precision=PRECISION) - tl.dot(w, s, input_precision=PRECISION)
+    return k, v, log_g, beta, decay, kk, inverse, w, u
 
 
 @triton.jit
@@ -42,33 +96,16 @@ def _chunked_forward(
     else:
         s = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     rows = tl.arange(0, CHUNK)
-    causal = rows[:, None] >= rows[None, :]
-    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
     chunks = tl.cdiv(length, CHUNK)
     for c in range(chunks):
         if SAVE_CHUNKS:
             tl.store(S_CHUNKS + (bh * chunks + c) * dk * dv + s_offsets, s, mask=s_mask)
+        k, v, log_g, beta, decay, kk, inverse, w, u = _chunk_terms(
+            K, V, LOG_ALPHA, BETA, s, bh, c, length, dk, dv, r, d, CHUNK, PRECISION
+        )
+        g = tl.exp(log_g)
         t = c * CHUNK + rows
         t_ok = t < length
-        k = tl.load(K + (bh * length + t)[:, None] * dk + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
-        v = tl.load(V + (bh * length + t)[:, None] * dv + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-        # Rows past the end: log α = 0 and β = 0, so they neither decay nor write (as the reference's padding).
-        log_g = tl.cumsum(tl.load(LOG_ALPHA + bh * length + t, mask=t_ok, other=0.0).to(tl.float32), axis=0)
-        beta = tl.load(BETA + bh * length + t, mask=t_ok, other=0.0).to(tl.float32)
-        g = tl.exp(log_g)
-        # g_t / g_s for s <= t, from the difference of logs (masked before exp: the upper triangle could overflow)
-        decay = tl.where(causal, tl.exp(tl.where(causal, log_g[:, None] - log_g[None, :], 0.0)), 0.0)
-        kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)
-        a = tl.where(rows[:, None] > rows[None, :], beta[:, None] * decay * kk, 0.0)
-        inverse = eye
-        for i in range(1, CHUNK):
-            a_i = tl.sum(tl.where(rows[:, None] == i, a, 0.0), axis=0)  # row i of A
-            row_i = tl.where(rows == i, 1.0, 0.0) - tl.sum(a_i[:, None] * inverse, axis=0)
-            inverse = tl.where(rows[:, None] == i, row_i[None, :], inverse)
-        w = tl.dot(inverse, (beta * g)[:, None] * k, input_precision=PRECISION)
-        u = tl.dot(inverse, beta[:, None] * v, input_precision=PRECISION) - tl.dot(w, s, input_precision=PRECISION)
         for gi in range(groups):
             row = (b * q_heads + hk * groups + gi) * length + t
             q = tl.load(Q + row[:, None] * dk + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
@@ -108,35 +145,22 @@ def _chunked_backward(
     else:
         ds = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     rows = tl.arange(0, CHUNK)
-    causal = rows[:, None] >= rows[None, :]
     strict = rows[:, None] > rows[None, :]
-    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
     chunks = tl.cdiv(length, CHUNK)
     for back in range(chunks):
         c = chunks - 1 - back
         # ---- the chunk's forward, as in _chunked_forward
         s = tl.load(S_CHUNKS + (bh * chunks + c) * dk * dv + s_offsets, mask=s_mask, other=0.0)
+        k, v, log_g, beta, decay, kk, inverse, w, u = _chunk_terms(
+            K, V, LOG_ALPHA, BETA, s, bh, c, length, dk, dv, r, d, CHUNK, PRECISION
+        )
+        g = tl.exp(log_g)
+        k_bg = (beta * g)[:, None] * k
+        v_b = beta[:, None] * v
         t = c * CHUNK + rows
         t_ok = t < length
         k_mask = t_ok[:, None] & r_ok[None, :]
         v_mask = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + (bh * length + t)[:, None] * dk + r[None, :], mask=k_mask, other=0.0).to(tl.float32)
-        v = tl.load(V + (bh * length + t)[:, None] * dv + d[None, :], mask=v_mask, other=0.0).to(tl.float32)
-        log_g = tl.cumsum(tl.load(LOG_ALPHA + bh * length + t, mask=t_ok, other=0.0).to(tl.float32), axis=0)
-        beta = tl.load(BETA + bh * length + t, mask=t_ok, other=0.0).to(tl.float32)
-        g = tl.exp(log_g)
-        decay = tl.where(causal, tl.exp(tl.where(causal, log_g[:, None] - log_g[None, :], 0.0)), 0.0)
-        kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)
-        a = tl.where(strict, beta[:, None] * decay * kk, 0.0)
-        inverse = eye
-        for i in range(1, CHUNK):
-            a_i = tl.sum(tl.where(rows[:, None] == i, a, 0.0), axis=0)
-            row_i = tl.where(rows == i, 1.0, 0.0) - tl.sum(a_i[:, None] * inverse, axis=0)
-            inverse = tl.where(rows[:, None] == i, row_i[None, :], inverse)
-        k_bg = (beta * g)[:, None] * k
-        v_b = beta[:, None] * v
-        w = tl.dot(inverse, k_bg, input_precision=PRECISION)
-        u = tl.dot(inverse, v_b, input_precision=PRECISION) - tl.dot(w, s, input_precision=PRECISION)
         log_end = tl.sum(tl.where(rows == CHUNK - 1, log_g, 0.0), axis=0)
         to_end = tl.exp(log_end - log_g)
         # ---- S' = g_C S + (to_end ∘ K)ᵀ U
@@ -195,6 +219,13 @@ def _chunked_backward(
     tl.store(DS_IN + bh * dk * dv + s_offsets, ds, mask=s_mask)
 
 
+def backward_blocks(dk: int, dv: int) -> tuple[int, int]:
+    """The backward holds about twice the forward's tiles: 32 state columns per program keep it within an H100's
+    227 KB of shared memory at Dk = 128 (188 KB for 16-bit inputs at C = 64; 245 KB with 64 columns)."""
+    block_k, block_v = recurrent.state_blocks(dk, dv)
+    return block_k, min(32, block_v)
+
+
 def chunked_backward(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -211,7 +242,7 @@ def chunked_backward(
     inputs' dtypes, the state's in fp32."""
     batch, q_heads, length, dk = query.shape
     kv_heads, dv = key.shape[1], value.shape[-1]
-    block_k, block_v = recurrent.state_blocks(dk, dv)
+    block_k, block_v = backward_blocks(dk, dv)
     blocks = triton.cdiv(dv, block_v)
     f32 = dict(dtype=torch.float32, device=value.device)
     dq = torch.empty(blocks, batch, q_heads, length, dk, **f32)
@@ -225,12 +256,17 @@ def chunked_backward(
         ds_in if grad_state is None else grad_state.float().contiguous(),
         dq, dk_, dv_, dlog_alpha, dbeta, ds_in, length, q_heads, q_heads // kv_heads, dk, dv,
         HAS_DS_OUT=grad_state is not None, CHUNK=chunk, BLOCK_K=block_k, BLOCK_V=block_v,
-        PRECISION="ieee" if value.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(value.dtype),
     )
     return (
         dq.sum(0).to(query.dtype), dk_.sum(0).to(key.dtype), dv_,
         dlog_alpha.sum(0).to(log_alpha.dtype), dbeta.sum(0).to(beta.dtype), ds_in,
     )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Products of fp32 tiles: exact fp32 for fp32 inputs; tf32 (10-bit mantissa, as fp16) for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def chunk_tokens(chunk_size: int, dtype: torch.dtype) -> int:
@@ -268,7 +304,7 @@ def chunked_forward(
         s_out if chunk_states is None else chunk_states,
         length, q_heads, q_heads // kv_heads, dk, dv,
         HAS_STATE=state is not None, SAVE_CHUNKS=save_chunk_states, CHUNK=chunk, BLOCK_K=block_k, BLOCK_V=block_v,
-        PRECISION="ieee" if value.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(value.dtype),
     )
     return out, s_out, chunk_states
 

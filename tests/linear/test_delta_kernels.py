@@ -22,22 +22,22 @@ def _inputs(batch, q_heads, kv_heads, length, dk, dv, dtype, seed=0):
     return [t.to(dtype) for t in (q, k, v, log_alpha, beta)], state
 
 
-# fp16 inputs against the fp32 reference on the same (rounded) inputs: outputs are stored in fp16 (rel. 1e-3) and the
-# kernel's 16-bit path multiplies in tf32 on a GPU; gradients are stored in fp16 too.
-# Dv = 72 runs two column blocks of the state (partial sums of dq, dk, dβ, dlog α); lengths are not multiples of the
-# chunk (16), 35 makes three chunks.
+# 16-bit inputs against the fp32 reference on the same (rounded) inputs: outputs and gradients are stored in 16 bits
+# (fp16 rel. 1e-3, bf16 rel. 8e-3) and the kernel's 16-bit path multiplies in tf32 on a GPU.
+# Lengths are not multiples of the chunk; 35 makes three chunks; a 64-token chunk (16-bit inputs) solves T in four
+# 16-row blocks. Dv = 72 runs several column blocks of the state (partial sums of dq, dk, dβ, dlog α).
 @pytest.mark.parametrize(
-    "dtype,tol,batch,q_heads,kv_heads,length,dv,with_state",
+    "dtype,tol,batch,q_heads,kv_heads,length,dv,chunk,with_state",
     [
-        (torch.float32, 1e-5, 2, 2, 2, 19, 6, False),
-        (torch.float32, 1e-5, 1, 4, 2, 21, 72, True),
-        (torch.float16, 3e-3, 2, 4, 2, 35, 6, True),
+        (torch.float32, 1e-5, 2, 2, 2, 35, 6, 16, False),
+        (torch.float32, 1e-5, 1, 4, 2, 21, 72, 16, True),
+        (torch.float16, 3e-3, 2, 4, 2, 70, 6, 64, True),
+        (torch.bfloat16, 2e-2, 2, 4, 2, 19, 6, 64, False),
     ],
 )
-def test_chunked_forward_and_gradients_match_reference(dtype, tol, batch, q_heads, kv_heads, length, dv, with_state):
+def test_chunked_forward_and_gradients_match_reference(dtype, tol, batch, q_heads, kv_heads, length, dv, chunk, with_state):
     inputs, state = _inputs(batch, q_heads, kv_heads, length, 8, dv, dtype)
     state = state if with_state else None
-    chunk = 16  # the lengths are not multiples of it
     ref_leaves = [t.float().clone().requires_grad_() for t in inputs] + ([state.clone().requires_grad_()] if with_state else [])
     expected, expected_state = linear_ops.chunked_gated_delta(*ref_leaves[:5], ref_leaves[5] if with_state else None, chunk)
     out, final, _ = chunked.chunked_forward(*inputs, state, chunk)
