@@ -21,7 +21,7 @@ from . import recurrent
 
 
 # Diagonal blocks of T solved by substitution; a chunk of several blocks then combines them with a few products.
-SOLVE_BLOCK: tl.constexpr = 16
+SOLVE_BLOCK = tl.constexpr(16)
 
 
 @triton.jit

@@ -69,7 +69,7 @@ def test_decode_matches_recurrent_form(new_tokens):
     torch.testing.assert_close(final, expected_state)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])  # GQA 4 and 2; MLA with Dk 12 != Dv 8
 def test_model_kernel_backend_matches_reference_backend(arch):
     """Logits (left-padded batch), cached greedy generation and one training step's gradients."""
     from .conftest import build
