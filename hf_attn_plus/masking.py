@@ -16,6 +16,16 @@ class AttentionContext:
     visible: torch.Tensor  # [B, 1, q_len, kv_len] bool: causal, padding and any model-side restriction
     key_pos: torch.Tensor  # [B, 1, 1, kv_len] long: index of the key among the sequence's real keys (-1: padding)
     query_pos: torch.Tensor  # [B, 1, q_len, 1] long: position of the query (-1: a query that sees nothing)
+    # The model's index of each query head passed in; None: all of them, in order. A wrapper that runs a mechanism
+    # on a subset of heads (head_budget skipping gated-off heads) sets it, so per-head random draws stay the same.
+    query_heads: torch.Tensor | None = None
+
+    def head_index(self, q_heads: int, device: torch.device) -> torch.Tensor:
+        """The model's index of each of the `q_heads` query heads of this call, [1, q_heads, 1, 1] long."""
+        heads = torch.arange(q_heads, device=device) if self.query_heads is None else self.query_heads.to(device)
+        if heads.numel() != q_heads:
+            raise ValueError(f"context names {heads.numel()} query heads, the call has {q_heads}")
+        return heads.view(1, -1, 1, 1)
 
     @property
     def distance(self) -> torch.Tensor:

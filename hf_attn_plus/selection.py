@@ -155,7 +155,7 @@ def random_links(ctx: AttentionContext, candidates: torch.Tensor, links: int, se
     Key s is ranked by the top 24 bits of a hash of (seed, layer, head, query position, key position), exact in
     float32; the `links` largest win, and top_scoring breaks the rare exact ties by position.
     """
-    heads = torch.arange(candidates.shape[1], device=candidates.device).view(1, -1, 1, 1)
+    heads = ctx.head_index(candidates.shape[1], candidates.device)
     rank = (counter_hash(seed, layer, heads, ctx.query_pos, ctx.key_pos) >> 8).float()
     return top_scoring(rank, candidates, links)
 
@@ -168,6 +168,35 @@ def indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head_weig
     """
     per_head = torch.relu(index_query @ index_key.unsqueeze(1).transpose(-1, -2))
     return (per_head * head_weights.unsqueeze(-1)).sum(dim=1, keepdim=True)
+
+
+def routed_indexer_heads(
+    index_query: torch.Tensor,
+    index_key: torch.Tensor,
+    head_weights: torch.Tensor,
+    ctx: AttentionContext,
+    active_heads: int,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MISA router: per query, the `active_heads` indexer heads (of index_query [B, Hi, q, Di], head_weights
+    [B, Hi, q]) with the largest w[t, j] * max_b relu(q_j[t] · mean_b(k)), b over the complete blocks of
+    `block_size` real keys before the query's own block; ties go to the lower head. Only those heads then score
+    tokens: -> (index_query [B, A, q, Di], head_weights [B, A, q]).
+
+    Blocks before the query's block are complete and fully visible in a cached decode step as in a full forward, so
+    routing is cache- and padding-invariant; a query with no complete block routes by head order.
+    """
+    if active_heads >= index_query.shape[1]:
+        return index_query, head_weights
+    batch, kv_len = index_key.shape[:2]
+    blocks = key_blocks(ctx, block_size).view(batch, kv_len)
+    num_blocks = max(int(blocks.max()) + 1, 1)
+    means = pooled_blocks(index_key.unsqueeze(1), blocks, num_blocks)  # [B, 1, nb, Di]
+    usable = torch.arange(num_blocks, device=blocks.device) < ctx.query_pos // block_size  # [B, 1, q, nb]
+    affinity = torch.relu(index_query @ means.transpose(-1, -2)).masked_fill(~usable, 0.0)
+    router = head_weights * affinity.amax(dim=-1)
+    chosen = router.sort(dim=1, descending=True, stable=True).indices[:, :active_heads]
+    return index_query.gather(1, chosen.unsqueeze(-1).expand(-1, -1, -1, index_query.shape[-1])), head_weights.gather(1, chosen)
 
 
 def mass_ranked_blocks(logits: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:

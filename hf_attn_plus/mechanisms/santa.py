@@ -51,7 +51,7 @@ def importance_log_weights(
     proposal_logits = grouped_scores(query.float(), quantize(key.float(), opts.bits)) * scaling
     proposal = torch.softmax(proposal_logits.double().masked_fill(~rest, float("-inf")), dim=-1).nan_to_num(0.0)
     cdf = proposal.cumsum(-1)
-    heads = torch.arange(q_heads, device=query.device).view(1, -1, 1, 1)
+    heads = ctx.head_index(q_heads, query.device)
     draws = torch.arange(opts.samples, device=query.device)
     u = counter_uniform(opts.seed, layer, heads, ctx.query_pos, draws) * cdf[..., -1:]
     drawn = torch.searchsorted(cdf.contiguous(), u.expand(batch, q_heads, q_len, -1).contiguous(), right=True)
