@@ -81,7 +81,7 @@ def _chunked_forward(
     HAS_STATE: tl.constexpr, SAVE_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B·H·L·D may pass 2**31
     kv_heads = q_heads // groups
     b = bh // kv_heads
     hk = bh % kv_heads
@@ -128,7 +128,7 @@ def _chunked_backward(
     # Chunks in reverse, carrying dS = dL/dS (the state before the chunk on exit). Each chunk recomputes its forward
     # quantities (T, W, U) from the saved state before it, then differentiates the forward formulas above. DQ, DK,
     # DLOG_ALPHA and DBETA sum over Dv: each column block writes its part (leading index = block), the caller adds up.
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B·H·L·D may pass 2**31
     iv = tl.program_id(1)
     batch_heads = tl.num_programs(0)
     kv_heads = q_heads // groups

@@ -21,7 +21,7 @@ def _recurrent_forward(
     length, q_heads, groups, dk, dv,
     HAS_STATE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    bh = tl.program_id(0)  # b * kv_heads + KV head
+    bh = tl.program_id(0).to(tl.int64)  # b * kv_heads + KV head; 64-bit offsets past 2**31 elements
     kv_heads = q_heads // groups
     b = bh // kv_heads
     hk = bh % kv_heads
