@@ -21,6 +21,7 @@ from hf_attn_plus.kernels.block_scoring import kernel as scoring
 from hf_attn_plus.kernels.block_sparse_prefill import kernel as prefill
 from hf_attn_plus.kernels.gated_delta import chunked as delta_chunked
 from hf_attn_plus.kernels.gated_delta import recurrent as delta_recurrent
+from hf_attn_plus.kernels.gathered_attention import kernel as gathered
 from hf_attn_plus.kernels.selected_decode import kernel as decode
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -62,6 +63,25 @@ def main() -> None:
                 print(
                     f"{dt} {fn.fn.__name__} keep={has_keep} tile={tile}: {compiled.metadata.shared} B shared, "
                     f"{time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
+        # Gathered attention: BLOCK_M 16 is a decode call (one query, a GQA group of rows), the tile size prefill.
+        gathered_common = dict(Q=x, K=x, V=x, VIS="*u8", SPANS="*i32", SLOTS="*i32", LOGW="*fp32", LSE="*fp32")
+        gathered_kernels = [
+            (gathered._forward_kernel, dict(gathered_common, O=x), ((False, tile), (True, 16))),
+            (gathered._backward_kernel, dict(gathered_common, DO=x, DELTA="*fp32", DQ=x, DK="*fp32", DV="*fp32"), ((False, tile),)),
+        ]
+        for fn, pointers, variants in gathered_kernels:
+            for has_weights, block_m in variants:
+                constants = dict(
+                    GROUP=4, HAS_WEIGHTS=has_weights, UPCAST=False, BLOCK_M=block_m, BLOCK_N=tile,
+                    BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
+                )
+                start = time.perf_counter()
+                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+                print(
+                    f"{dt} {fn.fn.__name__} weights={has_weights} rows={block_m} tile={tile}: "
+                    f"{compiled.metadata.shared} B shared, {time.perf_counter() - start:.0f} s",
                     flush=True,
                 )
     compile_gated_delta(target, args.head_dim)

@@ -5,6 +5,8 @@ achieved bandwidth on the bytes each method must read (ours_with_scoring adds bl
 block from min/max summaries and the top-block choice, i.e. a whole decode step of the mechanism; model_path is
 what backend="kernel" runs inside a model today: the reference selection, then the kernel). Prefill: causal attention with a share of the causal key
 blocks skipped per (head, query block); reports time and TFLOP/s on the FLOPs of the kept blocks.
+Stochastic: stochastic_routing prefill (forward) and training (forward + backward) over sinks + window + random
+links, and santa decode (sampled keys with importance weights) through kernels/gathered_attention.
 
     python benchmarks/sparse_attention.py            # GPU: the full grid, results/sparse_attention_<device>.{json,md}
     python benchmarks/sparse_attention.py --smoke    # CPU: tiny shapes through the Triton interpreter
@@ -30,11 +32,15 @@ import triton  # noqa: E402
 
 from hf_attn_plus.kernels.block_scoring.kernel import quest_scores_kernel as quest_scores  # noqa: E402
 from hf_attn_plus.kernels.block_sparse_prefill.function import block_sparse_attention  # noqa: E402
+from hf_attn_plus.kernels.gathered_attention.function import gathered_attention  # noqa: E402
+from hf_attn_plus.kernels.gathered_attention.lists import fixed_spans, position_slots  # noqa: E402
 from hf_attn_plus.kernels.selected_decode.kernel import tile_attention_forward  # noqa: E402
 from hf_attn_plus.kernels.selected_decode.wrapper import default_splits  # noqa: E402
 from hf_attn_plus.kernels.tile_lists import tiles_from_usage  # noqa: E402
 from hf_attn_plus.kernels._triton import next_power_of_2  # noqa: E402
-from hf_attn_plus.masking import build_context  # noqa: E402
+from hf_attn_plus.masking import AttentionContext, build_context  # noqa: E402
+from hf_attn_plus.mechanisms import santa, stochastic_routing  # noqa: E402
+from hf_attn_plus.reference import masked_attention  # noqa: E402
 from hf_attn_plus.registry import get_mechanism  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -48,6 +54,15 @@ FULL = dict(
 TINY = dict(
     heads=4, kv_heads=2, head_dim=16, dtype=torch.float16, decode_block=16, prefill_block=16, tile=16,
     contexts=[128, 256], budgets=[32, 64], lengths=[64, 192], skips=[0.5, 0.9],
+)
+# stochastic_routing (window, sinks, links per query and head) and santa decode (samples, window, sinks).
+STOCHASTIC_FULL = dict(
+    window=64, sinks=4, links=16, samples=64, prefill_lengths=[8192, 32768, 131072], training_lengths=[8192, 32768],
+    decode_contexts=[16384, 65536, 131072], flex_max_length=32768,
+)
+STOCHASTIC_TINY = dict(
+    window=8, sinks=2, links=4, samples=8, prefill_lengths=[64], training_lengths=[48], decode_contexts=[128],
+    flex_max_length=64,
 )
 
 
@@ -200,6 +215,106 @@ def prefill_case(cfg, length: int, skip: float, device, flex) -> dict:
     return row
 
 
+def causal_positions(length: int, device: torch.device) -> AttentionContext:
+    """Positions of one unpadded causal sequence. Visibility is an all-True stride-0 view: the ranges and links only
+    name causal keys, and a materialised [L, L] mask (17 GB at 128K) would not fit."""
+    pos = torch.arange(length, device=device)
+    visible = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device).expand(1, 1, length, length)
+    return AttentionContext(visible=visible, key_pos=pos.view(1, 1, 1, -1), query_pos=pos.view(1, 1, -1, 1))
+
+
+def routing_case(cfg, scfg, length: int, training: bool, device, flex) -> dict:
+    """stochastic_routing over one causal sequence: forward (prefill) or forward + backward (training)."""
+    heads, kv_heads, dim, dtype = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["dtype"]
+    g = torch.Generator(device=device).manual_seed(0)
+    inputs = [
+        torch.randn(1, h, length, dim, device=device, dtype=dtype, generator=g).requires_grad_(training)
+        for h in (heads, kv_heads, kv_heads)
+    ]
+    opts = stochastic_routing.MECHANISM.resolve_options({k: scfg[k] for k in ("window", "sinks", "links")})
+    ctx = causal_positions(length, device)
+    scaling = dim**-0.5
+
+    def lists():
+        with torch.no_grad():
+            links = stochastic_routing.link_positions(ctx, heads, opts, layer=0)
+            return fixed_spans(ctx, opts.sinks, opts.window), position_slots(ctx, links), links
+
+    spans, slots, links = lists()
+    ours = lambda: gathered_attention(*inputs, ctx.visible, spans, slots, scaling)  # noqa: E731
+    dense = lambda: dense_sdpa(*inputs, causal=True)  # noqa: E731
+
+    def step(fn):
+        if not training:
+            with torch.no_grad():
+                return fn()
+        out = fn()
+        out.backward(torch.ones_like(out))
+        return out
+
+    attended = opts.sinks + opts.window + opts.links
+    row = dict(mode="routing_training" if training else "routing_prefill", length=length, attended=attended)
+    out = step(ours)
+    row["ours_ms"] = milliseconds(lambda: step(ours), device)
+    row["ours_with_draw_ms"] = milliseconds(lambda: (lists(), step(ours)), device)
+    row["sdpa_ms"] = milliseconds(lambda: step(dense), device)
+    run_flex, _, _ = flex
+    if run_flex is not None and length <= scfg["flex_max_length"]:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        head_links = links[0]  # [H, L, links]
+
+        def routed(b, h, q, kv):
+            linked = kv < 0
+            for j in range(opts.links):
+                linked = linked | (head_links[h, q, j] == kv)
+            return (kv <= q) & ((q - kv < opts.window) | (kv < opts.sinks) | linked)
+
+        block_mask = create_block_mask(routed, 1, heads, length, length, device=device.type)
+        flexed = lambda: run_flex(*inputs, block_mask=block_mask, scale=scaling, enable_gqa=True)  # noqa: E731
+        if device.type == "cuda" or not training:  # FlexAttention has no CPU backward
+            row["flex_ms"] = milliseconds(lambda: step(flexed), device)
+            with torch.no_grad():
+                row["max_abs_diff_vs_flex"] = (flexed().float() - out.float()).abs().max().item()
+    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["ours_ms"]
+    return row
+
+
+def santa_case(cfg, scfg, context: int, device) -> dict:
+    """One santa decode step over a cache of `context` keys: the whole kernel path (quantised-key proposal, draws,
+    lists, gathered kernel), the kernel alone, santa's reference path and dense SDPA."""
+    heads, kv_heads, dim, dtype = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["dtype"]
+    g = torch.Generator(device=device).manual_seed(0)
+    query = torch.randn(1, heads, 1, dim, device=device, dtype=dtype, generator=g)
+    key = torch.randn(1, kv_heads, context, dim, device=device, dtype=dtype, generator=g)
+    value = torch.randn(1, kv_heads, context, dim, device=device, dtype=dtype, generator=g)
+    opts = santa.MECHANISM.resolve_options({k: scfg[k] for k in ("samples", "window", "sinks")})
+    ctx = build_context(torch.ones(1, 1, 1, context, dtype=torch.bool, device=device))
+    scaling = dim**-0.5
+
+    def lists():
+        slots, log_weights = santa.sampled_slots(query, key, ctx, opts, scaling, layer=0)
+        return fixed_spans(ctx, opts.sinks, opts.window), slots, log_weights
+
+    def reference():
+        log_weights = santa.importance_log_weights(query, key, ctx, opts, scaling, layer=0)
+        return masked_attention(query, key, value, log_weights > float("-inf"), scaling, log_weights=log_weights)[0]
+
+    spans, slots, log_weights = lists()
+    row = dict(mode="santa_decode", context=context, read=opts.sinks + opts.window + opts.samples)
+    with torch.no_grad():
+        def gather_only(spans=spans, slots=slots, log_weights=log_weights):
+            return gathered_attention(query, key, value, ctx.visible, spans, slots, scaling, log_weights)
+
+        row["ours_kernel_ms"] = milliseconds(gather_only, device)
+        row["ours_ms"] = milliseconds(lambda: gather_only(*lists()), device)
+        row["reference_ms"] = milliseconds(reference, device)
+        row["sdpa_ms"] = milliseconds(lambda: dense_sdpa(query, key, value, causal=False), device)
+        row["max_abs_diff_vs_reference"] = (gather_only().float() - reference().float()).abs().max().item()
+    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["ours_ms"]
+    return row
+
+
 def environment(device: torch.device, flex_mode: str) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     return dict(
@@ -228,6 +343,11 @@ def markdown(env: dict, rows: list[dict], cfg: dict) -> str:
     for mode, columns in (
         ("decode", ["context", "budget", "sdpa_ms", "flex_ms", "ours_ms", "ours_with_scoring_ms", "model_path_ms", "sdpa_GBps", "ours_GBps", "speedup_vs_sdpa", "max_abs_diff_vs_flex"]),
         ("prefill", ["length", "skip_target", "skipped", "sdpa_ms", "flex_ms", "ours_ms", "sdpa_TFLOPs", "flex_TFLOPs", "ours_TFLOPs", "speedup_vs_sdpa", "max_abs_diff_vs_flex"]),
+        *(
+            (mode, ["length", "attended", "sdpa_ms", "flex_ms", "ours_ms", "ours_with_draw_ms", "speedup_vs_sdpa", "max_abs_diff_vs_flex"])
+            for mode in ("routing_prefill", "routing_training")
+        ),
+        ("santa_decode", ["context", "read", "sdpa_ms", "reference_ms", "ours_ms", "ours_kernel_ms", "speedup_vs_sdpa", "max_abs_diff_vs_reference"]),
     ):
         lines += [f"## {mode}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for row in (r for r in rows if r["mode"] == mode):
@@ -256,6 +376,14 @@ def main() -> None:
         for skip in cfg["skips"]:
             rows.append(prefill_case(cfg, length, skip, device, flex))
             print(rows[-1], flush=True)
+    scfg = STOCHASTIC_TINY if args.smoke else STOCHASTIC_FULL
+    for training, lengths in ((False, scfg["prefill_lengths"]), (True, scfg["training_lengths"])):
+        for length in lengths:
+            rows.append(routing_case(cfg, scfg, length, training, device, flex))
+            print(rows[-1], flush=True)
+    for context in scfg["decode_contexts"]:
+        rows.append(santa_case(cfg, scfg, context, device))
+        print(rows[-1], flush=True)
     env = environment(device, flex[2])
     stem = "sparse_attention_cpu_smoke" if args.smoke else "sparse_attention_" + env["device"].replace(" ", "_")
     args.out.mkdir(parents=True, exist_ok=True)

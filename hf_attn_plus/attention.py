@@ -158,6 +158,7 @@ def logit_scale(module: torch.nn.Module, attended: torch.Tensor, opts: Any) -> t
 
 
 def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:
+    # Also called by `attend_has_kernel` mechanisms that dispatch their own kernel (stochastic_routing, santa).
     # The kernels implement exact attention without logit scaling or attention dropout: `auto` takes the reference
     # whenever either is asked for, and a forced kernel refuses rather than silently skipping it.
     unsupported = []
@@ -168,7 +169,7 @@ def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: f
     if opts.backend == "reference":
         return False
     if opts.backend == "kernel":
-        if mechanism.kernel is None:
+        if not mechanism.has_kernel:
             raise OptionError(
                 f"hf_attn_plus mechanism {mechanism.name!r} has no kernel; option 'backend' allowed here: "
                 "'auto', 'reference'"
@@ -179,4 +180,4 @@ def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: f
                 f"{' or '.join(unsupported)}; use backend='reference'"
             )
         return True
-    return mechanism.kernel is not None and query.is_cuda and not unsupported
+    return mechanism.has_kernel and query.is_cuda and not unsupported

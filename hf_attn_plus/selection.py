@@ -149,15 +149,39 @@ def counter_uniform(seed: int, *coords: torch.Tensor | int) -> torch.Tensor:
     return (counter_hash(seed, *coords).double() + 0.5) / 2.0**32
 
 
-def random_links(ctx: AttentionContext, candidates: torch.Tensor, links: int, seed: int, layer: int) -> torch.Tensor:
-    """Per query head, `links` keys drawn uniformly without replacement from `candidates` [B, Hq, q, kv].
+def random_links(
+    ctx: AttentionContext, q_heads: int, sinks: int, window: int, links: int, seed: int, layer: int
+) -> torch.Tensor:
+    """Real positions of each query's long-range links, [B, q_heads, q, links] (-1: unused slot).
 
-    Key s is ranked by the top 24 bits of a hash of (seed, layer, head, query position, key position), exact in
-    float32; the `links` largest win, and top_scoring breaks the rare exact ties by position.
+    The far keys of the query at position t are the positions sinks..t-window (neither sink nor in the window); it
+    draws min(links, their number) of them uniformly without replacement with Robert Floyd's algorithm: for
+    j = n-links .. n-1, r = hash(seed, layer, head, t, j) mod (j+1) joins the set, or j if r already did. O(links^2)
+    work per query, independent of the context; positions only (ctx.query_pos, -1 for a query that sees nothing, and
+    the model's head index ctx.head_index), so padding-, batch- and cache-invariant.
     """
-    heads = ctx.head_index(candidates.shape[1], candidates.device)
-    rank = (counter_hash(seed, layer, heads, ctx.query_pos, ctx.key_pos) >> 8).float()
-    return top_scoring(rank, candidates, links)
+    t = ctx.query_pos[..., 0]  # [B, 1, q]
+    heads = ctx.head_index(q_heads, t.device)[..., 0]
+    count = (t - window - sinks + 1).clamp(min=0)
+    chosen = torch.full((*t.shape[:1], q_heads, t.shape[-1], links), -1, dtype=torch.long, device=t.device)
+    for i in range(links):
+        j = count - links + i
+        r = counter_hash(seed, layer, heads, t, j) % (j + 1).clamp(min=1)
+        taken = (chosen[..., :i] == r.unsqueeze(-1)).any(-1)
+        chosen[..., i] = torch.where(j >= 0, torch.where(taken, j, r), -1)
+    return torch.where(chosen >= 0, chosen + sinks, -1)
+
+
+def positions_to_keep(ctx: AttentionContext, positions: torch.Tensor) -> torch.Tensor:
+    """Keep mask [B, H, q, kv] of the visible keys whose real positions are listed in `positions` [B, H, q, n]
+    (-1 entries ignored)."""
+    batch, heads, q_len, _ = positions.shape
+    kv_len = ctx.key_pos.shape[-1]
+    # Real positions are < kv_len; -1 goes to an extra column that is dropped.
+    by_position = torch.zeros(batch, heads, q_len, kv_len + 1, dtype=torch.bool, device=positions.device)
+    by_position.scatter_(-1, torch.where(positions < 0, kv_len, positions), True)
+    key_pos = ctx.key_pos.expand(batch, heads, q_len, kv_len)
+    return by_position.gather(-1, torch.where(key_pos < 0, kv_len, key_pos)) & ctx.visible
 
 
 def indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head_weights: torch.Tensor) -> torch.Tensor:
