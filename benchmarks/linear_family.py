@@ -82,7 +82,7 @@ def gated_delta_rows(q, k, v, qn, kn, log_alpha, beta) -> dict[str, float | None
 
     fla_leaves = [t.detach().clone().requires_grad_() for t in (
         qn.transpose(1, 2).contiguous(), per_query_head(kn), per_query_head(v),
-        per_query_head(log_alpha.float()), per_query_head(beta.float()))]
+        per_query_head(log_alpha.to(q.dtype)), per_query_head(beta.to(q.dtype)))]  # gates as in fla's docs
 
     def fla(q, k, v, g, b):
         return chunk_gated_delta_rule(q, k, v, g, b, scale=1.0)[0]
