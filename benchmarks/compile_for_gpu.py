@@ -19,6 +19,8 @@ from triton.compiler import ASTSource
 from hf_attn_plus.kernels._triton import tile_size
 from hf_attn_plus.kernels.block_scoring import kernel as scoring
 from hf_attn_plus.kernels.block_sparse_prefill import kernel as prefill
+from hf_attn_plus.kernels.gated_delta import chunked as delta_chunked
+from hf_attn_plus.kernels.gated_delta import recurrent as delta_recurrent
 from hf_attn_plus.kernels.gathered_attention import kernel as gathered
 from hf_attn_plus.kernels.selected_decode import kernel as decode
 
@@ -87,11 +89,44 @@ def main() -> None:
                     f"{compiled.metadata.shared} B shared, {time.perf_counter() - start:.0f} s",
                     flush=True,
                 )
+    compile_gated_delta(target, args.head_dim)
     constants = dict(GROUP=4, BLOCK_M=16, BLOCK_B=64, BLOCK_D=args.head_dim)
     pointers = dict(Q="*bf16", KMIN="*bf16", KMAX="*bf16", S="*fp32")
     fn = scoring._quest_scores_kernel
     compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
     print(f"bf16 _quest_scores_kernel: {compiled.metadata.shared} B shared", flush=True)
+
+
+def compile_gated_delta(target: GPUTarget, head_dim: int) -> None:
+    """The gated-delta kernels with the blocks their wrappers pick for Dk = Dv = head_dim (gates in fp32, as the
+    mechanism passes them)."""
+    import torch
+
+    for dt, torch_name in TORCH_DTYPES.items():
+        x = f"*{dt}"
+        common = dict(Q=x, K=x, V=x, LOG_ALPHA="*fp32", BETA="*fp32")
+        chunk = delta_chunked.chunk_tokens(64, getattr(torch, torch_name))
+        precision = delta_chunked.dot_precision(getattr(torch, torch_name))
+        kernels = [
+            (delta_recurrent._recurrent_forward, dict(common, S_IN="*fp32", O=x, S_OUT="*fp32"), dict(HAS_STATE=True)),
+            (delta_chunked._chunked_forward, dict(common, S_IN="*fp32", O=x, S_OUT="*fp32", S_CHUNKS="*fp32"),
+             dict(HAS_STATE=True, SAVE_CHUNKS=True, CHUNK=chunk, PRECISION=precision)),
+            (delta_chunked._chunked_backward,
+             dict(common, S_CHUNKS="*fp32", DO=x, DS_OUT="*fp32", DQ="*fp32", DK="*fp32", DV=x,
+                  DLOG_ALPHA="*fp32", DBETA="*fp32", DS_IN="*fp32"),
+             dict(HAS_DS_OUT=True, CHUNK=chunk, PRECISION=precision)),
+        ]
+        for fn, pointers, constants in kernels:
+            block_k, block_v = (delta_chunked.backward_blocks if fn is delta_chunked._chunked_backward
+                                else delta_recurrent.state_blocks)(head_dim, head_dim)
+            constants = dict(constants, BLOCK_K=block_k, BLOCK_V=block_v)
+            start = time.perf_counter()
+            compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+            print(
+                f"{dt} {fn.fn.__name__} chunk={chunk} state block={block_k}x{block_v}: {compiled.metadata.shared} B shared, "
+                f"{compiled.metadata.num_warps} warps, {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

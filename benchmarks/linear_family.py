@@ -35,6 +35,64 @@ def _median_seconds(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+GATED_DELTA_NOTES = (
+    "gated_delta_*: kernel = hf_attn_plus.kernels.gated_delta (chunked forward and backward), "
+    "torch = linear_ops.chunked_gated_delta under autograd, sdpa = dense causal attention; fwd_bwd = forward + "
+    "backward of sum(out * grad). fla = flash-linear-attention's chunk_gated_delta_rule on the same inputs with keys, "
+    "values and gates repeated to the query heads (fla shares q/k heads across value heads, not the reverse), so it "
+    "keeps a state per query head: G times the state work of the GQA kernel. None: not run here (needs CUDA / fla)."
+)
+
+
+def _fwd_bwd(fn, leaves):
+    def run():
+        out = fn(*leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+    return run
+
+
+def gated_delta_rows(q, k, v, qn, kn, log_alpha, beta) -> dict[str, float | None]:
+    """Kernel forward and forward+backward of the gated delta rule against the PyTorch chunked form, SDPA and fla."""
+    leaves = [t.detach().clone().requires_grad_() for t in (qn, kn, v, log_alpha, beta)]
+    dense = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    rows = {
+        "gated_delta_torch_fwd_bwd": _median_seconds(
+            _fwd_bwd(lambda *x: linear_ops.chunked_gated_delta(*x, chunk_size=64), leaves)),
+        "sdpa_fwd_bwd": _median_seconds(
+            _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), dense)),
+        "gated_delta_kernel_fwd": None, "gated_delta_kernel_fwd_bwd": None,
+        "gated_delta_fla_fwd": None, "gated_delta_fla_fwd_bwd": None,
+    }
+    if not q.is_cuda:
+        return rows
+    from hf_attn_plus.kernels.gated_delta import chunked
+
+    with torch.no_grad():
+        rows["gated_delta_kernel_fwd"] = _median_seconds(lambda: chunked.chunked_forward(qn, kn, v, log_alpha, beta))
+    rows["gated_delta_kernel_fwd_bwd"] = _median_seconds(_fwd_bwd(chunked.gated_delta, leaves))
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        return rows
+    groups = q.shape[1] // k.shape[1]
+
+    def per_query_head(x):  # [B, Hkv, L, ...] -> fla's [B, L, Hq, ...]
+        return x.repeat_interleave(groups, 1).transpose(1, 2).contiguous()
+
+    fla_leaves = [t.detach().clone().requires_grad_() for t in (
+        qn.transpose(1, 2).contiguous(), per_query_head(kn), per_query_head(v),
+        per_query_head(log_alpha.to(q.dtype)), per_query_head(beta.to(q.dtype)))]  # gates as in fla's docs
+
+    def fla(q, k, v, g, b):
+        return chunk_gated_delta_rule(q, k, v, g, b, scale=1.0)[0]
+
+    with torch.no_grad():
+        rows["gated_delta_fla_fwd"] = _median_seconds(lambda: fla(*fla_leaves))
+    rows["gated_delta_fla_fwd_bwd"] = _median_seconds(_fwd_bwd(fla, fla_leaves))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
@@ -63,6 +121,7 @@ def main() -> None:
         }
         with torch.no_grad():
             row = {"length": length, **{name: _median_seconds(fn) for name, fn in cases.items()}}
+        row.update(gated_delta_rows(q, k, v, qn, kn, log_alpha, beta))
         # Decode memory per layer: dense KV cache vs the linear state (elements).
         row["dense_kv_elements"] = 2 * kv_heads * length * dim
         row["linear_state_elements"] = kv_heads * dim * (dim + 1)
@@ -76,6 +135,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "shape": {"batch": 1, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": dim, "hybrid_window": window},
         "seconds_and_elements": rows,
+        "gated_delta_notes": GATED_DELTA_NOTES,
     }
     if args.out:
         with open(args.out, "w") as f:
