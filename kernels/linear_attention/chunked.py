@@ -20,9 +20,21 @@ layer until the backward; rebuilding them costs one φkᵀ v product per chunk, 
   block's share of dφk goes to its own fp32 slice, summed in PyTorch (deterministic). dS, dz left after the first
   chunk are the gradient of the initial state.
 
-Feature maps stay outside, in PyTorch autograd. Fusing hedgehog (softmax over [xW, -xW]) into these kernels does not
-pay; the bytes and FLOPs behind that are in `benchmarks/linear_family.py --feature-map-cost` and the docstring of
-`hedgehog_fusion_cost` there.
+Feature maps stay outside, in PyTorch autograd. Fusing hedgehog (φ = [softmax(xW); softmax(-xW)]) into these kernels
+does not pay; measured and counted by `benchmarks/linear_family.py --feature-map-cost`
+(results/hedgehog_fusion_cost.json), per token and query head, head dim 128, m = 64, Dv = 128, G = 4, bf16:
+- the eager PyTorch map moves 5.5 KB forward + backward (measured), more than these kernels (3.1 KB); a one-pass map
+  (torch.compile, or its own small kernel) would move 1.9 KB;
+- fused, each pass would rebuild φ wherever it loads it (φk in every query head's program): +127 kFLOP (+34 %) and
+  672 exponentials, and hold W and dW [D, m] beside the [F, Dv] fp32 state (64 KB at 128 · 128);
+- at H100 peak rates that saves 1.6 ns against the eager map but 0.57 ns against a one-pass map, for 0.43 ns more work
+  inside the kernels. Those run one program per (batch, head) sequentially over chunks, so with fewer programs than
+  the 132 SMs the added work is not hidden (about × 132 / (B · Hq)): at B · Hq = 32 it costs 1.8 ns.
+The bytes worth saving are the eager map's extra passes, which a one-pass map removes without touching these kernels.
+
+Precision: tiles are upcast to fp32 before `tl.dot` (TF32 on sm_80+); the state never leaves fp32. The kernel chunk
+is capped by `kernel_chunk` to fit shared memory; sm_90 compiles are checked at F · Dv = 128 · 128 and 256 · 128
+(benchmarks/compile_for_gpu.py); larger states may exceed shared memory (Triton then raises OutOfResources).
 """
 
 from __future__ import annotations
