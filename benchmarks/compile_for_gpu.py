@@ -76,30 +76,36 @@ def main() -> None:
 
 
 def compile_linear(target: GPUTarget, head_dim: int) -> None:
-    """Chunked linear attention forward and backward at the chunk the wrapper picks for chunk_size 64, features F = head dim (elu/relu, hedgehog with
-    m = head dim / 2) and F = 2 x head dim (hedgehog's default m = head dim), value dim = head dim."""
+    """Chunked linear attention forward and backward at the chunk the wrappers pick for chunk_size 64; value dim = head
+    dim; features F = head dim (elu/relu; hedgehog with m = head dim / 2) and 2 x head dim (hedgehog's default)."""
+    import torch
+
     from hf_attn_plus import linear_ops
 
+    sm90_shared_limit = 232448  # bytes per block
     f32 = "*fp32"
-    for dt in TORCH_DTYPES:
+    for dt, torch_name in TORCH_DTYPES.items():
         x = f"*{dt}"
-        kernels = [
+        kernels = [  # (kernel, pointer types, whether it walks chunks forward rebuilding the state)
             (linear._chunked_forward, dict(Q=x, K=x, V=x, S_IN=f32, Z_IN=f32, O=x, S_OUT=f32, Z_OUT=f32), True),
             (linear._backward_dq, dict(Q=x, K=x, V=x, S_IN=f32, Z_IN=f32, DO=x, DQ=x, INV_DEN=f32, D_DEN=f32), True),
             (linear._backward_dkdv, dict(Q=x, K=x, V=x, DO=x, INV_DEN=f32, D_DEN=f32, DS_OUT=f32, DZ_OUT=f32,
                                          DK_PARTS=f32, DV=x, DS_IN=f32, DZ_IN=f32), False),
         ]
         for features in (head_dim, 2 * head_dim):
-            for fn, pointers, has_state_flag in kernels:
-                block_v = head_dim if has_state_flag else min(64, head_dim)  # dk/dv: the wrapper's value blocks
-                constants = dict(CHUNK=linear.kernel_chunk(64, features, head_dim), BLOCK_F=features, BLOCK_V=block_v)
-                if has_state_flag:
+            chunk = linear.kernel_chunk(64, features, head_dim, getattr(torch, torch_name))
+            for fn, pointers, forward_walk in kernels:
+                block_v = head_dim if forward_walk else min(64, head_dim)  # dk/dv: the wrapper's value blocks
+                constants = dict(CHUNK=chunk, BLOCK_F=features, BLOCK_V=block_v)
+                if forward_walk:
                     constants.update(HAS_STATE=True, EPS=linear_ops.EPS)
                 start = time.perf_counter()
                 compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+                shared = compiled.metadata.shared
                 print(
-                    f"{dt} {fn.fn.__name__} F={features} Dv={head_dim} chunk={constants['CHUNK']} block_v={block_v}: "
-                    f"{compiled.metadata.shared} B shared, {time.perf_counter() - start:.0f} s",
+                    f"{dt} {fn.fn.__name__} F={features} Dv={head_dim} chunk={chunk} block_v={block_v}: {shared} B "
+                    f"shared{' OVER the sm_90 limit' if shared > sm90_shared_limit else ''}, "
+                    f"{time.perf_counter() - start:.0f} s",
                     flush=True,
                 )
 

@@ -235,12 +235,15 @@ def _blocks(features: int, dv: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(features)), max(16, triton.next_power_of_2(dv))
 
 
-def kernel_chunk(chunk_size: int, features: int, dv: int) -> int:
+def kernel_chunk(chunk_size: int, features: int, dv: int, *inputs: torch.dtype) -> int:
     """Rows per chunk in the kernels (any chunking gives the same result): the option's, capped so the fp32 state and
-    the chunk tiles fit sm_90's 227 KB of shared memory (benchmarks/compile_for_gpu.py: at F = 256, Dv = 128 the dq
-    pass needs 336 KB with 64-row chunks, 148 KB with 32)."""
+    the chunk tiles fit sm_90's 227 KB of shared memory (benchmarks/compile_for_gpu.py: at F = 256, Dv = 128 with
+    16-bit inputs the dq pass needs 336 KB with 64-row chunks, 148 KB with 32; fp32 inputs need about twice the tiles:
+    288 KB at F = Dv = 128 with 64 rows)."""
     block_f, block_v = _blocks(features, dv)
     cap = 64 if block_f * block_v <= 128 * 128 else 32 if block_f * block_v <= 256 * 128 else 16
+    if max(dtype.itemsize for dtype in inputs) > 2:
+        cap = max(16, cap // 2)
     return min(cap, max(16, triton.next_power_of_2(chunk_size)))
 
 
@@ -259,7 +262,7 @@ def chunked_forward(
     block_f, block_v = _blocks(features, dv)
     _chunked_forward[(batch * q_heads,)](
         phi_q, phi_k, value, s_in, z_in, out, s_out, z_out, length, q_heads, q_heads // kv_heads, features, dv,
-        HAS_STATE=state is not None, CHUNK=kernel_chunk(chunk_size, features, dv),
+        HAS_STATE=state is not None, CHUNK=kernel_chunk(chunk_size, features, dv, phi_q.dtype, phi_k.dtype, value.dtype),
         BLOCK_F=block_f, BLOCK_V=block_v, EPS=linear_ops.EPS,
     )
     return out, (s_out, z_out)
@@ -290,7 +293,7 @@ def chunked_backward(
     kv_heads, dv = phi_k.shape[1], value.shape[-1]
     phi_q, phi_k, value, grad_out = (t.contiguous() for t in (phi_q, phi_k, value, grad_out))
     block_f, block_v = _blocks(features, dv)
-    chunk = kernel_chunk(chunk_size, features, dv)
+    chunk = kernel_chunk(chunk_size, features, dv, phi_q.dtype, phi_k.dtype, value.dtype)
     groups = q_heads // kv_heads
     grad_q = torch.empty_like(phi_q)
     inv_den = torch.empty(batch, q_heads, length, dtype=torch.float32, device=value.device)

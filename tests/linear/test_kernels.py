@@ -58,7 +58,7 @@ def test_backward_matches_chunked_reference(dtype, tol, groups, with_state):
     assert [t.dtype for t in got] == [dtype] * 3 + [torch.float32] * (len(got) - 3)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
-    if not with_state and dtype == torch.float32:  # and the definition, through the output alone
+    if not with_state and dtype == torch.float32 and groups == 2:  # and the definition, through the output alone
         visible = torch.ones(length, length, dtype=torch.bool).tril()
         out_grads = (grads[0], torch.zeros_like(grads[1]), torch.zeros_like(grads[2]))
         got = _gradients(lambda *a: chunked.linear_attention(*a, chunk_size=chunk), q, k, v, None, out_grads)
