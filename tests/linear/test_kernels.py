@@ -126,3 +126,24 @@ def test_model_training_step_with_kernel_backend_matches_reference_backend():
     assert kernel.keys() == reference.keys() and any(".attn_plus." in name for name in kernel)
     for name in reference:
         torch.testing.assert_close(kernel[name], reference[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_model_training_through_a_cached_state_with_kernel_backend_matches_reference_backend():
+    """Second call continues from the first call's state (cache) with gradients flowing through that state."""
+    from .conftest import build
+
+    model = build("llama", "linear", feature_map="elu", backend="kernel", chunk_size=4)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def gradients(backend: str) -> dict[str, torch.Tensor]:
+        model.config.hf_attn_plus = dict(model.config.hf_attn_plus, backend=backend)
+        model.zero_grad()
+        first = model(ids[:, :5], use_cache=True)
+        second = model(ids[:, 5:], past_key_values=first.past_key_values, use_cache=True)
+        (first.logits.logsumexp(-1).sum() + second.logits.logsumexp(-1).sum()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    kernel, reference = gradients("kernel"), gradients("reference")
+    assert kernel.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(kernel[name], reference[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
