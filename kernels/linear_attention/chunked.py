@@ -63,6 +63,12 @@ def _chunk_terms(q, k, v, s, z, causal):
 
 
 @triton.jit
+def _advance_state(s, z, k, v):
+    """S += kᵀ v, z += Σ k over the chunk's rows."""
+    return s + tl.dot(tl.trans(k), v), z + tl.sum(k, axis=0)
+
+
+@triton.jit
 def _load_state(S, Z, base, f, f_ok, d, d_ok, dv, features, HAS_STATE: tl.constexpr,
                 BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr):
     if HAS_STATE:
@@ -104,8 +110,7 @@ def _chunked_forward(
         _, num, den = _chunk_terms(q, k, v, s, z, causal)
         out = num / (den[:, None] + EPS)
         tl.store(o_base + t[:, None] * dv + d[None, :], out.to(O.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
-        s += tl.dot(tl.trans(k), v)
-        z += tl.sum(k, axis=0)
+        s, z = _advance_state(s, z, k, v)
     if h % groups == 0:
         tl.store(S_OUT + state_base * features * dv + f[:, None] * dv + d[None, :], s, mask=f_ok[:, None] & d_ok[None, :])
         tl.store(Z_OUT + state_base * features + f, z, mask=f_ok)
@@ -147,8 +152,7 @@ def _backward_dq(
                  mask=t_ok[:, None] & f_ok[None, :])
         tl.store(INV_DEN + pid * length + t, inv_den, mask=t_ok)
         tl.store(D_DEN + pid * length + t, d_den, mask=t_ok)
-        s += tl.dot(tl.trans(k), v)
-        z += tl.sum(k, axis=0)
+        s, z = _advance_state(s, z, k, v)
 
 
 @triton.jit
