@@ -19,6 +19,7 @@ from triton.compiler import ASTSource
 from hf_attn_plus.kernels._triton import tile_size
 from hf_attn_plus.kernels.block_scoring import kernel as scoring
 from hf_attn_plus.kernels.block_sparse_prefill import kernel as prefill
+from hf_attn_plus.kernels.gathered_attention import kernel as gathered
 from hf_attn_plus.kernels.linear_attention import chunked as linear
 from hf_attn_plus.kernels.selected_decode import kernel as decode
 
@@ -49,22 +50,46 @@ def main() -> None:
         tile = tile_size(getattr(torch, torch_name))
         x = f"*{dt}"
         common = dict(Q=x, K=x, V=x, KEEP="*u8", COUNTS="*i32", LSE="*fp32")
+        # Mask modes: (HAS_KEEP, BLOCK_MODE); block mode (block_topk decode) reads the visibility mask too.
+        decode_modes = [dict(HAS_KEEP=True, BLOCK_MODE=False), dict(HAS_KEEP=False, BLOCK_MODE=False),
+                        dict(HAS_KEEP=True, BLOCK_MODE=True)]
+        prefill_modes = [dict(HAS_KEEP=True), dict(HAS_KEEP=False)]
         kernels = [
-            (decode._forward_kernel, dict(common, TILES="*i32", O="*fp32")),
-            (prefill._backward_dq_kernel, dict(common, TILES="*i32", DO=x, DELTA="*fp32", DQ=x)),
-            (prefill._backward_dkdv_kernel, dict(common, ROW_BLOCKS="*i32", DO=x, DELTA="*fp32", DK=x, DV=x)),
+            (decode._forward_kernel, dict(common, POS="*i64", CHOSEN="*u8", TILES="*i32", O="*fp32"), decode_modes),
+            (prefill._backward_dq_kernel, dict(common, TILES="*i32", DO=x, DELTA="*fp32", DQ=x), prefill_modes),
+            (prefill._backward_dkdv_kernel, dict(common, ROW_BLOCKS="*i32", DO=x, DELTA="*fp32", DK=x, DV=x), prefill_modes),
         ]
-        for fn, pointers in kernels:
-            for has_keep in (True, False):
+        for fn, pointers, modes in kernels:
+            for mode in modes:
                 constants = dict(
-                    GROUP=4, HAS_KEEP=has_keep, UPCAST=False, BLOCK_M=tile, BLOCK_N=tile,
+                    GROUP=4, UPCAST=False, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
+                    **mode,
+                )
+                start = time.perf_counter()
+                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+                flags = " ".join(f"{name.lower()}={value}" for name, value in mode.items())
+                print(
+                    f"{dt} {fn.fn.__name__} {flags} tile={tile}: {compiled.metadata.shared} B shared, "
+                    f"{time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
+        # Gathered attention: BLOCK_M 16 is a decode call (one query, a GQA group of rows), the tile size prefill.
+        gathered_common = dict(Q=x, K=x, V=x, VIS="*u8", SPANS="*i32", SLOTS="*i32", LOGW="*fp32", LSE="*fp32")
+        gathered_kernels = [
+            (gathered._forward_kernel, dict(gathered_common, O=x), ((False, tile), (True, 16))),
+            (gathered._backward_kernel, dict(gathered_common, DO=x, DELTA="*fp32", DQ=x, DK="*fp32", DV="*fp32"), ((False, tile),)),
+        ]
+        for fn, pointers, variants in gathered_kernels:
+            for has_weights, block_m in variants:
+                constants = dict(
+                    GROUP=4, HAS_WEIGHTS=has_weights, UPCAST=False, BLOCK_M=block_m, BLOCK_N=tile,
                     BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
                 )
                 start = time.perf_counter()
                 compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
                 print(
-                    f"{dt} {fn.fn.__name__} keep={has_keep} tile={tile}: {compiled.metadata.shared} B shared, "
-                    f"{time.perf_counter() - start:.0f} s",
+                    f"{dt} {fn.fn.__name__} weights={has_weights} rows={block_m} tile={tile}: "
+                    f"{compiled.metadata.shared} B shared, {time.perf_counter() - start:.0f} s",
                     flush=True,
                 )
     constants = dict(GROUP=4, BLOCK_M=16, BLOCK_B=64, BLOCK_D=args.head_dim)

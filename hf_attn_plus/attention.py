@@ -82,7 +82,9 @@ def attention_forward(
 
     visible = visible_from_mask(attention_mask, batch, q_len, kv_len, query.device)
     indices = kwargs.get("indices")
-    ctx = build_context(visible, None if indices is None else indices_to_mask(indices, kv_len))
+    restrict = None if indices is None else indices_to_mask(indices, kv_len)
+    # Set by the patched attention classes' pre-hook for mechanisms declaring `side_cache` (patches/side_cache.py).
+    ctx = build_context(visible, restrict, getattr(module, "attn_plus_cache_layer", None))
 
     out, probs = run_mechanism(mechanism, opts, module, query, key, value, ctx, scaling, dropout)
     return out.transpose(1, 2).contiguous(), probs
@@ -158,6 +160,7 @@ def logit_scale(module: torch.nn.Module, attended: torch.Tensor, opts: Any) -> t
 
 
 def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:
+    # Also called by `attend_has_kernel` mechanisms that dispatch their own kernel (stochastic_routing, santa).
     # The kernels implement exact attention without logit scaling or attention dropout: `auto` takes the reference
     # whenever either is asked for, and a forced kernel refuses rather than silently skipping it.
     unsupported = []
@@ -168,7 +171,7 @@ def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: f
     if opts.backend == "reference":
         return False
     if opts.backend == "kernel":
-        if mechanism.kernel is None:
+        if not mechanism.has_kernel:
             raise OptionError(
                 f"hf_attn_plus mechanism {mechanism.name!r} has no kernel; option 'backend' allowed here: "
                 "'auto', 'reference'"
@@ -179,4 +182,4 @@ def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: f
                 f"{' or '.join(unsupported)}; use backend='reference'"
             )
         return True
-    return mechanism.kernel is not None and query.is_cuda and not unsupported
+    return mechanism.has_kernel and query.is_cuda and not unsupported
