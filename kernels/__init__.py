@@ -6,6 +6,8 @@
 - block_scoring/: per-block key min/max summaries and slot spans grown with the cache, and the Quest bound kernel.
 - gathered_attention/: attention over per-query slot ranges plus listed slots with log-weights (stochastic_routing,
   santa); Triton forward, backward through its PyTorch reference.
+- linear_attention/: chunked causal linear attention, Triton forward and backward (autograd Function, gradients of the
+  initial state too) and the one-token decode step.
 - sparse_attention.py: the Mechanism.kernel adapter for every mechanism that is softmax over `select`'s keys.
 
 Triton is imported only when a kernel runs, so the package and every reference path work without it.
