@@ -22,6 +22,7 @@ from hf_attn_plus.kernels.block_sparse_prefill import kernel as prefill
 from hf_attn_plus.kernels.gated_delta import chunked as delta_chunked
 from hf_attn_plus.kernels.gated_delta import recurrent as delta_recurrent
 from hf_attn_plus.kernels.gathered_attention import kernel as gathered
+from hf_attn_plus.kernels.linear_attention import chunked as linear
 from hf_attn_plus.kernels.selected_decode import kernel as decode
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -41,7 +42,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--only", choices=["linear"], default=None, help="compile only this family's kernels")
     args = parser.parse_args()
+    if args.only == "linear":
+        compile_linear(GPUTarget("cuda", args.arch, 32), args.head_dim)
+        return
     target = GPUTarget("cuda", args.arch, 32)
     for dt, torch_name in TORCH_DTYPES.items():
         tile = tile_size(getattr(torch, torch_name))
@@ -95,6 +100,42 @@ def main() -> None:
     fn = scoring._quest_scores_kernel
     compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
     print(f"bf16 _quest_scores_kernel: {compiled.metadata.shared} B shared", flush=True)
+    compile_linear(target, args.head_dim)
+
+
+def compile_linear(target: GPUTarget, head_dim: int) -> None:
+    """Chunked linear attention forward and backward at the chunk the wrappers pick for chunk_size 64; value dim = head
+    dim; features F = head dim (elu/relu; hedgehog with m = head dim / 2) and 2 x head dim (hedgehog's default)."""
+    import torch
+
+    from hf_attn_plus import linear_ops
+
+    sm90_shared_limit = 232448  # bytes per block
+    f32 = "*fp32"
+    for dt, torch_name in TORCH_DTYPES.items():
+        x = f"*{dt}"
+        kernels = [  # (kernel, pointer types, whether it walks chunks forward rebuilding the state)
+            (linear._chunked_forward, dict(Q=x, K=x, V=x, S_IN=f32, Z_IN=f32, O=x, S_OUT=f32, Z_OUT=f32), True),
+            (linear._backward_dq, dict(Q=x, K=x, V=x, S_IN=f32, Z_IN=f32, DO=x, DQ=x, INV_DEN=f32, D_DEN=f32), True),
+            (linear._backward_dkdv, dict(Q=x, K=x, V=x, DO=x, INV_DEN=f32, D_DEN=f32, DS_OUT=f32, DZ_OUT=f32,
+                                         DK_PARTS=f32, DV=x, DS_IN=f32, DZ_IN=f32), False),
+        ]
+        for features in (head_dim, 2 * head_dim):
+            chunk = linear.kernel_chunk(64, features, head_dim, getattr(torch, torch_name))
+            for fn, pointers, forward_walk in kernels:
+                block_v = head_dim if forward_walk else min(64, head_dim)  # dk/dv: the wrapper's value blocks
+                constants = dict(CHUNK=chunk, BLOCK_F=features, BLOCK_V=block_v)
+                if forward_walk:
+                    constants.update(HAS_STATE=True, EPS=linear_ops.EPS)
+                start = time.perf_counter()
+                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+                shared = compiled.metadata.shared
+                print(
+                    f"{dt} {fn.fn.__name__} F={features} Dv={head_dim} chunk={chunk} block_v={block_v}: {shared} B "
+                    f"shared{' OVER the sm_90 limit' if shared > sm90_shared_limit else ''}, "
+                    f"{time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
 
 
 def compile_gated_delta(target: GPUTarget, head_dim: int) -> None:

@@ -6,6 +6,10 @@
 - block_scoring/: per-block key min/max summaries and slot spans grown with the cache, and the Quest bound kernel.
 - gathered_attention/: attention over per-query slot ranges plus listed slots with log-weights (stochastic_routing,
   santa); Triton forward and backward (dK/dV by fp32 atomics).
+- linear_attention/: chunked causal linear attention, Triton forward and backward (autograd Function, gradients of the
+  initial state too) and the one-token decode step.
+- gated_delta/: the gated delta rule: chunked UT-form forward and backward (autograd Function) and the recurrent decode
+  step.
 - sparse_attention.py: the Mechanism.kernel adapter for every mechanism that is softmax over `select`'s keys.
 
 Triton is imported only when a kernel runs, so the package and every reference path work without it.
