@@ -4,7 +4,7 @@ The interpreter runs the kernels' arithmetic but checks nothing of the GPU compi
 register pressure. This lowers each kernel through ptxas with the tile sizes the wrappers use, per input dtype and
 mask mode, and prints the shared memory each needs. Minutes on two CPU cores the first time (Triton caches).
 
-    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128]
+    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128] [--only linear|indexer]
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ from triton.compiler import ASTSource
 from hf_attn_plus.kernels._triton import tile_size
 from hf_attn_plus.kernels.block_scoring import kernel as scoring
 from hf_attn_plus.kernels.block_sparse_prefill import kernel as prefill
+from hf_attn_plus.kernels.gated_delta import chunked as delta_chunked
+from hf_attn_plus.kernels.gated_delta import recurrent as delta_recurrent
+from hf_attn_plus.kernels.gathered_attention import kernel as gathered
 from hf_attn_plus.kernels.indexer_topk import kernel as indexer
+from hf_attn_plus.kernels.linear_attention import chunked as linear
 from hf_attn_plus.kernels.selected_decode import kernel as decode
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -40,36 +44,136 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--index-dim", type=int, default=128, help="indexer_topk index_dim (DeepSeek-V3.2: 128)")
+    parser.add_argument("--only", choices=["linear", "indexer"], default=None, help="compile only this family's kernels")
     args = parser.parse_args()
+    if args.only == "linear":
+        compile_linear(GPUTarget("cuda", args.arch, 32), args.head_dim)
+        return
+    if args.only == "indexer":
+        compile_indexer(GPUTarget("cuda", args.arch, 32), args.index_dim)
+        return
     target = GPUTarget("cuda", args.arch, 32)
     for dt, torch_name in TORCH_DTYPES.items():
         tile = tile_size(getattr(torch, torch_name))
         x = f"*{dt}"
         common = dict(Q=x, K=x, V=x, KEEP="*u8", COUNTS="*i32", LSE="*fp32")
+        # Mask modes: (HAS_KEEP, BLOCK_MODE); block mode (block_topk decode) reads the visibility mask too.
+        decode_modes = [dict(HAS_KEEP=True, BLOCK_MODE=False), dict(HAS_KEEP=False, BLOCK_MODE=False),
+                        dict(HAS_KEEP=True, BLOCK_MODE=True)]
+        prefill_modes = [dict(HAS_KEEP=True), dict(HAS_KEEP=False)]
         kernels = [
-            (decode._forward_kernel, dict(common, TILES="*i32", O="*fp32")),
-            (prefill._backward_dq_kernel, dict(common, TILES="*i32", DO=x, DELTA="*fp32", DQ=x)),
-            (prefill._backward_dkdv_kernel, dict(common, ROW_BLOCKS="*i32", DO=x, DELTA="*fp32", DK=x, DV=x)),
+            (decode._forward_kernel, dict(common, POS="*i64", CHOSEN="*u8", TILES="*i32", O="*fp32"), decode_modes),
+            (prefill._backward_dq_kernel, dict(common, TILES="*i32", DO=x, DELTA="*fp32", DQ=x), prefill_modes),
+            (prefill._backward_dkdv_kernel, dict(common, ROW_BLOCKS="*i32", DO=x, DELTA="*fp32", DK=x, DV=x), prefill_modes),
         ]
-        for fn, pointers in kernels:
-            for has_keep in (True, False):
+        for fn, pointers, modes in kernels:
+            for mode in modes:
                 constants = dict(
-                    GROUP=4, HAS_KEEP=has_keep, UPCAST=False, BLOCK_M=tile, BLOCK_N=tile,
+                    GROUP=4, UPCAST=False, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
+                    **mode,
+                )
+                start = time.perf_counter()
+                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+                flags = " ".join(f"{name.lower()}={value}" for name, value in mode.items())
+                print(
+                    f"{dt} {fn.fn.__name__} {flags} tile={tile}: {compiled.metadata.shared} B shared, "
+                    f"{time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
+        # Gathered attention: BLOCK_M 16 is a decode call (one query, a GQA group of rows), the tile size prefill.
+        gathered_common = dict(Q=x, K=x, V=x, VIS="*u8", SPANS="*i32", SLOTS="*i32", LOGW="*fp32", LSE="*fp32")
+        gathered_kernels = [
+            (gathered._forward_kernel, dict(gathered_common, O=x), ((False, tile), (True, 16))),
+            (gathered._backward_kernel, dict(gathered_common, DO=x, DELTA="*fp32", DQ=x, DK="*fp32", DV="*fp32"), ((False, tile),)),
+        ]
+        for fn, pointers, variants in gathered_kernels:
+            for has_weights, block_m in variants:
+                constants = dict(
+                    GROUP=4, HAS_WEIGHTS=has_weights, UPCAST=False, BLOCK_M=block_m, BLOCK_N=tile,
                     BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
                 )
                 start = time.perf_counter()
                 compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
                 print(
-                    f"{dt} {fn.fn.__name__} keep={has_keep} tile={tile}: {compiled.metadata.shared} B shared, "
-                    f"{time.perf_counter() - start:.0f} s",
+                    f"{dt} {fn.fn.__name__} weights={has_weights} rows={block_m} tile={tile}: "
+                    f"{compiled.metadata.shared} B shared, {time.perf_counter() - start:.0f} s",
                     flush=True,
                 )
+    compile_gated_delta(target, args.head_dim)
     constants = dict(GROUP=4, BLOCK_M=16, BLOCK_B=64, BLOCK_D=args.head_dim)
     pointers = dict(Q="*bf16", KMIN="*bf16", KMAX="*bf16", S="*fp32")
     fn = scoring._quest_scores_kernel
     compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
     print(f"bf16 _quest_scores_kernel: {compiled.metadata.shared} B shared", flush=True)
+    compile_linear(target, args.head_dim)
     compile_indexer(target, args.index_dim)
+
+
+def compile_linear(target: GPUTarget, head_dim: int) -> None:
+    """Chunked linear attention forward and backward at the chunk the wrappers pick for chunk_size 64; value dim = head
+    dim; features F = head dim (elu/relu; hedgehog with m = head dim / 2) and 2 x head dim (hedgehog's default)."""
+    import torch
+
+    from hf_attn_plus import linear_ops
+
+    sm90_shared_limit = 232448  # bytes per block
+    f32 = "*fp32"
+    for dt, torch_name in TORCH_DTYPES.items():
+        x = f"*{dt}"
+        kernels = [  # (kernel, pointer types, whether it walks chunks forward rebuilding the state)
+            (linear._chunked_forward, dict(Q=x, K=x, V=x, S_IN=f32, Z_IN=f32, O=x, S_OUT=f32, Z_OUT=f32), True),
+            (linear._backward_dq, dict(Q=x, K=x, V=x, S_IN=f32, Z_IN=f32, DO=x, DQ=x, INV_DEN=f32, D_DEN=f32), True),
+            (linear._backward_dkdv, dict(Q=x, K=x, V=x, DO=x, INV_DEN=f32, D_DEN=f32, DS_OUT=f32, DZ_OUT=f32,
+                                         DK_PARTS=f32, DV=x, DS_IN=f32, DZ_IN=f32), False),
+        ]
+        for features in (head_dim, 2 * head_dim):
+            chunk = linear.kernel_chunk(64, features, head_dim, getattr(torch, torch_name))
+            for fn, pointers, forward_walk in kernels:
+                block_v = head_dim if forward_walk else min(64, head_dim)  # dk/dv: the wrapper's value blocks
+                constants = dict(CHUNK=chunk, BLOCK_F=features, BLOCK_V=block_v)
+                if forward_walk:
+                    constants.update(HAS_STATE=True, EPS=linear_ops.EPS)
+                start = time.perf_counter()
+                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+                shared = compiled.metadata.shared
+                print(
+                    f"{dt} {fn.fn.__name__} F={features} Dv={head_dim} chunk={chunk} block_v={block_v}: {shared} B "
+                    f"shared{' OVER the sm_90 limit' if shared > sm90_shared_limit else ''}, "
+                    f"{time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
+
+
+def compile_gated_delta(target: GPUTarget, head_dim: int) -> None:
+    """The gated-delta kernels with the blocks their wrappers pick for Dk = Dv = head_dim (gates in fp32, as the
+    mechanism passes them)."""
+    import torch
+
+    for dt, torch_name in TORCH_DTYPES.items():
+        x = f"*{dt}"
+        common = dict(Q=x, K=x, V=x, LOG_ALPHA="*fp32", BETA="*fp32")
+        chunk = delta_chunked.chunk_tokens(64, getattr(torch, torch_name))
+        precision = delta_chunked.dot_precision(getattr(torch, torch_name))
+        kernels = [
+            (delta_recurrent._recurrent_forward, dict(common, S_IN="*fp32", O=x, S_OUT="*fp32"), dict(HAS_STATE=True)),
+            (delta_chunked._chunked_forward, dict(common, S_IN="*fp32", O=x, S_OUT="*fp32", S_CHUNKS="*fp32"),
+             dict(HAS_STATE=True, SAVE_CHUNKS=True, CHUNK=chunk, PRECISION=precision)),
+            (delta_chunked._chunked_backward,
+             dict(common, S_CHUNKS="*fp32", DO=x, DS_OUT="*fp32", DQ="*fp32", DK="*fp32", DV=x,
+                  DLOG_ALPHA="*fp32", DBETA="*fp32", DS_IN="*fp32"),
+             dict(HAS_DS_OUT=True, CHUNK=chunk, PRECISION=precision)),
+        ]
+        for fn, pointers, constants in kernels:
+            block_k, block_v = (delta_chunked.backward_blocks if fn is delta_chunked._chunked_backward
+                                else delta_recurrent.state_blocks)(head_dim, head_dim)
+            constants = dict(constants, BLOCK_K=block_k, BLOCK_V=block_v)
+            start = time.perf_counter()
+            compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+            print(
+                f"{dt} {fn.fn.__name__} chunk={chunk} state block={block_k}x{block_v}: {compiled.metadata.shared} B shared, "
+                f"{compiled.metadata.num_warps} warps, {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
 
 
 def compile_indexer(target: GPUTarget, index_dim: int, index_heads: int = 64) -> None:
@@ -96,6 +200,7 @@ def compile_indexer(target: GPUTarget, index_dim: int, index_heads: int = 64) ->
                     f"{compiled.metadata.shared} B shared, {time.perf_counter() - start:.0f} s",
                     flush=True,
                 )
+
 
 if __name__ == "__main__":
     main()

@@ -1,10 +1,17 @@
 """Sparse attention benchmark: dense SDPA vs FlexAttention (same block mask) vs our Triton kernels, same inputs.
 
-Decode: one query token over a long cache, reading `budget` tokens of selected KV blocks; reports time and the
-achieved bandwidth on the bytes each method must read (ours_with_scoring adds block_topk's Quest scoring of every
-block from min/max summaries and the top-block choice, i.e. a whole decode step of the mechanism; model_path is
-what backend="kernel" runs inside a model today: the reference selection, then the kernel). Prefill: causal attention with a share of the causal key
-blocks skipped per (head, query block); reports time and TFLOP/s on the FLOPs of the kept blocks.
+Decode: one query token over a long cache. `ours` is the block-mode attention kernel alone over `budget` tokens of
+fixed blocks (the same blocks for FlexAttention), with bandwidth on the bytes it reads. `step` is a whole block_topk
+decode step as backend="kernel" runs it in a model with a cache: the new key folded into the layer's block
+summaries, Quest scores of every block, top blocks per query head, tiles of their union per KV group, block-mode
+attention; its bytes (`step_MB_read`: the listed K/V tiles with their positions/visibility/choice bytes, plus the
+summaries) are counted from the tiles actually read, since per-head choices read up to the GQA group size times the
+budget; `group_step` is the same with choose_per='group' (a KV group's heads share `budget` blocks). `recompute_step`
+is the per-head step without the side cache (bounds from every key). speedup_vs_sdpa = sdpa / step.
+Prefill: causal attention with a share of the causal key blocks skipped per (head, query block); reports time and
+TFLOP/s on the FLOPs of the kept blocks.
+Stochastic: stochastic_routing prefill (forward) and training (forward + backward) over sinks + window + random
+links, and santa decode (sampled keys with importance weights) through kernels/gathered_attention.
 Indexer (indexer_topk's lightning indexer, decode and prefill): scoring + top-k of our Triton kernel vs the PyTorch
 reference (scores, then selection.top_scoring), dense SDPA of the main attention at the same context for scale.
 
@@ -30,17 +37,21 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from hf_attn_plus.kernels.block_scoring.kernel import quest_scores_kernel as quest_scores  # noqa: E402
+from hf_attn_plus.kernels.block_scoring import quest_scores  # noqa: E402
 from hf_attn_plus.kernels.block_sparse_prefill.function import block_sparse_attention  # noqa: E402
+from hf_attn_plus.kernels.gathered_attention.function import gathered_attention  # noqa: E402
+from hf_attn_plus.kernels.gathered_attention.lists import fixed_spans, position_slots  # noqa: E402
 from hf_attn_plus.kernels.indexer_topk import reference as indexer_reference  # noqa: E402
 from hf_attn_plus.kernels.indexer_topk.kernel import masked_scores_kernel  # noqa: E402
 from hf_attn_plus.kernels.indexer_topk.wrapper import indexer_topk_keep  # noqa: E402
-from hf_attn_plus.kernels.selected_decode.kernel import tile_attention_forward  # noqa: E402
-from hf_attn_plus.kernels.selected_decode.wrapper import default_splits  # noqa: E402
-from hf_attn_plus.kernels.tile_lists import tiles_from_usage  # noqa: E402
-from hf_attn_plus.kernels._triton import next_power_of_2  # noqa: E402
-from hf_attn_plus.masking import build_context  # noqa: E402
+from hf_attn_plus.kernels.selected_decode.wrapper import decode_rows, default_splits, selected_block_decode  # noqa: E402
+from hf_attn_plus.kernels.tile_lists import tiles_from_blocks, tiles_from_usage  # noqa: E402
+from hf_attn_plus.masking import AttentionContext, build_context  # noqa: E402
+from hf_attn_plus.mechanisms import block_topk, santa, stochastic_routing  # noqa: E402
+from hf_attn_plus.patches.side_cache import SideCacheLayer  # noqa: E402
+from hf_attn_plus.reference import masked_attention  # noqa: E402
 from hf_attn_plus.registry import get_mechanism  # noqa: E402
+from hf_attn_plus.selection import key_blocks  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,7 +65,15 @@ TINY = dict(
     heads=4, kv_heads=2, head_dim=16, dtype=torch.float16, decode_block=16, prefill_block=16, tile=16,
     contexts=[128, 256], budgets=[32, 64], lengths=[64, 192], skips=[0.5, 0.9],
 )
-
+# stochastic_routing (window, sinks, links per query and head) and santa decode (samples, window, sinks).
+STOCHASTIC_FULL = dict(
+    window=64, sinks=4, links=16, samples=64, prefill_lengths=[8192, 32768, 131072], training_lengths=[8192, 32768],
+    decode_contexts=[16384, 65536, 131072], flex_max_length=32768,
+)
+STOCHASTIC_TINY = dict(
+    window=8, sinks=2, links=4, samples=8, prefill_lengths=[64], training_lengths=[48], decode_contexts=[128],
+    flex_max_length=64,
+)
 # Indexer shapes: DeepSeek-V3.2's lightning indexer (64 heads of dim 128) on GPU; tiny ones for the smoke run.
 INDEXER_FULL = dict(
     index_heads=64, index_dim=128, sinks=4, window=64, contexts=[16384, 65536, 131072], budgets=[256, 2048],
@@ -111,26 +130,38 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
     key = torch.randn(1, kv_heads, context, dim, device=device, dtype=dtype, generator=g)
     value = torch.randn(1, kv_heads, context, dim, device=device, dtype=dtype, generator=g)
     num_blocks = triton.cdiv(context, block)
-    # One selection per KV group (what one read per group serves): sink block, local block and random others.
+    scaling = dim**-0.5
+    itemsize = torch.finfo(dtype).bits // 8
+    kv_bytes_per_token = 2 * kv_heads * dim * itemsize
+    row = dict(mode="decode", context=context, budget=budget)
+    # The same cache as a model's decode step sees it: a SideCacheLayer holding the keys, the step's visibility.
+    layer = SideCacheLayer()
+    layer.update(key, value)
+    ctx = build_context(torch.ones(1, 1, 1, context, dtype=torch.bool, device=device), cache_layer=layer)
+    key_pos = ctx.key_pos.flatten(1)
+
+    # 1. Attention alone on a fixed choice shared by each KV group (sink, local and random blocks): the same blocks
+    # for SDPA (all), FlexAttention and our block-mode kernel.
     picks = torch.rand(1, kv_heads, num_blocks, device=device, generator=g)
     picks[..., 0] = picks[..., -1] = 2.0
     chosen = torch.zeros(1, kv_heads, num_blocks, dtype=torch.bool, device=device)
     chosen.scatter_(-1, picks.topk(budget // block, dim=-1).indices, True)
-    scaling = dim**-0.5
-    tiles = tiles_from_usage(chosen.unsqueeze(2), next_power_of_2(heads // kv_heads), block)
+    head_chosen = chosen.repeat_interleave(heads // kv_heads, 1).unsqueeze(2)  # [1, Hq, 1, blocks]
+    first = torch.arange(num_blocks, device=device)[None] * block  # no padding: block j holds slots j*block...
+    spans = first, (first + block - 1).clamp(max=context - 1)
     splits = default_splits(kv_heads, device)
-    ours = lambda: tile_attention_forward(query, key, value, None, tiles, scaling, splits)[0]  # noqa: E731
-    itemsize = torch.finfo(dtype).bits // 8
-    kv_bytes_per_token = 2 * kv_heads * dim * itemsize
-    row = dict(mode="decode", context=context, budget=budget)
+    tile = cfg["tile"]
+    ours = lambda: selected_block_decode(  # noqa: E731
+        query, key, value, ctx.visible, key_pos, head_chosen, spans, block, scaling, tile, splits
+    )
     out = ours()
     row["ours_ms"] = milliseconds(ours, device)
     row["sdpa_ms"] = milliseconds(lambda: dense_sdpa(query, key, value, causal=False), device)
-    row["ours_GBps"] = budget * kv_bytes_per_token / row["ours_ms"] / 1e6
     row["sdpa_GBps"] = context * kv_bytes_per_token / row["sdpa_ms"] / 1e6
+    tiles = tiles_from_blocks(head_chosen, *spans, context, kv_heads, decode_rows(query, key), tile)
+    row["ours_GBps"] = attention_bytes(tiles, dim, itemsize) / row["ours_ms"] / 1e6
     run_flex, BlockMask, _ = flex
     if run_flex is not None:
-        head_chosen = chosen.repeat_interleave(heads // kv_heads, 1).unsqueeze(2)  # [1, Hq, 1 q block, blocks]
         counts, indices = compact_blocks(head_chosen)
         # Eager flex (CPU) reads only mask_mod, compiled flex only the block lists on full blocks: give both.
         mask = BlockMask.from_kv_blocks(
@@ -140,26 +171,50 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
         flexed = lambda: run_flex(query, key, value, block_mask=mask, scale=scaling, enable_gqa=True)  # noqa: E731
         row["flex_ms"] = milliseconds(flexed, device)
         row["max_abs_diff_vs_flex"] = (flexed().float() - out.float()).abs().max().item()
-    # The whole block_topk decode step given the (incrementally kept) block summaries: Quest scores of every block
-    # for every query head, top blocks per head, their union per KV group as tile lists, then the attention.
-    kmin, kmax = key.reshape(1, kv_heads, num_blocks, block, dim).aminmax(dim=3)
-    group_rows = next_power_of_2(heads // kv_heads)
 
-    def ours_with_scoring():
-        scores = quest_scores(query, kmin, kmax).reshape(1, kv_heads, heads // kv_heads, num_blocks)
-        top = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(budget // block, -1).indices, True)
-        step_tiles = tiles_from_usage(top.any(dim=2, keepdim=True), group_rows, block)
-        return tile_attention_forward(query, key, value, None, step_tiles, scaling, splits)[0]
-
-    row["ours_with_scoring_ms"] = milliseconds(ours_with_scoring, device)
-    # What backend="kernel" runs today inside a model: the reference block_topk selection (bounds recomputed from
-    # every key, per-token keep mask) and then the kernel.
+    # 2. The whole block_topk decode step as backend="kernel" runs it in a model: fold the new key into the layer's
+    # block summaries, Quest-score every block for every query head, top blocks (per query head, or shared by a KV
+    # group: choose_per='group', columns group_step_*), tiles of their union per KV group, block-mode attention. Per-
+    # head choices read up to `group` times the budget: the bytes are counted from the tiles actually listed.
     mechanism = get_mechanism("block_topk")
+    state_name = f"block_topk:block_size={block}"
+    for choose_per, prefix in (("head", "step"), ("group", "group_step")):
+        opts = mechanism.resolve_options(
+            dict(block_size=block, budget=max(1, budget // block - 2), backend="kernel", choose_per=choose_per)
+        )
+
+        def decode_step():
+            state = layer.side.get(state_name)
+            if state is not None:
+                state.covered = context - 1  # the newest key arrives this step
+            return mechanism.kernel(query, key, value, ctx, opts, scaling)
+
+        stepped = decode_step()
+        row[f"{prefix}_ms"] = milliseconds(decode_step, device)
+        selected = mechanism.select(query, key, build_context(ctx.visible), opts)
+        reference = masked_attention(query, key, value, selected, scaling)[0]
+        row[f"{prefix}_max_abs_diff_vs_reference"] = (stepped.float() - reference.float()).abs().max().item()
+        summaries = layer.side[state_name]
+        step_chosen = block_topk.chosen_blocks(query, ctx, opts, key_blocks(ctx, block), summaries.bounds, quest_scores)
+        step_tiles = tiles_from_blocks(step_chosen, *summaries.spans, context, kv_heads, decode_rows(query, key), tile)
+        step_bytes = attention_bytes(step_tiles, dim, itemsize) + 2 * kv_heads * num_blocks * dim * itemsize
+        row[f"{prefix}_tokens_read"] = int(step_tiles.counts.sum()) * tile // kv_heads
+        row[f"{prefix}_MB_read"] = step_bytes / 1e6
+        row[f"{prefix}_GBps"] = step_bytes / row[f"{prefix}_ms"] / 1e6
+    # The per-head step without the side cache: block bounds recomputed from every key (the recompute path).
+    recompute_ctx = build_context(ctx.visible)
     opts = mechanism.resolve_options(dict(block_size=block, budget=max(1, budget // block - 2), backend="kernel"))
-    ctx = build_context(torch.ones(1, 1, 1, context, dtype=torch.bool, device=device))
-    row["model_path_ms"] = milliseconds(lambda: mechanism.kernel(query, key, value, ctx, opts, scaling), device)
-    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["ours_ms"]
+    row["recompute_step_ms"] = milliseconds(lambda: mechanism.kernel(query, key, value, recompute_ctx, opts, scaling), device)
+    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["step_ms"]
+    row["group_speedup_vs_sdpa"] = row["sdpa_ms"] / row["group_step_ms"]
     return row
+
+
+def attention_bytes(tiles, dim: int, itemsize: int) -> int:
+    """Bytes the block-mode kernel reads: K and V of every listed tile per (batch, KV head, row block), plus each
+    tile's positions (int64), visibility and chosen-block bytes; the query, output and tile lists are negligible."""
+    per_tile = tiles.block_n * (2 * dim * itemsize + 8 + 1 + 1)
+    return int(tiles.counts.sum()) * per_tile
 
 
 def prefill_case(cfg, length: int, skip: float, device, flex) -> dict:
@@ -214,6 +269,106 @@ def prefill_case(cfg, length: int, skip: float, device, flex) -> dict:
     return row
 
 
+def causal_positions(length: int, device: torch.device) -> AttentionContext:
+    """Positions of one unpadded causal sequence. Visibility is an all-True stride-0 view: the ranges and links only
+    name causal keys, and a materialised [L, L] mask (17 GB at 128K) would not fit."""
+    pos = torch.arange(length, device=device)
+    visible = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device).expand(1, 1, length, length)
+    return AttentionContext(visible=visible, key_pos=pos.view(1, 1, 1, -1), query_pos=pos.view(1, 1, -1, 1))
+
+
+def routing_case(cfg, scfg, length: int, training: bool, device, flex) -> dict:
+    """stochastic_routing over one causal sequence: forward (prefill) or forward + backward (training)."""
+    heads, kv_heads, dim, dtype = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["dtype"]
+    g = torch.Generator(device=device).manual_seed(0)
+    inputs = [
+        torch.randn(1, h, length, dim, device=device, dtype=dtype, generator=g).requires_grad_(training)
+        for h in (heads, kv_heads, kv_heads)
+    ]
+    opts = stochastic_routing.MECHANISM.resolve_options({k: scfg[k] for k in ("window", "sinks", "links")})
+    ctx = causal_positions(length, device)
+    scaling = dim**-0.5
+
+    def lists():
+        with torch.no_grad():
+            links = stochastic_routing.link_positions(ctx, heads, opts, layer=0)
+            return fixed_spans(ctx, opts.sinks, opts.window), position_slots(ctx, links), links
+
+    spans, slots, links = lists()
+    ours = lambda: gathered_attention(*inputs, ctx.visible, spans, slots, scaling)  # noqa: E731
+    dense = lambda: dense_sdpa(*inputs, causal=True)  # noqa: E731
+
+    def step(fn):
+        if not training:
+            with torch.no_grad():
+                return fn()
+        out = fn()
+        out.backward(torch.ones_like(out))
+        return out
+
+    attended = opts.sinks + opts.window + opts.links
+    row = dict(mode="routing_training" if training else "routing_prefill", length=length, attended=attended)
+    out = step(ours)
+    row["ours_ms"] = milliseconds(lambda: step(ours), device)
+    row["ours_with_draw_ms"] = milliseconds(lambda: (lists(), step(ours)), device)
+    row["sdpa_ms"] = milliseconds(lambda: step(dense), device)
+    run_flex, _, _ = flex
+    if run_flex is not None and length <= scfg["flex_max_length"]:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        head_links = links[0]  # [H, L, links]
+
+        def routed(b, h, q, kv):
+            linked = kv < 0
+            for j in range(opts.links):
+                linked = linked | (head_links[h, q, j] == kv)
+            return (kv <= q) & ((q - kv < opts.window) | (kv < opts.sinks) | linked)
+
+        block_mask = create_block_mask(routed, 1, heads, length, length, device=device.type)
+        flexed = lambda: run_flex(*inputs, block_mask=block_mask, scale=scaling, enable_gqa=True)  # noqa: E731
+        if device.type == "cuda" or not training:  # FlexAttention has no CPU backward
+            row["flex_ms"] = milliseconds(lambda: step(flexed), device)
+            with torch.no_grad():
+                row["max_abs_diff_vs_flex"] = (flexed().float() - out.float()).abs().max().item()
+    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["ours_ms"]
+    return row
+
+
+def santa_case(cfg, scfg, context: int, device) -> dict:
+    """One santa decode step over a cache of `context` keys: the whole kernel path (quantised-key proposal, draws,
+    lists, gathered kernel), the kernel alone, santa's reference path and dense SDPA."""
+    heads, kv_heads, dim, dtype = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["dtype"]
+    g = torch.Generator(device=device).manual_seed(0)
+    query = torch.randn(1, heads, 1, dim, device=device, dtype=dtype, generator=g)
+    key = torch.randn(1, kv_heads, context, dim, device=device, dtype=dtype, generator=g)
+    value = torch.randn(1, kv_heads, context, dim, device=device, dtype=dtype, generator=g)
+    opts = santa.MECHANISM.resolve_options({k: scfg[k] for k in ("samples", "window", "sinks")})
+    ctx = build_context(torch.ones(1, 1, 1, context, dtype=torch.bool, device=device))
+    scaling = dim**-0.5
+
+    def lists():
+        slots, log_weights = santa.sampled_slots(query, key, ctx, opts, scaling, layer=0)
+        return fixed_spans(ctx, opts.sinks, opts.window), slots, log_weights
+
+    def reference():
+        log_weights = santa.importance_log_weights(query, key, ctx, opts, scaling, layer=0)
+        return masked_attention(query, key, value, log_weights > float("-inf"), scaling, log_weights=log_weights)[0]
+
+    spans, slots, log_weights = lists()
+    row = dict(mode="santa_decode", context=context, read=opts.sinks + opts.window + opts.samples)
+    with torch.no_grad():
+        def gather_only(spans=spans, slots=slots, log_weights=log_weights):
+            return gathered_attention(query, key, value, ctx.visible, spans, slots, scaling, log_weights)
+
+        row["ours_kernel_ms"] = milliseconds(gather_only, device)
+        row["ours_ms"] = milliseconds(lambda: gather_only(*lists()), device)
+        row["reference_ms"] = milliseconds(reference, device)
+        row["sdpa_ms"] = milliseconds(lambda: dense_sdpa(query, key, value, causal=False), device)
+        row["max_abs_diff_vs_reference"] = (gather_only().float() - reference().float()).abs().max().item()
+    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["ours_ms"]
+    return row
+
+
 def indexer_case(cfg, icfg, q_len: int, context: int, budget: int, device) -> dict:
     """Scoring + top-k of q_len queries (the last q_len positions) over `context` keys, batch 1."""
     heads, dim, dtype = icfg["index_heads"], icfg["index_dim"], cfg["dtype"]
@@ -242,7 +397,13 @@ def indexer_case(cfg, icfg, q_len: int, context: int, budget: int, device) -> di
         query = torch.randn(1, cfg["heads"], q_len, cfg["head_dim"], device=device, dtype=dtype, generator=g)
         key = torch.randn(1, cfg["kv_heads"], context, cfg["head_dim"], device=device, dtype=dtype, generator=g)
         row["sdpa_ms"] = milliseconds(lambda: dense_sdpa(query, key, key, causal=q_len > 1), device)
-    return row
+=======
+def causal_positions(length: int, device: torch.device) -> AttentionContext:
+    """Positions of one unpadded causal sequence. Visibility is an all-True stride-0 view: the ranges and links only
+    name causal keys, and a materialised [L, L] mask (17 GB at 128K) would not fit."""
+    pos = torch.arange(length, device=device)
+    visible = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device).expand(1, 1, length, length)
+    return AttentionContext(visible=visible, key_pos=pos.view(1, 1, 1, -1), query_pos=pos.view(1, 1, -1, 1))
 
 
 def environment(device: torch.device, flex_mode: str) -> dict:
@@ -277,8 +438,13 @@ def markdown(env: dict, rows: list[dict], cfg: dict) -> str:
             "",
         ]
     for mode, columns in (
-        ("decode", ["context", "budget", "sdpa_ms", "flex_ms", "ours_ms", "ours_with_scoring_ms", "model_path_ms", "sdpa_GBps", "ours_GBps", "speedup_vs_sdpa", "max_abs_diff_vs_flex"]),
+        ("decode", ["context", "budget", "sdpa_ms", "flex_ms", "ours_ms", "sdpa_GBps", "ours_GBps", "max_abs_diff_vs_flex", "step_ms", "step_tokens_read", "step_MB_read", "step_GBps", "recompute_step_ms", "step_max_abs_diff_vs_reference", "speedup_vs_sdpa", "group_step_ms", "group_step_tokens_read", "group_step_GBps", "group_step_max_abs_diff_vs_reference", "group_speedup_vs_sdpa"]),
         ("prefill", ["length", "skip_target", "skipped", "sdpa_ms", "flex_ms", "ours_ms", "sdpa_TFLOPs", "flex_TFLOPs", "ours_TFLOPs", "speedup_vs_sdpa", "max_abs_diff_vs_flex"]),
+        *(
+            (mode, ["length", "attended", "sdpa_ms", "flex_ms", "ours_ms", "ours_with_draw_ms", "speedup_vs_sdpa", "max_abs_diff_vs_flex"])
+            for mode in ("routing_prefill", "routing_training")
+        ),
+        ("santa_decode", ["context", "read", "sdpa_ms", "reference_ms", "ours_ms", "ours_kernel_ms", "speedup_vs_sdpa", "max_abs_diff_vs_reference"]),
         ("indexer_decode", INDEXER_COLUMNS),
         ("indexer_prefill", INDEXER_COLUMNS),
     ):
@@ -309,6 +475,14 @@ def main() -> None:
         for skip in cfg["skips"]:
             rows.append(prefill_case(cfg, length, skip, device, flex))
             print(rows[-1], flush=True)
+    scfg = STOCHASTIC_TINY if args.smoke else STOCHASTIC_FULL
+    for training, lengths in ((False, scfg["prefill_lengths"]), (True, scfg["training_lengths"])):
+        for length in lengths:
+            rows.append(routing_case(cfg, scfg, length, training, device, flex))
+            print(rows[-1], flush=True)
+    for context in scfg["decode_contexts"]:
+        rows.append(santa_case(cfg, scfg, context, device))
+        print(rows[-1], flush=True)
     icfg = INDEXER_TINY if args.smoke else INDEXER_FULL
     for context in icfg["contexts"]:
         for q_len in icfg["decode_queries"]:

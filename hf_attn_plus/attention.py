@@ -82,7 +82,9 @@ def attention_forward(
 
     visible = visible_from_mask(attention_mask, batch, q_len, kv_len, query.device)
     indices = kwargs.get("indices")
-    ctx = build_context(visible, None if indices is None else indices_to_mask(indices, kv_len))
+    restrict = None if indices is None else indices_to_mask(indices, kv_len)
+    # Set by the patched attention classes' pre-hook for mechanisms declaring `side_cache` (patches/side_cache.py).
+    ctx = build_context(visible, restrict, getattr(module, "attn_plus_cache_layer", None))
 
     out, probs = run_mechanism(mechanism, opts, module, query, key, value, ctx, scaling, dropout)
     return out.transpose(1, 2).contiguous(), probs
@@ -103,10 +105,10 @@ def run_mechanism(
     to another mechanism (lighthouse at inference) call this with that mechanism's options."""
     if mechanism.attend_has_kernel:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
-    chosen = use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
+    use_kernel = _use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
     if mechanism.attend is not None:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
-    if chosen:
+    if use_kernel:
         return mechanism.kernel(query, key, value, ctx, opts, scaling), None
     with torch.no_grad():
         keep = mechanism.select(query, key, ctx, opts)
@@ -157,7 +159,8 @@ def logit_scale(module: torch.nn.Module, attended: torch.Tensor, opts: Any) -> t
     return log_length_scale(attended, train_length, opts.logit_scale_c)
 
 
-def use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:
+def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:
+    # Also called by `attend_has_kernel` mechanisms that dispatch their own kernel (stochastic_routing, santa).
     # The kernels implement exact attention without logit scaling or attention dropout: `auto` takes the reference
     # whenever either is asked for, and a forced kernel refuses rather than silently skipping it.
     unsupported = []

@@ -7,6 +7,7 @@ left-padded, right-padded or unpadded copy of a sequence, and for a cached decod
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -16,6 +17,20 @@ class AttentionContext:
     visible: torch.Tensor  # [B, 1, q_len, kv_len] bool: causal, padding and any model-side restriction
     key_pos: torch.Tensor  # [B, 1, 1, kv_len] long: index of the key among the sequence's real keys (-1: padding)
     query_pos: torch.Tensor  # [B, 1, q_len, 1] long: position of the query (-1: a query that sees nothing)
+    # The model's index of each query head passed in; None: all of them, in order. A wrapper that runs a mechanism
+    # on a subset of heads (head_budget skipping gated-off heads) sets it, so per-head random draws stay the same.
+    query_heads: torch.Tensor | None = None
+    # The layer's SideCacheLayer (patches/side_cache.py) in cached inference when the mechanism declares `side_cache`;
+    # None without a cache, in training, or on a model class hf_attn_plus does not patch. Side states describe the
+    # call's full key tensor: a wrapper handing its delegate other keys (a head subset) must not pass it on.
+    cache_layer: Any = None
+
+    def head_index(self, q_heads: int, device: torch.device) -> torch.Tensor:
+        """The model's index of each of the `q_heads` query heads of this call, [1, q_heads, 1, 1] long."""
+        heads = torch.arange(q_heads, device=device) if self.query_heads is None else self.query_heads.to(device)
+        if heads.numel() != q_heads:
+            raise ValueError(f"context names {heads.numel()} query heads, the call has {q_heads}")
+        return heads.view(1, -1, 1, 1)
 
     @property
     def distance(self) -> torch.Tensor:
@@ -38,7 +53,9 @@ def visible_from_mask(attention_mask: torch.Tensor | None, batch: int, q_len: in
     return attention_mask[..., :kv_len].expand(batch, 1, q_len, kv_len)
 
 
-def build_context(visible: torch.Tensor, restrict: torch.Tensor | None = None) -> AttentionContext:
+def build_context(
+    visible: torch.Tensor, restrict: torch.Tensor | None = None, cache_layer: Any = None
+) -> AttentionContext:
     """Positions come from `visible`; `restrict` (e.g. DeepSeek-V3.2's indexer choice) narrows what may be attended
     without renumbering the sequence."""
     key_valid = visible.any(dim=2, keepdim=True)
@@ -47,7 +64,7 @@ def build_context(visible: torch.Tensor, restrict: torch.Tensor | None = None) -
     query_pos = torch.where(visible, key_pos, -1).amax(dim=-1, keepdim=True)
     if restrict is not None:
         visible = visible & restrict
-    return AttentionContext(visible=visible, key_pos=key_pos, query_pos=query_pos)
+    return AttentionContext(visible=visible, key_pos=key_pos, query_pos=query_pos, cache_layer=cache_layer)
 
 
 def indices_to_mask(indices: torch.Tensor, kv_len: int) -> torch.Tensor:

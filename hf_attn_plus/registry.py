@@ -51,6 +51,11 @@ class Mechanism:
     # An `attend` mechanism whose attend dispatches its own Triton kernel and honours the `backend` option itself
     # (its kernel needs the recurrent state, which only attend sees).
     attend_has_kernel: bool = False
+    # The mechanism keeps per-layer side state derived from the cached keys (block summaries, an indexer's key cache):
+    # in cached inference on a patched model class, `ctx.cache_layer` is then the layer's SideCacheLayer and
+    # `hf_attn_plus.patches.side_cache.side_state(ctx, name, factory, key)` returns the state extended by the new keys
+    # only; elsewhere (ctx.cache_layer None) the same call rebuilds it from every key.
+    side_cache: bool = False
 
     def __post_init__(self) -> None:
         if (self.select is None) == (self.attend is None):

@@ -149,15 +149,39 @@ def counter_uniform(seed: int, *coords: torch.Tensor | int) -> torch.Tensor:
     return (counter_hash(seed, *coords).double() + 0.5) / 2.0**32
 
 
-def random_links(ctx: AttentionContext, candidates: torch.Tensor, links: int, seed: int, layer: int) -> torch.Tensor:
-    """Per query head, `links` keys drawn uniformly without replacement from `candidates` [B, Hq, q, kv].
+def random_links(
+    ctx: AttentionContext, q_heads: int, sinks: int, window: int, links: int, seed: int, layer: int
+) -> torch.Tensor:
+    """Real positions of each query's long-range links, [B, q_heads, q, links] (-1: unused slot).
 
-    Key s is ranked by the top 24 bits of a hash of (seed, layer, head, query position, key position), exact in
-    float32; the `links` largest win, and top_scoring breaks the rare exact ties by position.
+    The far keys of the query at position t are the positions sinks..t-window (neither sink nor in the window); it
+    draws min(links, their number) of them uniformly without replacement with Robert Floyd's algorithm: for
+    j = n-links .. n-1, r = hash(seed, layer, head, t, j) mod (j+1) joins the set, or j if r already did. O(links^2)
+    work per query, independent of the context; positions only (ctx.query_pos, -1 for a query that sees nothing, and
+    the model's head index ctx.head_index), so padding-, batch- and cache-invariant.
     """
-    heads = torch.arange(candidates.shape[1], device=candidates.device).view(1, -1, 1, 1)
-    rank = (counter_hash(seed, layer, heads, ctx.query_pos, ctx.key_pos) >> 8).float()
-    return top_scoring(rank, candidates, links)
+    t = ctx.query_pos[..., 0]  # [B, 1, q]
+    heads = ctx.head_index(q_heads, t.device)[..., 0]
+    count = (t - window - sinks + 1).clamp(min=0)
+    chosen = torch.full((*t.shape[:1], q_heads, t.shape[-1], links), -1, dtype=torch.long, device=t.device)
+    for i in range(links):
+        j = count - links + i
+        r = counter_hash(seed, layer, heads, t, j) % (j + 1).clamp(min=1)
+        taken = (chosen[..., :i] == r.unsqueeze(-1)).any(-1)
+        chosen[..., i] = torch.where(j >= 0, torch.where(taken, j, r), -1)
+    return torch.where(chosen >= 0, chosen + sinks, -1)
+
+
+def positions_to_keep(ctx: AttentionContext, positions: torch.Tensor) -> torch.Tensor:
+    """Keep mask [B, H, q, kv] of the visible keys whose real positions are listed in `positions` [B, H, q, n]
+    (-1 entries ignored)."""
+    batch, heads, q_len, _ = positions.shape
+    kv_len = ctx.key_pos.shape[-1]
+    # Real positions are < kv_len; -1 goes to an extra column that is dropped.
+    by_position = torch.zeros(batch, heads, q_len, kv_len + 1, dtype=torch.bool, device=positions.device)
+    by_position.scatter_(-1, torch.where(positions < 0, kv_len, positions), True)
+    key_pos = ctx.key_pos.expand(batch, heads, q_len, kv_len)
+    return by_position.gather(-1, torch.where(key_pos < 0, kv_len, key_pos)) & ctx.visible
 
 
 def indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head_weights: torch.Tensor) -> torch.Tensor:
@@ -168,6 +192,35 @@ def indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head_weig
     """
     per_head = torch.relu(index_query @ index_key.unsqueeze(1).transpose(-1, -2))
     return (per_head * head_weights.unsqueeze(-1)).sum(dim=1, keepdim=True)
+
+
+def routed_indexer_heads(
+    index_query: torch.Tensor,
+    index_key: torch.Tensor,
+    head_weights: torch.Tensor,
+    ctx: AttentionContext,
+    active_heads: int,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MISA router: per query, the `active_heads` indexer heads (of index_query [B, Hi, q, Di], head_weights
+    [B, Hi, q]) with the largest w[t, j] * max_b relu(q_j[t] · mean_b(k)), b over the complete blocks of
+    `block_size` real keys before the query's own block; ties go to the lower head. Only those heads then score
+    tokens: -> (index_query [B, A, q, Di], head_weights [B, A, q]).
+
+    Blocks before the query's block are complete and fully visible in a cached decode step as in a full forward, so
+    routing is cache- and padding-invariant; a query with no complete block routes by head order.
+    """
+    if active_heads >= index_query.shape[1]:
+        return index_query, head_weights
+    batch, kv_len = index_key.shape[:2]
+    blocks = key_blocks(ctx, block_size).view(batch, kv_len)
+    num_blocks = max(int(blocks.max()) + 1, 1)
+    means = pooled_blocks(index_key.unsqueeze(1), blocks, num_blocks)  # [B, 1, nb, Di]
+    usable = torch.arange(num_blocks, device=blocks.device) < ctx.query_pos // block_size  # [B, 1, q, nb]
+    affinity = torch.relu(index_query @ means.transpose(-1, -2)).masked_fill(~usable, 0.0)
+    router = head_weights * affinity.amax(dim=-1)
+    chosen = router.sort(dim=1, descending=True, stable=True).indices[:, :active_heads]
+    return index_query.gather(1, chosen.unsqueeze(-1).expand(-1, -1, -1, index_query.shape[-1])), head_weights.gather(1, chosen)
 
 
 def mass_ranked_blocks(logits: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -19,13 +19,18 @@ from ._triton import require_triton
 DECODE_MAX_QUERIES = 4
 
 
+def decoding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether a call is decode (a few new queries, no gradient) rather than prefill or training."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return query.shape[2] <= DECODE_MAX_QUERIES and not needs_grad
+
+
 def sparse_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """Equals hf_attn_plus.reference.masked_attention(query, key, value, keep, scaling)[0], with gradients."""
     require_triton(query, key, value)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if query.shape[2] <= DECODE_MAX_QUERIES and not needs_grad:
+    if decoding(query, key, value):
         from .selected_decode.wrapper import selected_decode
 
         return selected_decode(query, key, value, keep, scaling)

@@ -55,6 +55,29 @@ def tiles_from_keep(
     return tiles_from_usage(tile_usage(keep, kv_heads, block_m, block_n), block_m, block_n)
 
 
+def tiles_from_blocks(
+    chosen: torch.Tensor, first: torch.Tensor, last: torch.Tensor, kv_len: int, kv_heads: int, block_m: int, block_n: int
+) -> TileLists:
+    """Tile lists covering every slot of every chosen key block, without a per-token mask.
+
+    chosen [B, Hq, q, num_blocks] bool; first/last [B, num_blocks]: the cache slots a block's keys span (blocks are
+    numbered by real position, so with left padding block j spans slots pad + j*bs .. pad + (j+1)*bs - 1 and may
+    straddle two tiles). Per row block, the union over its rows (the query heads of a KV group) of the tiles from
+    first // block_n to last // block_n, marked by a +1/-1 difference array and a prefix sum over the tiles.
+    """
+    batch, q_heads, q_len, num_blocks = chosen.shape
+    rows = grouped_rows(chosen, kv_heads)
+    rows = F.pad(rows, (0, 0, 0, -rows.shape[-2] % block_m))
+    used = rows.reshape(batch, kv_heads, -1, block_m, num_blocks).any(dim=3).to(torch.int32)
+    num_tiles = -(-kv_len // block_n)
+    # Blocks without keys in a row (never chosen) have no valid span: clamp them anywhere in range.
+    start = (first.clamp(max=kv_len - 1) // block_n)[:, None, None, :].expand_as(used)
+    stop = (last.clamp(min=0) // block_n + 1)[:, None, None, :].expand_as(used)
+    edges = used.new_zeros(*used.shape[:-1], num_tiles + 1)
+    edges.scatter_add_(-1, start, used).scatter_add_(-1, stop, -used)
+    return tiles_from_usage(edges.cumsum(-1)[..., :num_tiles] > 0, block_m, block_n)
+
+
 def tiles_from_usage(usage: torch.Tensor, block_m: int, block_n: int) -> TileLists:
     return TileLists(*compact(usage), usage, block_m, block_n)
 

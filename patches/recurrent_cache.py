@@ -1,6 +1,7 @@
 """O(1)-memory decode for linear-family mechanisms inside transformers' own `DynamicCache`.
 
-The same hooks hand a mechanism the attention module's input hidden states when its weights read them (gates).
+The same hooks hand a mechanism the attention module's input hidden states when its weights read them (gates), and
+give mechanisms declaring `side_cache` their `SideCacheLayer` (side_cache.py) as `module.attn_plus_cache_layer`.
 
 The model code calls `past_key_values.update(key, value, layer_idx)` and hands the result to the attention function;
 it never learns that a layer keeps a state. A forward-pre-hook on each patched attention module swaps the cache's
@@ -19,6 +20,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..registry import PREFIX
 from .attn_plus import MechanismWeights, unwrapped
+from .side_cache import cache_layer_for
 
 
 class RecurrentStateLayer(DynamicLayer):
@@ -112,6 +114,8 @@ def _state_layer(cache: Any, layer_idx: int, window: int) -> RecurrentStateLayer
 
 
 def _before_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("past_key_values", args[3] if len(args) > 3 else None)
+    module.attn_plus_cache_layer = cache_layer_for(module, cache)  # read by attention_forward into ctx.cache_layer
     weights = unwrapped(module.attn_plus)
     if not isinstance(weights, MechanismWeights):
         return
@@ -119,12 +123,12 @@ def _before_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
         weights.hidden_states = kwargs.get("hidden_states", args[0] if args else None)
     if not weights.recurrent:
         return
-    cache = kwargs.get("past_key_values", args[3] if len(args) > 3 else None)
     active = module.config._attn_implementation == PREFIX + weights.mechanism
     weights.state_layer = _state_layer(cache, module.layer_idx, weights.cache_window) if active and cache is not None else None
 
 
 def _after_attention(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    module.attn_plus_cache_layer = None
     weights = unwrapped(module.attn_plus)
     if isinstance(weights, MechanismWeights):
         weights.state_layer = weights.hidden_states = None

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    MECHANISM_WEIGHTS,
     dense_teacher,
     load_corpus,
     load_model,

@@ -3,7 +3,8 @@ queries (times the model's τ) and keys. α_t = exp(-softplus(a_t)) (decay) and 
 from two small projections of the layer's input token, one value per KV head: the state [Dk, Dv] is kept per KV head.
 
 Trained and prefilled chunk-parallel (UT transform), decoded recurrently on a constant-size state. Math:
-hf_attn_plus/linear_ops.py.
+hf_attn_plus/linear_ops.py. Triton (chunked forward, recurrent decode and backward): hf_attn_plus/kernels/gated_delta/,
+used on GPU tensors or with backend='kernel'.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..masking import AttentionContext
 from ..options import int_option
 from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
 from ..registry import Mechanism, register
-from .linear import check_call
+from .linear import _use_kernel, check_call
 
 # softplus(-4) ≈ 0.018: the state starts by keeping ~98% per token, a memory of about fifty tokens.
 _DECAY_BIAS = -4.0
@@ -70,10 +71,13 @@ def attend(
     # Padding tokens neither decay nor write the state.
     real = linear_ops.causal_key_mask(ctx).squeeze(-1)
     layer = weights.state_layer
-    out, state = linear_ops.chunked_gated_delta(
-        query, key, value, log_alpha * real, beta * real,
-        None if layer is None or layer.state is None else layer.state[0], opts.chunk_size,
-    )
+    state = None if layer is None or layer.state is None else layer.state[0]
+    log_alpha, beta = log_alpha * real, beta * real
+    if _use_kernel(opts, query):
+        from ..kernels.gated_delta import gated_delta_attention as gated_delta_rule
+    else:
+        gated_delta_rule = linear_ops.chunked_gated_delta
+    out, state = gated_delta_rule(query, key, value, log_alpha, beta, state, opts.chunk_size)
     if layer is not None:
         layer.state = (state,)
     return out, None
@@ -86,6 +90,7 @@ MECHANISM = register(
         summary="Gated DeltaNet: decayed delta-rule state, chunked UT-transform prefill, recurrent decode",
         options=(int_option("chunk_size", 64, 1, "tokens per chunk of the chunked (UT transform) form"),),
         attend=attend,
+        attend_has_kernel=True,
         training_free=False,
     )
 )

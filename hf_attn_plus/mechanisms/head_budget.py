@@ -9,12 +9,15 @@ around any mechanism (`inner` with `inner_options`; 'dense' by default):
 theta (one per query head and layer, `attn_plus.steepness`; softplus(theta) = 1 at initialisation, i.e. g = b) is
 learned by the recipes: the language-modelling loss at sampled budgets plus a cost term `expected_cost(model, b)`.
 
-Heads with g = 0 output zeros; the reference still computes them (a kernel would skip them). Mechanisms that need
+Heads with g = 0 output zeros. A KV group whose query heads are all off is not computed: the inner mechanism runs on
+the other groups' heads only (told their model indices, so per-head random draws do not change). Gathering those
+heads copies their K/V, so in memory-bound decode the saving is smaller than the share of heads skipped. Mechanisms that need
 their own `attn_plus` weights (linear, hybrid, indexer_topk) cannot be the inner mechanism: the slot holds the gates.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -51,9 +54,28 @@ class HeadGateWeights(MechanismWeights):
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
     mechanism_weights(module, "head_budget")  # a clear error when the layer has no gates
     gates = module.attn_plus(opts.budget)  # through any adapter PEFT wrapped around the weights
-    out, probs = run_delegate(
-        "head_budget", opts.inner, opts.inner_options, opts, module, query, key, value, ctx, scaling, dropout
-    )
+    q_heads, kv_heads = query.shape[1], key.shape[1]
+    # A KV group runs only when one of its query heads is on. A gate clamped to 0 passes no gradient, so skipping
+    # changes neither outputs nor gradients (at the kink, g = 0 exactly, the skipped head's subgradient is 0).
+    groups_on = (gates > 0).view(kv_heads, q_heads // kv_heads).any(dim=1)
+    if bool(groups_on.all()):
+        out, probs = run_delegate(
+            "head_budget", opts.inner, opts.inner_options, opts, module, query, key, value, ctx, scaling, dropout
+        )
+        return out * gates.view(1, -1, 1, 1).to(out.dtype), probs
+    kv_on = groups_on.nonzero().flatten()
+    heads_on = (kv_on[:, None] * (q_heads // kv_heads) + torch.arange(q_heads // kv_heads, device=kv_on.device)).flatten()
+    out = query.new_zeros(*query.shape[:3], value.shape[-1])
+    probs = None
+    if heads_on.numel():
+        named = heads_on if ctx.query_heads is None else ctx.query_heads.to(heads_on.device)[heads_on]
+        out_on, probs_on = run_delegate(
+            "head_budget", opts.inner, opts.inner_options, opts, module, query[:, heads_on], key[:, kv_on],
+            value[:, kv_on], dataclasses.replace(ctx, query_heads=named), scaling, dropout,
+        )
+        out = out.index_copy(1, heads_on, out_on.to(out.dtype))
+        if probs_on is not None:
+            probs = probs_on.new_zeros(probs_on.shape[0], q_heads, *probs_on.shape[2:]).index_copy(1, heads_on, probs_on)
     return out * gates.view(1, -1, 1, 1).to(out.dtype), probs
 
 

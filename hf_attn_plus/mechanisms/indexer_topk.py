@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..attention import attend_selected, use_kernel
+from ..attention import _use_kernel, attend_selected
 from ..masking import AttentionContext
 from ..options import choice_option, int_option
 from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
@@ -111,7 +111,7 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
     weights = mechanism_weights(module, "indexer_topk")
     weights.check_options(opts, WEIGHT_OPTIONS)
     index_inputs = module.attn_plus(query, key)  # through any adapter PEFT wrapped around the weights
-    kernel = use_kernel(MECHANISM, opts, query, dropout)
+    kernel = _use_kernel(MECHANISM, opts, query, dropout)
     weights.loss = None
     if module.training:  # the KL losses need the differentiable scores: reference scoring and selection
         scores = fp32_indexer_scores(*index_inputs)

@@ -5,7 +5,8 @@ initialisation) and `gaussian_rf` (Performer positive random features estimating
 `seed` and the layer index, stored as a buffer so a saved model reloads the same draw; `redraw()` draws anew).
 Query heads have their own hedgehog W; keys use one W per KV head, so the state stays per KV head under GQA.
 Math and the three forms: hf_attn_plus/linear_ops.py. Weights and decode cache: hf_attn_plus/patches/. Triton
-(chunked forward, decode step): hf_attn_plus/kernels/linear_attention/, used on GPU tensors or with backend='kernel'.
+(chunked forward and backward, decode step): hf_attn_plus/kernels/linear_attention/, used on GPU tensors or with
+backend='kernel'.
 """
 
 from __future__ import annotations
@@ -102,12 +103,11 @@ def attend(
     phi_k = phi_k * linear_ops.causal_key_mask(ctx).to(phi_k.dtype)
     layer = weights.state_layer
     state = None if layer is None else layer.state
-    # The kernels differentiate only from an empty state (training); a state that needs gradients stays in PyTorch.
-    if _use_kernel(opts, query) and not (state is not None and torch.is_grad_enabled()):
+    if _use_kernel(opts, query):
         from ..kernels.linear_attention import chunked as kernel
 
-        if state is None and torch.is_grad_enabled():
-            out, state = kernel.linear_attention(phi_q, phi_k, value, opts.chunk_size)
+        if torch.is_grad_enabled():
+            out, state = kernel.linear_attention(phi_q, phi_k, value, state, opts.chunk_size)
         elif state is not None and query.shape[2] == 1:
             out = kernel.decode_step(phi_q, phi_k, value, state)  # updates the state in place
         else:

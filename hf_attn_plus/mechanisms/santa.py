@@ -14,9 +14,11 @@ reads R exactly (dense).
 Draws come from a counter-based hash of (seed, layer, head, query position, draw), so they are padding- and
 batch-invariant and differ at every decode step.
 
-Only decode queries (q_len == 1) sample; prefill and multi-token steps run exact dense attention. The reference
-computes q·k for every key and expresses the estimator as log-weights log a_s inside one softmax; a kernel would
-read the quantised keys for π and the full-precision K/V rows of the drawn keys only (cost ∝ samples).
+Only decode queries (q_len == 1) sample; prefill and multi-token steps run exact dense attention (with the kernel
+backend: the block-sparse kernel over the visible keys). The reference computes q·k for every key and expresses the
+estimator as log-weights log a_s inside one softmax. The kernel path (kernels/gathered_attention) makes the same
+draws in PyTorch (π still needs q·k̃ for every quantised key) and then reads the full-precision K/V rows of the
+sinks, the window and the drawn keys only, each draw listed with its importance log-weight.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
-from ..attention import attend_selected, logit_scale
+from ..attention import _use_kernel, attend_selected, logit_scale
+from ..kernels.sparse_attention import sparse_attention
 from ..masking import AttentionContext
 from ..options import int_option
 from ..reference import masked_attention
@@ -40,10 +44,11 @@ def quantize(key: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(key / scale) * scale
 
 
-def importance_log_weights(
+def draws(
     query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace, scaling: float, layer: int
-) -> torch.Tensor:
-    """log a_s [B, Hq, q, kv]: 0 on exactly read keys, log(c_s / (n π_s)) on drawn keys, -inf elsewhere."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampling both paths share: (exact [B, 1, q, kv], rest R [B, 1, q, kv], sampled [B, 1, q, 1] (R larger than
+    the budget), drawn slots [B, Hq, q, samples], proposal π [B, Hq, q, kv] float64)."""
     batch, q_heads, q_len, kv_len = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
     exact = sinks_and_window(ctx, opts.sinks, opts.window)
     rest = ctx.visible & ~exact
@@ -51,21 +56,57 @@ def importance_log_weights(
     proposal_logits = grouped_scores(query.float(), quantize(key.float(), opts.bits)) * scaling
     proposal = torch.softmax(proposal_logits.double().masked_fill(~rest, float("-inf")), dim=-1).nan_to_num(0.0)
     cdf = proposal.cumsum(-1)
-    heads = torch.arange(q_heads, device=query.device).view(1, -1, 1, 1)
-    draws = torch.arange(opts.samples, device=query.device)
-    u = counter_uniform(opts.seed, layer, heads, ctx.query_pos, draws) * cdf[..., -1:]
+    heads = ctx.head_index(q_heads, query.device)
+    indices = torch.arange(opts.samples, device=query.device)
+    u = counter_uniform(opts.seed, layer, heads, ctx.query_pos, indices) * cdf[..., -1:]
     drawn = torch.searchsorted(cdf.contiguous(), u.expand(batch, q_heads, q_len, -1).contiguous(), right=True)
-    counts = torch.zeros_like(proposal).scatter_add_(-1, drawn.clamp(max=kv_len - 1), torch.ones_like(u).expand_as(drawn))
+    return exact, rest, sampled, drawn.clamp(max=kv_len - 1), proposal
+
+
+def importance_log_weights(
+    query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace, scaling: float, layer: int
+) -> torch.Tensor:
+    """log a_s [B, Hq, q, kv]: 0 on exactly read keys, log(c_s / (n π_s)) on drawn keys, -inf elsewhere."""
+    exact, rest, sampled, drawn, proposal = draws(query, key, ctx, opts, scaling, layer)
+    counts = torch.zeros_like(proposal).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=proposal.dtype))
     weights = counts / (opts.samples * proposal)
     weights = torch.where(rest & sampled, weights, (exact | rest).to(weights.dtype))
     return weights.log().float()
 
 
+def sampled_slots(
+    query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace, scaling: float, layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same estimate as listed keys for the gathered-attention kernel: (slots [B, Hq, q, samples] int32, -1
+    unused; log-weights [B, Hq, q, samples]). Each draw is listed with log(1 / (n π_s)), so a key drawn c_s times
+    adds up to the reference's c_s / (n π_s); a row whose R fits the budget lists R with weight 1."""
+    _, rest, sampled, drawn, proposal = draws(query, key, ctx, opts, scaling, layer)
+    kv_len = key.shape[2]
+    log_weights = -torch.log(opts.samples * proposal.gather(-1, drawn))
+    by_slot = torch.where(rest, torch.arange(kv_len, device=key.device), kv_len)
+    by_slot = F.pad(by_slot, (0, max(0, opts.samples - kv_len)), value=kv_len)
+    rest_slots = by_slot.topk(opts.samples, dim=-1, largest=False).values
+    slots = torch.where(sampled, drawn, torch.where(rest_slots < kv_len, rest_slots, -1))
+    return slots.to(torch.int32), torch.where(sampled, log_weights, 0.0).float()
+
+
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
+    use_kernel = _use_kernel(MECHANISM, opts, query, dropout)
     if query.shape[2] > 1:
+        if use_kernel:
+            return sparse_attention(query, key, value, ctx.visible, scaling), None
         return attend_selected(module, query, key, value, ctx.visible, opts, scaling, dropout)
+    layer = getattr(module, "layer_idx", 0)
+    if use_kernel:
+        from ..kernels.gathered_attention.function import gathered_attention
+        from ..kernels.gathered_attention.lists import fixed_spans
+
+        with torch.no_grad():
+            slots, log_weights = sampled_slots(query, key, ctx, opts, scaling, layer)
+            spans = fixed_spans(ctx, opts.sinks, opts.window)
+        return gathered_attention(query, key, value, ctx.visible, spans, slots, scaling, log_weights), None
     with torch.no_grad():
-        log_weights = importance_log_weights(query, key, ctx, opts, scaling, getattr(module, "layer_idx", 0))
+        log_weights = importance_log_weights(query, key, ctx, opts, scaling, layer)
     beta = logit_scale(module, ctx.visible, opts)
     return masked_attention(query, key, value, log_weights > float("-inf"), scaling, beta, dropout, log_weights)
 
@@ -83,5 +124,6 @@ MECHANISM = register(
             int_option("seed", 0, 0, "fixes the draws (with layer, head, position)"),
         ),
         attend=attend,
+        attend_has_kernel=True,
     )
 )

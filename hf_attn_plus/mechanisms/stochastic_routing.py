@@ -3,15 +3,19 @@ small-world graph: its local window (plus optional sinks) and `links` random lon
 uniformly without replacement from the keys beyond the window. Few links per token still connect any two tokens
 in few hops across layers.
 
-The draw is counter-based: key s is linked to query t in head h of layer l iff the hash of (seed, l, h, t, s) is
-among the `links` smallest over t's long-range keys. Positions are real-token positions, so the graph does not
-depend on padding, batch layout, sequence length or the KV cache (cached decode equals recomputation).
+The draw is counter-based and linear-time: query t of head h in layer l draws its links with Robert Floyd's sampling
+algorithm from hashes of (seed, l, h, t, step j), O(links^2) per query whatever the context
+(`selection.random_links`). Positions are real-token positions, so the graph does not depend on padding, batch
+layout, sequence length or the KV cache (cached decode equals recomputation). A drawn key the model's own mask hides
+(DeepSeek-V3.2's indexer choice) is dropped, not replaced.
 
 With `resample=True` a training forward draws a new graph per optimisation step: the seed is mixed with the step
 the training loop sets through `set_step(model, step)` (not a forward counter, so gradient-checkpoint recomputation
 sees the same graph). Evaluation always uses the base seed.
 
-The reference builds a [q, kv] keep mask (O(q·kv) memory); the attended set per query is window + sinks + links.
+The reference builds a [q, kv] keep mask from the drawn positions (O(q·kv) memory) and runs exact masked softmax;
+the kernel (kernels/gathered_attention, backend option) reads the window and sinks as slot ranges and gathers the
+listed links: O(q·(sinks + window + links)) work and memory.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from types import SimpleNamespace
 
 import torch
 
-from ..attention import attend_selected
+from ..attention import _use_kernel, attend_selected
 from ..masking import AttentionContext
 from ..options import bool_option, int_option
 from ..registry import Mechanism, register
-from ..selection import counter_hash, random_links, sinks_and_window
+from ..selection import counter_hash, positions_to_keep, random_links, sinks_and_window
 
 STEP_ATTRIBUTE = "_hf_attn_plus_step"
 
@@ -33,10 +37,16 @@ def routing_graph(
     ctx: AttentionContext, q_heads: int, opts: SimpleNamespace, layer: int, step: int | None = None
 ) -> torch.Tensor:
     """Keep mask [B, q_heads, q, kv]: sinks + window + `links` seeded random keys per head; `step` reseeds."""
-    fixed = sinks_and_window(ctx, opts.sinks, opts.window)
+    links = positions_to_keep(ctx, link_positions(ctx, q_heads, opts, layer, step))
+    return sinks_and_window(ctx, opts.sinks, opts.window) | links
+
+
+def link_positions(
+    ctx: AttentionContext, q_heads: int, opts: SimpleNamespace, layer: int, step: int | None = None
+) -> torch.Tensor:
+    """Real positions of every query's long-range links, [B, q_heads, q, links] (-1: unused); `step` reseeds."""
     seed = opts.seed if step is None else int(counter_hash(opts.seed, step))
-    far = (ctx.visible & ~fixed).expand(-1, q_heads, -1, -1)
-    return fixed | random_links(ctx, far, opts.links, seed, layer)
+    return random_links(ctx, q_heads, opts.sinks, opts.window, opts.links, seed, layer)
 
 
 def set_step(model: torch.nn.Module, step: int) -> None:
@@ -48,8 +58,18 @@ def set_step(model: torch.nn.Module, step: int) -> None:
 
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
     step = getattr(module, STEP_ATTRIBUTE, 0) if opts.resample and module.training else None
+    layer = getattr(module, "layer_idx", 0)
+    if _use_kernel(MECHANISM, opts, query, dropout):
+        from ..kernels.gathered_attention.function import gathered_attention
+        from ..kernels.gathered_attention.lists import fixed_spans, position_slots, slot_table
+
+        with torch.no_grad():
+            table = slot_table(ctx)
+            spans = fixed_spans(ctx, opts.sinks, opts.window, table)
+            slots = position_slots(ctx, link_positions(ctx, query.shape[1], opts, layer, step), table)
+        return gathered_attention(query, key, value, ctx.visible, spans, slots, scaling), None
     with torch.no_grad():
-        keep = routing_graph(ctx, query.shape[1], opts, getattr(module, "layer_idx", 0), step)
+        keep = routing_graph(ctx, query.shape[1], opts, layer, step)
     return attend_selected(module, query, key, value, keep, opts, scaling, dropout)
 
 
@@ -66,6 +86,7 @@ MECHANISM = register(
             bool_option("resample", False, "training forwards draw a new graph per step set by set_step()"),
         ),
         attend=attend,
+        attend_has_kernel=True,
         training_free=False,
     )
 )

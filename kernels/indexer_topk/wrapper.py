@@ -11,6 +11,8 @@ differentiable reference scores for its KL losses.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...masking import AttentionContext, indices_to_mask
@@ -44,7 +46,7 @@ def indexer_topk_indices(
     chunks = []
     for start in range(0, q_len, query_chunk):
         rows = slice(start, start + query_chunk)
-        chunk_ctx = AttentionContext(ctx.visible[:, :, rows], ctx.key_pos, ctx.query_pos[:, :, rows])
+        chunk_ctx = dataclasses.replace(ctx, visible=ctx.visible[:, :, rows], query_pos=ctx.query_pos[:, :, rows])
         keys = candidate_keys_kernel(
             index_query[:, :, rows], index_key, head_weights[:, :, rows], chunk_ctx, sinks, window, budget, splits, top_only
         )

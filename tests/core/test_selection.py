@@ -57,6 +57,7 @@ CASES = {
     "sliding_window": dict(window=4, sinks=2),
     "topk": dict(budget=3, sinks=1, window=2),
     "block_topk": dict(block_size=3, budget=2, sink_blocks=1, local_blocks=1),
+    "block_topk/group": dict(block_size=3, budget=2, sink_blocks=1, local_blocks=1, choose_per="group"),
     "dilated": dict(dilation=3, window=2),
 }
 
@@ -77,10 +78,16 @@ def rule_for(name, opts, query, key):
             members.setdefault(p // size, []).append(s)
         kv = key[b, h // (Q_HEADS // KV_HEADS)]
 
-        def bound(blk):
+        def head_bound(head, blk):
             keys = kv[members[blk]]
-            q = query[b, h, i]
+            q = query[b, head, i]
             return float(torch.maximum(q * keys.min(0).values, q * keys.max(0).values).sum())
+
+        group = Q_HEADS // KV_HEADS
+        heads = range(h - h % group, h - h % group + group) if opts.get("choose_per") == "group" else [h]
+
+        def bound(blk):
+            return max(head_bound(head, blk) for head in heads)
 
         seen = sorted({pos[s] // size for s in visible})
         qb = pos[j] // size
@@ -92,14 +99,14 @@ def rule_for(name, opts, query, key):
         d = pos[j]
         return {s for s in visible if d - pos[s] < opts["window"] or (d - pos[s]) % opts["dilation"] == 0}
 
-    return locals()[name]
+    return locals()[name.split("/")[0]]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("kv_len,q_len", [(23, 23), (23, 1), (17, 3)])
 def test_selection_matches_brute_force(name, kv_len, q_len):
     query, key, valid, mask = padded_inputs(kv_len, q_len, seed=kv_len * 7 + q_len)
-    mechanism = hf_attn_plus.get_mechanism(name)
+    mechanism = hf_attn_plus.get_mechanism(name.split("/")[0])
     opts = mechanism.resolve_options(CASES[name])
     ctx = build_context(visible_from_mask(mask, BATCH, q_len, kv_len, "cpu"))
     keep = mechanism.select(query, key, ctx, opts).expand(BATCH, Q_HEADS, q_len, kv_len)
@@ -115,6 +122,6 @@ def test_selection_is_sparse_when_budget_is_small():
     query, key, valid, mask = padded_inputs(23, 23, seed=0)
     ctx = build_context(visible_from_mask(mask, BATCH, 23, 23, "cpu"))
     for name, opts in CASES.items():
-        mechanism = hf_attn_plus.get_mechanism(name)
+        mechanism = hf_attn_plus.get_mechanism(name.split("/")[0])
         keep = mechanism.select(query, key, ctx, mechanism.resolve_options(opts))
         assert keep.expand(BATCH, Q_HEADS, 23, 23)[2, :, -1].sum(-1).max() < 23 * 0.7, name

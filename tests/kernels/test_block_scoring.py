@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hf_attn_plus.kernels.block_scoring import BlockSummaries, quest_scores
+from hf_attn_plus.kernels.block_scoring.summaries import EMPTY_FIRST
 from hf_attn_plus.masking import build_context
 from hf_attn_plus.selection import block_key_bounds, key_blocks, quest_block_scores, top_blocks, visible_blocks
 
@@ -19,12 +20,23 @@ def test_incremental_summaries_equal_recompute():
     """A left-padded prompt, then decode steps of one and of three keys; blocks of 4 by real position."""
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(2, 2, 30, 8, generator=g)
-    blocks = key_blocks(padded_context(2, 30, pads=[0, 5]), 4)
-    summaries = BlockSummaries()
+    ctx = padded_context(2, 30, pads=[0, 5])
+    blocks = key_blocks(ctx, 4)
+    summaries = BlockSummaries(4)
     for start, stop in [(0, 11), (11, 12), (12, 13), (13, 16), (16, 17), (17, 30)]:
-        summaries.extend(keys[:, :, start:stop], blocks[..., start:stop])
-        expected = block_key_bounds(keys[:, :, :stop], blocks[..., :stop], int(blocks[..., :stop].max()) + 1)
+        summaries.extend(keys[:, :, start:stop], ctx.key_pos[..., start:stop])
+        num_blocks = int(blocks[..., :stop].max()) + 1
+        expected = block_key_bounds(keys[:, :, :stop], blocks[..., :stop], num_blocks)
         assert all(torch.equal(got, want) for got, want in zip(summaries.bounds, expected))
+        # Spans: the cache slots holding each block's keys (left padding shifts the padded row's blocks by 5).
+        first, last = summaries.spans
+        for row in range(2):
+            for block in range(num_blocks):
+                slots = (blocks[row, 0, 0, :stop] == block).nonzero().flatten()
+                assert (first[row, block].item(), last[row, block].item()) == (
+                    (slots.min().item(), slots.max().item()) if len(slots) else (EMPTY_FIRST, -1)
+                )
+    assert summaries.covered == 30
 
 
 @pytest.mark.parametrize("q_heads,kv_heads,q_len,head_dim,dtype", [(8, 2, 1, 64, torch.float32), (4, 4, 3, 12, torch.float16)])

@@ -18,7 +18,7 @@ def _inputs(batch, q_heads, kv_heads, length, features, dv, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("length,features,dv,chunk", [(19, 6, 5, 16), (8, 16, 16, 32)])
-def test_chunked_forward_and_gradients_match_reference(dtype, tol, length, features, dv, chunk):
+def test_chunked_forward_matches_reference(dtype, tol, length, features, dv, chunk):
     q, k, v = _inputs(2, 4, 2, length, features, dv, dtype)
     expected, (s_ref, z_ref) = linear_ops.chunked_linear_attention(q.float(), k.float(), v.float(), chunk_size=chunk)
     out, (s, z) = chunked.chunked_forward(q, k, v, chunk_size=chunk)
@@ -29,13 +29,58 @@ def test_chunked_forward_and_gradients_match_reference(dtype, tol, length, featu
     more, _ = chunked.chunked_forward(q, k, v, (s, z), chunk_size=chunk)
     expected_more, _ = linear_ops.chunked_linear_attention(q.float(), k.float(), v.float(), (s_ref, z_ref), chunk)
     torch.testing.assert_close(more.float(), expected_more, rtol=tol, atol=tol)
-    if dtype == torch.float32:
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        chunked.linear_attention(*leaves, chunk)[0].pow(2).sum().backward()
-        linear_ops.chunked_linear_attention(*ref_leaves, chunk_size=chunk)[0].pow(2).sum().backward()
-        for a, b in zip(leaves, ref_leaves):
-            torch.testing.assert_close(a.grad, b.grad)
+
+
+def _gradients(attention, q, k, v, state, grads):
+    """Gradients of (output, final S, final z) · `grads` w.r.t. q, k, v and the state's two tensors (if given)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, *(state or ()))]
+    out, (s, z) = attention(*leaves[:3], tuple(leaves[3:]) or None)
+    return torch.autograd.grad((out, s, z), leaves, grads)
+
+
+# fp16: inputs and gradients are stored in fp16 (kernel math in fp32): a few units of fp16 rounding.
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float16, 4e-3)])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_backward_matches_chunked_reference(dtype, tol, groups, with_state):
+    batch, kv_heads, length, features, dv, chunk = 2, 2, 19, 6, 5, 16  # odd length: a partial last chunk
+    q, k, v = _inputs(batch, kv_heads * groups, kv_heads, length, features, dv, dtype, seed=groups)
+    g = torch.Generator().manual_seed(1)
+    state = (torch.rand(batch, kv_heads, features, dv, generator=g), torch.rand(batch, kv_heads, features, generator=g))
+    state = state if with_state else None
+    grads = (torch.randn(*q.shape[:3], dv, generator=g).to(dtype), torch.randn(batch, kv_heads, features, dv, generator=g),
+             torch.randn(batch, kv_heads, features, generator=g))  # also through the final state
+
+    got = _gradients(lambda *a: chunked.linear_attention(*a, chunk_size=chunk), q, k, v, state, grads)
+    wide = lambda t: t.double()  # noqa: E731  (the reference in fp64 on the same rounded inputs)
+    expected = _gradients(lambda *a: linear_ops.chunked_linear_attention(*a, chunk_size=chunk),
+                          *map(wide, (q, k, v)), state and tuple(map(wide, state)), tuple(map(wide, grads)))
+    assert [t.dtype for t in got] == [dtype] * 3 + [torch.float32] * (len(got) - 3)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+def test_backward_matches_quadratic_definition():
+    q, k, v = _inputs(2, 4, 2, 19, 6, 5, torch.float32)
+    grad_out = torch.randn(2, 4, 19, 5, generator=torch.Generator().manual_seed(3))
+    visible = torch.ones(19, 19, dtype=torch.bool).tril()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(chunked.linear_attention(*leaves, chunk_size=16)[0], leaves, grad_out)
+    expected = torch.autograd.grad(linear_ops.quadratic_linear_attention(*leaves, visible), leaves, grad_out)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_backward_value_blocks_sum_to_the_whole():
+    """dφk summed over programs that each own a block of value columns equals one program owning them all."""
+    q, k, v = _inputs(1, 4, 2, 21, 5, 20, torch.float32)
+    g = torch.Generator().manual_seed(2)
+    grad_out = torch.randn(1, 4, 21, 20, generator=g)
+    grad_state = (torch.randn(1, 2, 5, 20, generator=g), torch.randn(1, 2, 5, generator=g))
+    split = chunked.chunked_backward(q, k, v, None, grad_out, grad_state, chunk_size=16, value_block=16)
+    whole = chunked.chunked_backward(q, k, v, None, grad_out, grad_state, chunk_size=16, value_block=32)
+    for a, b in zip((*split[:3], *split[3]), (*whole[:3], *whole[3])):
+        torch.testing.assert_close(a, b)
 
 
 def test_decode_step_matches_recurrent_form():
@@ -65,3 +110,44 @@ def test_model_with_kernel_backend_matches_reference_backend_and_decodes():
                                   use_cache=False)
     torch.testing.assert_close(kernel_logits, reference_logits)
     assert torch.equal(cached, uncached)
+
+
+def test_model_training_step_with_kernel_backend_matches_reference_backend():
+    from .conftest import build
+
+    model = build("llama", "linear", feature_map="hedgehog", backend="kernel", chunk_size=4)
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: zero key rows inside the kernel
+
+    def gradients(backend: str) -> dict[str, torch.Tensor]:
+        model.config.hf_attn_plus = dict(model.config.hf_attn_plus, backend=backend)
+        model.zero_grad()
+        model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    kernel, reference = gradients("kernel"), gradients("reference")
+    assert kernel.keys() == reference.keys() and any(".attn_plus." in name for name in kernel)
+    for name in reference:
+        torch.testing.assert_close(kernel[name], reference[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_model_training_through_a_cached_state_with_kernel_backend_matches_reference_backend():
+    """Second call continues from the first call's state (cache) with gradients flowing through that state."""
+    from .conftest import build
+
+    model = build("llama", "linear", feature_map="elu", backend="kernel", chunk_size=4)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def gradients(backend: str) -> dict[str, torch.Tensor]:
+        model.config.hf_attn_plus = dict(model.config.hf_attn_plus, backend=backend)
+        model.zero_grad()
+        first = model(ids[:, :5], use_cache=True)
+        second = model(ids[:, 5:], past_key_values=first.past_key_values, use_cache=True)
+        (first.logits.logsumexp(-1).sum() + second.logits.logsumexp(-1).sum()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    kernel, reference = gradients("kernel"), gradients("reference")
+    assert kernel.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(kernel[name], reference[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

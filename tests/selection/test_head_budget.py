@@ -7,7 +7,7 @@ from core.models import token_batch
 from hf_attn_plus.mechanisms.head_budget import HeadGateWeights, expected_cost
 from hf_attn_plus.tiny import tiny_config
 
-from .selection_helpers import logits
+from .selection_helpers import causal_context, logits
 
 INNER = dict(inner="topk", inner_options=dict(budget=3, window=2, sinks=1))
 
@@ -67,3 +67,47 @@ def test_bad_options_are_named():
         hf_attn_plus.set_attention(model, "head_budget", budget=1.5)
     with pytest.raises(hf_attn_plus.OptionError, match="'inner' got 'head_budget'"):
         hf_attn_plus.set_attention(model, "head_budget", inner="head_budget")
+
+
+@pytest.mark.parametrize("arch, inner", [("llama", INNER), ("deepseek_v3", dict(inner="stochastic_routing", inner_options=dict(window=3, links=2, seed=5)))])
+def test_groups_whose_heads_are_all_off_are_not_computed_and_nothing_else_changes(arch, inner, monkeypatch):
+    """Skipping is exact (stochastic_routing draws per head index, so it also checks the model's head numbering
+    reaches the inner mechanism) and really skips: the inner mechanism sees only the groups with a head on."""
+    from hf_attn_plus.mechanisms import head_budget
+
+    model = gated_model(arch, **inner, budget=0.5)
+    attention = model.model.layers[0].self_attn
+    config = model.config
+    q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    group = q_heads // kv_heads
+    with torch.no_grad():  # first KV group off at budget 0.5 (softplus 4: g = 1 - 0.5*4 < 0), the rest on
+        steep = torch.full((q_heads,), -1.0)
+        steep[:group] = 4.0
+        attention.attn_plus.steepness.copy_(steep)
+    opts = hf_attn_plus.registry.options_from_config(hf_attn_plus.registry.get_mechanism("head_budget"), config)
+    torch.manual_seed(1)
+    length, dim = 11, 16
+    query, key, value = (torch.randn(2, h, length, dim) for h in (q_heads, kv_heads, kv_heads))
+    ctx = causal_context(2, length)
+
+    seen_heads = []
+    run_delegate = head_budget.run_delegate
+
+    def spy(*args):
+        seen_heads.append(args[5].shape[1])
+        return run_delegate(*args)
+
+    monkeypatch.setattr(head_budget, "run_delegate", spy)
+    out, _ = head_budget.attend(attention, query, key, value, ctx, opts, dim**-0.5, 0.0)
+    assert seen_heads == [q_heads - group]
+    full, _ = run_delegate(head_budget.MECHANISM.name, opts.inner, opts.inner_options, opts, attention, query, key, value, ctx, dim**-0.5)
+    gates = attention.attn_plus(0.5).view(1, -1, 1, 1)
+    assert (gates[0, :group] == 0).all() and (gates[0, group:] > 0).all()
+    torch.testing.assert_close(out, full * gates, rtol=0, atol=1e-6)
+    assert (out[:, :group] == 0).all()
+
+    with torch.no_grad():
+        attention.attn_plus.steepness.fill_(4.0)  # every head off: nothing runs
+    seen_heads.clear()
+    out, _ = head_budget.attend(attention, query, key, value, ctx, opts, dim**-0.5, 0.0)
+    assert seen_heads == [] and (out == 0).all()

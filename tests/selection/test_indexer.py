@@ -96,3 +96,44 @@ def test_top_scoring_breaks_exact_ties_toward_recent_keys():
     padded = top_scoring(torch.cat([torch.zeros(1, 3), scores], -1), torch.cat([torch.zeros(1, 3, dtype=torch.bool), candidates], -1), 4)
     assert torch.equal(padded[:, 3:], top_scoring(scores, candidates, 4))
     assert top_scoring(scores, candidates, 0).sum() == 0
+
+
+def _router_inputs(length=37, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 6, length, 5, generator=g), torch.randn(2, length, 5, generator=g), torch.randn(2, 6, length, generator=g)
+
+
+def test_misa_router_matches_its_definition_per_query():
+    from hf_attn_plus.selection import routed_indexer_heads
+
+    index_query, index_key, weights = _router_inputs()
+    ctx = causal_context(2, 37)
+    routed_q, routed_w = routed_indexer_heads(index_query, index_key, weights, ctx, 2, 8)
+    assert routed_q.shape == (2, 2, 37, 5) and routed_w.shape == (2, 2, 37)
+    for b in range(2):
+        for t in range(37):
+            complete = t // 8  # blocks wholly before the query's block
+            means = [index_key[b, 8 * i : 8 * i + 8].mean(0) for i in range(complete)]
+            router = [
+                float(weights[b, j, t]) * max([float(torch.relu(index_query[b, j, t] @ m)) for m in means], default=0.0)
+                for j in range(6)
+            ]
+            best = sorted(range(6), key=lambda j: (-router[j], j))[:2]
+            torch.testing.assert_close(routed_w[b, :, t], weights[b, best, t])
+            torch.testing.assert_close(routed_q[b, :, t], index_query[b, best, t])
+
+
+def test_misa_router_is_padding_invariant_and_all_heads_is_dsa():
+    from hf_attn_plus.selection import routed_indexer_heads
+
+    index_query, index_key, weights = _router_inputs(length=20)
+    pad = 6
+    ctx = _left_padded_context(20, pad)
+    routed_q, routed_w = routed_indexer_heads(index_query, index_key, weights, ctx, 3, 4)
+    # Row 1 is left padded: its real tokens, routed alone, must choose the same heads.
+    alone_q, alone_w = routed_indexer_heads(
+        index_query[1:, :, pad:], index_key[1:, pad:], weights[1:, :, pad:], causal_context(1, 20 - pad), 3, 4
+    )
+    assert torch.equal(routed_w[1:, :, pad:], alone_w) and torch.equal(routed_q[1:, :, pad:], alone_q)
+    same_q, same_w = routed_indexer_heads(index_query, index_key, weights, ctx, 6, 4)
+    assert same_q is index_query and same_w is weights

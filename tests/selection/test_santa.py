@@ -105,9 +105,3 @@ def test_tiny_model_decode(model_type):
     dense = decode_logits(model, ids)
     torch.testing.assert_close(covered, dense, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(sampled, dense, atol=1e-4), "2 samples out of ~27 keys must change the output"
-
-
-def test_backend_kernel_is_refused():
-    model = tiny_model("llama", "santa", backend="kernel")
-    with pytest.raises(hf_attn_plus.OptionError, match="'santa' has no kernel"):
-        logits(model, token_batch(1, 6))

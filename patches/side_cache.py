@@ -1,0 +1,119 @@
+"""Per-layer side state derived from the cached keys (block summaries, an indexer's own key cache), kept in
+transformers' `DynamicCache` next to the keys it summarises, so a decode step folds in only the new keys.
+
+A mechanism asks for it with `Mechanism(side_cache=True)`. During cached inference the attention pre-hook
+(recurrent_cache._before_attention) swaps the layer's `DynamicLayer` for a `SideCacheLayer`, a normal KV layer that
+also holds `side: dict[name, state]`, and the attention call sees it as `ctx.cache_layer`. The mechanism then calls
+`side_state(ctx, name, factory, key)`. Without a cache layer (no cache, training, a model class hf_attn_plus does not
+patch) the same call builds the state from every key: the recompute path, same values, O(context) work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from ..registry import PREFIX, get_mechanism
+
+
+class SideState(Protocol):
+    """What a side state provides: it folds keys in cache-slot order and can follow the cache's batch edits."""
+
+    covered: int  # cache slots folded in so far
+
+    def extend(self, keys: torch.Tensor, key_pos: torch.Tensor) -> None:
+        """Fold keys [B, Hkv, n, D] of slots covered..covered+n-1 with their positions [B, 1, 1, n] (-1: padding);
+        advances `covered` by n."""
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch-dimension edit (beam reorder, repeat, select) to every tensor held."""
+
+
+State = TypeVar("State", bound=SideState)
+
+
+class SideCacheLayer(DynamicLayer):
+    """A `DynamicLayer` (same keys, values, masks) that also carries the side states of the mechanisms using it.
+
+    Batch edits are applied to the side states too; `crop` and `reset` drop them (they are rebuilt from the keys on
+    the next call: correct, only slower once).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.side: dict[str, Any] = {}
+
+    @classmethod
+    def replacing(cls, layer: DynamicLayer) -> SideCacheLayer:
+        """A side-cache layer holding whatever `layer` holds (keys, values, lengths), with no side state yet."""
+        side_layer = cls()
+        side_layer.__dict__.update(layer.__dict__)
+        side_layer.side = {}
+        return side_layer
+
+    def _map_side(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for state in self.side.values():
+            state.map_batch(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_side(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_side(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_side(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.side.clear()
+
+    def reset(self) -> None:
+        super().reset()
+        self.side.clear()
+
+
+def side_state(ctx: Any, name: str, factory: Callable[[], State], key: torch.Tensor) -> State:
+    """The state `name` of this layer extended by the keys it has not folded yet: key [B, Hkv, kv, D] is the attention
+    call's full key tensor (every cache slot), `ctx.key_pos` numbers them.
+
+    With a cache layer the state persists across calls and a decode step folds only the new slots; without one,
+    `factory()` is filled with every key. `name` must identify everything the state depends on (e.g. a block size).
+    """
+    layer = ctx.cache_layer
+    state = None if layer is None else layer.side.get(name)
+    kv_len = key.shape[2]
+    if layer is not None and layer.get_seq_length() != kv_len:
+        raise ValueError(f"hf_attn_plus side state {name!r}: the cache layer holds {layer.get_seq_length()} slots, the "
+                         f"attention call {kv_len} keys; a side state must see the layer's full key tensor")
+    if state is None or state.covered > kv_len:
+        state = factory()
+        if layer is not None:
+            layer.side[name] = state
+    if state.covered < kv_len:
+        with torch.no_grad():
+            state.extend(key[:, :, state.covered :].detach(), ctx.key_pos[..., state.covered :])
+    return state
+
+
+def cache_layer_for(module: nn.Module, cache: Any) -> SideCacheLayer | None:
+    """The `SideCacheLayer` at `module.layer_idx` of `cache` when the module's active mechanism declares
+    `side_cache` and this is cached inference with a plain `DynamicCache` layer; else None (recompute path)."""
+    implementation = getattr(module.config, "_attn_implementation", None)
+    if not (isinstance(implementation, str) and implementation.startswith(PREFIX)):
+        return None
+    if module.training or not isinstance(cache, DynamicCache) or not get_mechanism(implementation).side_cache:
+        return None
+    layers, layer_idx = cache.layers, module.layer_idx
+    while len(layers) <= layer_idx:
+        layers.append(DynamicLayer())
+    if type(layers[layer_idx]) is DynamicLayer:  # sliding-window, recurrent or quantized layers are left alone
+        layers[layer_idx] = SideCacheLayer.replacing(layers[layer_idx])
+    return layers[layer_idx] if isinstance(layers[layer_idx], SideCacheLayer) else None
