@@ -397,13 +397,7 @@ def indexer_case(cfg, icfg, q_len: int, context: int, budget: int, device) -> di
         query = torch.randn(1, cfg["heads"], q_len, cfg["head_dim"], device=device, dtype=dtype, generator=g)
         key = torch.randn(1, cfg["kv_heads"], context, cfg["head_dim"], device=device, dtype=dtype, generator=g)
         row["sdpa_ms"] = milliseconds(lambda: dense_sdpa(query, key, key, causal=q_len > 1), device)
-=======
-def causal_positions(length: int, device: torch.device) -> AttentionContext:
-    """Positions of one unpadded causal sequence. Visibility is an all-True stride-0 view: the ranges and links only
-    name causal keys, and a materialised [L, L] mask (17 GB at 128K) would not fit."""
-    pos = torch.arange(length, device=device)
-    visible = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device).expand(1, 1, length, length)
-    return AttentionContext(visible=visible, key_pos=pos.view(1, 1, 1, -1), query_pos=pos.view(1, 1, -1, 1))
+    return row
 
 
 def environment(device: torch.device, flex_mode: str) -> dict:
