@@ -18,8 +18,9 @@ forward runs: 'warmup' attends densely and records the full KL, 'sparse' attends
 selected-set KL; `indexer_loss(model)` collects them for the recipes. Evaluation always attends the selection.
 
 Scores are computed in fp32 in every model dtype. Backend 'kernel' ('auto' on CUDA tensors): in inference the
-scoring and top-k run in the Triton indexer kernel (hf_attn_plus.kernels.indexer_topk, same selection, ties
-included) and the attention over the selection in the sparse attention kernel; training forwards keep the
+scoring and top-k run in the Triton indexer kernel (hf_attn_plus.kernels.indexer_topk: the same selection, exact
+ties included; scores agree up to fp32 summation order) and the attention over the selection in the sparse attention
+kernel; training forwards keep the
 reference (differentiable) scores and selection, which the KL losses need, and run the sparse kernel (with its
 backward) for the attention.
 
@@ -54,7 +55,8 @@ def select_by_scores(scores: torch.Tensor, ctx: AttentionContext, budget: int, s
 
 def fp32_indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head_weights: torch.Tensor) -> torch.Tensor:
     """I[t, s] [B, 1, q, kv] computed in fp32 whatever the model dtype: half-precision scores would tie far more
-    often, and the kernel (fp32 accumulation of exact products) reproduces this selection in every dtype."""
+    often, and the kernel (exact products, fp32 sums) computes the same scores up to fp32 summation order, so it
+    picks the same keys in every dtype; exact ties resolve identically (toward the most recent key)."""
     return indexer_scores(index_query.float(), index_key.float(), head_weights.float())
 
 
