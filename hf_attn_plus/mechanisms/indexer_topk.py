@@ -20,9 +20,8 @@ selected-set KL; `indexer_loss(model)` collects them for the recipes. Evaluation
 Scores are computed in fp32 in every model dtype. Backend 'kernel' ('auto' on CUDA tensors): in inference the
 scoring and top-k run in the Triton indexer kernel (hf_attn_plus.kernels.indexer_topk: the same selection, exact
 ties included; scores agree up to fp32 summation order) and the attention over the selection in the sparse attention
-kernel; training forwards keep the
-reference (differentiable) scores and selection, which the KL losses need, and run the sparse kernel (with its
-backward) for the attention.
+kernel; training forwards keep the reference (differentiable) scores and selection, which the KL losses need, and
+run the sparse kernel (with its backward) for the attention.
 
 On DeepSeek-V3.2 the model's own indexer already selects (`indices`, honoured by the core for every mechanism); this
 mechanism adds no weights there.
