@@ -105,10 +105,10 @@ def run_mechanism(
     to another mechanism (lighthouse at inference) call this with that mechanism's options."""
     if mechanism.attend_has_kernel:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
-    use_kernel = _use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
+    kernel = use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
     if mechanism.attend is not None:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
-    if use_kernel:
+    if kernel:
         return mechanism.kernel(query, key, value, ctx, opts, scaling), None
     with torch.no_grad():
         keep = mechanism.select(query, key, ctx, opts)
@@ -159,7 +159,9 @@ def logit_scale(module: torch.nn.Module, attended: torch.Tensor, opts: Any) -> t
     return log_length_scale(attended, train_length, opts.logit_scale_c)
 
 
-def _use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:
+def use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:
+    """Whether this call runs `mechanism`'s Triton kernel under the `backend` option (also for `attend` mechanisms
+    that dispatch their own kernel); raises for a forced kernel that does not exist or cannot honour the call."""
     # Also called by `attend_has_kernel` mechanisms that dispatch their own kernel (stochastic_routing, santa).
     # The kernels implement exact attention without logit scaling or attention dropout: `auto` takes the reference
     # whenever either is asked for, and a forced kernel refuses rather than silently skipping it.

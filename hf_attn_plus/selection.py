@@ -220,7 +220,8 @@ def routed_indexer_heads(
     affinity = torch.relu(index_query @ means.transpose(-1, -2)).masked_fill(~usable, 0.0)
     router = head_weights * affinity.amax(dim=-1)
     chosen = router.sort(dim=1, descending=True, stable=True).indices[:, :active_heads]
-    return index_query.gather(1, chosen.unsqueeze(-1).expand(-1, -1, -1, index_query.shape[-1])), head_weights.gather(1, chosen)
+    routed_query = index_query.gather(1, chosen.unsqueeze(-1).expand(-1, -1, -1, index_query.shape[-1]))
+    return routed_query, head_weights.gather(1, chosen)
 
 
 def mass_ranked_blocks(logits: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:

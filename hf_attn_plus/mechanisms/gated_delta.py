@@ -20,7 +20,7 @@ from ..masking import AttentionContext
 from ..options import int_option
 from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
 from ..registry import Mechanism, register
-from .linear import _use_kernel, check_call
+from .linear import check_call, kernel_requested
 
 # softplus(-4) ≈ 0.018: the state starts by keeping ~98% per token, a memory of about fifty tokens.
 _DECAY_BIAS = -4.0
@@ -73,7 +73,7 @@ def attend(
     layer = weights.state_layer
     state = None if layer is None or layer.state is None else layer.state[0]
     log_alpha, beta = log_alpha * real, beta * real
-    if _use_kernel(opts, query):
+    if kernel_requested(opts, query):
         from ..kernels.gated_delta import gated_delta_attention as gated_delta_rule
     else:
         gated_delta_rule = linear_ops.chunked_gated_delta

@@ -11,8 +11,8 @@ learned by the recipes: the language-modelling loss at sampled budgets plus a co
 
 Heads with g = 0 output zeros. A KV group whose query heads are all off is not computed: the inner mechanism runs on
 the other groups' heads only (told their model indices, so per-head random draws do not change). Gathering those
-heads copies their K/V, so in memory-bound decode the saving is smaller than the share of heads skipped. Mechanisms that need
-their own `attn_plus` weights (linear, hybrid, indexer_topk) cannot be the inner mechanism: the slot holds the gates.
+heads copies their K/V, so in memory-bound decode the saving is smaller than the share of heads skipped. Mechanisms
+that need their own `attn_plus` weights (linear, hybrid, indexer_topk) cannot be the inner mechanism: the slot holds the gates.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
         )
         return out * gates.view(1, -1, 1, 1).to(out.dtype), probs
     kv_on = groups_on.nonzero().flatten()
-    heads_on = (kv_on[:, None] * (q_heads // kv_heads) + torch.arange(q_heads // kv_heads, device=kv_on.device)).flatten()
+    group = q_heads // kv_heads
+    heads_on = (kv_on[:, None] * group + torch.arange(group, device=kv_on.device)).flatten()
     out = query.new_zeros(*query.shape[:3], value.shape[-1])
     probs = None
     if heads_on.numel():
@@ -75,7 +76,8 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
         )
         out = out.index_copy(1, heads_on, out_on.to(out.dtype))
         if probs_on is not None:
-            probs = probs_on.new_zeros(probs_on.shape[0], q_heads, *probs_on.shape[2:]).index_copy(1, heads_on, probs_on)
+            probs = probs_on.new_zeros(probs_on.shape[0], q_heads, *probs_on.shape[2:])
+            probs = probs.index_copy(1, heads_on, probs_on)
     return out * gates.view(1, -1, 1, 1).to(out.dtype), probs
 
 

@@ -11,9 +11,16 @@ The indexer reads detached inputs and the target is detached, so this loss train
 language-modelling loss never reaches it (the top-k is not differentiable either).
 
 Here the indexer reads the main attention's own (detached) queries and keys: q^I and w from the query heads of
-token t, k^I from the KV heads of key s, so it works through the attention interface on every patched architecture
-and needs no extra cache (k^I is recomputed from the cached keys at each step: O(kv) small matmuls, no second
-cache). Its weights are the layer's `attn_plus` (`IndexerWeights`). Option `stage` picks the DSA stage a training
+token t, k^I from the KV heads of key s, so it works through the attention interface on every patched architecture.
+In cached inference the indexer keeps its own key cache (`IndexKeyCache`, index_dim numbers per token, a side state
+of the layer's cache: patches/side_cache.py), so a decode step projects only the new keys; without a cache (training,
+no cache, unpatched classes) k^I is projected from every key. Its weights are the layer's `attn_plus`
+(`IndexerWeights`).
+
+MISA (mixture of indexer heads): with `active_heads` = A < index_heads, a router picks per query the A indexer heads
+with the largest w[t, j] * max_b relu(q_j[t] · mean k^I of block b) over complete blocks of `router_block` keys before
+the query's block (`selection.routed_indexer_heads`), and only those heads score tokens: token scoring costs A / Hi
+of the full indexer. The router itself scores blocks, not tokens. Option `stage` picks the DSA stage a training
 forward runs: 'warmup' attends densely and records the full KL, 'sparse' attends the selection and records the
 selected-set KL; `indexer_loss(model)` collects them for the recipes. Evaluation always attends the selection.
 
@@ -29,18 +36,20 @@ mechanism adds no weights there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from ..attention import _use_kernel, attend_selected
+from ..attention import attend_selected, use_kernel
 from ..masking import AttentionContext
 from ..options import choice_option, int_option
 from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
+from ..patches.side_cache import side_state
 from ..reference import masked_probabilities
 from ..registry import Mechanism, register
-from ..selection import indexer_scores, sinks_and_window, top_scoring
+from ..selection import indexer_scores, routed_indexer_heads, sinks_and_window, top_scoring
 
 # Options that change the shape of the weights: the model must run with the ones they were built for.
 WEIGHT_OPTIONS = ("index_heads", "index_dim")
@@ -98,21 +107,75 @@ class IndexerWeights(MechanismWeights):
         for linear in (self.query_proj, self.key_proj, self.head_weights):
             nn.init.normal_(linear.weight, std=linear.in_features**-0.5)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """From detached main queries [B, Hq, q, D] and keys [B, Hkv, kv, D]: index queries [B, Hi, q, Di], index keys
-        [B, kv, Di] and head weights [B, Hi, q], the inputs of `fp32_indexer_scores` and of the indexer kernel."""
-        tokens_q = query.detach().transpose(1, 2).flatten(2).to(self.query_proj.weight.dtype)
-        tokens_k = key.detach().transpose(1, 2).flatten(2).to(self.key_proj.weight.dtype)
-        index_query = self.query_proj(tokens_q).unflatten(-1, (self.opts.index_heads, -1)).transpose(1, 2)
-        head_weights = self.head_weights(tokens_q).transpose(1, 2) * self.opts.index_heads**-0.5
-        return index_query, self.key_proj(tokens_k), head_weights
+    def forward(
+        self, query: torch.Tensor | None, key: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """From detached main queries [B, Hq, q, D]: index queries [B, Hi, q, Di] and head weights [B, Hi, q]; from
+        detached main keys [B, Hkv, n, D]: index keys [B, n, Di] (the inputs of `fp32_indexer_scores` and of the
+        indexer kernel). Either input may be None (the key cache projects only new keys): its outputs are then None."""
+        index_query = head_weights = index_key = None
+        if query is not None:
+            tokens_q = query.detach().transpose(1, 2).flatten(2).to(self.query_proj.weight.dtype)
+            index_query = self.query_proj(tokens_q).unflatten(-1, (self.opts.index_heads, -1)).transpose(1, 2)
+            head_weights = self.head_weights(tokens_q).transpose(1, 2) * self.opts.index_heads**-0.5
+        if key is not None:
+            index_key = self.key_proj(key.detach().transpose(1, 2).flatten(2).to(self.key_proj.weight.dtype))
+        return index_query, index_key, head_weights
+
+
+class IndexKeyCache:
+    """The indexer's own key cache: k^I of every cache slot, [B, slots, Di], grown by projecting only the keys a call
+    adds (amortised O(1) growth). A side state of the layer's SideCacheLayer."""
+
+    def __init__(self, project: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.project = project  # main keys [B, Hkv, n, D] -> index keys [B, n, Di]
+        self.covered = 0
+        self._keys: torch.Tensor | None = None  # [B, capacity, Di]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys[:, : self.covered]
+
+    def extend(self, keys: torch.Tensor, key_pos: torch.Tensor) -> None:
+        new = self.project(keys)
+        filled = self.covered + new.shape[1]
+        if self._keys is None or filled > self._keys.shape[1]:
+            capacity = max(filled, 2 * (0 if self._keys is None else self._keys.shape[1]))
+            grown = new.new_empty(new.shape[0], capacity, new.shape[2])
+            if self._keys is not None:
+                grown[:, : self.covered] = self.keys
+            self._keys = grown
+        self._keys[:, self.covered : filled] = new
+        self.covered = filled
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self._keys is not None:
+            self._keys = fn(self._keys)
+
+
+def indexer_inputs(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(index queries, index keys, head weights) through any adapter PEFT wrapped around the weights; index keys from
+    the layer's key cache in cached inference; only the routed heads when `active_heads` is set (MISA)."""
+    if ctx.cache_layer is None:
+        index_query, index_key, head_weights = module.attn_plus(query, key)
+    else:
+        index_query, _, head_weights = module.attn_plus(query, None)
+        new_cache = lambda: IndexKeyCache(lambda k: module.attn_plus(None, k)[1])  # noqa: E731
+        index_key = side_state(ctx, f"indexer_topk:index_dim={opts.index_dim}", new_cache, key).keys
+    if opts.active_heads is not None:
+        index_query, head_weights = routed_indexer_heads(
+            index_query, index_key, head_weights, ctx, opts.active_heads, opts.router_block
+        )
+    return index_query, index_key, head_weights
 
 
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
     weights = mechanism_weights(module, "indexer_topk")
     weights.check_options(opts, WEIGHT_OPTIONS)
-    index_inputs = module.attn_plus(query, key)  # through any adapter PEFT wrapped around the weights
-    kernel = _use_kernel(MECHANISM, opts, query, dropout)
+    index_inputs = indexer_inputs(module, query, key, ctx, opts)
+    kernel = use_kernel(MECHANISM, opts, query, dropout)
     weights.loss = None
     if module.training:  # the KL losses need the differentiable scores: reference scoring and selection
         scores = fp32_indexer_scores(*index_inputs)
@@ -158,6 +221,8 @@ MECHANISM = register(
             int_option("window", 64, 0, "most recent keys always attended"),
             int_option("index_heads", 4, 1, "indexer heads j"),
             int_option("index_dim", 32, 1, "indexer query/key size"),
+            int_option("active_heads", None, 1, "MISA: indexer heads routed per query; None: all (DSA)", True),
+            int_option("router_block", 64, 1, "MISA: keys per block of the router's block-mean statistics"),
             choice_option(
                 "stage", "sparse", ("warmup", "sparse"),
                 "training forwards: 'warmup' attends densely, KL over all keys; 'sparse' attends the selection, KL over it",
@@ -166,5 +231,6 @@ MECHANISM = register(
         attend=attend,
         attend_has_kernel=True,
         training_free=False,
+        side_cache=True,
     )
 )

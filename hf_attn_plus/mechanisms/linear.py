@@ -103,7 +103,7 @@ def attend(
     phi_k = phi_k * linear_ops.causal_key_mask(ctx).to(phi_k.dtype)
     layer = weights.state_layer
     state = None if layer is None else layer.state
-    if _use_kernel(opts, query):
+    if kernel_requested(opts, query):
         from ..kernels.linear_attention import chunked as kernel
 
         if torch.is_grad_enabled():
@@ -119,7 +119,8 @@ def attend(
     return out, None
 
 
-def _use_kernel(opts: SimpleNamespace, query: torch.Tensor) -> bool:
+def kernel_requested(opts: SimpleNamespace, query: torch.Tensor) -> bool:
+    """backend='kernel', or 'auto' on CUDA tensors (the linear family refuses logit scaling and dropout itself)."""
     return opts.backend == "kernel" or (opts.backend == "auto" and query.is_cuda)
 
 

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ..attention import _use_kernel, attend_selected, logit_scale
+from ..attention import attend_selected, logit_scale, use_kernel
 from ..kernels.sparse_attention import sparse_attention
 from ..masking import AttentionContext
 from ..options import int_option
@@ -91,13 +91,13 @@ def sampled_slots(
 
 
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
-    use_kernel = _use_kernel(MECHANISM, opts, query, dropout)
+    with_kernel = use_kernel(MECHANISM, opts, query, dropout)
     if query.shape[2] > 1:
-        if use_kernel:
+        if with_kernel:
             return sparse_attention(query, key, value, ctx.visible, scaling), None
         return attend_selected(module, query, key, value, ctx.visible, opts, scaling, dropout)
     layer = getattr(module, "layer_idx", 0)
-    if use_kernel:
+    if with_kernel:
         from ..kernels.gathered_attention.function import gathered_attention
         from ..kernels.gathered_attention.lists import fixed_spans
 

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..attention import _use_kernel, attend_selected
+from ..attention import attend_selected, use_kernel
 from ..masking import AttentionContext
 from ..options import bool_option, int_option
 from ..registry import Mechanism, register
@@ -59,7 +59,7 @@ def set_step(model: torch.nn.Module, step: int) -> None:
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
     step = getattr(module, STEP_ATTRIBUTE, 0) if opts.resample and module.training else None
     layer = getattr(module, "layer_idx", 0)
-    if _use_kernel(MECHANISM, opts, query, dropout):
+    if use_kernel(MECHANISM, opts, query, dropout):
         from ..kernels.gathered_attention.function import gathered_attention
         from ..kernels.gathered_attention.lists import fixed_spans, position_slots, slot_table
 

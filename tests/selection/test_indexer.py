@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from hf_attn_plus.masking import build_context, visible_from_mask
+from hf_attn_plus.masking import build_context
 from hf_attn_plus.mechanisms import topk
 from hf_attn_plus.mechanisms.indexer_topk import attention_target, indexer_kl, select_by_scores
 from hf_attn_plus.selection import grouped_scores, indexer_scores

@@ -105,16 +105,21 @@ def test_tie_inputs_tie_at_the_cut_and_the_index_list_is_compact():
     assert torch.equal(chosen.sum(-1), torch.isfinite(scores).sum(-1).clamp(max=budget))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])
-def test_kernel_backend_equals_reference_in_models(arch):
-    """Logits of a left-padded batch and cached greedy generation (decode through the kernels) are the reference's."""
-    model = indexer_model(arch, budget=3, window=2, sinks=1)
+@pytest.mark.parametrize(
+    "arch, routing", [("llama", {}), ("qwen3", {}), ("deepseek_v3", {}), ("qwen3", dict(active_heads=1, router_block=2))]
+)
+def test_kernel_backend_equals_reference_in_models(arch, routing):
+    """Logits of a left-padded batch and cached greedy generation (decode through the kernels) are the reference's;
+    also with MISA routing (one of the two indexer heads per query)."""
+    model = indexer_model(arch, budget=3, window=2, sinks=1, **routing)
     ids = token_batch(2, 12)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     results = {}
     for backend in ("reference", "kernel"):
-        hf_attn_plus.set_attention(model, "indexer_topk", index_heads=2, index_dim=4, budget=3, window=2, sinks=1, backend=backend)
+        hf_attn_plus.set_attention(
+            model, "indexer_topk", index_heads=2, index_dim=4, budget=3, window=2, sinks=1, backend=backend, **routing
+        )
         with torch.no_grad():
             logits = model(ids, attention_mask=mask).logits
         generated = model.generate(

@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM
 
 import hf_attn_plus
 from core.models import token_batch
-from hf_attn_plus.mechanisms.indexer_topk import indexer_loss
+from core.models import left_pad
+from hf_attn_plus.mechanisms.indexer_topk import IndexerWeights, indexer_loss
 from hf_attn_plus.tiny import tiny_config
 
 from .selection_helpers import assert_cached_equals_uncached, assert_padding_invariant, logits
@@ -115,3 +116,48 @@ def test_peft_adapters_on_the_indexer_take_part():
     assert not torch.allclose(logits(tuned, ids), before, atol=1e-4)
     with tuned.disable_adapter():
         torch.testing.assert_close(logits(tuned, ids), before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_projects_only_new_keys_into_the_indexer_key_cache(arch, monkeypatch):
+    """The indexer's own key cache: the prompt's keys are projected once, then one key per layer and step, and the
+    cache holds what projecting every cached key at once gives. (DeepSeek-V3 caches keys in another layout than the
+    attention call receives; its cached decode is checked against recomputation above.)"""
+    model = indexer_model(arch, budget=3, window=2, sinks=1)
+    ids, mask = left_pad([token_batch(1, 11, seed=3)[0], token_batch(1, 7, seed=4)[0]])[:2]
+    projected = []
+    forward = IndexerWeights.forward
+
+    def counting(self, query, key):
+        if key is not None:
+            projected.append(key.shape[2])
+        return forward(self, query, key)
+
+    monkeypatch.setattr(IndexerWeights, "forward", counting)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    layers = model.config.num_hidden_layers
+    assert projected == [ids.shape[1]] * layers + [1] * 3 * layers
+    monkeypatch.setattr(IndexerWeights, "forward", forward)
+    for layer, cache_layer in zip(model.model.layers, out.past_key_values.layers):
+        cached = cache_layer.side[f"indexer_topk:index_dim={SMALL['index_dim']}"]
+        assert cached.covered == cache_layer.keys.shape[2] == ids.shape[1] + 3
+        full = layer.self_attn.attn_plus(None, cache_layer.keys)[1]
+        torch.testing.assert_close(cached.keys, full, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_misa_routing_is_cache_and_padding_exact_and_changes_the_selection(arch):
+    routed = dict(index_heads=4, index_dim=4, budget=3, window=2, sinks=1)
+    model = indexer_model(arch, **routed, active_heads=2, router_block=4)
+    assert_cached_equals_uncached(model, length=14, new=6)
+    assert_padding_invariant(model, length=30, pad=7)
+    ids = token_batch(2, 24)
+    with_routing = logits(model, ids)
+    hf_attn_plus.set_attention(model, "indexer_topk", **routed)
+    every_head = logits(model, ids)
+    assert not torch.allclose(with_routing, every_head, atol=1e-4)
+    hf_attn_plus.set_attention(model, "indexer_topk", **routed, active_heads=4)  # routing every head is DSA
+    assert torch.equal(logits(model, ids), every_head)
