@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from attention_transfer import MECHANISM_WEIGHTS, AttentionTransfer, train_only_mechanism_weights
+from attention_transfer import AttentionTransfer
+from common import MECHANISM_WEIGHTS, train_only_mechanism_weights
 from transformers import AutoModelForCausalLM
 
 import hf_attn_plus  # noqa: F401
