@@ -17,6 +17,7 @@ reference (scores, then selection.top_scoring), dense SDPA of the main attention
 
     python benchmarks/sparse_attention.py            # GPU: the full grid, results/sparse_attention_<device>.{json,md}
     python benchmarks/sparse_attention.py --smoke    # CPU: tiny shapes through the Triton interpreter
+    python benchmarks/sparse_attention.py --parts decode   # one section (a GPU call is capped at 10 min)
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from hf_attn_plus.registry import get_mechanism  # noqa: E402
 from hf_attn_plus.selection import key_blocks  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+PARTS = ("decode", "prefill", "stochastic", "indexer")
 
 # (name, shapes) of each mode; model-like GQA shapes on GPU, interpreter-sized ones for the smoke run.
 FULL = dict(
@@ -454,41 +456,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS),
+        help="which sections to run (a GPU call is capped at 10 min: run them one by one); partial runs write "
+        "results files named after their parts",
+    )
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no GPU here; run with --smoke for the CPU check")
     cfg = TINY if args.smoke else FULL
     flex = flex_runner(device)
-    rows = []
-    for context in cfg["contexts"]:
-        for budget in (b for b in cfg["budgets"] if b < context):
-            rows.append(decode_case(cfg, context, budget, device, flex))
-            print(rows[-1], flush=True)
-    for length in cfg["lengths"]:
-        for skip in cfg["skips"]:
-            rows.append(prefill_case(cfg, length, skip, device, flex))
-            print(rows[-1], flush=True)
     scfg = STOCHASTIC_TINY if args.smoke else STOCHASTIC_FULL
-    for training, lengths in ((False, scfg["prefill_lengths"]), (True, scfg["training_lengths"])):
-        for length in lengths:
-            rows.append(routing_case(cfg, scfg, length, training, device, flex))
-            print(rows[-1], flush=True)
-    for context in scfg["decode_contexts"]:
-        rows.append(santa_case(cfg, scfg, context, device))
-        print(rows[-1], flush=True)
     icfg = INDEXER_TINY if args.smoke else INDEXER_FULL
-    for context in icfg["contexts"]:
-        for q_len in icfg["decode_queries"]:
-            for budget in icfg["budgets"]:
-                rows.append(indexer_case(cfg, icfg, q_len, context, budget, device))
-                print(rows[-1], flush=True)
-    for length in icfg["lengths"]:
-        for budget in icfg["budgets"]:
-            rows.append(indexer_case(cfg, icfg, length, length, budget, device))
+    cases = {
+        "decode": [
+            lambda c=c, b=b: decode_case(cfg, c, b, device, flex)
+            for c in cfg["contexts"] for b in cfg["budgets"] if b < c
+        ],
+        "prefill": [lambda n=n, s=s: prefill_case(cfg, n, s, device, flex) for n in cfg["lengths"] for s in cfg["skips"]],
+        "stochastic": [
+            *(
+                lambda n=n, t=t: routing_case(cfg, scfg, n, t, device, flex)
+                for t, lengths in ((False, scfg["prefill_lengths"]), (True, scfg["training_lengths"]))
+                for n in lengths
+            ),
+            *(lambda c=c: santa_case(cfg, scfg, c, device) for c in scfg["decode_contexts"]),
+        ],
+        "indexer": [
+            *(
+                lambda c=c, q=q, b=b: indexer_case(cfg, icfg, q, c, b, device)
+                for c in icfg["contexts"] for q in icfg["decode_queries"] for b in icfg["budgets"]
+            ),
+            *(lambda n=n, b=b: indexer_case(cfg, icfg, n, n, b, device) for n in icfg["lengths"] for b in icfg["budgets"]),
+        ],
+    }
+    rows = []
+    for part in (p for p in PARTS if p in args.parts):
+        for case in cases[part]:
+            rows.append(case())
             print(rows[-1], flush=True)
     env = environment(device, flex[2])
     stem = "sparse_attention_cpu_smoke" if args.smoke else "sparse_attention_" + env["device"].replace(" ", "_")
+    if set(args.parts) != set(PARTS):
+        stem += "_" + "-".join(p for p in PARTS if p in args.parts)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(env, rows, cfg))
