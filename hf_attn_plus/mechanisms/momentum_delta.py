@@ -2,7 +2,8 @@
 M_t = μ_t M_{t-1} + β_t k_t (v_t - α_t S_{t-1}ᵀ k_t)ᵀ, S_t = α_t S_{t-1} + M_t, o_t = S_tᵀ q_t, so the update direction
 carries a decayed memory of earlier updates; μ_t = sigmoid(m_t) from a third projection of the token (0.5 at
 initialisation), μ = 0 being `gated_delta`. Chunk-parallel prefill and training, recurrent decode on (S, M).
-Math: hf_attn_plus/linear_ops.py.
+Math: hf_attn_plus/linear_ops.py. Triton (chunked forward, recurrent decode; the backward recomputes the PyTorch chunked
+form): hf_attn_plus/kernels/gated_delta/momentum.py, used on GPU tensors or with backend='kernel'.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..patches.attn_plus import AttentionShape, mechanism_weights, register_weig
 from ..registry import Mechanism, register
 from .gated_delta import MECHANISM as GATED_DELTA
 from .gated_delta import GatedDeltaWeights
-from .linear import check_call
+from .linear import check_call, kernel_requested
 
 
 @register_weights
@@ -62,7 +63,11 @@ def attend(
     # nothing real follows right padding, so padding contributes nothing.
     real = linear_ops.causal_key_mask(ctx).squeeze(-1)
     layer = weights.state_layer
-    out, state = linear_ops.chunked_momentum_delta(
+    if kernel_requested(opts, query):
+        from ..kernels.gated_delta.momentum import momentum_delta_attention as momentum_delta_rule
+    else:
+        momentum_delta_rule = linear_ops.chunked_momentum_delta
+    out, state = momentum_delta_rule(
         query, key, value, log_alpha * real, beta * real, log_mu * real,
         None if layer is None else layer.state, opts.chunk_size,
     )
@@ -78,6 +83,7 @@ MECHANISM = register(
         summary="MDN-style momentum delta rule: gated delta updates through a decayed momentum",
         options=GATED_DELTA.options,
         attend=attend,
+        attend_has_kernel=True,
         training_free=False,
     )
 )
