@@ -4,7 +4,7 @@ The interpreter runs the kernels' arithmetic but checks nothing of the GPU compi
 register pressure. This lowers each kernel through ptxas with the tile sizes the wrappers use, per input dtype and
 mask mode, and prints the shared memory each needs. Minutes on two CPU cores the first time (Triton caches).
 
-    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128] [--only linear|indexer]
+    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128] [--only linear|indexer|momentum]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from hf_attn_plus.kernels._triton import tile_size
 from hf_attn_plus.kernels.block_scoring import kernel as scoring
 from hf_attn_plus.kernels.block_sparse_prefill import kernel as prefill
 from hf_attn_plus.kernels.gated_delta import chunked as delta_chunked
+from hf_attn_plus.kernels.gated_delta import momentum as delta_momentum
 from hf_attn_plus.kernels.gated_delta import recurrent as delta_recurrent
 from hf_attn_plus.kernels.gathered_attention import kernel as gathered
 from hf_attn_plus.kernels.indexer_topk import kernel as indexer
@@ -44,13 +45,16 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--index-dim", type=int, default=128, help="indexer_topk index_dim (DeepSeek-V3.2: 128)")
-    parser.add_argument("--only", choices=["linear", "indexer"], default=None, help="compile only this family's kernels")
+    parser.add_argument("--only", choices=["linear", "indexer", "momentum"], default=None, help="compile only this family's kernels")
     args = parser.parse_args()
     if args.only == "linear":
         compile_linear(GPUTarget("cuda", args.arch, 32), args.head_dim)
         return
     if args.only == "indexer":
         compile_indexer(GPUTarget("cuda", args.arch, 32), args.index_dim)
+        return
+    if args.only == "momentum":
+        compile_momentum_delta(GPUTarget("cuda", args.arch, 32), args.head_dim)
         return
     target = GPUTarget("cuda", args.arch, 32)
     for dt, torch_name in TORCH_DTYPES.items():
@@ -100,6 +104,7 @@ def main() -> None:
                     flush=True,
                 )
     compile_gated_delta(target, args.head_dim)
+    compile_momentum_delta(target, args.head_dim)
     constants = dict(GROUP=4, BLOCK_M=16, BLOCK_B=64, BLOCK_D=args.head_dim)
     pointers = dict(Q="*bf16", KMIN="*bf16", KMAX="*bf16", S="*fp32")
     fn = scoring._quest_scores_kernel
@@ -172,6 +177,36 @@ def compile_gated_delta(target: GPUTarget, head_dim: int) -> None:
             print(
                 f"{dt} {fn.fn.__name__} chunk={chunk} state block={block_k}x{block_v}: {compiled.metadata.shared} B shared, "
                 f"{compiled.metadata.num_warps} warps, {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+
+
+def compile_momentum_delta(target: GPUTarget, head_dim: int) -> None:
+    """The momentum-delta kernels with the blocks their wrappers pick for Dk = Dv = head_dim (gates in fp32)."""
+    import torch
+
+    sm90_shared_limit = 232448  # bytes per block
+    for dt, torch_name in TORCH_DTYPES.items():
+        x = f"*{dt}"
+        f32 = "*fp32"
+        pointers = dict(Q=x, K=x, V=x, LOG_ALPHA=f32, BETA=f32, LOG_MU=f32, S_IN=f32, M_IN=f32, O=x, S_OUT=f32, M_OUT=f32)
+        dtype = getattr(torch, torch_name)
+        chunk = delta_chunked.chunk_tokens(64, dtype)
+        block_k, block_v = delta_recurrent.state_blocks(head_dim, head_dim)
+        kernels = [
+            (delta_momentum._recurrent_forward, dict(HAS_STATE=True)),
+            (delta_momentum._chunked_forward,
+             dict(HAS_STATE=True, CHUNK=chunk, PRECISION=delta_chunked.dot_precision(dtype))),
+        ]
+        for fn, constants in kernels:
+            constants = dict(constants, BLOCK_K=block_k, BLOCK_V=block_v)
+            start = time.perf_counter()
+            compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+            shared = compiled.metadata.shared
+            print(
+                f"{dt} momentum {fn.fn.__name__} chunk={chunk} state block={block_k}x{block_v}: {shared} B shared"
+                f"{' OVER the sm_90 limit' if shared > sm90_shared_limit else ''}, {compiled.metadata.num_warps} warps, "
+                f"{time.perf_counter() - start:.0f} s",
                 flush=True,
             )
 

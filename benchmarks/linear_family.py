@@ -252,6 +252,41 @@ def gated_delta_rows(q, k, v, qn, kn, log_alpha, beta) -> dict[str, float | None
     return rows
 
 
+MOMENTUM_DELTA_NOTES = (
+    "momentum_delta_*: kernel = hf_attn_plus.kernels.gated_delta.momentum (chunked forward; its backward recomputes "
+    "linear_ops.chunked_momentum_delta under autograd, so kernel_fwd_bwd is the Triton forward plus a PyTorch forward "
+    "and backward), torch = linear_ops.chunked_momentum_delta; decode_step = one token on a (S, M) state, kernel = "
+    "recurrent_forward, torch = linear_ops.recurrent_momentum_delta. mu = 0.5. None: not run here (needs CUDA)."
+)
+
+
+def momentum_delta_rows(q, qn, kn, v, log_alpha, beta) -> dict[str, float | None]:
+    """Kernel forward, forward+backward and a decode step of the momentum delta rule against its PyTorch forms."""
+    log_mu = torch.full_like(log_alpha, -0.6931)  # mu = 0.5, the projection's value at initialisation
+    leaves = [qn, kn, v, log_alpha, beta, log_mu]
+    grad_out = torch.ones(*q.shape[:3], v.shape[-1], device=v.device, dtype=v.dtype)
+    state = tuple(torch.zeros(*kn.shape[:2], kn.shape[-1], v.shape[-1], device=v.device) for _ in range(2))
+    step = [x[:, :, -1:] for x in leaves]
+    with torch.no_grad():
+        rows = {
+            "momentum_delta_torch_fwd": _median_seconds(lambda: linear_ops.chunked_momentum_delta(*leaves, chunk_size=64)),
+            "momentum_delta_torch_decode_step": _median_seconds(lambda: linear_ops.recurrent_momentum_delta(*step, state)),
+        }
+    rows["momentum_delta_torch_fwd_bwd"] = _median_seconds(
+        _fwd_bwd(lambda *x: first(linear_ops.chunked_momentum_delta(*x, chunk_size=64)), leaves, grad_out))
+    rows.update(momentum_delta_kernel_fwd=None, momentum_delta_kernel_fwd_bwd=None, momentum_delta_kernel_decode_step=None)
+    if not q.is_cuda:
+        return rows
+    from hf_attn_plus.kernels.gated_delta import momentum
+
+    with torch.no_grad():
+        rows["momentum_delta_kernel_fwd"] = _median_seconds(lambda: momentum.chunked_forward(*leaves))
+        rows["momentum_delta_kernel_decode_step"] = _median_seconds(lambda: momentum.recurrent_forward(*step, state))
+    rows["momentum_delta_kernel_fwd_bwd"] = _median_seconds(
+        _fwd_bwd(lambda *x: first(momentum.momentum_delta(*x)), leaves, grad_out))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
@@ -290,6 +325,7 @@ def main() -> None:
         with torch.no_grad():
             row = {"length": length, **{name: _median_seconds(fn) for name, fn in cases.items()}}
         row.update(gated_delta_rows(q, k, v, qn, kn, log_alpha, beta))
+        row.update(momentum_delta_rows(q, qn, kn, v, log_alpha, beta))
         train, differences, fla_status = training_cases(phi_q, phi_k, v, q, k)
         row.update({name: _median_seconds(fn) for name, fn in train.items()})
         row.update({f"{name}_max_grad_difference_vs_chunked": value for name, value in differences.items()})
@@ -310,6 +346,7 @@ def main() -> None:
         "shape": {"batch": 1, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": dim, "hybrid_window": window},
         "seconds_and_elements": rows,
         "gated_delta_notes": GATED_DELTA_NOTES,
+        "momentum_delta_notes": MOMENTUM_DELTA_NOTES,
     }
     if args.out:
         with open(args.out, "w") as f:
