@@ -253,9 +253,8 @@ def gated_delta_rows(q, k, v, qn, kn, log_alpha, beta) -> dict[str, float | None
 
 
 MOMENTUM_DELTA_NOTES = (
-    "momentum_delta_*: kernel = hf_attn_plus.kernels.gated_delta.momentum (chunked forward; its backward recomputes "
-    "linear_ops.chunked_momentum_delta under autograd, so kernel_fwd_bwd is the Triton forward plus a PyTorch forward "
-    "and backward), torch = linear_ops.chunked_momentum_delta; decode_step = one token on a (S, M) state, kernel = "
+    "momentum_delta_*: kernel = hf_attn_plus.kernels.gated_delta.momentum (chunked forward and backward), torch = "
+    "linear_ops.chunked_momentum_delta under autograd; decode_step = one token on a (S, M) state, kernel = "
     "recurrent_forward, torch = linear_ops.recurrent_momentum_delta. mu = 0.5. None: not run here (needs CUDA)."
 )
 

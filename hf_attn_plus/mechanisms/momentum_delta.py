@@ -2,8 +2,8 @@
 M_t = μ_t M_{t-1} + β_t k_t (v_t - α_t S_{t-1}ᵀ k_t)ᵀ, S_t = α_t S_{t-1} + M_t, o_t = S_tᵀ q_t, so the update direction
 carries a decayed memory of earlier updates; μ_t = sigmoid(m_t) from a third projection of the token (0.5 at
 initialisation), μ = 0 being `gated_delta`. Chunk-parallel prefill and training, recurrent decode on (S, M).
-Math: hf_attn_plus/linear_ops.py. Triton (chunked forward, recurrent decode; the backward recomputes the PyTorch chunked
-form): hf_attn_plus/kernels/gated_delta/momentum.py, used on GPU tensors or with backend='kernel'.
+Math: hf_attn_plus/linear_ops.py. Triton (chunked forward and backward, recurrent decode):
+hf_attn_plus/kernels/gated_delta/momentum.py, used on GPU tensors or with backend='kernel'.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Triton kernels for the gated delta rule; each equals hf_attn_plus.linear_ops (`chunked_gated_delta` /
 `recurrent_gated_delta`). `recurrent.py`: the token-by-token forward (decode); `chunked.py`: the chunked (UT transform)
 forward and backward, and the autograd function `gated_delta`. `gated_delta_attention` picks among them.
-`momentum.py`: the same for the momentum delta rule (`momentum_delta_attention`; its backward recomputes PyTorch)."""
+`momentum.py`: the same for the momentum delta rule (state (S, M); dispatch `momentum_delta_attention`)."""
 
 from __future__ import annotations
 

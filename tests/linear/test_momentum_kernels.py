@@ -43,7 +43,7 @@ def test_chunked_forward_and_gradients_match_reference(dtype, tol, batch, q_head
     ref_inputs = [t.float().clone().requires_grad_() for t in inputs]
     ref_state = tuple(x.clone().requires_grad_() for x in state) if with_state else None
     expected, expected_state = linear_ops.chunked_momentum_delta(*ref_inputs, ref_state, chunk)
-    out, final = momentum.chunked_forward(*inputs, state, chunk)
+    out, final, _ = momentum.chunked_forward(*inputs, state, chunk)
     assert out.dtype == dtype and all(x.dtype == torch.float32 for x in final)
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
     for got, want in zip(final, expected_state):
@@ -66,7 +66,7 @@ def test_chunked_forward_equals_recurrent_definition_at_odd_length():
     """The kernel's chunks (16 tokens) against the token-by-token definition, not only the reference's chunking."""
     inputs, state = _inputs(1, 2, 1, 23, 8, 6, torch.float32, seed=3)
     expected, (s, m) = linear_ops.recurrent_momentum_delta(*inputs, state)
-    out, (s_k, m_k) = momentum.chunked_forward(*inputs, state, 16)
+    out, (s_k, m_k), _ = momentum.chunked_forward(*inputs, state, 16)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s_k, s, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m_k, m, rtol=1e-5, atol=1e-5)
@@ -91,7 +91,7 @@ def test_zero_momentum_equals_gated_delta_kernel():
     zeros = torch.zeros_like(state)
     expected, expected_state = chunked.chunked_forward(q, k, v, log_alpha, beta, state, 16)[:2]
     for run in (momentum.chunked_forward, momentum.recurrent_forward):
-        out, (s, _) = run(q, k, v, log_alpha, beta, log_mu, (state, zeros), *((16,) if run is momentum.chunked_forward else ()))
+        out, (s, _) = run(q, k, v, log_alpha, beta, log_mu, (state, zeros), *((16,) if run is momentum.chunked_forward else ()))[:2]
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(s, expected_state, rtol=1e-5, atol=1e-5)
 
