@@ -10,16 +10,16 @@ momentum = pytest.importorskip("hf_attn_plus.kernels.gated_delta.momentum")
 chunked = pytest.importorskip("hf_attn_plus.kernels.gated_delta.chunked")
 
 
-def _inputs(batch, q_heads, kv_heads, length, dk, dv, dtype, seed=0):
-    """Normalised (scaled) queries and keys, values, log α, β and log μ as the mechanism makes them (μ mostly above
-    one half, so the momentum carries far), and a nonzero state (S, M)."""
+def _inputs(batch, q_heads, kv_heads, length, dk, dv, dtype, seed=0, mu_logit=1.0):
+    """Normalised (scaled) queries and keys, values, log α, β and log μ as the mechanism makes them (μ = sigmoid of
+    N(mu_logit, 1): mostly above one half, so the momentum carries far), and a nonzero state (S, M)."""
     g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(batch, q_heads, length, dk, generator=g), dim=-1) * dk**-0.5
     k = F.normalize(torch.randn(batch, kv_heads, length, dk, generator=g), dim=-1)
     v = torch.randn(batch, kv_heads, length, dv, generator=g)
     log_alpha = -F.softplus(torch.randn(batch, kv_heads, length, generator=g))
     beta = torch.sigmoid(torch.randn(batch, kv_heads, length, generator=g))
-    log_mu = F.logsigmoid(torch.randn(batch, kv_heads, length, generator=g) + 1)
+    log_mu = F.logsigmoid(torch.randn(batch, kv_heads, length, generator=g) + mu_logit)
     state = (torch.randn(batch, kv_heads, dk, dv, generator=g), 0.3 * torch.randn(batch, kv_heads, dk, dv, generator=g))
     return [t.to(dtype) for t in (q, k, v, log_alpha, beta, log_mu)], state
 
@@ -27,18 +27,22 @@ def _inputs(batch, q_heads, kv_heads, length, dk, dv, dtype, seed=0):
 # 16-bit inputs against the fp32 reference on the same (rounded) inputs; outputs are stored in 16 bits and the kernel's
 # 16-bit path multiplies in tf32 on a GPU. Lengths are not multiples of the chunk (the last chunk's final state is read at
 # its last real row); 35 makes three chunks; a 64-token chunk (16-bit inputs) solves T in four 16-row blocks; Dv = 72
-# runs several column blocks of the state. Gradients come from the PyTorch recompute: they must equal the reference's.
+# runs several column blocks of the state (partial sums of dq, dk, dβ, dlog α, dlog μ); mu_logit 5 (μ ≈ 0.99) makes C
+# entries grow to about the chunk length (momentum barely decays within a chunk).
 @pytest.mark.parametrize(
-    "dtype,tol,batch,q_heads,kv_heads,length,dv,chunk,with_state",
+    "dtype,tol,batch,q_heads,kv_heads,length,dv,chunk,with_state,mu_logit",
     [
-        (torch.float32, 1e-5, 2, 2, 2, 35, 6, 16, False),
-        (torch.float32, 1e-5, 1, 4, 2, 21, 72, 16, True),
-        (torch.float16, 3e-3, 2, 4, 2, 70, 6, 64, True),
-        (torch.bfloat16, 2e-2, 2, 4, 2, 19, 6, 64, False),
+        (torch.float32, 1e-5, 2, 2, 2, 35, 6, 16, False, 1.0),
+        (torch.float32, 1e-5, 1, 4, 2, 21, 72, 16, True, 1.0),
+        (torch.float32, 1e-5, 1, 2, 1, 37, 6, 16, True, 5.0),
+        (torch.float16, 3e-3, 2, 4, 2, 70, 6, 64, True, 1.0),
+        (torch.bfloat16, 2e-2, 2, 4, 2, 19, 6, 64, False, 1.0),
     ],
 )
-def test_chunked_forward_and_gradients_match_reference(dtype, tol, batch, q_heads, kv_heads, length, dv, chunk, with_state):
-    inputs, state = _inputs(batch, q_heads, kv_heads, length, 8, dv, dtype)
+def test_chunked_forward_and_gradients_match_reference(
+    dtype, tol, batch, q_heads, kv_heads, length, dv, chunk, with_state, mu_logit
+):
+    inputs, state = _inputs(batch, q_heads, kv_heads, length, 8, dv, dtype, mu_logit=mu_logit)
     state = state if with_state else None
     ref_inputs = [t.float().clone().requires_grad_() for t in inputs]
     ref_state = tuple(x.clone().requires_grad_() for x in state) if with_state else None
