@@ -182,23 +182,31 @@ def compile_gated_delta(target: GPUTarget, head_dim: int) -> None:
 
 
 def compile_momentum_delta(target: GPUTarget, head_dim: int) -> None:
-    """The momentum-delta kernels with the blocks their wrappers pick for Dk = Dv = head_dim (gates in fp32)."""
+    """The momentum-delta kernels with the blocks their wrappers pick for Dk = Dv = head_dim (gates in fp32); the
+    backward with its narrower state blocks (`backward_blocks`)."""
     import torch
 
     sm90_shared_limit = 232448  # bytes per block
     for dt, torch_name in TORCH_DTYPES.items():
         x = f"*{dt}"
         f32 = "*fp32"
-        pointers = dict(Q=x, K=x, V=x, LOG_ALPHA=f32, BETA=f32, LOG_MU=f32, S_IN=f32, M_IN=f32, O=x, S_OUT=f32, M_OUT=f32)
+        common = dict(Q=x, K=x, V=x, LOG_ALPHA=f32, BETA=f32, LOG_MU=f32)
+        forward = dict(common, S_IN=f32, M_IN=f32, O=x, S_OUT=f32, M_OUT=f32)
         dtype = getattr(torch, torch_name)
         chunk = delta_chunked.chunk_tokens(64, dtype)
-        block_k, block_v = delta_recurrent.state_blocks(head_dim, head_dim)
+        precision = delta_chunked.dot_precision(dtype)
         kernels = [
-            (delta_momentum._recurrent_forward, dict(HAS_STATE=True)),
-            (delta_momentum._chunked_forward,
-             dict(HAS_STATE=True, CHUNK=chunk, PRECISION=delta_chunked.dot_precision(dtype))),
+            (delta_momentum._recurrent_forward, forward, dict(HAS_STATE=True)),
+            (delta_momentum._chunked_forward, dict(forward, S_CHUNKS=f32, M_CHUNKS=f32),
+             dict(HAS_STATE=True, SAVE_CHUNKS=True, CHUNK=chunk, PRECISION=precision)),
+            (delta_momentum._chunked_backward,
+             dict(common, S_CHUNKS=f32, M_CHUNKS=f32, DO=x, DS_OUT=f32, DM_OUT=f32, DQ=f32, DK=f32, DV=x,
+                  DLOG_ALPHA=f32, DBETA=f32, DLOG_MU=f32, DS_IN=f32, DM_IN=f32),
+             dict(CHUNK=chunk, PRECISION=precision)),
         ]
-        for fn, constants in kernels:
+        for fn, pointers, constants in kernels:
+            block_k, block_v = (delta_chunked.backward_blocks if fn is delta_momentum._chunked_backward
+                                else delta_recurrent.state_blocks)(head_dim, head_dim)
             constants = dict(constants, BLOCK_K=block_k, BLOCK_V=block_v)
             start = time.perf_counter()
             compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
