@@ -100,7 +100,7 @@ def test_zero_momentum_equals_gated_delta_kernel():
         torch.testing.assert_close(s, expected_state, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # GQA 4 and 2
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])  # GQA 4 and 2; MLA with Dk 12 != Dv 8
 def test_model_kernel_backend_matches_reference_backend(arch, monkeypatch):
     """Logits (left-padded batch), cached greedy generation (decode through RecurrentStateLayer) and one training
     step's gradients; the chunked kernel runs the prompts and the recurrent kernel the decode steps."""
