@@ -46,7 +46,7 @@ from ..attention import attend_selected, use_kernel
 from ..masking import AttentionContext
 from ..options import choice_option, int_option
 from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
-from ..patches.side_cache import side_state
+from ..patches.side_cache import SlotBuffer, side_state
 from ..reference import masked_probabilities
 from ..registry import Mechanism, register
 from ..selection import indexer_scores, routed_indexer_heads, sinks_and_window, top_scoring
@@ -125,32 +125,25 @@ class IndexerWeights(MechanismWeights):
 
 class IndexKeyCache:
     """The indexer's own key cache: k^I of every cache slot, [B, slots, Di], grown by projecting only the keys a call
-    adds (amortised O(1) growth). A side state of the layer's SideCacheLayer."""
+    adds. A side state of the layer's SideCacheLayer."""
 
     def __init__(self, project: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.project = project  # main keys [B, Hkv, n, D] -> index keys [B, n, Di]
-        self.covered = 0
-        self._keys: torch.Tensor | None = None  # [B, capacity, Di]
+        self._keys = SlotBuffer(dim=1)
+
+    @property
+    def covered(self) -> int:
+        return self._keys.length
 
     @property
     def keys(self) -> torch.Tensor:
-        return self._keys[:, : self.covered]
+        return self._keys.value
 
     def extend(self, keys: torch.Tensor, key_pos: torch.Tensor) -> None:
-        new = self.project(keys)
-        filled = self.covered + new.shape[1]
-        if self._keys is None or filled > self._keys.shape[1]:
-            capacity = max(filled, 2 * (0 if self._keys is None else self._keys.shape[1]))
-            grown = new.new_empty(new.shape[0], capacity, new.shape[2])
-            if self._keys is not None:
-                grown[:, : self.covered] = self.keys
-            self._keys = grown
-        self._keys[:, self.covered : filled] = new
-        self.covered = filled
+        self._keys.append(self.project(keys))
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self._keys is not None:
-            self._keys = fn(self._keys)
+        self._keys.map_batch(fn)
 
 
 def indexer_inputs(
