@@ -30,8 +30,10 @@ ties included; scores agree up to fp32 summation order) and the attention over t
 kernel; training forwards keep the reference (differentiable) scores and selection, which the KL losses need, and
 run the sparse kernel (with its backward) for the attention.
 
-On DeepSeek-V3.2 the model's own indexer already selects (`indices`, honoured by the core for every mechanism); this
-mechanism adds no weights there.
+On DeepSeek-V3.2 the mechanism reuses the model's own lightning indexer: its `indices` (config.index_topk keys per
+query, honoured by the core as a restriction of `ctx.visible`) are the selection, and this mechanism adds no weights;
+its selection options do not apply there and are refused if given. The model's indexer is trained by transformers'
+own code, not by this module's losses.
 """
 
 from __future__ import annotations
@@ -48,11 +50,14 @@ from ..options import choice_option, int_option
 from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
 from ..patches.side_cache import SlotBuffer, side_state
 from ..reference import masked_probabilities
-from ..registry import Mechanism, register
+from ..registry import Mechanism, OptionError, register
 from ..selection import indexer_scores, routed_indexer_heads, sinks_and_window, top_scoring
 
 # Options that change the shape of the weights: the model must run with the ones they were built for.
 WEIGHT_OPTIONS = ("index_heads", "index_dim")
+# Models whose attention brings its own lightning indexer (the `indices` it passes restrict ctx.visible).
+OWN_INDEXER_MODELS = ("deepseek_v32",)
+SELECTION_OPTIONS = ("budget", "sinks", "window", "index_heads", "index_dim", "active_heads", "router_block", "stage")
 
 
 def select_by_scores(scores: torch.Tensor, ctx: AttentionContext, budget: int, sinks: int, window: int) -> torch.Tensor:
@@ -164,7 +169,24 @@ def indexer_inputs(
     return index_query, index_key, head_weights
 
 
+def attend_model_indexer(module, query, key, value, ctx, opts, scaling, dropout):
+    """DeepSeek-V3.2: exact attention over the keys the model's own indexer chose (already `ctx.visible`)."""
+    given = sorted(set(getattr(module.config, "hf_attn_plus", None) or {}) & set(SELECTION_OPTIONS))
+    if given:
+        raise OptionError(
+            f"hf_attn_plus mechanism 'indexer_topk' on {module.config.model_type} uses the model's own indexer "
+            f"(config.index_topk={module.config.index_topk}); option(s) {', '.join(map(repr, given))} do not apply there"
+        )
+    if use_kernel(MECHANISM, opts, query, dropout):
+        from ..kernels.sparse_attention import sparse_attention
+
+        return sparse_attention(query, key, value, ctx.visible, scaling), None
+    return attend_selected(module, query, key, value, ctx.visible, opts, scaling, dropout)
+
+
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
+    if module.config.model_type in OWN_INDEXER_MODELS:
+        return attend_model_indexer(module, query, key, value, ctx, opts, scaling, dropout)
     weights = mechanism_weights(module, "indexer_topk")
     weights.check_options(opts, WEIGHT_OPTIONS)
     index_inputs = indexer_inputs(module, query, key, ctx, opts)
