@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,20 +57,35 @@ class HeadGateWeights(MechanismWeights):
     def reset_parameters(self) -> None:
         self.steepness.fill_(math.log(math.e - 1))  # softplus = 1: every gate starts at g = b
 
-    def forward(self, budget: float) -> torch.Tensor:
-        """g_h(budget), [Hq]."""
+    def forward(self, budget: float | None, *inner_args: Any) -> Any:
+        """g_h(budget), [Hq]; with budget None, the inner weights' forward(*inner_args), so that adapters PEFT wrapped
+        around the whole `attn_plus` (modules_to_save) reach the inner weights too."""
+        if budget is None:
+            return self.inner(*inner_args)
         return (1 - (1 - budget) * F.softplus(self.steepness)).clamp(0.0, 1.0)
+
+
+class InnerWeights:
+    """`attn_plus` as an inner mechanism with weights sees it: calls reach the inner weights through the layer's own,
+    possibly PEFT-wrapped, `attn_plus`; `original_module` lets `unwrapped` find the inner weights the hooks serve."""
+
+    def __init__(self, attn_plus: nn.Module, inner: MechanismWeights | None) -> None:
+        self._attn_plus = attn_plus
+        self.original_module = inner
+
+    def __call__(self, *args: Any) -> Any:
+        return self._attn_plus(None, *args)
 
 
 class InnerAttention:
     """The attention module as an inner mechanism with weights sees it: everything of `module`, but its own weights
     (kept beside the gates) as `attn_plus`."""
 
-    def __init__(self, module: nn.Module, weights: nn.Module | None) -> None:
+    def __init__(self, module: nn.Module, weights: InnerWeights) -> None:
         self._module = module
         self.attn_plus = weights
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._module, name)
 
 
@@ -78,7 +94,8 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
     gates = module.attn_plus(opts.budget)  # through any adapter PEFT wrapped around the weights
     if weights_class(opts.inner) is not None:  # per-head weights and state: every head runs
         out, probs = run_delegate(
-            "head_budget", opts.inner, opts.inner_options, opts, InnerAttention(module, gate_weights.inner),
+            "head_budget", opts.inner, opts.inner_options, opts,
+            InnerAttention(module, InnerWeights(module.attn_plus, gate_weights.inner)),
             query, key, value, ctx, scaling, dropout,
         )
         return out * gates.view(1, -1, 1, 1).to(out.dtype), probs

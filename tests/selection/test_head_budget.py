@@ -153,3 +153,27 @@ def test_inner_mechanisms_with_weights_keep_them_beside_the_gates(inner, inner_o
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(logits(loaded, ids), lowered)
+
+
+def test_adapters_reach_the_inner_weights():
+    """LoRA on an inner projection and modules_to_save on the whole attn_plus both take part in the inner mechanism."""
+    from peft import LoraConfig, get_peft_model
+
+    options = dict(inner="indexer_topk", inner_options=dict(budget=2, window=1, sinks=1, index_heads=2, index_dim=4))
+    ids = token_batch(2, 16)
+    model = gated_model("llama", **options)
+    before = logits(model, ids)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["attn_plus.inner.key_proj"], init_lora_weights=False))
+    assert not torch.allclose(logits(lora, ids), before, atol=1e-4)
+    with lora.disable_adapter():
+        torch.testing.assert_close(logits(lora, ids), before)
+
+    model = gated_model("llama", **options)
+    saved = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["attn_plus"]))
+    with torch.no_grad():
+        for name, param in saved.named_parameters():
+            if "modules_to_save" in name and ".inner.key_proj" in name:
+                param.add_(torch.randn_like(param))
+    assert not torch.allclose(logits(saved, ids), before, atol=1e-4), "the trained copy's inner weights must be used"
+    with saved.disable_adapter():
+        torch.testing.assert_close(logits(saved, ids), before)
