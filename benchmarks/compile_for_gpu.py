@@ -4,7 +4,7 @@ The interpreter runs the kernels' arithmetic but checks nothing of the GPU compi
 register pressure. This lowers each kernel through ptxas with the tile sizes the wrappers use, per input dtype and
 mask mode, and prints the shared memory each needs. Minutes on two CPU cores the first time (Triton caches).
 
-    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128] [--only linear|indexer]
+    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128] [--only linear|indexer|hybrid]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from hf_attn_plus.kernels.block_sparse_prefill import kernel as prefill
 from hf_attn_plus.kernels.gated_delta import chunked as delta_chunked
 from hf_attn_plus.kernels.gated_delta import recurrent as delta_recurrent
 from hf_attn_plus.kernels.gathered_attention import kernel as gathered
+from hf_attn_plus.kernels.hybrid_attention import kernel as hybrid
 from hf_attn_plus.kernels.indexer_topk import kernel as indexer
 from hf_attn_plus.kernels.linear_attention import chunked as linear
 from hf_attn_plus.kernels.selected_decode import kernel as decode
@@ -44,13 +45,17 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--index-dim", type=int, default=128, help="indexer_topk index_dim (DeepSeek-V3.2: 128)")
-    parser.add_argument("--only", choices=["linear", "indexer"], default=None, help="compile only this family's kernels")
+    parser.add_argument("--only", choices=["linear", "indexer", "hybrid"], default=None,
+                        help="compile only this family's kernels")
     args = parser.parse_args()
     if args.only == "linear":
         compile_linear(GPUTarget("cuda", args.arch, 32), args.head_dim)
         return
     if args.only == "indexer":
         compile_indexer(GPUTarget("cuda", args.arch, 32), args.index_dim)
+        return
+    if args.only == "hybrid":
+        compile_hybrid(GPUTarget("cuda", args.arch, 32), args.head_dim)
         return
     target = GPUTarget("cuda", args.arch, 32)
     for dt, torch_name in TORCH_DTYPES.items():
@@ -106,6 +111,7 @@ def main() -> None:
     compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
     print(f"bf16 _quest_scores_kernel: {compiled.metadata.shared} B shared", flush=True)
     compile_linear(target, args.head_dim)
+    compile_hybrid(target, args.head_dim)
     compile_indexer(target, args.index_dim)
 
 
@@ -172,6 +178,36 @@ def compile_gated_delta(target: GPUTarget, head_dim: int) -> None:
             print(
                 f"{dt} {fn.fn.__name__} chunk={chunk} state block={block_k}x{block_v}: {compiled.metadata.shared} B shared, "
                 f"{compiled.metadata.num_warps} warps, {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+
+
+def compile_hybrid(target: GPUTarget, head_dim: int) -> None:
+    """The hybrid forward at the chunk its wrapper picks for chunk_size 64: q/k dim = value dim = head dim, features F =
+    head dim and 2 x head dim (hedgehog's default), and DeepSeek-V3's MLA shape (q/k 192, v 128, F 192 -> 256)."""
+    import torch
+
+    from hf_attn_plus import linear_ops
+
+    sm90_shared_limit = 232448  # bytes per block
+    fn = hybrid._hybrid_forward
+    for dt, torch_name in TORCH_DTYPES.items():
+        x = f"*{dt}"
+        dtype = getattr(torch, torch_name)
+        pointers = dict(Q=x, K=x, V=x, PHI_Q=x, PHI_K=x, REAL="*fp32", GAMMA="*fp32", S_IN="*fp32", Z_IN="*fp32", O=x,
+                        S_OUT="*fp32", Z_OUT="*fp32")
+        for qk_dim, features, dv in ((head_dim, head_dim, head_dim), (head_dim, 2 * head_dim, head_dim), (192, 192, 128)):
+            chunk = linear.kernel_chunk(64, features, dv, dtype)
+            constants = dict(HAS_STATE=True, CHUNK=chunk, BLOCK_N=chunk, BLOCK_D=triton.next_power_of_2(qk_dim),
+                             BLOCK_F=triton.next_power_of_2(features), BLOCK_V=triton.next_power_of_2(dv),
+                             PRECISION=delta_chunked.dot_precision(dtype), EPS=linear_ops.EPS)
+            start = time.perf_counter()
+            compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+            shared = compiled.metadata.shared
+            print(
+                f"{dt} {fn.fn.__name__} Dqk={qk_dim} F={features} Dv={dv} chunk={chunk}: {shared} B shared"
+                f"{' OVER the sm_90 limit' if shared > sm90_shared_limit else ''}, {compiled.metadata.num_warps} warps, "
+                f"{time.perf_counter() - start:.0f} s",
                 flush=True,
             )
 

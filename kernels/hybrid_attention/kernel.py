@@ -36,7 +36,7 @@ from ..linear_attention.chunked import _advance_state, _chunk_terms, _load_rows,
 
 # Below any real logit: the running max of a row that has seen no window key yet (kept finite so exp(m_old - m_new)
 # is 1, not NaN, while every key is still masked).
-_NO_LOGIT = -1.0e30
+_NO_LOGIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
