@@ -29,13 +29,15 @@ def _is_number(value: Any) -> bool:
     return (isinstance(value, (int, float))) and not isinstance(value, bool)
 
 
-def int_option(name: str, default: int | None, minimum: int, doc: str = "", optional: bool = False) -> Option:
-    rule = f"an integer >= {minimum}" + (" or None" if optional else "")
+def int_option(
+    name: str, default: int | None, minimum: int, doc: str = "", optional: bool = False, maximum: int | None = None
+) -> Option:
+    rule = f"an integer >= {minimum}" + ("" if maximum is None else f" and <= {maximum}") + (" or None" if optional else "")
     return Option(
         name,
         default,
         rule,
-        lambda v: (optional and v is None) or (_is_int(v) and v >= minimum),
+        lambda v: (optional and v is None) or (_is_int(v) and v >= minimum and (maximum is None or v <= maximum)),
         doc,
     )
 

@@ -61,6 +61,10 @@ class MechanismWeights(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise parameters and buffers; called at construction and by transformers for missing keys."""
 
+    def hooked(self) -> MechanismWeights:
+        """The weights the attention hooks serve (decode state, hidden states): these, or a wrapped mechanism's."""
+        return self
+
     def check_options(self, opts: SimpleNamespace, names: tuple[str, ...]) -> None:
         """Raise if the options that shaped these weights differ from the ones the model now runs with."""
         for name in names:
@@ -79,6 +83,11 @@ def register_weights(weights_class: type[MechanismWeights]) -> type[MechanismWei
     """Declare that mechanism `weights_class.mechanism` adds weights: patched attention classes will build them."""
     _WEIGHTS[weights_class.mechanism] = weights_class
     return weights_class
+
+
+def weights_class(mechanism: str) -> type[MechanismWeights] | None:
+    """The weights class mechanism `mechanism` registered, or None when it adds no weights."""
+    return _WEIGHTS.get(mechanism)
 
 
 def _mechanism_name(config: Any) -> str | None:

@@ -119,19 +119,21 @@ def _before_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
     weights = unwrapped(module.attn_plus)
     if not isinstance(weights, MechanismWeights):
         return
-    if weights.reads_hidden_states:  # gates computed from the token, which the attention function does not receive
-        weights.hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-    if not weights.recurrent:
+    served = weights.hooked()
+    if served.reads_hidden_states:  # gates computed from the token, which the attention function does not receive
+        served.hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+    if not served.recurrent:
         return
     active = module.config._attn_implementation == PREFIX + weights.mechanism
-    weights.state_layer = _state_layer(cache, module.layer_idx, weights.cache_window) if active and cache is not None else None
+    served.state_layer = _state_layer(cache, module.layer_idx, served.cache_window) if active and cache is not None else None
 
 
 def _after_attention(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     module.attn_plus_cache_layer = None
     weights = unwrapped(module.attn_plus)
     if isinstance(weights, MechanismWeights):
-        weights.state_layer = weights.hidden_states = None
+        served = weights.hooked()
+        served.state_layer = served.hidden_states = None
 
 
 def install_state_hooks(attention: nn.Module) -> None:

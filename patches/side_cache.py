@@ -36,6 +36,39 @@ class SideState(Protocol):
 State = TypeVar("State", bound=SideState)
 
 
+class SlotBuffer:
+    """A tensor grown along its slot dimension by appends, with amortised O(1) cost per slot (capacity doubles), for
+    side states that keep one entry per cache slot."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.length = 0
+        self._data: torch.Tensor | None = None
+
+    @property
+    def value(self) -> torch.Tensor:
+        if self._data is None:
+            raise ValueError("SlotBuffer is empty: append to it first")
+        return self._data.narrow(self.dim, 0, self.length)
+
+    def append(self, new: torch.Tensor) -> None:
+        filled = self.length + new.shape[self.dim]
+        capacity = 0 if self._data is None else self._data.shape[self.dim]
+        if filled > capacity:
+            shape = list(new.shape)
+            shape[self.dim] = max(filled, 2 * capacity)
+            grown = new.new_empty(shape)
+            if self._data is not None:
+                grown.narrow(self.dim, 0, self.length).copy_(self.value)
+            self._data = grown
+        self._data.narrow(self.dim, self.length, new.shape[self.dim]).copy_(new)
+        self.length = filled
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self._data is not None:
+            self._data = fn(self._data)
+
+
 class SideCacheLayer(DynamicLayer):
     """A `DynamicLayer` (same keys, values, masks) that also carries the side states of the mechanisms using it.
 

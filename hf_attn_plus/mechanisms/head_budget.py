@@ -11,8 +11,12 @@ learned by the recipes: the language-modelling loss at sampled budgets plus a co
 
 Heads with g = 0 output zeros. A KV group whose query heads are all off is not computed: the inner mechanism runs on
 the other groups' heads only (told their model indices, so per-head random draws do not change). Gathering those
-heads copies their K/V, so in memory-bound decode the saving is smaller than the share of heads skipped. Mechanisms
-that need their own `attn_plus` weights (linear, hybrid, indexer_topk) cannot be the inner mechanism: the slot holds the gates.
+heads copies their K/V, so in memory-bound decode the saving is smaller than the share of heads skipped.
+
+An inner mechanism with weights of its own (linear, hybrid, gated_delta, momentum_delta, indexer_topk) keeps them
+beside the gates, as `attn_plus.inner`, and sees them as its layer's `attn_plus`; the attention hooks serve them (decode
+state, hidden states). Those weights are per head and their decode state covers every head, so such an inner
+mechanism runs on all heads and gated-off heads are only zeroed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,33 +32,73 @@ from torch import nn
 
 from ..attention import run_delegate
 from ..options import Option, float_option
-from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
-from ..registry import Mechanism, mechanism_option, register
+from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights, weights_class
+from ..registry import Mechanism, delegate, mechanism_option, register
 
 
 @register_weights
 class HeadGateWeights(MechanismWeights):
-    """One layer's gate steepness theta_h per query head."""
+    """One layer's gate steepness theta_h per query head, and the inner mechanism's own weights if it has any."""
 
     mechanism = "head_budget"
 
     def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
         super().__init__(shape, opts, layer_idx)
         self.steepness = nn.Parameter(torch.empty(shape.q_heads))
+        inner_weights = weights_class(opts.inner)
+        inner_opts = None if inner_weights is None else delegate("head_budget", opts.inner, opts.inner_options)[1]
+        self.inner = None if inner_weights is None else inner_weights(shape, inner_opts, layer_idx)
         HeadGateWeights.reset_parameters(self)
+
+    def hooked(self) -> MechanismWeights:
+        return self if self.inner is None else self.inner
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.steepness.fill_(math.log(math.e - 1))  # softplus = 1: every gate starts at g = b
 
-    def forward(self, budget: float) -> torch.Tensor:
-        """g_h(budget), [Hq]."""
+    def forward(self, budget: float | None, *inner_args: Any) -> Any:
+        """g_h(budget), [Hq]; with budget None, the inner weights' forward(*inner_args), so that adapters PEFT wrapped
+        around the whole `attn_plus` (modules_to_save) reach the inner weights too."""
+        if budget is None:
+            return self.inner(*inner_args)
         return (1 - (1 - budget) * F.softplus(self.steepness)).clamp(0.0, 1.0)
 
 
+class InnerWeights:
+    """`attn_plus` as an inner mechanism with weights sees it: calls reach the inner weights through the layer's own,
+    possibly PEFT-wrapped, `attn_plus`; `original_module` lets `unwrapped` find the inner weights the hooks serve."""
+
+    def __init__(self, attn_plus: nn.Module, inner: MechanismWeights | None) -> None:
+        self._attn_plus = attn_plus
+        self.original_module = inner
+
+    def __call__(self, *args: Any) -> Any:
+        return self._attn_plus(None, *args)
+
+
+class InnerAttention:
+    """The attention module as an inner mechanism with weights sees it: everything of `module`, but its own weights
+    (kept beside the gates) as `attn_plus`."""
+
+    def __init__(self, module: nn.Module, weights: InnerWeights) -> None:
+        self._module = module
+        self.attn_plus = weights
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
-    mechanism_weights(module, "head_budget")  # a clear error when the layer has no gates
+    gate_weights = mechanism_weights(module, "head_budget")  # a clear error when the layer has no gates
     gates = module.attn_plus(opts.budget)  # through any adapter PEFT wrapped around the weights
+    if weights_class(opts.inner) is not None:  # per-head weights and state: every head runs
+        out, probs = run_delegate(
+            "head_budget", opts.inner, opts.inner_options, opts,
+            InnerAttention(module, InnerWeights(module.attn_plus, gate_weights.inner)),
+            query, key, value, ctx, scaling, dropout,
+        )
+        return out * gates.view(1, -1, 1, 1).to(out.dtype), probs
     q_heads, kv_heads = query.shape[1], key.shape[1]
     # A KV group runs only when one of its query heads is on. A gate clamped to 0 passes no gradient, so skipping
     # changes neither outputs nor gradients (at the kink, g = 0 exactly, the skipped head's subgradient is 0).

@@ -30,8 +30,10 @@ ties included; scores agree up to fp32 summation order) and the attention over t
 kernel; training forwards keep the reference (differentiable) scores and selection, which the KL losses need, and
 run the sparse kernel (with its backward) for the attention.
 
-On DeepSeek-V3.2 the model's own indexer already selects (`indices`, honoured by the core for every mechanism); this
-mechanism adds no weights there.
+On DeepSeek-V3.2 the mechanism reuses the model's own lightning indexer: its `indices` (config.index_topk keys per
+query, honoured by the core as a restriction of `ctx.visible`) are the selection, and this mechanism adds no weights;
+its selection options do not apply there and are refused if given. The model's indexer is trained by transformers'
+own code, not by this module's losses.
 """
 
 from __future__ import annotations
@@ -46,13 +48,16 @@ from ..attention import attend_selected, use_kernel
 from ..masking import AttentionContext
 from ..options import choice_option, int_option
 from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
-from ..patches.side_cache import side_state
+from ..patches.side_cache import SlotBuffer, side_state
 from ..reference import masked_probabilities
-from ..registry import Mechanism, register
+from ..registry import Mechanism, OptionError, register
 from ..selection import indexer_scores, routed_indexer_heads, sinks_and_window, top_scoring
 
 # Options that change the shape of the weights: the model must run with the ones they were built for.
 WEIGHT_OPTIONS = ("index_heads", "index_dim")
+# Models whose attention brings its own lightning indexer (the `indices` it passes restrict ctx.visible).
+OWN_INDEXER_MODELS = ("deepseek_v32",)
+SELECTION_OPTIONS = ("budget", "sinks", "window", "index_heads", "index_dim", "active_heads", "router_block", "stage")
 
 
 def select_by_scores(scores: torch.Tensor, ctx: AttentionContext, budget: int, sinks: int, window: int) -> torch.Tensor:
@@ -125,32 +130,25 @@ class IndexerWeights(MechanismWeights):
 
 class IndexKeyCache:
     """The indexer's own key cache: k^I of every cache slot, [B, slots, Di], grown by projecting only the keys a call
-    adds (amortised O(1) growth). A side state of the layer's SideCacheLayer."""
+    adds. A side state of the layer's SideCacheLayer."""
 
     def __init__(self, project: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.project = project  # main keys [B, Hkv, n, D] -> index keys [B, n, Di]
-        self.covered = 0
-        self._keys: torch.Tensor | None = None  # [B, capacity, Di]
+        self._keys = SlotBuffer(dim=1)
+
+    @property
+    def covered(self) -> int:
+        return self._keys.length
 
     @property
     def keys(self) -> torch.Tensor:
-        return self._keys[:, : self.covered]
+        return self._keys.value
 
     def extend(self, keys: torch.Tensor, key_pos: torch.Tensor) -> None:
-        new = self.project(keys)
-        filled = self.covered + new.shape[1]
-        if self._keys is None or filled > self._keys.shape[1]:
-            capacity = max(filled, 2 * (0 if self._keys is None else self._keys.shape[1]))
-            grown = new.new_empty(new.shape[0], capacity, new.shape[2])
-            if self._keys is not None:
-                grown[:, : self.covered] = self.keys
-            self._keys = grown
-        self._keys[:, self.covered : filled] = new
-        self.covered = filled
+        self._keys.append(self.project(keys))
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self._keys is not None:
-            self._keys = fn(self._keys)
+        self._keys.map_batch(fn)
 
 
 def indexer_inputs(
@@ -171,7 +169,24 @@ def indexer_inputs(
     return index_query, index_key, head_weights
 
 
+def attend_model_indexer(module, query, key, value, ctx, opts, scaling, dropout):
+    """DeepSeek-V3.2: exact attention over the keys the model's own indexer chose (already `ctx.visible`)."""
+    given = sorted(set(getattr(module.config, "hf_attn_plus", None) or {}) & set(SELECTION_OPTIONS))
+    if given:
+        raise OptionError(
+            f"hf_attn_plus mechanism 'indexer_topk' on {module.config.model_type} uses the model's own indexer "
+            f"(config.index_topk={module.config.index_topk}); option(s) {', '.join(map(repr, given))} do not apply there"
+        )
+    if use_kernel(MECHANISM, opts, query, dropout):
+        from ..kernels.sparse_attention import sparse_attention
+
+        return sparse_attention(query, key, value, ctx.visible, scaling), None
+    return attend_selected(module, query, key, value, ctx.visible, opts, scaling, dropout)
+
+
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
+    if module.config.model_type in OWN_INDEXER_MODELS:
+        return attend_model_indexer(module, query, key, value, ctx, opts, scaling, dropout)
     weights = mechanism_weights(module, "indexer_topk")
     weights.check_options(opts, WEIGHT_OPTIONS)
     index_inputs = indexer_inputs(module, query, key, ctx, opts)

@@ -11,6 +11,8 @@ N̂ and Ẑ are unbiased for the dense numerator N and normaliser Z. ô is their
 sampling): consistent, with bias O(1/n) (first order: E[ô] - o ≈ (o Var(Ẑ) - Cov(N̂, Ẑ)) / Z², o = N / Z the dense
 output), which vanishes when π equals the true attention restricted to R. A row whose R has at most `samples` keys
 reads R exactly (dense).
+In cached decode the quantised keys are a side state of the layer's cache (`QuantizedKeys`: int8 codes and one
+scale per key), so a step quantises only its new key and the proposal reads one byte per key element.
 Draws come from a counter-based hash of (seed, layer, head, query position, draw), so they are padding- and
 batch-invariant and differ at every decode step.
 
@@ -23,6 +25,7 @@ sinks, the window and the drawn keys only, each draw listed with its importance 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -32,16 +35,56 @@ from ..attention import attend_selected, logit_scale, use_kernel
 from ..kernels.sparse_attention import sparse_attention
 from ..masking import AttentionContext
 from ..options import int_option
+from ..patches.side_cache import SlotBuffer, side_state
 from ..reference import masked_attention
 from ..registry import Mechanism, register
 from ..selection import counter_uniform, grouped_scores, sinks_and_window
 
 
-def quantize(key: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric per-key quantisation to `bits` bits (dequantised): what a low-precision key cache would hold."""
+def quantize_codes(key: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-key quantisation of fp32 keys [..., D] to `bits` <= 8 bits: (int8 codes [..., D], scale [..., 1])."""
     levels = 2 ** (bits - 1) - 1
     scale = key.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(key.dtype).tiny) / levels
-    return torch.round(key / scale) * scale
+    return torch.round(key / scale).to(torch.int8), scale
+
+
+def quantize(key: torch.Tensor, bits: int) -> torch.Tensor:
+    """The dequantised keys: what a low-precision key cache would give back."""
+    codes, scale = quantize_codes(key, bits)
+    return codes.to(key.dtype) * scale
+
+
+class QuantizedKeys:
+    """The quantised keys of every cache slot as codes and scales, grown by quantising only the keys a call adds; a
+    side state of the layer's SideCacheLayer. Dequantising gives exactly `quantize` of all keys."""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self._codes = SlotBuffer(dim=2)
+        self._scales = SlotBuffer(dim=2)
+
+    @property
+    def covered(self) -> int:
+        return self._codes.length
+
+    def dequantized(self) -> torch.Tensor:
+        return self._codes.value.float() * self._scales.value
+
+    def extend(self, keys: torch.Tensor, key_pos: torch.Tensor) -> None:
+        codes, scale = quantize_codes(keys.float(), self.bits)
+        self._codes.append(codes)
+        self._scales.append(scale)
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._codes.map_batch(fn)
+        self._scales.map_batch(fn)
+
+
+def quantized_keys(key: torch.Tensor, ctx: AttentionContext, bits: int) -> torch.Tensor:
+    """Dequantised keys [B, Hkv, kv, D] fp32: from the layer's side state in cached decode, else quantised now."""
+    if ctx.cache_layer is None:
+        return quantize(key.float(), bits)
+    return side_state(ctx, f"santa:bits={bits}", lambda: QuantizedKeys(bits), key).dequantized()
 
 
 def draws(
@@ -53,7 +96,7 @@ def draws(
     exact = sinks_and_window(ctx, opts.sinks, opts.window)
     rest = ctx.visible & ~exact
     sampled = rest.sum(-1, keepdim=True) > opts.samples
-    proposal_logits = grouped_scores(query.float(), quantize(key.float(), opts.bits)) * scaling
+    proposal_logits = grouped_scores(query.float(), quantized_keys(key, ctx, opts.bits)) * scaling
     proposal = torch.softmax(proposal_logits.double().masked_fill(~rest, float("-inf")), dim=-1).nan_to_num(0.0)
     cdf = proposal.cumsum(-1)
     heads = ctx.head_index(q_heads, query.device)
@@ -120,10 +163,11 @@ MECHANISM = register(
             int_option("samples", 64, 1, "keys drawn (with replacement) per decode query and head beyond sinks/window"),
             int_option("window", 16, 0, "most recent keys read exactly"),
             int_option("sinks", 4, 0, "first real tokens read exactly"),
-            int_option("bits", 4, 2, "bits of the quantised keys that give the sampling probabilities"),
+            int_option("bits", 4, 2, "bits of the quantised keys that give the sampling probabilities", maximum=8),
             int_option("seed", 0, 0, "fixes the draws (with layer, head, position)"),
         ),
         attend=attend,
         attend_has_kernel=True,
+        side_cache=True,
     )
 )

@@ -111,3 +111,69 @@ def test_groups_whose_heads_are_all_off_are_not_computed_and_nothing_else_change
     seen_heads.clear()
     out, _ = head_budget.attend(attention, query, key, value, ctx, opts, dim**-0.5, 0.0)
     assert seen_heads == [] and (out == 0).all()
+
+
+WEIGHTED_INNER = [
+    ("linear", dict(feature_map="hedgehog")),
+    ("gated_delta", {}),
+    ("indexer_topk", dict(budget=3, window=2, sinks=1, index_heads=2, index_dim=4)),
+]
+
+
+@pytest.mark.parametrize("inner, inner_options", WEIGHTED_INNER)
+def test_inner_mechanisms_with_weights_keep_them_beside_the_gates(inner, inner_options, tmp_path):
+    """The inner mechanism's weights live in attn_plus.inner: at budget 1 the model is the inner mechanism with those
+    weights; at a lower budget cached decode (recurrent state / hidden states served to the inner weights) equals
+    recomputation; save -> load keeps everything."""
+    from .selection_helpers import assert_cached_equals_uncached
+
+    options = dict(inner=inner, inner_options=inner_options)
+    model = gated_model("llama", **options)
+    plain = AutoModelForCausalLM.from_config(
+        tiny_config("llama", hf_attn_plus=inner_options), attn_implementation=f"hf_attn_plus:{inner}"
+    ).eval()
+    weights = {
+        name.replace(".attn_plus.inner.", ".attn_plus."): value
+        for name, value in model.state_dict().items()
+        if not name.endswith(".attn_plus.steepness")
+    }
+    plain.load_state_dict(weights)  # strict: the inner weights are exactly the plain mechanism's
+    ids = token_batch(2, 16)
+    torch.testing.assert_close(logits(model, ids), logits(plain, ids))
+
+    hf_attn_plus.set_attention(model, "head_budget", **options, budget=0.4)
+    with torch.no_grad():  # at budget 0.4 heads 0, 2, 4, ... are off (softplus 3.05), the others on (0.13)
+        for gate in (m for m in model.modules() if isinstance(m, HeadGateWeights)):
+            gate.steepness.copy_(torch.tensor([3.0, -2.0]).repeat(gate.steepness.numel() // 2))
+    gates = model.model.layers[0].self_attn.attn_plus(0.4)
+    assert (gates[::2] == 0).all() and (gates[1::2] > 0).all()
+    assert_cached_equals_uncached(model)
+    lowered = logits(model, ids)
+    assert not torch.allclose(lowered, logits(plain, ids), atol=1e-4)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(loaded, ids), lowered)
+
+
+def test_adapters_reach_the_inner_weights():
+    """LoRA on an inner projection and modules_to_save on the whole attn_plus both take part in the inner mechanism."""
+    from peft import LoraConfig, get_peft_model
+
+    options = dict(inner="indexer_topk", inner_options=dict(budget=2, window=1, sinks=1, index_heads=2, index_dim=4))
+    ids = token_batch(2, 16)
+    model = gated_model("llama", **options)
+    before = logits(model, ids)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["attn_plus.inner.key_proj"], init_lora_weights=False))
+    assert not torch.allclose(logits(lora, ids), before, atol=1e-4)
+    with lora.disable_adapter():
+        torch.testing.assert_close(logits(lora, ids), before)
+
+    model = gated_model("llama", **options)
+    saved = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["attn_plus"]))
+    with torch.no_grad():
+        for name, param in saved.named_parameters():
+            if "modules_to_save" in name and ".inner.key_proj" in name:
+                param.add_(torch.randn_like(param))
+    assert not torch.allclose(logits(saved, ids), before, atol=1e-4), "the trained copy's inner weights must be used"
+    with saved.disable_adapter():
+        torch.testing.assert_close(logits(saved, ids), before)

@@ -10,7 +10,7 @@ from core.models import left_pad
 from hf_attn_plus.mechanisms.indexer_topk import IndexerWeights, indexer_loss
 from hf_attn_plus.tiny import tiny_config
 
-from .selection_helpers import assert_cached_equals_uncached, assert_padding_invariant, logits
+from .selection_helpers import assert_cached_equals_uncached, assert_padding_invariant, decode_logits, logits
 
 ARCHS = ("llama", "qwen2", "qwen3", "deepseek_v3")
 SMALL = dict(index_heads=2, index_dim=4)
@@ -99,9 +99,22 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids))
 
 
-def test_architectures_without_patched_attention_get_a_clear_error():
-    with pytest.raises(ValueError, match="needs its weights in `DeepseekV32Attention.attn_plus`"):
-        indexer_model("deepseek_v32", budget=3)(input_ids=token_batch(1, 8))
+def test_deepseek_v32_reuses_its_own_indexer():
+    """On V3.2 the selection is the model's own lightning indexer's (top-12 of 24+ keys here): the same logits and
+    cached decode step as transformers' own SDPA path; this mechanism's selection options are refused there."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("deepseek_v32"), attn_implementation="hf_attn_plus:indexer_topk"
+    ).eval()
+    assert not any(".attn_plus." in name for name, _ in model.named_parameters())
+    ids = token_batch(2, 24)
+    ours, ours_step = logits(model, ids), decode_logits(model, ids)
+    hf_attn_plus.set_attention(model, "sdpa")
+    torch.testing.assert_close(ours, logits(model, ids), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours_step, decode_logits(model, ids), atol=1e-5, rtol=1e-4)
+    hf_attn_plus.set_attention(model, "indexer_topk", budget=3)
+    with pytest.raises(hf_attn_plus.OptionError, match="uses the model's own indexer .config.index_topk=12.; option.s. 'budget'"):
+        model(input_ids=ids)
 
 
 def test_peft_adapters_on_the_indexer_take_part():

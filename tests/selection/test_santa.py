@@ -105,3 +105,36 @@ def test_tiny_model_decode(model_type):
     dense = decode_logits(model, ids)
     torch.testing.assert_close(covered, dense, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(sampled, dense, atol=1e-4), "2 samples out of ~27 keys must change the output"
+
+
+def test_cached_decode_quantises_only_new_keys(monkeypatch):
+    """The quantised keys are the layer's side state: the first decode step quantises the whole cache, every later
+    step its one new key, and the held int8 codes dequantise to exactly what quantising every key gives."""
+    from hf_attn_plus.mechanisms import santa
+
+    model = tiny_model("llama", "santa", samples=2, window=2, sinks=1, seed=1)
+    quantised = []
+    quantize_codes = santa.quantize_codes
+
+    def counting(key, bits):
+        quantised.append(key.shape[2])
+        return quantize_codes(key, bits)
+
+    monkeypatch.setattr(santa, "quantize_codes", counting)
+    ids = token_batch(1, 20)
+    out = model.generate(
+        ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+    )
+    layers = model.config.num_hidden_layers
+    assert quantised == [21] * layers + [1] * 2 * layers  # prefill is dense; three decode steps
+    monkeypatch.setattr(santa, "quantize_codes", quantize_codes)
+    for layer in out.past_key_values.layers:
+        state = layer.side["santa:bits=4"]
+        assert state._codes.value.dtype == torch.int8
+        assert torch.equal(state.dequantized(), quantize(layer.keys.float(), 4))
+
+
+def test_bits_beyond_int8_codes_are_refused():
+    model = tiny_model("llama", "santa")
+    with pytest.raises(hf_attn_plus.OptionError, match="'bits' got 9; allowed: an integer >= 2 and <= 8"):
+        hf_attn_plus.set_attention(model, "santa", bits=9)
