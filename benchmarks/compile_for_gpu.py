@@ -183,33 +183,44 @@ def compile_gated_delta(target: GPUTarget, head_dim: int) -> None:
 
 
 def compile_hybrid(target: GPUTarget, head_dim: int) -> None:
-    """The hybrid forward at the chunk its wrapper picks for chunk_size 64: q/k dim = value dim = head dim, features F =
-    head dim and 2 x head dim (hedgehog's default), and DeepSeek-V3's MLA shape (q/k 192, v 128, F 192 -> 256)."""
+    """The hybrid kernels at the chunk their wrappers pick for chunk_size 64: q/k dim = value dim = head dim, features
+    F = head dim and 2 x head dim (hedgehog's default), and DeepSeek-V3's MLA shape (q/k 192, v 128, F 192 -> 256). The
+    backward's linear part is the linear kernel's `_backward_dkdv` on its own pointer types (fp32 γ·dO and dv)."""
     import torch
 
     from hf_attn_plus import linear_ops
 
     sm90_shared_limit = 232448  # bytes per block
-    fn = hybrid._hybrid_forward
+    f32 = "*fp32"
     for dt, torch_name in TORCH_DTYPES.items():
         x = f"*{dt}"
         dtype = getattr(torch, torch_name)
-        pointers = dict(Q=x, K=x, V=x, PHI_Q=x, PHI_K=x, REAL="*fp32", GAMMA="*fp32", S_IN="*fp32", Z_IN="*fp32", O=x,
-                        S_OUT="*fp32", Z_OUT="*fp32")
+        inputs = dict(Q=x, K=x, V=x, PHI_Q=x, PHI_K=x, REAL=f32, GAMMA=f32, S_IN=f32, Z_IN=f32)
+        rows = dict(ROW_MAX=f32, ARGMAX="*i32", INV_DEN=f32, D_DEN=f32, D_MAX=f32)
         for qk_dim, features, dv in ((head_dim, head_dim, head_dim), (head_dim, 2 * head_dim, head_dim), (192, 192, 128)):
             chunk = linear.kernel_chunk(64, features, dv, dtype)
-            constants = dict(HAS_STATE=True, CHUNK=chunk, BLOCK_N=chunk, BLOCK_D=triton.next_power_of_2(qk_dim),
-                             BLOCK_F=triton.next_power_of_2(features), BLOCK_V=triton.next_power_of_2(dv),
-                             PRECISION=delta_chunked.dot_precision(dtype), EPS=linear_ops.EPS)
-            start = time.perf_counter()
-            compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
-            shared = compiled.metadata.shared
-            print(
-                f"{dt} {fn.fn.__name__} Dqk={qk_dim} F={features} Dv={dv} chunk={chunk}: {shared} B shared"
-                f"{' OVER the sm_90 limit' if shared > sm90_shared_limit else ''}, {compiled.metadata.num_warps} warps, "
-                f"{time.perf_counter() - start:.0f} s",
-                flush=True,
-            )
+            blocks = dict(CHUNK=chunk, BLOCK_N=chunk, BLOCK_D=triton.next_power_of_2(qk_dim),
+                          BLOCK_V=triton.next_power_of_2(dv), PRECISION=delta_chunked.dot_precision(dtype))
+            with_state = dict(blocks, HAS_STATE=True, BLOCK_F=triton.next_power_of_2(features), EPS=linear_ops.EPS)
+            kernels = [
+                (hybrid._hybrid_forward, dict(inputs, O=x, S_OUT=f32, Z_OUT=f32), with_state),
+                (hybrid._hybrid_backward_dq, dict(inputs, DO=x, DQ=x, DPHI_Q=x, D_GAMMA=f32, **rows), with_state),
+                (hybrid._hybrid_backward_dkdv_window, dict(Q=x, K=x, V=x, REAL=f32, DO=x, DK=f32, DV=f32, **rows), blocks),
+                (linear._backward_dkdv, dict(Q=x, K=x, V=x, DO=f32, INV_DEN=f32, D_DEN=f32, DS_OUT=f32, DZ_OUT=f32,
+                                             DK_PARTS=f32, DV=f32, DS_IN=f32, DZ_IN=f32),
+                 dict(CHUNK=linear.kernel_chunk(64, features, dv, dtype, torch.float32),
+                      BLOCK_F=triton.next_power_of_2(features), BLOCK_V=min(64, triton.next_power_of_2(dv)))),
+            ]
+            for fn, pointers, constants in kernels:
+                start = time.perf_counter()
+                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+                shared = compiled.metadata.shared
+                print(
+                    f"{dt} {fn.fn.__name__} Dqk={qk_dim} F={features} Dv={dv} chunk={constants['CHUNK']}: {shared} B "
+                    f"shared{' OVER the sm_90 limit' if shared > sm90_shared_limit else ''}, "
+                    f"{compiled.metadata.num_warps} warps, {time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
 
 
 def compile_indexer(target: GPUTarget, index_dim: int, index_heads: int = 64) -> None:

@@ -253,8 +253,8 @@ def gated_delta_rows(q, k, v, qn, kn, log_alpha, beta) -> dict[str, float | None
 
 
 def hybrid_rows(q, k, v, phi_q, phi_k, key_mask, gamma, window) -> dict[str, float | None]:
-    """The hybrid Triton kernel (forward; forward + backward, whose backward recomputes the PyTorch chunked form)
-    against the PyTorch chunked form under autograd. Kernel rows are None without CUDA."""
+    """The hybrid Triton kernels (forward; forward + backward) against the PyTorch chunked form under autograd. Kernel
+    rows are None without CUDA."""
     scaling = q.shape[-1] ** -0.5
     leaves = [q, k, v, phi_q, phi_k]
     grad_out = torch.ones(*q.shape[:3], v.shape[-1], device=v.device, dtype=v.dtype)

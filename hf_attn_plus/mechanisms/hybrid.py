@@ -3,8 +3,8 @@ in one normaliser, the linear terms weighted per head by γ_h = sigmoid(mixing_h
 
 Decode keeps the window's key/value slots and the linear state of everything older: memory is constant in the
 generated length. Feature maps and their options are those of `linear`; math in hf_attn_plus/linear_ops.py. Triton
-(forward kernel; backward recomputes the PyTorch chunked form): hf_attn_plus/kernels/hybrid_attention/, used on GPU
-tensors or with backend='kernel', for prefill, training and decode alike.
+(forward and backward; the forward is also the decode step): hf_attn_plus/kernels/hybrid_attention/, used on GPU
+tensors or with backend='kernel'.
 """
 
 from __future__ import annotations
