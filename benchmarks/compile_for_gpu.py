@@ -4,7 +4,7 @@ The interpreter runs the kernels' arithmetic but checks nothing of the GPU compi
 register pressure. This lowers each kernel through ptxas with the tile sizes the wrappers use, per input dtype and
 mask mode, and prints the shared memory each needs. Minutes on two CPU cores the first time (Triton caches).
 
-    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128] [--only linear|indexer|momentum]
+    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128] [--only linear|indexer|momentum|hybrid]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from hf_attn_plus.kernels.gated_delta import chunked as delta_chunked
 from hf_attn_plus.kernels.gated_delta import momentum as delta_momentum
 from hf_attn_plus.kernels.gated_delta import recurrent as delta_recurrent
 from hf_attn_plus.kernels.gathered_attention import kernel as gathered
+from hf_attn_plus.kernels.hybrid_attention import kernel as hybrid
 from hf_attn_plus.kernels.indexer_topk import kernel as indexer
 from hf_attn_plus.kernels.linear_attention import chunked as linear
 from hf_attn_plus.kernels.selected_decode import kernel as decode
@@ -45,7 +46,8 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--index-dim", type=int, default=128, help="indexer_topk index_dim (DeepSeek-V3.2: 128)")
-    parser.add_argument("--only", choices=["linear", "indexer", "momentum"], default=None, help="compile only this family's kernels")
+    parser.add_argument("--only", choices=["linear", "indexer", "momentum", "hybrid"], default=None,
+                        help="compile only this family's kernels")
     args = parser.parse_args()
     if args.only == "linear":
         compile_linear(GPUTarget("cuda", args.arch, 32), args.head_dim)
@@ -55,6 +57,9 @@ def main() -> None:
         return
     if args.only == "momentum":
         compile_momentum_delta(GPUTarget("cuda", args.arch, 32), args.head_dim)
+        return
+    if args.only == "hybrid":
+        compile_hybrid(GPUTarget("cuda", args.arch, 32), args.head_dim)
         return
     target = GPUTarget("cuda", args.arch, 32)
     for dt, torch_name in TORCH_DTYPES.items():
@@ -111,6 +116,7 @@ def main() -> None:
     compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
     print(f"bf16 _quest_scores_kernel: {compiled.metadata.shared} B shared", flush=True)
     compile_linear(target, args.head_dim)
+    compile_hybrid(target, args.head_dim)
     compile_indexer(target, args.index_dim)
 
 
@@ -217,6 +223,47 @@ def compile_momentum_delta(target: GPUTarget, head_dim: int) -> None:
                 f"{time.perf_counter() - start:.0f} s",
                 flush=True,
             )
+
+
+def compile_hybrid(target: GPUTarget, head_dim: int) -> None:
+    """The hybrid kernels at the chunk their wrappers pick for chunk_size 64: q/k dim = value dim = head dim, features
+    F = head dim and 2 x head dim (hedgehog's default), and DeepSeek-V3's MLA shape (q/k 192, v 128, F 192 -> 256). The
+    backward's linear part is the linear kernel's `_backward_dkdv` on its own pointer types (fp32 γ·dO and dv)."""
+    import torch
+
+    from hf_attn_plus import linear_ops
+
+    sm90_shared_limit = 232448  # bytes per block
+    f32 = "*fp32"
+    for dt, torch_name in TORCH_DTYPES.items():
+        x = f"*{dt}"
+        dtype = getattr(torch, torch_name)
+        inputs = dict(Q=x, K=x, V=x, PHI_Q=x, PHI_K=x, REAL=f32, GAMMA=f32, S_IN=f32, Z_IN=f32)
+        rows = dict(ROW_MAX=f32, ARGMAX="*i32", INV_DEN=f32, D_DEN=f32, D_MAX=f32)
+        for qk_dim, features, dv in ((head_dim, head_dim, head_dim), (head_dim, 2 * head_dim, head_dim), (192, 192, 128)):
+            chunk = linear.kernel_chunk(64, features, dv, dtype)
+            blocks = dict(CHUNK=chunk, BLOCK_N=chunk, BLOCK_D=triton.next_power_of_2(qk_dim),
+                          BLOCK_V=triton.next_power_of_2(dv), PRECISION=delta_chunked.dot_precision(dtype))
+            with_state = dict(blocks, HAS_STATE=True, BLOCK_F=triton.next_power_of_2(features), EPS=linear_ops.EPS)
+            kernels = [
+                (hybrid._hybrid_forward, dict(inputs, O=x, S_OUT=f32, Z_OUT=f32), with_state),
+                (hybrid._hybrid_backward_dq, dict(inputs, DO=x, DQ=x, DPHI_Q=x, D_GAMMA=f32, **rows), with_state),
+                (hybrid._hybrid_backward_dkdv_window, dict(Q=x, K=x, V=x, REAL=f32, DO=x, DK=f32, DV=f32, **rows), blocks),
+                (linear._backward_dkdv, dict(Q=x, K=x, V=x, DO=f32, INV_DEN=f32, D_DEN=f32, DS_OUT=f32, DZ_OUT=f32,
+                                             DK_PARTS=f32, DV=f32, DS_IN=f32, DZ_IN=f32),
+                 dict(CHUNK=linear.kernel_chunk(64, features, dv, dtype, torch.float32),
+                      BLOCK_F=triton.next_power_of_2(features), BLOCK_V=min(64, triton.next_power_of_2(dv)))),
+            ]
+            for fn, pointers, constants in kernels:
+                start = time.perf_counter()
+                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+                shared = compiled.metadata.shared
+                print(
+                    f"{dt} {fn.fn.__name__} Dqk={qk_dim} F={features} Dv={dv} chunk={constants['CHUNK']}: {shared} B "
+                    f"shared{' OVER the sm_90 limit' if shared > sm90_shared_limit else ''}, "
+                    f"{compiled.metadata.num_warps} warps, {time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
 
 
 def compile_indexer(target: GPUTarget, index_dim: int, index_heads: int = 64) -> None:

@@ -286,6 +286,30 @@ def momentum_delta_rows(q, qn, kn, v, log_alpha, beta) -> dict[str, float | None
     return rows
 
 
+def hybrid_rows(q, k, v, phi_q, phi_k, key_mask, gamma, window) -> dict[str, float | None]:
+    """The hybrid Triton kernels (forward; forward + backward) against the PyTorch chunked form under autograd. Kernel
+    rows are None without CUDA."""
+    scaling = q.shape[-1] ** -0.5
+    leaves = [q, k, v, phi_q, phi_k]
+    grad_out = torch.ones(*q.shape[:3], v.shape[-1], device=v.device, dtype=v.dtype)
+
+    def op(attention):
+        return lambda *x: attention(*x, key_mask, scaling, gamma, window, chunk_size=64)[0]
+
+    rows = {
+        "hybrid_torch_fwd_bwd": _median_seconds(_fwd_bwd(op(linear_ops.chunked_hybrid_attention), leaves, grad_out)),
+        "hybrid_kernel_fwd": None, "hybrid_kernel_fwd_bwd": None,
+    }
+    if not q.is_cuda:
+        return rows
+    from hf_attn_plus.kernels.hybrid_attention import kernel
+
+    with torch.no_grad():
+        rows["hybrid_kernel_fwd"] = _median_seconds(lambda: op(kernel.hybrid_forward)(*leaves))
+    rows["hybrid_kernel_fwd_bwd"] = _median_seconds(_fwd_bwd(op(kernel.hybrid_attention), leaves, grad_out))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
@@ -325,6 +349,7 @@ def main() -> None:
             row = {"length": length, **{name: _median_seconds(fn) for name, fn in cases.items()}}
         row.update(gated_delta_rows(q, k, v, qn, kn, log_alpha, beta))
         row.update(momentum_delta_rows(q, qn, kn, v, log_alpha, beta))
+        row.update(hybrid_rows(q, k, v, phi_q, phi_k, key_mask, gamma, window))
         train, differences, fla_status = training_cases(phi_q, phi_k, v, q, k)
         row.update({name: _median_seconds(fn) for name, fn in train.items()})
         row.update({f"{name}_max_grad_difference_vs_chunked": value for name, value in differences.items()})

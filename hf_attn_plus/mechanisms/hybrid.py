@@ -2,7 +2,9 @@
 in one normaliser, the linear terms weighted per head by γ_h = sigmoid(mixing_h) (learned, 0.5 at initialisation).
 
 Decode keeps the window's key/value slots and the linear state of everything older: memory is constant in the
-generated length. Feature maps and their options are those of `linear`; math in hf_attn_plus/linear_ops.py.
+generated length. Feature maps and their options are those of `linear`; math in hf_attn_plus/linear_ops.py. Triton
+(forward and backward; the forward is also the decode step): hf_attn_plus/kernels/hybrid_attention/, used on GPU
+tensors or with backend='kernel'.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..masking import AttentionContext
 from ..options import int_option
 from ..patches.attn_plus import AttentionShape, mechanism_weights, register_weights
 from ..registry import Mechanism, register
-from .linear import FEATURE_OPTIONS, WEIGHT_OPTIONS, LinearWeights, check_call
+from .linear import FEATURE_OPTIONS, WEIGHT_OPTIONS, LinearWeights, check_call, kernel_requested
 
 
 @register_weights
@@ -58,10 +60,15 @@ def attend(
     weights.check_options(opts, WEIGHT_OPTIONS)
     phi_q, phi_k, gamma = module.attn_plus(query, key, scaling)  # through any adapter PEFT wrapped around them
     layer = weights.state_layer
-    out, state = linear_ops.chunked_hybrid_attention(
-        query, key, value, phi_q, phi_k, linear_ops.causal_key_mask(ctx), scaling, gamma, opts.window,
-        None if layer is None else layer.state, opts.chunk_size,
-    )
+    args = (query, key, value, phi_q, phi_k, linear_ops.causal_key_mask(ctx), scaling, gamma, opts.window,
+            None if layer is None else layer.state, opts.chunk_size)
+    if kernel_requested(opts, query):
+        from ..kernels.hybrid_attention import kernel
+
+        # Decode (one query) runs the same forward kernel: one chunk against the cached window and the state.
+        out, state = (kernel.hybrid_attention if torch.is_grad_enabled() else kernel.hybrid_forward)(*args)
+    else:
+        out, state = linear_ops.chunked_hybrid_attention(*args)
     if layer is not None:
         layer.state = state
     return out, None
@@ -74,6 +81,7 @@ MECHANISM = register(
         summary="LoLCATs: softmax sliding window + linear attention for older keys, one normaliser",
         options=(int_option("window", 64, 1, "most recent keys attended with exact softmax"),) + FEATURE_OPTIONS,
         attend=attend,
+        attend_has_kernel=True,
         training_free=False,
     )
 )
