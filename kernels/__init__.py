@@ -9,7 +9,10 @@
 - linear_attention/: chunked causal linear attention, Triton forward and backward (autograd Function, gradients of the
   initial state too) and the one-token decode step.
 - gated_delta/: the gated delta rule: chunked UT-form forward and backward (autograd Function) and the recurrent decode
-  step.
+  step; momentum.py: the same three for the momentum delta rule, on its (S, M) state.
+- hybrid_attention/: LoLCATs hybrid (softmax window + linear attention over older keys, one normaliser): forward (also
+  the decode step) and backward, built on linear_attention's helpers.
+- indexer_topk/: lightning-indexer scoring with sortable (score, position) keys and a running per-split top-k.
 - sparse_attention.py: the Mechanism.kernel adapter for every mechanism that is softmax over `select`'s keys.
 
 Triton is imported only when a kernel runs, so the package and every reference path work without it.
