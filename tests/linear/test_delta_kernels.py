@@ -72,27 +72,7 @@ def test_decode_matches_recurrent_form(new_tokens):
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])  # GQA 4 and 2; MLA with Dk 12 != Dv 8
 def test_model_kernel_backend_matches_reference_backend(arch):
     """Logits (left-padded batch), cached greedy generation and one training step's gradients."""
-    from .conftest import build
+    from .conftest import assert_backend_runs_match, backend_run, build
 
     model = build(arch, "gated_delta", backend="kernel", chunk_size=16)
-    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-
-    def run(backend):
-        model.config.hf_attn_plus = dict(model.config.hf_attn_plus, backend=backend)
-        model.zero_grad()
-        model(ids, attention_mask=mask, labels=ids).loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        with torch.no_grad():
-            logits = model(ids, attention_mask=mask).logits
-            generated = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-        return logits, generated, grads
-
-    kernel_logits, kernel_generated, kernel_grads = run("kernel")
-    reference_logits, reference_generated, reference_grads = run("reference")
-    torch.testing.assert_close(kernel_logits, reference_logits)
-    assert torch.equal(kernel_generated, reference_generated)
-    assert kernel_grads.keys() == reference_grads.keys() and any(".attn_plus." in n for n in kernel_grads)
-    for name, grad in kernel_grads.items():
-        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_backend_runs_match(backend_run(model, "kernel", 3), backend_run(model, "reference", 3), ".attn_plus.")

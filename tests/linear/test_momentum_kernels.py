@@ -104,7 +104,7 @@ def test_zero_momentum_equals_gated_delta_kernel():
 def test_model_kernel_backend_matches_reference_backend(arch, monkeypatch):
     """Logits (left-padded batch), cached greedy generation (decode through RecurrentStateLayer) and one training
     step's gradients; the chunked kernel runs the prompts and the recurrent kernel the decode steps."""
-    from .conftest import build
+    from .conftest import assert_backend_runs_match, backend_run, build
 
     calls = {"chunked_forward": 0, "recurrent_forward": 0}
     for name in calls:
@@ -114,26 +114,7 @@ def test_model_kernel_backend_matches_reference_backend(arch, monkeypatch):
         monkeypatch.setattr(momentum, name, counted)
 
     model = build(arch, "momentum_delta", backend="kernel", chunk_size=16)
-    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-
-    def run(backend):
-        model.config.hf_attn_plus = dict(model.config.hf_attn_plus, backend=backend)
-        model.zero_grad()
-        model(ids, attention_mask=mask, labels=ids).loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        with torch.no_grad():
-            logits = model(ids, attention_mask=mask).logits
-            generated = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-        return logits, generated, grads
-
-    kernel_logits, kernel_generated, kernel_grads = run("kernel")
+    kernel = backend_run(model, "kernel", 3)
     layers = model.config.num_hidden_layers
     assert calls == {"chunked_forward": 3 * layers, "recurrent_forward": 2 * layers}  # train, logits, prompt; 2 steps
-    reference_logits, reference_generated, reference_grads = run("reference")
-    torch.testing.assert_close(kernel_logits, reference_logits)
-    assert torch.equal(kernel_generated, reference_generated)
-    assert kernel_grads.keys() == reference_grads.keys() and any("momentum_proj" in n for n in kernel_grads)
-    for name, grad in kernel_grads.items():
-        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_backend_runs_match(kernel, backend_run(model, "reference", 3), "momentum_proj")
