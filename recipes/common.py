@@ -90,6 +90,12 @@ class LongContextSection:
 
 
 @dataclasses.dataclass
+class HeadBudgetSection:
+    min_budget: float = 0.25  # each training step samples a budget in [min_budget, 1]
+    cost_weight: float = 1.0  # adds cost_weight * relu(expected cost - budget): the share of heads kept over budget
+
+
+@dataclasses.dataclass
 class RecipeConfig:
     model: str = "teacher"  # 'teacher' / 'teacher-tiny' (embedded, trained on first use), a local dir or a Hub id
     mechanism: str = "sliding_window"
@@ -98,6 +104,7 @@ class RecipeConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     long_context: LongContextSection = dataclasses.field(default_factory=LongContextSection)
+    head_budget: HeadBudgetSection = dataclasses.field(default_factory=HeadBudgetSection)
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -298,8 +305,9 @@ def train(
 ) -> list[dict[str, Any]]:
     """Optimise the trainable parameters of `objective`; returns the log (one row per step, eval rows included).
 
-    `evaluate(unwrapped objective)` runs at step 0, every `eval_every` steps and at the end. Writes
-    output_dir/log.jsonl and checkpoints; resumes from the newest checkpoint when `train.resume`.
+    `evaluate(unwrapped objective)` runs at step 0, every `eval_every` steps and at the end. An objective with a
+    `begin_step(step)` method is told each step before its batches (per-step randomness that a resume must repeat).
+    Writes output_dir/log.jsonl and checkpoints; resumes from the newest checkpoint when `train.resume`.
     """
     t = cfg.train
     world = accelerator.num_processes
@@ -341,7 +349,10 @@ def train(
         run_eval(0)
     objective.train()
     progress = tqdm(range(state.step, t.steps), initial=state.step, total=t.steps, disable=not accelerator.is_main_process)
+    begin_step = getattr(accelerator.unwrap_model(objective), "begin_step", None)
     for step in progress:
+        if begin_step is not None:
+            begin_step(step)
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, t.steps, t.warmup_steps, t.lr)
         rows = global_batch(step, len(train_blocks), t.batch_size, t.seed)[accelerator.process_index :: world]

@@ -6,6 +6,11 @@ optionally plus a KL to the dense teacher's logits (the same model with dense at
 
 Saves the adapter to output_dir/final (load it with `PeftModel.from_pretrained` on the base model, then
 `set_attention`) and, with `lora.merge`, the merged model to output_dir/merged (reloads with the mechanism set).
+
+`head_budget` learns its gates (PEFT `modules_to_save` on `attn_plus`) the Budgeted-Attention way: every step
+samples a budget b in [head_budget.min_budget, 1] from the step (so a resumed run repeats it), runs the model at b,
+and adds head_budget.cost_weight * relu(expected_cost(b) - b) to the loss; evaluation runs at `options.budget`.
+`stochastic_routing` with `resample: true` draws its graph from the step (`set_step`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+
+from hf_attn_plus.mechanisms.head_budget import expected_cost
+from hf_attn_plus.mechanisms.stochastic_routing import set_step
+from hf_attn_plus.selection import counter_uniform
 
 from common import (
     RecipeConfig,
@@ -52,6 +61,31 @@ class NextTokenObjective(torch.nn.Module):
         )
         return {"loss": output.loss + self.kl_weight * t * t * kl}
 
+    def begin_step(self, step: int) -> None:
+        set_step(self.model, step)
+
+
+class BudgetObjective(NextTokenObjective):
+    """head_budget: the next-token objective at a budget sampled per step, plus the cost of the heads kept over it."""
+
+    def __init__(self, model: torch.nn.Module, kl_weight: float, temperature: float, min_budget: float,
+                 cost_weight: float, seed: int) -> None:
+        super().__init__(model, kl_weight, temperature)
+        self.min_budget, self.cost_weight, self.seed = min_budget, cost_weight, seed
+        self.budget = 1.0
+
+    def set_budget(self, budget: float) -> None:
+        self.budget = budget
+        self.model.config.hf_attn_plus = {**self.model.config.hf_attn_plus, "budget": budget}
+
+    def begin_step(self, step: int) -> None:
+        super().begin_step(step)
+        self.set_budget(self.min_budget + (1 - self.min_budget) * float(counter_uniform(self.seed, step)))
+
+    def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss = super().forward(input_ids)["loss"]
+        return {"loss": loss + self.cost_weight * torch.relu(expected_cost(self.model, self.budget) - self.budget)}
+
 
 def finetune(cfg: RecipeConfig, train_seq_len: int, eval_lengths: list[int]) -> dict:
     """LoRA-train `cfg.model` running `cfg.mechanism` on blocks of `train_seq_len`; report held-out perplexity of the
@@ -62,7 +96,10 @@ def finetune(cfg: RecipeConfig, train_seq_len: int, eval_lengths: list[int]) -> 
     lora = cfg.lora
     model = get_peft_model(
         model,
-        LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules),
+        LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            modules_to_save=["attn_plus"] if cfg.mechanism == "head_budget" else None,  # the gates learn too
+        ),
     )
     corpus = load_corpus(cfg.data, tokenizer, accelerator)
     train_blocks = corpus.train_blocks(train_seq_len)
@@ -72,9 +109,17 @@ def finetune(cfg: RecipeConfig, train_seq_len: int, eval_lengths: list[int]) -> 
         teacher_ppl = {n: perplexity(accelerator, teacher, blocks) for n, blocks in eval_sets.items()}
 
     def evaluate(objective: NextTokenObjective) -> dict[str, float]:
+        if isinstance(objective, BudgetObjective):
+            objective.set_budget(cfg.options.get("budget", 1.0))
         return {f"ppl@{n}": perplexity(accelerator, objective.model, blocks) for n, blocks in eval_sets.items()}
 
-    objective = NextTokenObjective(model, lora.kl_weight, lora.kl_temperature)
+    if cfg.mechanism == "head_budget":
+        budget = cfg.head_budget
+        objective = BudgetObjective(
+            model, lora.kl_weight, lora.kl_temperature, budget.min_budget, budget.cost_weight, cfg.train.seed
+        )
+    else:
+        objective = NextTokenObjective(model, lora.kl_weight, lora.kl_temperature)
     log = train(cfg, accelerator, objective, train_blocks, evaluate)
 
     accelerator.wait_for_everyone()

@@ -32,7 +32,14 @@ from torch import nn
 
 from ..attention import run_delegate
 from ..options import Option, float_option
-from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights, weights_class
+from ..patches.attn_plus import (
+    AttentionShape,
+    MechanismWeights,
+    mechanism_weights,
+    register_weights,
+    unwrapped,
+    weights_class,
+)
 from ..registry import Mechanism, delegate, mechanism_option, register
 
 
@@ -127,8 +134,12 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
 
 
 def expected_cost(model: nn.Module, budget: float) -> torch.Tensor:
-    """Mean gate over heads and layers at `budget` (differentiable): the share of heads' attention still computed."""
-    gates = [m(budget) for m in model.modules() if isinstance(m, HeadGateWeights)]
+    """Mean gate over heads and layers at `budget` (differentiable): the share of heads' attention still computed.
+    Gates are read through each layer's `attn_plus`, so an adapter's trained copy (modules_to_save) is the one used."""
+    gates = [
+        m.attn_plus(budget) for m in model.modules()
+        if isinstance(unwrapped(getattr(m, "attn_plus", None)), HeadGateWeights)
+    ]
     if not gates:
         raise ValueError("the model has no head_budget gates: load it with attn_implementation 'hf_attn_plus:head_budget'")
     return torch.cat(gates).mean()

@@ -63,3 +63,25 @@ def test_adapter_and_merged_model_reload_to_the_trained_outputs(run: tuple[dict,
         with with_adapter.disable_adapter():
             assert not torch.allclose(with_adapter(tokens).logits, merged(tokens).logits)  # the adapter did something
     assert perplexity(merged, tiny_eval_blocks(tiny_teacher)) == pytest.approx(summary["results"]["sliding_window + LoRA ppl@64"], rel=1e-4)
+
+
+def test_head_budget_gates_learn_at_sampled_budgets(tiny_teacher: Path, tmp_path: Path) -> None:
+    """The LoRA recipe trains head_budget's gates (modules_to_save) at per-step budgets with the cost term: the
+    saved adapter carries gates that moved off their initialisation."""
+    from hf_attn_plus.mechanisms.head_budget import HeadGateWeights
+
+    summary = launch(
+        "lora_finetune.py", "teacher/head_budget.yaml", tmp_path,
+        [f"model={tiny_teacher}", "train.steps=3", "train.eval_every=3", "train.lr=0.05", "head_budget.cost_weight=5.0"],
+    )
+    assert sorted(losses(summary)) == [1, 2, 3] and all(torch.isfinite(torch.tensor(v)) for v in losses(summary).values())
+    base = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    hf_attn_plus.set_attention(base, "head_budget", budget=0.5, inner="sliding_window", inner_options={"window": 32, "sinks": 4})
+    hf_attn_plus.patches.attn_plus.build_mechanism_weights(base)
+    initial = [m.steepness.detach().clone() for m in base.modules() if isinstance(m, HeadGateWeights)]
+    tuned = PeftModel.from_pretrained(base, tmp_path / "final")
+    attentions = [layer.self_attn for layer in tuned.base_model.model.model.layers]
+    trained = [attention.attn_plus(0.5) for attention in attentions]  # through the adapter's trained copy
+    untrained = [(1 - 0.5 * torch.nn.functional.softplus(s)).clamp(0, 1) for s in initial]
+    assert len(trained) == len(untrained) > 0
+    assert any(not torch.allclose(after, before) for after, before in zip(trained, untrained))
