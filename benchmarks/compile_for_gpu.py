@@ -39,6 +39,22 @@ def signature(fn, pointers: dict[str, str], constants: dict) -> dict[str, str]:
     }
 
 
+SM90_SHARED_LIMIT = 232448  # bytes of shared memory per block on sm_90
+
+
+def compile_and_report(fn, pointers: dict[str, str], constants: dict, target: GPUTarget, label: str) -> None:
+    """Compile `fn` for `target` and print `label` with the shared memory it needs (flagged when over the sm_90
+    limit), its warps and the compile time."""
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
+    shared = compiled.metadata.shared
+    over = " OVER the sm_90 limit" if shared > SM90_SHARED_LIMIT else ""
+    print(
+        f"{label}: {shared} B shared{over}, {compiled.metadata.num_warps} warps, {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
+
+
 def main() -> None:
     import torch
 
@@ -81,14 +97,8 @@ def main() -> None:
                     GROUP=4, UPCAST=False, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
                     **mode,
                 )
-                start = time.perf_counter()
-                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
                 flags = " ".join(f"{name.lower()}={value}" for name, value in mode.items())
-                print(
-                    f"{dt} {fn.fn.__name__} {flags} tile={tile}: {compiled.metadata.shared} B shared, "
-                    f"{time.perf_counter() - start:.0f} s",
-                    flush=True,
-                )
+                compile_and_report(fn, pointers, constants, target, f"{dt} {fn.fn.__name__} {flags} tile={tile}")
         # Gathered attention: BLOCK_M 16 is a decode call (one query, a GQA group of rows), the tile size prefill.
         gathered_common = dict(Q=x, K=x, V=x, VIS="*u8", SPANS="*i32", SLOTS="*i32", LOGW="*fp32", LSE="*fp32")
         gathered_kernels = [
@@ -101,20 +111,13 @@ def main() -> None:
                     GROUP=4, HAS_WEIGHTS=has_weights, UPCAST=False, BLOCK_M=block_m, BLOCK_N=tile,
                     BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
                 )
-                start = time.perf_counter()
-                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
-                print(
-                    f"{dt} {fn.fn.__name__} weights={has_weights} rows={block_m} tile={tile}: "
-                    f"{compiled.metadata.shared} B shared, {time.perf_counter() - start:.0f} s",
-                    flush=True,
-                )
+                label = f"{dt} {fn.fn.__name__} weights={has_weights} rows={block_m} tile={tile}"
+                compile_and_report(fn, pointers, constants, target, label)
     compile_gated_delta(target, args.head_dim)
     compile_momentum_delta(target, args.head_dim)
     constants = dict(GROUP=4, BLOCK_M=16, BLOCK_B=64, BLOCK_D=args.head_dim)
     pointers = dict(Q="*bf16", KMIN="*bf16", KMAX="*bf16", S="*fp32")
-    fn = scoring._quest_scores_kernel
-    compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
-    print(f"bf16 _quest_scores_kernel: {compiled.metadata.shared} B shared", flush=True)
+    compile_and_report(scoring._quest_scores_kernel, pointers, constants, target, "bf16 _quest_scores_kernel")
     compile_linear(target, args.head_dim)
     compile_hybrid(target, args.head_dim)
     compile_indexer(target, args.index_dim)
@@ -127,7 +130,6 @@ def compile_linear(target: GPUTarget, head_dim: int) -> None:
 
     from hf_attn_plus import linear_ops
 
-    sm90_shared_limit = 232448  # bytes per block
     f32 = "*fp32"
     for dt, torch_name in TORCH_DTYPES.items():
         x = f"*{dt}"
@@ -144,15 +146,8 @@ def compile_linear(target: GPUTarget, head_dim: int) -> None:
                 constants = dict(CHUNK=chunk, BLOCK_F=features, BLOCK_V=block_v)
                 if forward_walk:
                     constants.update(HAS_STATE=True, EPS=linear_ops.EPS)
-                start = time.perf_counter()
-                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
-                shared = compiled.metadata.shared
-                print(
-                    f"{dt} {fn.fn.__name__} F={features} Dv={head_dim} chunk={chunk} block_v={block_v}: {shared} B "
-                    f"shared{' OVER the sm_90 limit' if shared > sm90_shared_limit else ''}, "
-                    f"{time.perf_counter() - start:.0f} s",
-                    flush=True,
-                )
+                label = f"{dt} {fn.fn.__name__} F={features} Dv={head_dim} chunk={chunk} block_v={block_v}"
+                compile_and_report(fn, pointers, constants, target, label)
 
 
 def compile_gated_delta(target: GPUTarget, head_dim: int) -> None:
@@ -178,13 +173,8 @@ def compile_gated_delta(target: GPUTarget, head_dim: int) -> None:
             block_k, block_v = (delta_chunked.backward_blocks if fn is delta_chunked._chunked_backward
                                 else delta_recurrent.state_blocks)(head_dim, head_dim)
             constants = dict(constants, BLOCK_K=block_k, BLOCK_V=block_v)
-            start = time.perf_counter()
-            compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
-            print(
-                f"{dt} {fn.fn.__name__} chunk={chunk} state block={block_k}x{block_v}: {compiled.metadata.shared} B shared, "
-                f"{compiled.metadata.num_warps} warps, {time.perf_counter() - start:.0f} s",
-                flush=True,
-            )
+            label = f"{dt} {fn.fn.__name__} chunk={chunk} state block={block_k}x{block_v}"
+            compile_and_report(fn, pointers, constants, target, label)
 
 
 def compile_momentum_delta(target: GPUTarget, head_dim: int) -> None:
@@ -192,7 +182,6 @@ def compile_momentum_delta(target: GPUTarget, head_dim: int) -> None:
     backward with its narrower state blocks (`backward_blocks`)."""
     import torch
 
-    sm90_shared_limit = 232448  # bytes per block
     for dt, torch_name in TORCH_DTYPES.items():
         x = f"*{dt}"
         f32 = "*fp32"
@@ -214,15 +203,8 @@ def compile_momentum_delta(target: GPUTarget, head_dim: int) -> None:
             block_k, block_v = (delta_chunked.backward_blocks if fn is delta_momentum._chunked_backward
                                 else delta_recurrent.state_blocks)(head_dim, head_dim)
             constants = dict(constants, BLOCK_K=block_k, BLOCK_V=block_v)
-            start = time.perf_counter()
-            compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
-            shared = compiled.metadata.shared
-            print(
-                f"{dt} momentum {fn.fn.__name__} chunk={chunk} state block={block_k}x{block_v}: {shared} B shared"
-                f"{' OVER the sm_90 limit' if shared > sm90_shared_limit else ''}, {compiled.metadata.num_warps} warps, "
-                f"{time.perf_counter() - start:.0f} s",
-                flush=True,
-            )
+            label = f"{dt} momentum {fn.fn.__name__} chunk={chunk} state block={block_k}x{block_v}"
+            compile_and_report(fn, pointers, constants, target, label)
 
 
 def compile_hybrid(target: GPUTarget, head_dim: int) -> None:
@@ -233,7 +215,6 @@ def compile_hybrid(target: GPUTarget, head_dim: int) -> None:
 
     from hf_attn_plus import linear_ops
 
-    sm90_shared_limit = 232448  # bytes per block
     f32 = "*fp32"
     for dt, torch_name in TORCH_DTYPES.items():
         x = f"*{dt}"
@@ -255,15 +236,8 @@ def compile_hybrid(target: GPUTarget, head_dim: int) -> None:
                       BLOCK_F=triton.next_power_of_2(features), BLOCK_V=min(64, triton.next_power_of_2(dv)))),
             ]
             for fn, pointers, constants in kernels:
-                start = time.perf_counter()
-                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
-                shared = compiled.metadata.shared
-                print(
-                    f"{dt} {fn.fn.__name__} Dqk={qk_dim} F={features} Dv={dv} chunk={constants['CHUNK']}: {shared} B "
-                    f"shared{' OVER the sm_90 limit' if shared > sm90_shared_limit else ''}, "
-                    f"{compiled.metadata.num_warps} warps, {time.perf_counter() - start:.0f} s",
-                    flush=True,
-                )
+                label = f"{dt} {fn.fn.__name__} Dqk={qk_dim} F={features} Dv={dv} chunk={constants['CHUNK']}"
+                compile_and_report(fn, pointers, constants, target, label)
 
 
 def compile_indexer(target: GPUTarget, index_dim: int, index_heads: int = 64) -> None:
@@ -282,14 +256,9 @@ def compile_indexer(target: GPUTarget, index_dim: int, index_heads: int = 64) ->
                     SORTABLE=sortable, TOP_ONLY=top is not None, HEADS=heads, UPCAST=False,
                     BLOCK_M=rows, BLOCK_N=keys, BLOCK_D=index_dim,
                 )
-                start = time.perf_counter()
-                compiled = triton.compile(ASTSource(fn, signature(fn, pointers, constants), constants), target=target)
                 output = "scores" if not sortable else f"running top {top}" if top else "keys"
-                print(
-                    f"{dt} _indexer_kernel {output} rows={rows} heads/dot={heads} keys/tile={keys}: "
-                    f"{compiled.metadata.shared} B shared, {time.perf_counter() - start:.0f} s",
-                    flush=True,
-                )
+                label = f"{dt} _indexer_kernel {output} rows={rows} heads/dot={heads} keys/tile={keys}"
+                compile_and_report(fn, pointers, constants, target, label)
 
 
 if __name__ == "__main__":
