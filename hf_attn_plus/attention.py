@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from .masking import AttentionContext, build_context, indices_to_mask, visible_from_mask
-from .reference import default_scaling, log_length_scale, masked_attention
+from .chunked_attention import selected_attention
+from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
+from .reference import default_scaling, length_scale, log_length_scale, masked_attention
 from .registry import Mechanism, OptionError, delegate, options_from_config
+from .structure import DENSE, Selection
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "deepseek_v3", "deepseek_v32")
 
@@ -37,13 +39,40 @@ def check_model_supported(config: Any) -> None:
         )
 
 
-def mask_function(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """transformers' SDPA boolean mask, always materialised: positions are read from it, so it is never skipped."""
+# Models whose own code reads the 4-D mask (DeepSeek-V3.2's lightning indexer scores against it): they get
+# transformers' dense mask, and positions are read off it.
+DENSE_MASK_MODELS = ("deepseek_v32",)
+
+
+def mask_function(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Any = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> TokenPositions | torch.Tensor:
+    """The real-token positions of keys and queries (O(B * (q + kv)), once per forward for every layer), in place
+    of transformers' [B, 1, q, kv] mask."""
     config = kwargs.get("config")
     if config is not None:
         check_model_supported(config)
-    kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
+    device = kwargs.get("device", "cpu")
+    if getattr(config, "model_type", None) in DENSE_MASK_MODELS:
+        return sdpa_mask(
+            batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+            allow_is_causal_skip=False, device=device,
+        )
+    if mask_function is not causal_mask_function:
+        # Packed sequences, sliding-window layers and image-token overlays change who sees whom beyond causality
+        # and padding, which positions alone cannot express.
+        raise UnsupportedModelError(
+            f"hf_attn_plus supports causal attention with padding only; this call asks for the mask {mask_function!r} "
+            "(packed sequences without an attention_mask, sliding-window layers or overlays)"
+        )
+    return TokenPositions.from_padding(attention_mask, batch_size, q_length, kv_length, q_offset, kv_offset, device)
 
 
 def _check_call(module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
@@ -80,11 +109,15 @@ def attention_forward(
     kv_len = key.shape[2]
     scaling = default_scaling(query) if scaling is None else scaling
 
-    visible = visible_from_mask(attention_mask, batch, q_len, kv_len, query.device)
-    indices = kwargs.get("indices")
-    restrict = None if indices is None else indices_to_mask(indices, kv_len)
     # Set by the patched attention classes' pre-hook for mechanisms declaring `side_cache` (patches/side_cache.py).
-    ctx = build_context(visible, restrict, getattr(module, "attn_plus_cache_layer", None))
+    cache_layer = getattr(module, "attn_plus_cache_layer", None)
+    if isinstance(attention_mask, TokenPositions):
+        ctx = context_from_positions(attention_mask, cache_layer)
+    else:  # a dense mask (DeepSeek-V3.2, a caller's own) or None (plain causal)
+        visible = visible_from_mask(attention_mask, batch, q_len, kv_len, query.device)
+        indices = kwargs.get("indices")
+        restrict = None if indices is None else indices_to_mask(indices, kv_len)
+        ctx = build_context(visible, restrict, cache_layer)
 
     out, probs = run_mechanism(mechanism, opts, module, query, key, value, ctx, scaling, dropout)
     return out.transpose(1, 2).contiguous(), probs
@@ -111,8 +144,8 @@ def run_mechanism(
     if kernel:
         return mechanism.kernel(query, key, value, ctx, opts, scaling), None
     with torch.no_grad():
-        keep = mechanism.select(query, key, ctx, opts)
-    return attend_selected(module, query, key, value, keep, opts, scaling, dropout)
+        selection = mechanism.select(query, key, ctx, opts)
+    return attend_selection(module, query, key, value, ctx, selection, opts, scaling, dropout), None
 
 
 def run_delegate(
@@ -131,9 +164,29 @@ def run_delegate(
     """What a wrapper mechanism `owner` hands over to: 'dense' (exact attention, with the wrapper's own common options
     `common`) or the registered mechanism `name` with `options`."""
     if name == "dense":
-        return attend_selected(module, query, key, value, ctx.visible, common, scaling, dropout)
+        return attend_selection(module, query, key, value, ctx, Selection(DENSE), common, scaling, dropout), None
     mechanism, opts = delegate(owner, name, options)
     return run_mechanism(mechanism, opts, module, query, key, value, ctx, scaling, dropout)
+
+
+def attend_selection(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ctx: AttentionContext,
+    selection: Selection,
+    opts: Any,
+    scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Exact softmax over a selection's keys (chunked, no [q, kv] tensor) with the common `logit_scale` option
+    applied: the path of every `select` mechanism."""
+    beta = None
+    if opts.logit_scale != "none":
+        train_length = opts.train_length or module.config.max_position_embeddings
+        beta = lambda count: length_scale(count, train_length, opts.logit_scale_c)  # noqa: E731
+    return selected_attention(query, key, value, ctx, selection, scaling, beta, dropout)
 
 
 def attend_selected(
@@ -146,8 +199,8 @@ def attend_selected(
     scaling: float,
     dropout: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact softmax over the kept keys with the common `logit_scale` option applied: the path of every `select`
-    mechanism, also used by `attend` mechanisms that choose keys from module state (layer, training step)."""
+    """Exact softmax over a dense keep mask [B, H, q, kv] with the common `logit_scale` option applied: the path
+    of the `attend` mechanisms whose reference is still dense (indexer_topk, lighthouse, santa's decode)."""
     return masked_attention(query, key, value, keep, scaling, logit_scale(module, keep, opts), dropout)
 
 

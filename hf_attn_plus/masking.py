@@ -1,22 +1,64 @@
-"""From transformers' attention mask to what every mechanism selects over: visibility and token positions.
+"""From transformers' attention mask to what every mechanism selects over: real-token positions, never [q, kv].
 
 Positions are counted over real (non-padding) keys, so a window, a sink or a block means the same thing for a
 left-padded, right-padded or unpadded copy of a sequence, and for a cached decode step as for a full recompute.
+Query t sees key s exactly when both are real positions and s <= t; every selection rule is a function of (t, s)
+evaluated where it is needed (per query chunk, per tile), so the context itself is O(B * (q + kv)).
+
+The mask function registered for `hf_attn_plus:*` (attention.mask_function) returns a `TokenPositions`, built once
+per forward from the 2-D padding mask and shared by every layer. A 4-D mask handed in directly (DeepSeek-V3.2, whose
+own indexer needs it, or a caller's own mask) still works through `build_context`, which reads positions off it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenPositions:
+    """What the hf_attn_plus mask function gives the layers in place of a [B, 1, q, kv] mask."""
+
+    key_pos: torch.Tensor  # [B, kv] long: position of the key among the sequence's real keys (-1: padding)
+    query_pos: torch.Tensor  # [B, q] long: position of the query (-1: a query that sees nothing)
+
+    @classmethod
+    def from_padding(
+        cls, padding: torch.Tensor | None, batch: int, q_len: int, kv_len: int, q_offset: Any, kv_offset: int, device
+    ) -> TokenPositions:
+        """Positions of the keys in slots kv_offset.. kv_offset+kv_len and of the queries in slots q_offset.. from a
+        2-D padding mask [B, seen + q] (True/1 = real token; None: no padding). Real tokens must be contiguous."""
+        total = max(kv_offset + kv_len, int(q_offset) + q_len)
+        if padding is None:
+            real = torch.ones(batch, total, dtype=torch.bool, device=device)
+        else:
+            real = padding.to(device=device, dtype=torch.bool).expand(batch, -1)
+            # A static cache's slots past the mask hold no token yet.
+            real = torch.nn.functional.pad(real, (0, max(0, total - real.shape[-1])), value=False)
+        starts = (real[:, 1:] & ~real[:, :-1]).sum(-1) + real[:, 0]
+        if bool((starts > 1).any()):
+            row = int((starts > 1).nonzero()[0, 0])
+            raise ValueError(
+                f"hf_attn_plus: attention_mask row {row} has padding between real tokens; padding is allowed only "
+                "before (left padding) or after (right padding) a sequence"
+            )
+        count = real.long().cumsum(-1)
+        key_pos = torch.where(real, count - 1, -1)[:, kv_offset : kv_offset + kv_len]
+        q_slots = torch.arange(q_len, device=device) + q_offset
+        return cls(key_pos=key_pos, query_pos=count[:, q_slots] - 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionContext:
-    visible: torch.Tensor  # [B, 1, q_len, kv_len] bool: causal, padding and any model-side restriction
     key_pos: torch.Tensor  # [B, 1, 1, kv_len] long: index of the key among the sequence's real keys (-1: padding)
     query_pos: torch.Tensor  # [B, 1, q_len, 1] long: position of the query (-1: a query that sees nothing)
+    # A model-side restriction [B, 1, q_len, kv_len] bool of what may be attended (DeepSeek-V3.2's indexer choice,
+    # which that model hands over as a dense mask); None: none.
+    restrict: torch.Tensor | None = None
     # The model's index of each query head passed in; None: all of them, in order. A wrapper that runs a mechanism
     # on a subset of heads (head_budget skipping gated-off heads) sets it, so per-head random draws stay the same.
     query_heads: torch.Tensor | None = None
@@ -25,17 +67,50 @@ class AttentionContext:
     # call's full key tensor: a wrapper handing its delegate other keys (a head subset) must not pass it on.
     cache_layer: Any = None
 
-    def head_index(self, q_heads: int, device: torch.device) -> torch.Tensor:
-        """The model's index of each of the `q_heads` query heads of this call, [1, q_heads, 1, 1] long."""
-        heads = torch.arange(q_heads, device=device) if self.query_heads is None else self.query_heads.to(device)
-        if heads.numel() != q_heads:
-            raise ValueError(f"context names {heads.numel()} query heads, the call has {q_heads}")
-        return heads.view(1, -1, 1, 1)
+    @property
+    def batch_key_pos(self) -> torch.Tensor:
+        """[B, kv] long."""
+        return self.key_pos[:, 0, 0]
+
+    @property
+    def batch_query_pos(self) -> torch.Tensor:
+        """[B, q] long."""
+        return self.query_pos[:, 0, :, 0]
+
+    @functools.cached_property
+    def key_start(self) -> torch.Tensor:
+        """[B] long: the slot of real position 0 (real keys are contiguous: slot = key_start + position)."""
+        real = self.batch_key_pos >= 0
+        return torch.where(real.any(-1), real.long().argmax(-1), 0)
+
+    @functools.cached_property
+    def key_count(self) -> torch.Tensor:
+        """[B] long: real keys per sequence."""
+        return (self.batch_key_pos >= 0).sum(-1)
+
+    def visible_between(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        """Causal visibility of real positions (broadcast): both real and key_pos <= query_pos."""
+        return (key_pos >= 0) & (query_pos >= 0) & (key_pos <= query_pos)
+
+    @functools.cached_property
+    def visible(self) -> torch.Tensor:
+        """Dense [B, 1, q_len, kv_len] visibility: the oracle of tests and of the mechanisms whose reference is still
+        dense (O(q * kv); the sparse family never builds it)."""
+        visible = self.visible_between(self.query_pos, self.key_pos)
+        return visible if self.restrict is None else visible & self.restrict
 
     @property
     def distance(self) -> torch.Tensor:
-        """query_pos - key_pos, [B, 1, q_len, kv_len]; meaningful where `visible`."""
+        """query_pos - key_pos, [B, 1, q_len, kv_len]; meaningful where `visible` (dense: oracle use only)."""
         return self.query_pos - self.key_pos
+
+
+def context_from_positions(positions: TokenPositions, cache_layer: Any = None) -> AttentionContext:
+    return AttentionContext(
+        key_pos=positions.key_pos[:, None, None, :],
+        query_pos=positions.query_pos[:, None, :, None],
+        cache_layer=cache_layer,
+    )
 
 
 def visible_from_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -56,15 +131,20 @@ def visible_from_mask(attention_mask: torch.Tensor | None, batch: int, q_len: in
 def build_context(
     visible: torch.Tensor, restrict: torch.Tensor | None = None, cache_layer: Any = None
 ) -> AttentionContext:
-    """Positions come from `visible`; `restrict` (e.g. DeepSeek-V3.2's indexer choice) narrows what may be attended
-    without renumbering the sequence."""
+    """A context read off a dense causal visibility mask (tests, DeepSeek-V3.2, a caller's own 4-D mask);
+    `restrict` (e.g. DeepSeek-V3.2's indexer choice) narrows what may be attended without renumbering the sequence.
+    The mask must be causal and padding-only: anything else it hides is kept as a restriction."""
     key_valid = visible.any(dim=2, keepdim=True)
     key_pos = torch.where(key_valid, key_valid.cumsum(-1) - 1, -1)
     # Causal attention always sees its own token last, so the newest visible key is the query itself.
     query_pos = torch.where(visible, key_pos, -1).amax(dim=-1, keepdim=True)
+    ctx = AttentionContext(key_pos=key_pos, query_pos=query_pos, cache_layer=cache_layer)
+    implied = ctx.visible_between(query_pos, key_pos)
     if restrict is not None:
         visible = visible & restrict
-    return AttentionContext(visible=visible, key_pos=key_pos, query_pos=query_pos, cache_layer=cache_layer)
+    if not torch.equal(implied.expand_as(visible), visible):
+        ctx = dataclasses.replace(ctx, restrict=visible)
+    return ctx
 
 
 def indices_to_mask(indices: torch.Tensor, kv_len: int) -> torch.Tensor:

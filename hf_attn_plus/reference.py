@@ -16,8 +16,12 @@ def log_length_scale(kept: torch.Tensor, train_length: int, c: float) -> torch.T
     Counting the attended keys (not the context) is what keeps the softmax from flattening: that is the set the
     probability mass is spread over.
     """
-    n = kept.sum(dim=-1, keepdim=True).clamp(min=1).float()
-    return 1.0 + c * torch.log(n / train_length).clamp(min=0.0)
+    return length_scale(kept.sum(dim=-1, keepdim=True).float(), train_length, c)
+
+
+def length_scale(count: torch.Tensor, train_length: int, c: float) -> torch.Tensor:
+    """beta of `log_length_scale` from the number of attended keys per row (float, [..., 1])."""
+    return 1.0 + c * torch.log(count.clamp(min=1) / train_length).clamp(min=0.0)
 
 
 def masked_attention(

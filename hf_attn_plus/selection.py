@@ -6,9 +6,42 @@ Every function returns a bool "keep" mask broadcastable to [B, Hq, q_len, kv_len
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 
 from .masking import AttentionContext
+from .structure import PositionRule
+
+
+# Rows per query chunk when a selection scores every key: keeps a chunk's [B, H, rows, kv] scores near this size.
+SCORE_ELEMENTS = 2**23
+
+
+def query_chunks(batch: int, heads: int, q_len: int, kv_len: int) -> list[slice]:
+    """Query row ranges that a selection walks so that no [q, kv] score matrix exists at once."""
+    rows = max(1, SCORE_ELEMENTS // max(1, batch * heads * kv_len))
+    return [slice(lo, min(lo + rows, q_len)) for lo in range(0, q_len, rows)]
+
+
+def chunk_visible(ctx: AttentionContext, rows: slice) -> torch.Tensor:
+    """Visibility [B, 1, rows, kv] of one query chunk (with the model's restriction, if any)."""
+    visible = ctx.visible_between(ctx.query_pos[:, :, rows], ctx.key_pos)
+    return visible if ctx.restrict is None else visible & ctx.restrict[:, :, rows]
+
+
+def kept_indices(keep: torch.Tensor, width: int) -> torch.Tensor:
+    """Bool [..., n] with at most `width` True per row -> their indices [..., width] (largest first, -1 unused)."""
+    index = torch.arange(keep.shape[-1], device=keep.device)
+    width = min(width, keep.shape[-1])
+    return torch.where(keep, index, -1).topk(width, dim=-1).values if width else keep.new_zeros(*keep.shape[:-1], 0).long()
+
+
+def stack_lists(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Index lists of consecutive query chunks [B, H, rows, n_i] -> one [B, H, q, max n_i] (-1 padded)."""
+    width = max(c.shape[-1] for c in chunks)
+    return torch.cat([F.pad(c, (0, width - c.shape[-1]), value=-1) for c in chunks], dim=2)
 
 
 def grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -22,12 +55,6 @@ def grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 def sinks_and_window(ctx: AttentionContext, sinks: int, window: int) -> torch.Tensor:
     """The first `sinks` real tokens and the last `window` tokens up to the query (s > t - window)."""
     return ctx.visible & ((ctx.key_pos < sinks) | (ctx.distance < window))
-
-
-def dilated(ctx: AttentionContext, window: int, dilation: int) -> torch.Tensor:
-    """Local window, then every `dilation`-th key counted back from the query."""
-    distance = ctx.distance
-    return ctx.visible & ((distance < window) | (distance % dilation == 0))
 
 
 def top_scoring(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> torch.Tensor:
@@ -45,6 +72,26 @@ def top_scoring(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> 
     tied = candidates & (masked == cut)
     tied_from_the_end = tied.flip(-1).cumsum(-1).flip(-1)
     return above | (tied & (tied_from_the_end <= k - above.sum(-1, keepdim=True)))
+
+
+def top_positions(
+    ctx: AttentionContext,
+    scores_of: Callable[[slice], torch.Tensor],
+    rule: PositionRule,
+    budget: int,
+    heads: int,
+) -> torch.Tensor:
+    """Per query and head, the real positions [B, H, q, budget] (-1 unused) of the `budget` visible keys the rule
+    does not keep that score highest (ties: most recent, as `top_scoring`); `scores_of(rows)` gives one query
+    chunk's scores [B, H, rows, kv]. Built chunk by chunk: at most one chunk's scores exist at once."""
+    lists = []
+    q_len, kv_len = ctx.query_pos.shape[2], ctx.key_pos.shape[-1]
+    for rows in query_chunks(ctx.key_pos.shape[0], heads, q_len, kv_len):
+        scores = scores_of(rows)
+        candidates = chunk_visible(ctx, rows) & ~rule.keep(ctx.query_pos[:, :, rows], ctx.key_pos)
+        chosen = top_scoring(scores, candidates.expand_as(scores), budget)
+        lists.append(torch.where(chosen, ctx.key_pos, -1).topk(min(budget, kv_len), dim=-1).values)
+    return stack_lists(lists)
 
 
 def key_blocks(ctx: AttentionContext, block_size: int) -> torch.Tensor:
@@ -72,6 +119,19 @@ def quest_block_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
     kmin = torch.nan_to_num(kmin, posinf=0.0)
     kmax = torch.nan_to_num(kmax, neginf=0.0)
     return grouped_scores(query.clamp(min=0), kmax) - grouped_scores((-query).clamp(min=0), kmin)
+
+
+def chunk_seen_blocks(ctx: AttentionContext, rows: slice, num_blocks: int, block_size: int) -> torch.Tensor:
+    """Whether each query of a chunk sees any key of each block, [B, 1, rows, num_blocks]: by position alone
+    (block j is seen from t when j * block_size <= t), or through the model's restriction when there is one."""
+    t = ctx.query_pos[:, :, rows]
+    seen = (torch.arange(num_blocks, device=t.device) <= t // block_size) & (t >= 0)
+    if ctx.restrict is None:
+        return seen
+    visible = chunk_visible(ctx, rows)
+    slot = torch.where(ctx.key_pos < 0, num_blocks, ctx.key_pos // block_size).expand_as(visible)
+    counts = visible.new_zeros(*visible.shape[:-1], num_blocks + 1, dtype=torch.float32)
+    return seen & (counts.scatter_add_(-1, slot, visible.float())[..., :num_blocks] > 0)
 
 
 def visible_blocks(ctx: AttentionContext, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:

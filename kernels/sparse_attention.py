@@ -2,6 +2,8 @@
 
 The selection stays the reference `select` (the semantic truth); the kernels only make the attention over it cheap:
 a few new queries go to selected_decode (split-KV, no gradient), everything else to block_sparse_prefill.
+Not yet moved to the structured contract: these kernels still read a dense [B, H, q, kv] keep mask, written here from
+the Selection (`structure.dense_keep`), so the GPU path is O(q * kv) in memory until they read rules and lists.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 
 from ..masking import AttentionContext
+from ..structure import dense_keep
 from ._triton import require_triton
 
 # Up to this many new queries (speculative / multi-token decode) a call is treated as decode.
@@ -51,7 +54,7 @@ def selection_kernel(select: Callable[..., torch.Tensor], **select_kwargs: Any) 
         scaling: float,
     ) -> torch.Tensor:
         with torch.no_grad():
-            keep = select(query, key, ctx, opts, **select_kwargs)
+            keep = dense_keep(ctx, select(query, key, ctx, opts, **select_kwargs), query.shape[1])
         return sparse_attention(query, key, value, keep, scaling)
 
     return kernel

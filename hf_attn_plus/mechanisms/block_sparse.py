@@ -20,25 +20,34 @@ from ..options import float_option, int_option
 from ..reference import default_scaling
 from ..registry import Mechanism, register
 from ..selection import (
-    blocks_to_keys,
-    fixed_blocks,
+    chunk_seen_blocks,
     grouped_scores,
+    kept_indices,
     key_blocks,
     mass_ranked_blocks,
     pooled_blocks,
-    visible_blocks,
+    query_chunks,
+    stack_lists,
 )
+from ..structure import PositionRule, Selection
 
 
-def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> torch.Tensor:
-    blocks = key_blocks(ctx, opts.block_size)
-    num_blocks = int(blocks.max()) + 1
-    seen = visible_blocks(ctx, blocks, num_blocks)
-    fixed = fixed_blocks(seen, ctx.query_pos // opts.block_size, opts.sink_blocks, opts.local_blocks)
-    mean_keys = pooled_blocks(key, blocks.reshape(blocks.shape[0], -1), num_blocks)
-    logits = grouped_scores(query, mean_keys) * default_scaling(query)
-    chosen = fixed | mass_ranked_blocks(logits, seen & ~fixed, opts.threshold)
-    return blocks_to_keys(chosen, blocks, ctx)
+def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> Selection:
+    batch, q_heads, q_len, _ = query.shape
+    size = opts.block_size
+    num_blocks = max(1, -(-int(ctx.key_count.max()) // size))
+    mean_keys = pooled_blocks(key, key_blocks(ctx, size).reshape(batch, -1), num_blocks)
+    index = torch.arange(num_blocks, device=query.device)
+    lists = []
+    for rows in query_chunks(batch, q_heads, q_len, num_blocks):
+        logits = grouped_scores(query[:, :, rows], mean_keys) * default_scaling(query)
+        query_block = ctx.query_pos[:, :, rows] // size
+        fixed = (index < opts.sink_blocks) | (query_block - index < opts.local_blocks)
+        candidates = (chunk_seen_blocks(ctx, rows, num_blocks, size) & ~fixed).expand_as(logits)
+        chosen = mass_ranked_blocks(logits, candidates, opts.threshold)
+        lists.append(kept_indices(chosen, int(chosen.sum(-1).max())))
+    rule = PositionRule(sinks=opts.sink_blocks * size, block_size=size, local_blocks=opts.local_blocks)
+    return Selection(rule, block_size=size, blocks=stack_lists(lists))
 
 
 MECHANISM = register(

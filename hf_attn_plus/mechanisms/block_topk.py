@@ -24,12 +24,15 @@ from ..patches.side_cache import side_state
 from ..registry import Mechanism, register
 from ..selection import (
     block_key_bounds,
-    blocks_to_keys,
+    chunk_seen_blocks,
     key_blocks,
+    kept_indices,
+    query_chunks,
     quest_block_scores,
-    top_blocks,
-    visible_blocks,
+    stack_lists,
+    top_scoring,
 )
+from ..structure import PositionRule, Selection
 
 
 def block_summaries(key: torch.Tensor, ctx: AttentionContext, block_size: int) -> BlockSummaries:
@@ -38,23 +41,43 @@ def block_summaries(key: torch.Tensor, ctx: AttentionContext, block_size: int) -
     return side_state(ctx, f"block_topk:block_size={block_size}", lambda: BlockSummaries(block_size), key)
 
 
+def fixed_rule(opts: SimpleNamespace) -> PositionRule:
+    """The sink and local blocks, always attended, as a position rule."""
+    return PositionRule(sinks=opts.sink_blocks * opts.block_size, block_size=opts.block_size, local_blocks=opts.local_blocks)
+
+
 def chosen_blocks(
     query: torch.Tensor,
     ctx: AttentionContext,
     opts: SimpleNamespace,
-    blocks: torch.Tensor,
     bounds: tuple[torch.Tensor, torch.Tensor],
     block_scores: Callable[..., torch.Tensor],
 ) -> torch.Tensor:
-    """Blocks each query head attends, [B, Hq, q, num_blocks]: sink and local blocks and the `budget` best-scoring."""
+    """The `budget` best-scoring seen blocks besides the sink and local ones, [B, Hq, q, budget] block indices
+    (-1 unused), scored chunk by chunk over queries."""
     kmin, kmax = bounds
-    seen = visible_blocks(ctx, blocks, kmin.shape[2])
-    scores = block_scores(query, kmin, kmax)
-    group = query.shape[1] // kmin.shape[1] if opts.choose_per == "group" else 1
-    if group > 1:  # one choice per KV group, by the largest bound any of its heads gives
-        scores = scores.unflatten(1, (-1, group)).amax(dim=2)
-    chosen = top_blocks(scores, seen, ctx.query_pos // opts.block_size, opts.sink_blocks, opts.local_blocks, opts.budget)
-    return chosen.repeat_interleave(group, dim=1) if group > 1 else chosen
+    batch, q_heads, q_len, _ = query.shape
+    num_blocks = kmin.shape[2]
+    group = q_heads // kmin.shape[1] if opts.choose_per == "group" else 1
+    index = torch.arange(num_blocks, device=query.device)
+    lists = []
+    for rows in query_chunks(batch, q_heads, q_len, num_blocks):
+        scores = block_scores(query[:, :, rows], kmin, kmax)
+        if group > 1:  # one choice per KV group, by the largest bound any of its heads gives
+            scores = scores.unflatten(1, (-1, group)).amax(dim=2)
+        query_block = ctx.query_pos[:, :, rows] // opts.block_size
+        fixed = (index < opts.sink_blocks) | (query_block - index < opts.local_blocks)
+        candidates = chunk_seen_blocks(ctx, rows, num_blocks, opts.block_size) & ~fixed
+        chosen = kept_indices(top_scoring(scores, candidates.expand_as(scores), opts.budget), opts.budget)
+        lists.append(chosen.repeat_interleave(group, dim=1) if group > 1 else chosen)
+    return stack_lists(lists)
+
+
+def key_bounds(key: torch.Tensor, ctx: AttentionContext, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if ctx.cache_layer is not None:
+        return block_summaries(key, ctx, block_size).bounds
+    num_blocks = max(1, -(-int(ctx.key_count.max()) // block_size))
+    return block_key_bounds(key, key_blocks(ctx, block_size), num_blocks)
 
 
 def select(
@@ -63,17 +86,27 @@ def select(
     ctx: AttentionContext,
     opts: SimpleNamespace,
     block_scores: Callable[..., torch.Tensor] = quest_block_scores,
-) -> torch.Tensor:
+) -> Selection:
     """`block_scores(query, kmin, kmax)`: the reference bound, or the Triton kernel computing the same bound."""
-    blocks = key_blocks(ctx, opts.block_size)
-    if ctx.cache_layer is None:
-        bounds = block_key_bounds(key, blocks, int(blocks.max()) + 1)
-    else:
-        bounds = block_summaries(key, ctx, opts.block_size).bounds
-    return blocks_to_keys(chosen_blocks(query, ctx, opts, blocks, bounds, block_scores), blocks, ctx)
+    blocks = chosen_blocks(query, ctx, opts, key_bounds(key, ctx, opts.block_size), block_scores)
+    return Selection(fixed_rule(opts), block_size=opts.block_size, blocks=blocks)
 
 
 _prefill_kernel = selection_kernel(select, block_scores=quest_scores)
+
+
+def block_map(ctx: AttentionContext, opts: SimpleNamespace, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """The blocks each query attends as a bool map [B, Hq, q, num_blocks] (chosen, sink and local blocks it sees),
+    what the block-mode decode kernel reads (a few queries: O(q * num_blocks))."""
+    rows = slice(None)
+    index = torch.arange(num_blocks, device=blocks.device)
+    query_block = ctx.query_pos // opts.block_size
+    fixed = ((index < opts.sink_blocks) | (query_block - index < opts.local_blocks)) & chunk_seen_blocks(
+        ctx, rows, num_blocks, opts.block_size
+    )
+    chosen = torch.zeros(*blocks.shape[:-1], num_blocks + 1, dtype=torch.bool, device=blocks.device)
+    chosen.scatter_(-1, torch.where(blocks < 0, num_blocks, blocks), True)
+    return chosen[..., :num_blocks] | fixed
 
 
 def kernel(
@@ -92,8 +125,8 @@ def kernel(
 
     with torch.no_grad():
         summaries = block_summaries(key, ctx, opts.block_size)
-        blocks = key_blocks(ctx, opts.block_size)
-        chosen = chosen_blocks(query, ctx, opts, blocks, summaries.bounds, quest_scores)
+        blocks = chosen_blocks(query, ctx, opts, summaries.bounds, quest_scores)
+        chosen = block_map(ctx, opts, blocks, summaries.bounds[0].shape[2])
     return selected_block_decode(
         query, key, value, ctx.visible, ctx.key_pos.flatten(1), chosen, summaries.spans, opts.block_size, scaling
     )

@@ -1,5 +1,6 @@
 """dilated (RAT+ "train dense, infer sparse"): a local window, then every `dilation`-th key back from the query.
-Cuts FLOPs and KV reads by about the dilation factor; dilation=1 is dense attention."""
+Cuts FLOPs and KV reads by about the dilation factor; dilation=1 is dense attention. A position rule: the reference
+reads the window as one view and the dilated keys as one strided view per residue class of the query position."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from ..kernels.sparse_attention import selection_kernel
 from ..masking import AttentionContext
 from ..options import int_option
 from ..registry import Mechanism, register
-from ..selection import dilated
+from ..structure import PositionRule, Selection
 
 
-def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> torch.Tensor:
-    return dilated(ctx, opts.window, opts.dilation)
+def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> Selection:
+    return Selection(PositionRule(window=opts.window, dilation=opts.dilation))
 
 
 MECHANISM = register(

@@ -1,5 +1,6 @@
 """sliding_window: local attention with attention sinks (StreamingLLM). Query t sees the first `sinks` tokens and
-the last `window` tokens (s > t - window)."""
+the last `window` tokens (s > t - window): a position rule, so the reference reads one window of keys per query
+chunk and a decode step reads sinks + window, whatever the context."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from ..kernels.sparse_attention import selection_kernel
 from ..masking import AttentionContext
 from ..options import int_option
 from ..registry import Mechanism, register
-from ..selection import sinks_and_window
+from ..structure import PositionRule, Selection
 
 
-def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> torch.Tensor:
-    return sinks_and_window(ctx, opts.sinks, opts.window)
+def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> Selection:
+    return Selection(PositionRule(sinks=opts.sinks, window=opts.window))
 
 
 MECHANISM = register(

@@ -1,5 +1,6 @@
 """topk: query-aware token selection. Query t attends to sinks, its local window and the `budget` other keys with
-the largest q·k, each query head choosing its own keys; exact softmax over that set."""
+the largest q·k, each query head choosing its own keys; exact softmax over that set. Scoring is chunked over queries
+(one q·k per key is inherent); the selection is a [B, Hq, q, budget] position list."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from ..kernels.sparse_attention import selection_kernel
 from ..masking import AttentionContext
 from ..options import int_option
 from ..registry import Mechanism, register
-from ..selection import grouped_scores, sinks_and_window, top_scoring
+from ..selection import grouped_scores, top_positions
+from ..structure import PositionRule, Selection
 
 
-def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> torch.Tensor:
-    fixed = sinks_and_window(ctx, opts.sinks, opts.window)
-    return fixed | top_scoring(grouped_scores(query, key), ctx.visible & ~fixed, opts.budget)
+def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> Selection:
+    rule = PositionRule(sinks=opts.sinks, window=opts.window)
+    tokens = top_positions(ctx, lambda rows: grouped_scores(query[:, :, rows], key), rule, opts.budget, query.shape[1])
+    return Selection(rule, tokens=tokens)
 
 
 MECHANISM = register(

@@ -7,6 +7,7 @@ import torch
 
 import hf_attn_plus
 from hf_attn_plus.masking import build_context, visible_from_mask
+from hf_attn_plus.structure import dense_keep
 
 BATCH, Q_HEADS, KV_HEADS, DIM = 3, 4, 2, 8
 
@@ -109,7 +110,7 @@ def test_selection_matches_brute_force(name, kv_len, q_len):
     mechanism = hf_attn_plus.get_mechanism(name.split("/")[0])
     opts = mechanism.resolve_options(CASES[name])
     ctx = build_context(visible_from_mask(mask, BATCH, q_len, kv_len, "cpu"))
-    keep = mechanism.select(query, key, ctx, opts).expand(BATCH, Q_HEADS, q_len, kv_len)
+    keep = dense_keep(ctx, mechanism.select(query, key, ctx, opts), Q_HEADS)
     expected = brute_force(query, key, valid, q_len, rule_for(name, CASES[name], query, key))
     real_query = valid[:, kv_len - q_len :][:, None, :, None]
     assert torch.equal(keep & real_query, expected)
@@ -123,5 +124,5 @@ def test_selection_is_sparse_when_budget_is_small():
     ctx = build_context(visible_from_mask(mask, BATCH, 23, 23, "cpu"))
     for name, opts in CASES.items():
         mechanism = hf_attn_plus.get_mechanism(name.split("/")[0])
-        keep = mechanism.select(query, key, ctx, mechanism.resolve_options(opts))
+        keep = dense_keep(ctx, mechanism.select(query, key, ctx, mechanism.resolve_options(opts)), Q_HEADS)
         assert keep.expand(BATCH, Q_HEADS, 23, 23)[2, :, -1].sum(-1).max() < 23 * 0.7, name

@@ -1,0 +1,95 @@
+"""A sparse selection as structure: what the chunked reference and the kernels read instead of a [q, kv] mask.
+
+Query t (a real position) keeps key s (s <= t, visible) when any of three parts names it:
+- `rule`: a function of (t, s) alone, as FlexAttention's `mask_mod`: sinks, a window, block-aligned local blocks,
+  every `dilation`-th key;
+- `blocks`: block indices [B, H, q, n] (block = position // block_size, -1 unused) per query and head;
+- `tokens`: real positions [B, H, q, n] (-1 unused) per query and head, optionally with log-weights (sampled
+  estimators' importance weights).
+The parts are disjoint by contract (a mechanism lists in `blocks` / `tokens` only keys its rule does not keep), so
+every kept key is counted once. A model-side restriction (ctx.restrict) applies on top. `dense_keep` writes the
+whole [B, H, q, kv] mask: the brute-force oracle of tests, never used on the attention path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .masking import AttentionContext
+
+# A window at least this long covers any context: `PositionRule(window=EVERY)` is dense causal attention.
+EVERY = 2**62
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionRule:
+    sinks: int = 0  # positions s < sinks
+    window: int = 0  # t - s < window
+    dilation: int = 0  # (t - s) % dilation == 0 (0: no dilated part)
+    block_size: int = 1
+    local_blocks: int = 0  # s // block_size > t // block_size - local_blocks (0: none)
+
+    def keep(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Whether the rule keeps key position s for query position t (broadcast; visibility not included)."""
+        distance = t - s
+        kept = (s < self.sinks) | (distance < self.window)
+        if self.dilation:
+            kept = kept | (distance % self.dilation == 0)
+        if self.local_blocks:
+            kept = kept | (s // self.block_size > t // self.block_size - self.local_blocks)
+        return kept
+
+    def near_start(self, t: torch.Tensor | int) -> torch.Tensor | int:
+        """The first position of the contiguous run of keys the rule keeps up to t (its window / local blocks);
+        in [sinks, near_start(t)) the rule keeps dilated keys only."""
+        start = t + 1
+        if self.window:
+            start = _minimum(start, t - min(self.window, EVERY) + 1)
+        if self.local_blocks:
+            start = _minimum(start, (t // self.block_size - self.local_blocks + 1) * self.block_size)
+        return start
+
+
+def _minimum(a: torch.Tensor | int, b: torch.Tensor | int) -> torch.Tensor | int:
+    return torch.minimum(a, b) if isinstance(a, torch.Tensor) else min(a, b)
+
+
+DENSE = PositionRule(window=EVERY)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    rule: PositionRule = PositionRule()
+    block_size: int = 1
+    blocks: torch.Tensor | None = None  # [B, H|1, q, n] long block indices, -1 unused
+    tokens: torch.Tensor | None = None  # [B, H|1, q, n] long positions, -1 unused
+    log_weights: torch.Tensor | None = None  # [B, H|1, q, n] added to the listed tokens' logits
+
+    def __post_init__(self) -> None:
+        if self.log_weights is not None and self.tokens is None:
+            raise ValueError("Selection: log_weights weight listed tokens; no tokens were given")
+
+
+def dense_keep(ctx: AttentionContext, selection: Selection, heads: int = 1) -> torch.Tensor:
+    """The selection as a bool [B, H, q, kv] keep mask (H = max(heads, the lists' heads)): the test oracle."""
+    t, s = ctx.query_pos, ctx.key_pos
+    keep = selection.rule.keep(t, s)
+    batch, _, q_len, kv_len = ctx.visible.shape
+    if selection.blocks is not None:
+        keep = keep | listed(selection.blocks, s // selection.block_size, s >= 0, kv_len)
+    if selection.tokens is not None:
+        keep = keep | listed(selection.tokens, s, s >= 0, kv_len)
+    keep = keep & ctx.visible
+    return keep.expand(batch, max(heads, keep.shape[1]), q_len, kv_len)
+
+
+def listed(lists: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Whether each key's value (its block or position, [B, 1, 1, kv]) appears in lists [B, H, q, n] -> [B, H, q, kv].
+    Values are < kv_len; -1 entries go to an extra column that is dropped."""
+    batch, heads, q_len, _ = lists.shape
+    hit = torch.zeros(batch, heads, q_len, kv_len + 1, dtype=torch.bool, device=lists.device)
+    hit.scatter_(-1, torch.where(lists < 0, kv_len, lists), True)
+    index = torch.where(valid, values, kv_len).expand(batch, heads, q_len, kv_len)
+    return hit.gather(-1, index)
