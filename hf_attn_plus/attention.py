@@ -27,6 +27,12 @@ _UNSUPPORTED_KWARGS = {
 }
 
 
+_SLIDING_REFUSAL = (
+    "hf_attn_plus does not yet support layers with the model's own sliding window "
+    "(sliding_window={window} in {where}); use a config without it"
+)
+
+
 class UnsupportedModelError(ValueError):
     """The model or layer asks for attention semantics hf_attn_plus does not implement."""
 
@@ -66,6 +72,9 @@ def mask_function(
             allow_is_causal_skip=False, device=device,
         )
     if mask_function is not causal_mask_function:
+        window = getattr(config, "sliding_window", None)
+        if window is not None:
+            raise UnsupportedModelError(_SLIDING_REFUSAL.format(window=window, where=type(config).__name__))
         # Packed sequences, sliding-window layers and image-token overlays change who sees whom beyond causality
         # and padding, which positions alone cannot express.
         raise UnsupportedModelError(
@@ -84,10 +93,7 @@ def _check_call(module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
     if kwargs.get("sliding_window") is not None:
         # The model's own sliding-window cache drops old keys, which would renumber the positions that sinks,
         # windows and blocks are defined on.
-        raise UnsupportedModelError(
-            f"hf_attn_plus does not yet support layers with the model's own sliding window "
-            f"(sliding_window={kwargs['sliding_window']} in {type(module).__name__}); use a config without it"
-        )
+        raise UnsupportedModelError(_SLIDING_REFUSAL.format(window=kwargs["sliding_window"], where=type(module).__name__))
 
 
 def attention_forward(
