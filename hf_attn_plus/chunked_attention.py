@@ -27,7 +27,7 @@ from .structure import EVERY, Selection
 
 # Upper bound on the elements of one chunk's keep mask: the chunk length adapts to the keys a row may read.
 CHUNK_ELEMENTS = 2**22
-MAX_CHUNK = 512
+MAX_CHUNK = 64
 
 
 @dataclasses.dataclass

@@ -15,13 +15,15 @@ from .masking import AttentionContext
 from .structure import PositionRule
 
 
-# Rows per query chunk when a selection scores every key: keeps a chunk's [B, H, rows, kv] scores near this size.
+# Rows per query chunk when a selection scores every key: keeps a chunk's [B, H, rows, kv] scores near this size,
+# and a chunk well below the sequence, so no tensor of one head's [q, kv] size exists even at moderate lengths.
 SCORE_ELEMENTS = 2**23
+MAX_SCORE_ROWS = 64
 
 
 def query_chunks(batch: int, heads: int, q_len: int, kv_len: int) -> list[slice]:
     """Query row ranges that a selection walks so that no [q, kv] score matrix exists at once."""
-    rows = max(1, SCORE_ELEMENTS // max(1, batch * heads * kv_len))
+    rows = max(1, min(MAX_SCORE_ROWS, SCORE_ELEMENTS // max(1, batch * heads * kv_len)))
     return [slice(lo, min(lo + rows, q_len)) for lo in range(0, q_len, rows)]
 
 
