@@ -45,7 +45,10 @@ PARTS = ("prefill", "decode", "train")
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if DEVICE.type == "cuda":
+        return f"{torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__}, {DTYPE}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, {DTYPE}"
 
 
 def layer_config(max_positions: int) -> LlamaConfig:
@@ -83,24 +86,41 @@ def attention_call(name: str, length: int, q_len: int | None = None):
     return run
 
 
+DEVICE = torch.device("cpu")
+DTYPE = torch.float32
+
+
 def inputs(length: int, requires_grad: bool = False):
     g = torch.Generator().manual_seed(length)
-    q = torch.randn(1, Q_HEADS, length, HEAD_DIM, generator=g)
-    k = torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=g)
-    v = torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=g)
-    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+    shapes = ((1, Q_HEADS, length, HEAD_DIM), (1, KV_HEADS, length, HEAD_DIM), (1, KV_HEADS, length, HEAD_DIM))
+    return [torch.randn(s, generator=g).to(DEVICE, DTYPE).requires_grad_(requires_grad) for s in shapes]
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def peak_bytes(fn) -> int:
+    """Peak bytes allocated during fn beyond what was live before (CUDA: the allocator's own count)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
     with TensorMemoryPeak() as tracker:
         fn()
     return tracker.peak
@@ -124,8 +144,8 @@ def decode(names: list[str], contexts: list[int], steps: int) -> list[dict]:
     rows = []
     for context in contexts:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(layer_config(context + steps + 8)).eval()
-        ids = torch.randint(3, 256, (1, context))
+        model = LlamaForCausalLM(layer_config(context + steps + 8)).eval().to(DEVICE, DTYPE)
+        ids = torch.randint(3, 256, (1, context), device=DEVICE)
         for name in ["sdpa", *names]:
             hf_attn_plus.set_attention(model, "sdpa")
             with torch.no_grad():
@@ -134,9 +154,11 @@ def decode(names: list[str], contexts: list[int], steps: int) -> list[dict]:
                 if name != "sdpa":
                     hf_attn_plus.set_attention(model, name, **SETTINGS[name])
                 token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)  # builds side states
+                _sync()
                 start = time.perf_counter()
                 for _ in range(steps):
                     token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+                _sync()
                 ms = (time.perf_counter() - start) / steps * 1e3
             rows.append(dict(part="decode", mechanism=name, context=context, ms_per_token=ms))
             _report(rows[-1])
@@ -189,9 +211,14 @@ def main() -> None:
     parser.add_argument("--memory-up-to", type=int, default=32768, help="longest prefill whose memory is traced")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per context")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE, DTYPE
+    DEVICE = torch.device(args.device)
+    DTYPE = getattr(torch, args.dtype or ("bfloat16" if DEVICE.type == "cuda" else "float32"))
     results = dict(machine=machine(), settings=SETTINGS, command=" ".join(sys.argv), rows=[])
     if "prefill" in args.parts:
         results["rows"] += prefill(args.mechanisms, args.lengths, args.repeat, args.memory_up_to)

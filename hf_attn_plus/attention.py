@@ -65,6 +65,8 @@ def mask_function(
     config = kwargs.get("config")
     if config is not None:
         check_model_supported(config)
+    if isinstance(attention_mask, TokenPositions):  # made already, by generate() for a compilable cache
+        return attention_mask
     device = kwargs.get("device", "cpu")
     if getattr(config, "model_type", None) in DENSE_MASK_MODELS:
         return sdpa_mask(

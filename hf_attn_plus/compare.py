@@ -22,6 +22,7 @@ import transformers
 from .demo import Subject
 from .integration import set_attention
 from .masking import build_context
+from .structure import dense_keep
 from .measure import speed
 from .options import OptionError
 from .registry import PREFIX, all_mechanisms, get_mechanism
@@ -115,8 +116,8 @@ def kept_fraction(spec: Spec, length: int) -> float | None:
     generator = torch.Generator().manual_seed(0)
     query, key = torch.randn(2, 1, 1, length, 16, generator=generator)
     visible = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
-    keep = mechanism.select(query, key, build_context(visible), mechanism.resolve_options(spec.options))
-    keep = keep & visible
+    ctx = build_context(visible)
+    keep = dense_keep(ctx, mechanism.select(query, key, ctx, mechanism.resolve_options(spec.options)))
     return float(keep.sum() / visible.sum())
 
 

@@ -11,6 +11,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .masking import TokenPositions
 from .registry import PREFIX
 
 
@@ -49,8 +50,9 @@ def attention_pairs(
         if module.layer_idx == 0:
             pairs.clear()
         student, _ = student_fn(module, query, key, value, attention_mask, *args, **kwargs)
+        dense_mask = attention_mask.dense_mask() if isinstance(attention_mask, TokenPositions) else attention_mask
         with torch.no_grad():
-            reference, _ = teacher_fn(module, query, key, value, attention_mask, *args, **kwargs)
+            reference, _ = teacher_fn(module, query, key, value, dense_mask, *args, **kwargs)
         pairs[module.layer_idx] = AttentionPair(student, reference)
         return (reference if propagate == "teacher" else student), None
 

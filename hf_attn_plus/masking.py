@@ -51,6 +51,19 @@ class TokenPositions:
         q_slots = torch.arange(q_len, device=device) + q_offset
         return cls(key_pos=key_pos, query_pos=count[:, q_slots] - 1)
 
+    # generate() prepares the mask up front for compilable caches and calls .contiguous() on it; the model's mask
+    # creation then sees a 4-D mask already made and hands it back to the mask function, which passes it through.
+    ndim = 4
+
+    def contiguous(self) -> TokenPositions:
+        return self
+
+    def dense_mask(self) -> torch.Tensor:
+        """transformers' [B, 1, q, kv] bool mask of the same visibility, for a dense implementation run on these
+        positions (a distillation teacher); O(q * kv)."""
+        key_pos, query_pos = self.key_pos[:, None, None, :], self.query_pos[:, None, :, None]
+        return (key_pos >= 0) & (query_pos >= 0) & (key_pos <= query_pos)
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionContext:
@@ -66,6 +79,13 @@ class AttentionContext:
     # None without a cache, in training, or on a model class hf_attn_plus does not patch. Side states describe the
     # call's full key tensor: a wrapper handing its delegate other keys (a head subset) must not pass it on.
     cache_layer: Any = None
+
+    def head_index(self, q_heads: int, device: torch.device) -> torch.Tensor:
+        """The model's index of each of the `q_heads` query heads of this call, [1, q_heads, 1, 1] long."""
+        heads = torch.arange(q_heads, device=device) if self.query_heads is None else self.query_heads.to(device)
+        if heads.numel() != q_heads:
+            raise ValueError(f"context names {heads.numel()} query heads, the call has {q_heads}")
+        return heads.view(1, -1, 1, 1)
 
     @property
     def batch_key_pos(self) -> torch.Tensor:

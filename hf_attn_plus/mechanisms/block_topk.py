@@ -98,12 +98,10 @@ _prefill_kernel = selection_kernel(select, block_scores=quest_scores)
 def block_map(ctx: AttentionContext, opts: SimpleNamespace, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """The blocks each query attends as a bool map [B, Hq, q, num_blocks] (chosen, sink and local blocks it sees),
     what the block-mode decode kernel reads (a few queries: O(q * num_blocks))."""
-    rows = slice(None)
     index = torch.arange(num_blocks, device=blocks.device)
     query_block = ctx.query_pos // opts.block_size
-    fixed = ((index < opts.sink_blocks) | (query_block - index < opts.local_blocks)) & chunk_seen_blocks(
-        ctx, rows, num_blocks, opts.block_size
-    )
+    seen = chunk_seen_blocks(ctx, slice(None), num_blocks, opts.block_size)
+    fixed = ((index < opts.sink_blocks) | (query_block - index < opts.local_blocks)) & seen
     chosen = torch.zeros(*blocks.shape[:-1], num_blocks + 1, dtype=torch.bool, device=blocks.device)
     chosen.scatter_(-1, torch.where(blocks < 0, num_blocks, blocks), True)
     return chosen[..., :num_blocks] | fixed

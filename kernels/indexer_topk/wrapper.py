@@ -46,7 +46,9 @@ def indexer_topk_indices(
     chunks = []
     for start in range(0, q_len, query_chunk):
         rows = slice(start, start + query_chunk)
-        chunk_ctx = dataclasses.replace(ctx, visible=ctx.visible[:, :, rows], query_pos=ctx.query_pos[:, :, rows])
+        chunk_ctx = dataclasses.replace(
+            ctx, query_pos=ctx.query_pos[:, :, rows], restrict=None if ctx.restrict is None else ctx.restrict[:, :, rows]
+        )
         keys = candidate_keys_kernel(
             index_query[:, :, rows], index_key, head_weights[:, :, rows], chunk_ctx, sinks, window, budget, splits, top_only
         )

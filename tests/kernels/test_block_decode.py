@@ -16,6 +16,7 @@ from hf_attn_plus.kernels.tile_lists import tiles_from_blocks, tiles_from_keep
 from hf_attn_plus.masking import build_context
 from hf_attn_plus.mechanisms import block_topk
 from hf_attn_plus.reference import masked_attention
+from hf_attn_plus.structure import dense_keep
 from hf_attn_plus.selection import blocks_to_keys, key_blocks, quest_block_scores
 from hf_attn_plus.tiny import tiny_config
 
@@ -36,9 +37,11 @@ def reference_choice(query, key, ctx, opts):
     summaries = BlockSummaries(opts.block_size)
     summaries.extend(key, ctx.key_pos)
     blocks = key_blocks(ctx, opts.block_size)
-    chosen = block_topk.chosen_blocks(query, ctx, opts, blocks, summaries.bounds, quest_block_scores)
-    assert torch.equal(blocks_to_keys(chosen, blocks, ctx), block_topk.select(query, key, ctx, opts))
-    return chosen, summaries.spans, blocks_to_keys(chosen, blocks, ctx)
+    listed = block_topk.chosen_blocks(query, ctx, opts, summaries.bounds, quest_block_scores)
+    chosen = block_topk.block_map(ctx, opts, listed, summaries.bounds[0].shape[2])
+    keep = dense_keep(ctx, block_topk.select(query, key, ctx, opts), query.shape[1])
+    assert torch.equal(blocks_to_keys(chosen, blocks, ctx), keep)
+    return chosen, summaries.spans, keep
 
 
 # (q_heads, kv_heads, q_len, kv_len, head_dim, v_dim, dtype, block_size, tile)
@@ -69,7 +72,7 @@ def test_mechanism_kernel_equals_reference():
     ctx = decode_context(70, 1, pads=[0, 13])
     opts = block_topk.MECHANISM.resolve_options(dict(block_size=8, budget=3))
     out = block_topk.kernel(q, k, v, ctx, opts, 0.125)
-    expected = masked_attention(q, k, v, block_topk.select(q, k, ctx, opts), scaling=0.125)[0]
+    expected = masked_attention(q, k, v, dense_keep(ctx, block_topk.select(q, k, ctx, opts), 8), scaling=0.125)[0]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 

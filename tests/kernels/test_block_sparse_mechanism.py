@@ -8,6 +8,7 @@ from hf_attn_plus import OptionError
 from hf_attn_plus.masking import build_context, visible_from_mask
 from hf_attn_plus.registry import get_mechanism
 from hf_attn_plus.selection import mass_ranked_blocks
+from hf_attn_plus.structure import dense_keep
 
 MECHANISM = get_mechanism("block_sparse")
 
@@ -41,7 +42,7 @@ def padded_problem(seed=0, batch=2, q_heads=4, kv_heads=2, length=37, dim=16):
 def test_threshold_one_is_dense_and_lower_thresholds_keep_subsets():
     query, key, ctx = padded_problem()
     keeps = [
-        MECHANISM.select(query, key, ctx, MECHANISM.resolve_options(dict(block_size=4, threshold=t)))
+        dense_keep(ctx, MECHANISM.select(query, key, ctx, MECHANISM.resolve_options(dict(block_size=4, threshold=t))), query.shape[1])
         for t in (1.0, 0.9, 0.6, 0.2)
     ]
     assert torch.equal(keeps[0], ctx.visible.expand_as(keeps[0]))
@@ -60,12 +61,14 @@ def test_choice_ignores_later_tokens_and_padding():
     query, key, _ = padded_problem(seed=2)
     query, key = query[:1], key[:1]
     opts = MECHANISM.resolve_options(dict(block_size=4, threshold=0.5, sink_blocks=0))
-    full = MECHANISM.select(query, key, build_context(visible_from_mask(None, 1, 37, 37, "cpu")), opts)
+    full_ctx = build_context(visible_from_mask(None, 1, 37, 37, "cpu"))
+    full = dense_keep(full_ctx, MECHANISM.select(query, key, full_ctx, opts), query.shape[1])
     prefix_ctx = build_context(visible_from_mask(None, 1, 25, 25, "cpu"))
-    prefix = MECHANISM.select(query[:, :, :25], key[:, :, :25], prefix_ctx, opts)
+    prefix = dense_keep(prefix_ctx, MECHANISM.select(query[:, :, :25], key[:, :, :25], prefix_ctx, opts), query.shape[1])
     assert torch.equal(full[..., :25, :25], prefix)
     assert full[..., :25, :25].sum() < prefix_ctx.visible.sum() * 4  # it is sparse
     right_padded = visible_from_mask(None, 1, 37, 37, "cpu").clone()
     right_padded[..., 25:] = False  # keys after the prompt are padding; padding queries see the prompt
-    padded = MECHANISM.select(query, key, build_context(right_padded), opts)
+    padded_ctx = build_context(right_padded)
+    padded = dense_keep(padded_ctx, MECHANISM.select(query, key, padded_ctx, opts), query.shape[1])
     assert torch.equal(padded[..., :25, :25], prefix)

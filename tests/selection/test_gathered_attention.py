@@ -99,7 +99,7 @@ def test_log_weights_and_repeated_slots():
 
 def _at(query_pos: torch.Tensor) -> AttentionContext:
     """A context with only query positions (all the link draw reads)."""
-    return AttentionContext(visible=torch.ones_like(query_pos, dtype=torch.bool), key_pos=query_pos[:, :, :1], query_pos=query_pos)
+    return AttentionContext(key_pos=query_pos[:, :, :1], query_pos=query_pos)
 
 
 def test_links_are_beyond_the_window_distinct_and_as_many_as_asked():

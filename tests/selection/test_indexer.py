@@ -7,6 +7,7 @@ from hf_attn_plus.masking import build_context
 from hf_attn_plus.mechanisms import topk
 from hf_attn_plus.mechanisms.indexer_topk import attention_target, indexer_kl, select_by_scores
 from hf_attn_plus.selection import grouped_scores, indexer_scores
+from hf_attn_plus.structure import dense_keep
 
 from .selection_helpers import causal_context
 
@@ -38,7 +39,7 @@ def test_perfect_indexer_equals_core_topk():
     query, key = _qk()
     ctx = _left_padded_context()
     opts = SimpleNamespace(budget=3, sinks=1, window=2)
-    expected = topk.select(query, key, ctx, opts)
+    expected = dense_keep(ctx, topk.select(query, key, ctx, opts), query.shape[1])
     assert torch.equal(select_by_scores(grouped_scores(query, key), ctx, 3, 1, 2), expected)
 
 
