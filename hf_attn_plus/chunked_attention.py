@@ -83,10 +83,15 @@ def _chunk_rows(selection: Selection, q_heads: int, num_keys: int, q_len: int) -
     per_row = min(rule.window, EVERY) + rule.sinks + rule.local_blocks * rule.block_size
     if rule.dilation:
         per_row += num_keys // rule.dilation
+    elements = CHUNK_ELEMENTS
     if selection.blocks is not None or selection.tokens is not None:
-        per_row = num_keys  # a chunk's block union or token lists can reach every key
+        # A chunk's block union or token lists can reach every key: its masks are bool, and wide chunks amortise
+        # the union.
+        per_row, elements = num_keys, 4 * CHUNK_ELEMENTS
     per_row = max(1, min(per_row, num_keys))
-    return max(1, min(q_len, MAX_CHUNK, max(16, CHUNK_ELEMENTS // (q_heads * per_row))))
+    rows = max(1, min(MAX_CHUNK, max(16, elements // (q_heads * per_row))))
+    # A dilated chunk splits into one group per residue class: enough rows that each group is a real batch.
+    return min(q_len, rows * rule.dilation // 2 if rule.dilation > 2 else rows)
 
 
 class _Chunk:
@@ -106,10 +111,10 @@ class _Chunk:
             rows = slice(None) if group.rows is None else group.rows
             q = query[:, :, rows]
             mask = group.mask
-            kept = (mask if mask.dtype == torch.bool else mask > float("-inf")).sum(-1, keepdim=True)
+            keep = mask if mask.dtype == torch.bool else mask > float("-inf")
             if self.beta is not None:  # beta scales a row's logits: scale its query
-                q = q * self.beta(kept.float()).to(q.dtype)
-            empty = kept == 0  # rows keeping nothing output zeros (a dummy key keeps their softmax finite)
+                q = q * self.beta(keep.sum(-1, keepdim=True).float()).to(q.dtype)
+            empty = ~keep.any(-1, keepdim=True)  # rows keeping nothing output zeros (a dummy key keeps them finite)
             if bool(empty.any()):
                 dummy = empty & (torch.arange(mask.shape[-1], device=mask.device) == 0)
                 mask = mask | dummy if mask.dtype == torch.bool else mask.masked_fill(dummy, 0.0)
@@ -144,10 +149,11 @@ class _Chunk:
             block_pos = (union[:, None] * sel.block_size + torch.arange(sel.block_size, device=device)).flatten()
             shared.append(block_pos[(block_pos <= t_max) & (block_pos < near)])  # the near run holds the others
         positions = torch.cat(shared)
-        keep = rule.keep(t_col, positions)
+        chosen = None
         if sel.blocks is not None:
-            keep = keep | self.listed(sel.blocks, positions // sel.block_size, int(union.max()) + 1 if union.numel() else 1)
+            chosen = self.listed(sel.blocks, positions // sel.block_size, int(union.max()) + 1 if union.numel() else 1)
         if not rule.dilation:
+            keep = rule.keep(t_col, positions) if chosen is None else rule.keep(t_col, positions) | chosen
             return [_Group(positions, self.finish(keep, positions))]
         groups = []
         d = rule.dilation
@@ -155,11 +161,14 @@ class _Chunk:
             rows = (t % d == residue).nonzero().flatten()
             if rows.numel() == 0:
                 continue
+            keep = rule.keep(t[rows].view(1, 1, -1, 1), positions)
+            if chosen is not None:
+                keep = keep | chosen[:, :, rows]
             first = sink_end + (residue - sink_end) % d
             strided = torch.arange(first, max(first, near), d, device=device)
             both = torch.cat((positions, strided))
-            row_keep = torch.cat((keep[:, :, rows], keep.new_ones(1, 1, rows.numel(), strided.numel())), -1)
-            groups.append(_Group(both, self.finish(row_keep, both, rows=rows), rows))
+            keep = torch.cat((keep, keep.new_ones(1, 1, rows.numel(), strided.numel())), -1)
+            groups.append(_Group(both, self.finish(keep, both, rows=rows), rows))
         return groups
 
     def listed(self, lists: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
