@@ -3,10 +3,9 @@
 No [q, kv] tensor is built. Per sequence the real keys are a contiguous run of slots (slot = key_start + position),
 so the keys a chunk of queries may keep are a short list of positions:
 - the near run [near_start(t_min), t_max] (window, local blocks) and the sinks [0, sinks);
-- the union of the blocks the chunk's rows list;
+- the union of the blocks and of the tokens the chunk's rows list;
 - for dilated rules, per residue class of t mod dilation, every dilation-th key before the near run (the rows of one
-  class share them);
-- for token lists (top-k), every key up to t_max: the scoring that chose them read those keys already.
+  class share them).
 One call of torch's scaled_dot_product_attention (the maintained fused kernel, GQA without repeated keys) runs each
 group of rows over its keys with the exact keep mask of the rows, so work and memory per chunk follow the keys the
 chunk may keep. In training each chunk is recomputed in the backward (activation checkpointing): what autograd keeps
@@ -135,26 +134,30 @@ class _Chunk:
         rule = sel.rule
         t_min, t_max = int(t[0]), int(t[-1])  # queries come in slot order: positions never decrease
         device = t.device
-        t_col = t.view(1, 1, -1, 1)
-        if sel.tokens is not None:  # every key up to t_max: the lists are scattered over them
-            positions = torch.arange(t_max + 1, device=device)
-            keep = rule.keep(t_col, positions) | self.listed(sel.tokens, positions, positions.numel())
-            return [_Group(positions, self.finish(keep, positions, self.token_weights(q_heads, positions)))]
         near = max(0, rule.near_start(t_min))
         sink_end = min(rule.sinks, near)
         shared = [torch.arange(sink_end, device=device), torch.arange(near, t_max + 1, device=device)]
         if sel.blocks is not None:
-            lists = sel.blocks[self.b : self.b + 1, :, self.rows]
-            union = lists[lists >= 0].unique()
-            block_pos = (union[:, None] * sel.block_size + torch.arange(sel.block_size, device=device)).flatten()
-            shared.append(block_pos[(block_pos <= t_max) & (block_pos < near)])  # the near run holds the others
+            blocks = self.rows_of(sel.blocks).unique()
+            blocks = blocks[blocks >= 0]
+            shared.append((blocks[:, None] * sel.block_size + torch.arange(sel.block_size, device=device)).flatten())
+        if sel.tokens is not None:
+            shared.append(self.rows_of(sel.tokens).unique())
         positions = torch.cat(shared)
-        chosen = None
+        # The near run and the sinks already hold the listed keys that fall in them.
+        far = (positions < near) & (positions >= sink_end) & (positions <= t_max)
+        positions = torch.cat((positions[: shared[0].numel() + shared[1].numel()], positions[far].unique()))
+        listed = None
         if sel.blocks is not None:
-            chosen = self.listed(sel.blocks, positions // sel.block_size, int(union.max()) + 1 if union.numel() else 1)
+            listed = self.listed(sel.blocks, positions // sel.block_size, t_max // sel.block_size + 1)
+        if sel.tokens is not None:
+            tokens = self.listed(sel.tokens, positions, t_max + 1)
+            listed = tokens if listed is None else listed | tokens
+        weights = self.token_weights(q_heads, positions)
         if not rule.dilation:
-            keep = rule.keep(t_col, positions) if chosen is None else rule.keep(t_col, positions) | chosen
-            return [_Group(positions, self.finish(keep, positions))]
+            keep = rule.keep(t.view(1, 1, -1, 1), positions)
+            keep = keep if listed is None else keep | listed
+            return [_Group(positions, self.finish(keep, positions, weights))]
         groups = []
         d = rule.dilation
         for residue in range(d):
@@ -162,33 +165,42 @@ class _Chunk:
             if rows.numel() == 0:
                 continue
             keep = rule.keep(t[rows].view(1, 1, -1, 1), positions)
-            if chosen is not None:
-                keep = keep | chosen[:, :, rows]
+            if listed is not None:
+                keep = keep | listed[:, :, rows]
             first = sink_end + (residue - sink_end) % d
             strided = torch.arange(first, max(first, near), d, device=device)
             both = torch.cat((positions, strided))
             keep = torch.cat((keep, keep.new_ones(1, 1, rows.numel(), strided.numel())), -1)
-            groups.append(_Group(both, self.finish(keep, both, rows=rows), rows))
+            row_weights = None
+            if weights is not None:
+                row_weights = torch.cat((weights[:, :, rows], weights.new_zeros(*weights.shape[:2], rows.numel(), strided.numel())), -1)
+            groups.append(_Group(both, self.finish(keep, both, row_weights, rows=rows), rows))
         return groups
+
+    def rows_of(self, lists: torch.Tensor) -> torch.Tensor:
+        return lists[self.b : self.b + 1, :, self.rows]
 
     def listed(self, lists: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
         """Whether each row lists each value ([m] block or position) -> [1, H, R, m]."""
-        lists = lists[self.b : self.b + 1, :, self.rows]
+        lists = self.rows_of(lists)
         hit = torch.zeros(*lists.shape[:-1], width + 1, dtype=torch.bool, device=lists.device)
         hit.scatter_(-1, torch.where((lists < 0) | (lists >= width), width, lists), True)
         hit[..., width] = False  # the column of unused entries, and of values no row lists
         return hit[..., values.clamp(max=width)]
 
     def token_weights(self, q_heads: int, positions: torch.Tensor) -> torch.Tensor | None:
+        """The listed tokens' log-weights at `positions` [1, Hq, R, m] (0 elsewhere); None without log-weights."""
         sel = self.selection
         if sel.log_weights is None:
             return None
-        lists = sel.tokens[self.b : self.b + 1, :, self.rows]
-        weights = torch.zeros(1, max(q_heads, lists.shape[1]) if lists.shape[1] == 1 else lists.shape[1],
-                              lists.shape[2], positions.numel() + 1, device=lists.device)
-        log_w = sel.log_weights[self.b : self.b + 1, :, self.rows].float().expand(weights.shape[0], weights.shape[1], -1, -1)
-        index = torch.where(lists < 0, positions.numel(), lists).expand_as(log_w)
-        return weights.scatter_add_(-1, index, torch.where(index < positions.numel(), log_w, 0.0))[..., :-1]
+        lists = self.rows_of(sel.tokens)
+        heads = max(q_heads, lists.shape[1])
+        log_weights = self.rows_of(sel.log_weights).float().expand(1, heads, -1, -1)
+        width = int(positions.max()) + 2
+        at = torch.zeros(1, heads, lists.shape[2], width, device=lists.device)
+        index = torch.where(lists < 0, width - 1, lists).expand_as(log_weights)
+        at.scatter_add_(-1, index, torch.where(lists < 0, 0.0, log_weights))
+        return at[..., positions]
 
     def finish(self, keep, positions, weights=None, rows=None) -> torch.Tensor:
         """The keep mask with causality and the model's restriction applied; as log-weights when there are any."""

@@ -13,8 +13,8 @@ With `resample=True` a training forward draws a new graph per optimisation step:
 the training loop sets through `set_step(model, step)` (not a forward counter, so gradient-checkpoint recomputation
 sees the same graph). Evaluation always uses the base seed.
 
-The reference builds a [q, kv] keep mask from the drawn positions (O(q·kv) memory) and runs exact masked softmax;
-the kernel (kernels/gathered_attention, backend option) reads the window and sinks as slot ranges and gathers the
+The reference hands the window and sinks as a position rule and the links as token lists to the chunked reference
+(hf_attn_plus.chunked_attention: per query chunk, the union of its rows' links, never a [q, kv] mask); the kernel (kernels/gathered_attention, backend option) reads the window and sinks as slot ranges and gathers the
 listed links: O(q·(sinks + window + links)) work and memory.
 """
 
@@ -24,21 +24,22 @@ from types import SimpleNamespace
 
 import torch
 
-from ..attention import attend_selected, use_kernel
+from ..attention import attend_selection, use_kernel
 from ..masking import AttentionContext
 from ..options import bool_option, int_option
 from ..registry import Mechanism, register
-from ..selection import counter_hash, positions_to_keep, random_links, sinks_and_window
+from ..selection import counter_hash, random_links
+from ..structure import PositionRule, Selection
 
 STEP_ATTRIBUTE = "_hf_attn_plus_step"
 
 
 def routing_graph(
     ctx: AttentionContext, q_heads: int, opts: SimpleNamespace, layer: int, step: int | None = None
-) -> torch.Tensor:
-    """Keep mask [B, q_heads, q, kv]: sinks + window + `links` seeded random keys per head; `step` reseeds."""
-    links = positions_to_keep(ctx, link_positions(ctx, q_heads, opts, layer, step))
-    return sinks_and_window(ctx, opts.sinks, opts.window) | links
+) -> Selection:
+    """Sinks + window (a rule) + `links` seeded random keys per head (token lists); `step` reseeds."""
+    links = link_positions(ctx, q_heads, opts, layer, step)
+    return Selection(PositionRule(sinks=opts.sinks, window=opts.window), tokens=links)
 
 
 def link_positions(
@@ -69,8 +70,8 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
             slots = position_slots(ctx, link_positions(ctx, query.shape[1], opts, layer, step), table)
         return gathered_attention(query, key, value, ctx.visible, spans, slots, scaling), None
     with torch.no_grad():
-        keep = routing_graph(ctx, query.shape[1], opts, layer, step)
-    return attend_selected(module, query, key, value, keep, opts, scaling, dropout)
+        graph = routing_graph(ctx, query.shape[1], opts, layer, step)
+    return attend_selection(module, query, key, value, ctx, graph, opts, scaling, dropout), None
 
 
 MECHANISM = register(

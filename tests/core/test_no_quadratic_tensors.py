@@ -21,6 +21,7 @@ OPTIONS = {
     "topk": dict(budget=32, window=16, sinks=4),
     "block_topk": dict(block_size=16, budget=2),
     "block_sparse": dict(block_size=16, threshold=0.5),
+    "stochastic_routing": dict(window=16, links=8),
 }
 
 

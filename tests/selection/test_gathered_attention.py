@@ -17,6 +17,7 @@ from hf_attn_plus.mechanisms.stochastic_routing import link_positions, routing_g
 from hf_attn_plus.options import OptionError
 from hf_attn_plus.reference import masked_attention
 from hf_attn_plus.selection import random_links
+from hf_attn_plus.structure import dense_keep
 from core.models import left_pad, token_batch
 from tests.kernels.kernel_cases import attention_inputs
 
@@ -24,6 +25,11 @@ from .selection_helpers import tiny_model
 
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3)}
 GRAD_TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def graph_keep(ctx, heads, opts, layer, step=None):
+    """The routing graph as a keep mask [B, heads, q, kv] (the oracle form of its Selection)."""
+    return dense_keep(ctx, routing_graph(ctx, heads, opts, layer, step), heads)
 
 
 def padded_context(batch: int, length: int, padding: str, new: int | None = None):
@@ -57,7 +63,7 @@ def test_kernel_equals_reference_and_masked_attention(group, dtype, dims, paddin
     query, key, value = attention_inputs(2, kv_heads * group, kv_heads, q_len, length, *dims, dtype, requires_grad=True)
     spans = fixed_spans(ctx, opts.sinks, opts.window)
     slots = position_slots(ctx, link_positions(ctx, kv_heads * group, opts, layer=1))
-    keep = routing_graph(ctx, kv_heads * group, opts, layer=1)
+    keep = graph_keep(ctx, kv_heads * group, opts, layer=1)
     out = gathered_attention(query, key, value, ctx.visible, spans, slots, 0.3)
     truth = masked_attention(query, key, value, keep, 0.3)[0]
     torch.testing.assert_close(out, truth, **TOLERANCE[dtype])

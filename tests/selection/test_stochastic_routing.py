@@ -7,6 +7,7 @@ import hf_attn_plus
 from hf_attn_plus.mechanisms.stochastic_routing import routing_graph, set_step
 from hf_attn_plus.options import OptionError
 from hf_attn_plus.tiny import ARCHITECTURES
+from hf_attn_plus.structure import dense_keep
 from core.models import token_batch
 
 from .selection_helpers import (
@@ -19,6 +20,11 @@ from .selection_helpers import (
 )
 
 
+def graph_keep(ctx, heads, opts, layer, step=None):
+    """The routing graph as a keep mask [B, heads, q, kv] (the oracle form of its Selection)."""
+    return dense_keep(ctx, routing_graph(ctx, heads, opts, layer, step), heads)
+
+
 def _opts(**given):
     return SimpleNamespace(**{"window": 4, "links": 3, "sinks": 0, "seed": 0, **given})
 
@@ -26,7 +32,7 @@ def _opts(**given):
 def test_graph_has_stated_degree_and_locality():
     length, heads, window, links = 40, 4, 4, 3
     ctx = causal_context(1, length)
-    keep = routing_graph(ctx, heads, _opts(window=window, links=links), layer=0)[0]
+    keep = graph_keep(ctx, heads, _opts(window=window, links=links), layer=0)[0]
     t = torch.arange(length).view(1, -1, 1)
     s = torch.arange(length).view(1, 1, -1)
     assert not (keep & (s > t)).any(), "a link into the future"
@@ -41,7 +47,7 @@ def test_graph_has_stated_degree_and_locality():
 def test_links_are_uniform_over_the_far_keys():
     # Far keys of query t are 0..t-window; the mean drawn position over many (head, t) must be the middle.
     length, window, links = 200, 4, 8
-    keep = routing_graph(causal_context(1, length), 16, _opts(window=window, links=links), layer=0)[0]
+    keep = graph_keep(causal_context(1, length), 16, _opts(window=window, links=links), layer=0)[0]
     t = torch.arange(length).view(-1, 1)
     s = torch.arange(length).view(1, -1)
     far = keep & (t - s >= window)
@@ -53,7 +59,7 @@ def test_links_are_uniform_over_the_far_keys():
 
 def test_seed_fixes_the_graph_and_layers_differ():
     ctx = causal_context(1, 30)
-    graph = lambda seed, layer: routing_graph(ctx, 2, _opts(seed=seed), layer)
+    graph = lambda seed, layer: graph_keep(ctx, 2, _opts(seed=seed), layer)
     assert torch.equal(graph(0, 0), graph(0, 0))
     assert not torch.equal(graph(0, 0), graph(1, 0))
     assert not torch.equal(graph(0, 0), graph(0, 1))
@@ -61,12 +67,12 @@ def test_seed_fixes_the_graph_and_layers_differ():
 
 def test_no_links_is_the_window():
     ctx = causal_context(1, 12)
-    assert torch.equal(routing_graph(ctx, 2, _opts(window=3, links=0), 0), (ctx.visible & (ctx.distance < 3)).expand(-1, 2, -1, -1))
+    assert torch.equal(graph_keep(ctx, 2, _opts(window=3, links=0), 0), (ctx.visible & (ctx.distance < 3)).expand(-1, 2, -1, -1))
 
 
 def test_budget_covering_context_is_dense():
     ctx = causal_context(2, 12)
-    assert torch.equal(routing_graph(ctx, 2, _opts(window=3, links=12), 0), ctx.visible.expand(-1, 2, -1, -1))
+    assert torch.equal(graph_keep(ctx, 2, _opts(window=3, links=12), 0), ctx.visible.expand(-1, 2, -1, -1))
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
