@@ -30,7 +30,7 @@ import datasets
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -468,6 +468,10 @@ def summarise(
     return summary
 
 
+# What `accelerate launch` was asked for (the environment it sets) -> the mode that must then be running.
+REQUESTED_MODES = {"ACCELERATE_USE_FSDP": DistributedType.FSDP, "ACCELERATE_USE_DEEPSPEED": DistributedType.DEEPSPEED}
+
+
 def setup(cfg: RecipeConfig) -> Accelerator:
     accelerator = Accelerator()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -476,6 +480,14 @@ def setup(cfg: RecipeConfig) -> Accelerator:
             f"{launched} processes were launched but each runs alone (Accelerate sees {accelerator.num_processes}); "
             "without GPUs set ACCELERATE_USE_CPU=true, see recipes/accelerate/ddp.yaml"
         )
+    for variable, mode in REQUESTED_MODES.items():
+        # Accelerate applies FSDP / DeepSpeed only on GPU-type devices; on CPU it runs DDP without saying so.
+        if os.environ.get(variable, "false").lower() == "true" and accelerator.distributed_type != mode:
+            raise RuntimeError(
+                f"the Accelerate config asks for {mode.value} ({variable}=true) but Accelerate runs "
+                f"{accelerator.distributed_type.value} on {accelerator.device.type}: it applies {mode.value} only on "
+                "GPU-type devices; on CPU use recipes/accelerate/ddp.yaml (see recipes/README.md)"
+            )
     set_seed(cfg.train.seed)
     if not accelerator.is_main_process:
         datasets.disable_progress_bars()
