@@ -144,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .hub import PushError
+
     try:
         args.run(args)
-    except (ValueError, OSError, ImportError) as error:  # bad options, unsupported models, missing files or extras
+    except (ValueError, OSError, ImportError, PushError) as error:  # bad input, missing files or extras, Hub down
         parser.exit(2, f"hf-attn-plus {args.command}: error: {error}\n")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HTTPError  # the HTTP client's base error: connection failures and Hub replies
 
 from .registry import PREFIX, get_mechanism
 
@@ -17,6 +18,10 @@ RECIPE_FILE = "recipe.json"  # optional record a recipe leaves next to the weigh
 
 class CardError(ValueError):
     """Something the model card needs is neither recorded in the model directory nor given on the command line."""
+
+
+class PushError(RuntimeError):
+    """The Hub could not be reached or refused the upload; the message says which step failed and what was published."""
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -129,8 +134,17 @@ def push(
     Returns the commit URL. `endpoint` defaults to huggingface_hub's (HF_ENDPOINT); HF_HUB_OFFLINE=1 blocks this."""
     model_dir = Path(model_dir)
     api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
     files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name != "README.md")
     operations = [CommitOperationAdd(str(p.relative_to(model_dir)), str(p)) for p in files]
     operations.append(CommitOperationAdd("README.md", str(card).encode()))
-    return api.create_commit(repo_id, operations, commit_message=commit_message).commit_url
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+    except HTTPError as error:
+        raise PushError(f"could not create repo {repo_id!r} on {api.endpoint}: {error}; nothing was published") from error
+    try:
+        return api.create_commit(repo_id, operations, commit_message=commit_message).commit_url
+    except HTTPError as error:  # a commit is atomic: either all files land or none does
+        raise PushError(
+            f"repo {repo_id!r} exists on {api.endpoint} but the upload of {len(operations)} files failed: {error}; "
+            "no commit was made, so none of them was published"
+        ) from error

@@ -52,7 +52,7 @@ def main() -> dict:
     started = time.time()
     cfg = parse_args(__doc__)
     accelerator = setup(cfg)
-    model, tokenizer = load_model(cfg, accelerator)
+    model, tokenizer = load_model(cfg, accelerator, {"data.seq_len": cfg.data.seq_len})
     n_trainable = train_only_mechanism_weights(model, cfg.mechanism)
     accelerator.print(f"training {n_trainable} mechanism parameters; everything else is frozen")
     corpus = load_corpus(cfg.data, tokenizer, accelerator)

@@ -30,9 +30,9 @@ import datasets
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import hf_attn_plus  # noqa: F401  (registers the mechanisms)
 from hf_attn_plus.registry import PREFIX, get_mechanism
@@ -158,20 +158,41 @@ def parse_args(description: str) -> RecipeConfig:
 # Data
 
 
+FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json"}  # local file suffix -> `datasets` builder
+
+
+def _local_files(source: str) -> list[str] | None:
+    """The files a local `data.source` (a path or glob) names, or None when it reads as a Hub dataset name."""
+    pattern = os.path.expanduser(source)
+    if Path(pattern).is_dir():  # `datasets` would read a directory's .txt files line by line, not as documents
+        raise ValueError(
+            f"data.source {source!r} is a directory; name its files with a glob, e.g. {source.rstrip('/') + '/*.txt'!r}"
+        )
+    files = sorted(f for f in glob.glob(pattern) if Path(f).is_file())
+    looks_local = any(c in pattern for c in "*?[") or Path(pattern).suffix in FILE_BUILDERS or Path(pattern).is_absolute()
+    if not files and (looks_local or source.startswith((".", "~"))):
+        raise ValueError(
+            f"data.source {source!r} matches no file; allowed: 'stdlib', existing {'/'.join(FILE_BUILDERS)} files "
+            "(a path or glob) or a Hub dataset name"
+        )
+    return files or None
+
+
 def _documents(data: DataConfig) -> datasets.Dataset:
     if data.source == "stdlib":
         files = stdlib_files()
         return datasets.Dataset.from_dict({"text": [p.read_text(encoding="utf-8", errors="replace") for p in files]})
-    files = sorted(glob.glob(data.source))
-    if files:
-        suffixes = {Path(f).suffix for f in files}
-        builders = {".txt": "text", ".json": "json", ".jsonl": "json"}
-        if len(suffixes) != 1 or next(iter(suffixes)) not in builders:
-            raise ValueError(f"data.source {data.source!r}: expected files of one type among {sorted(builders)}, got {sorted(suffixes)}")
-        builder = builders[next(iter(suffixes))]
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-    return datasets.load_dataset(data.source, split=data.split)
+    files = _local_files(data.source)
+    if files is None:
+        return datasets.load_dataset(data.source, split=data.split)
+    suffixes = {Path(f).suffix for f in files}
+    if len(suffixes) != 1 or next(iter(suffixes)) not in FILE_BUILDERS:
+        raise ValueError(
+            f"data.source {data.source!r}: expected files of one type among {sorted(FILE_BUILDERS)}, got {sorted(suffixes)}"
+        )
+    builder = FILE_BUILDERS[next(iter(suffixes))]
+    kwargs = {"sample_by": "document"} if builder == "text" else {}  # one .txt file is one document
+    return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
 
 
 @dataclasses.dataclass
@@ -183,12 +204,19 @@ class Corpus:
     source: str
 
     def train_blocks(self, seq_len: int) -> torch.Tensor:
-        return _pack(self.train, seq_len)
+        return self._blocks(self.train, "training", seq_len)
 
     def eval_blocks(self, seq_len: int, n_blocks: int) -> torch.Tensor:
-        blocks = _pack(self.heldout, seq_len)[:n_blocks]
+        return self._blocks(self.heldout, "held-out", seq_len)[:n_blocks]
+
+    def _blocks(self, documents: datasets.Dataset, split: str, seq_len: int) -> torch.Tensor:
+        blocks = _pack(documents, seq_len)
         if len(blocks) == 0:
-            raise ValueError(f"no held-out block of {seq_len} tokens in {self.source!r}; use more data or shorter blocks")
+            tokens = sum(map(len, documents["ids"]))
+            raise ValueError(
+                f"no {split} block of {seq_len} tokens: the {len(documents)} {split} documents of data.source "
+                f"{self.source!r} hold {tokens} tokens in all; use more data or shorter blocks"
+            )
         return blocks
 
 
@@ -200,6 +228,8 @@ def _pack(tokenized: datasets.Dataset, seq_len: int) -> torch.Tensor:
         return {"input_ids": [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]}
 
     packed = tokenized.map(group, batched=True, batch_size=1000, remove_columns=["ids"], desc=f"pack {seq_len}")
+    if len(packed) == 0:  # `datasets` then keeps no `input_ids` column (or the old one)
+        return torch.empty((0, seq_len), dtype=torch.long)
     return torch.tensor(packed["input_ids"], dtype=torch.long).view(-1, seq_len)
 
 
@@ -207,9 +237,18 @@ def load_corpus(data: DataConfig, tokenizer: PreTrainedTokenizerBase, accelerato
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
         documents = _documents(data)
         if data.text_field not in documents.column_names:
-            raise ValueError(f"data.text_field {data.text_field!r} is not a column; columns: {documents.column_names}")
+            raise ValueError(
+                f"data.text_field {data.text_field!r} is not a column of data.source {data.source!r}; "
+                f"its columns: {documents.column_names}"
+            )
         if data.max_documents is not None:
             documents = documents.select(range(min(data.max_documents, len(documents))))
+        if len(documents) < HELD_OUT_EVERY:
+            limited = f" (data.max_documents={data.max_documents})" if data.max_documents is not None else ""
+            raise ValueError(
+                f"data.source {data.source!r} gives {len(documents)} documents{limited}; every {HELD_OUT_EVERY}th is "
+                f"held out for evaluation, so at least {HELD_OUT_EVERY} are needed (each .txt file is one document)"
+            )
 
         def tokenize(batch: dict[str, list]) -> dict[str, list]:
             ids = tokenizer(batch[data.text_field], add_special_tokens=False)["input_ids"]
@@ -228,11 +267,21 @@ def load_corpus(data: DataConfig, tokenizer: PreTrainedTokenizerBase, accelerato
 # Model
 
 
-def load_model(cfg: RecipeConfig, accelerator: Accelerator) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The pretrained model running `cfg.mechanism`; the embedded teacher is trained first if it is not cached."""
+def load_model(
+    cfg: RecipeConfig, accelerator: Accelerator, lengths: dict[str, int]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The pretrained model running `cfg.mechanism`; the embedded teacher is trained first if it is not cached.
+    `lengths` names each block length the recipe will feed (e.g. {"data.seq_len": 256}): all must fit the model."""
     get_mechanism(cfg.mechanism).resolve_options(cfg.options)  # a bad option fails before anything loads
     with accelerator.main_process_first():
         path = teacher_path(EMBEDDED_MODELS[cfg.model]) if cfg.model in EMBEDDED_MODELS else cfg.model
+    positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)  # before the weights load
+    for key, length in lengths.items():
+        if positions is not None and length > positions:
+            raise ValueError(
+                f"{key}={length} is longer than model {cfg.model!r} has positions (max_position_embeddings="
+                f"{positions}); allowed: at most {positions}"
+            )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(
         path, attn_implementation=PREFIX + cfg.mechanism, hf_attn_plus=dict(cfg.options)
@@ -419,6 +468,10 @@ def summarise(
     return summary
 
 
+# What `accelerate launch` was asked for (the environment it sets) -> the mode that must then be running.
+REQUESTED_MODES = {"ACCELERATE_USE_FSDP": DistributedType.FSDP, "ACCELERATE_USE_DEEPSPEED": DistributedType.DEEPSPEED}
+
+
 def setup(cfg: RecipeConfig) -> Accelerator:
     accelerator = Accelerator()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -427,6 +480,14 @@ def setup(cfg: RecipeConfig) -> Accelerator:
             f"{launched} processes were launched but each runs alone (Accelerate sees {accelerator.num_processes}); "
             "without GPUs set ACCELERATE_USE_CPU=true, see recipes/accelerate/ddp.yaml"
         )
+    for variable, mode in REQUESTED_MODES.items():
+        # Accelerate applies FSDP / DeepSpeed only on GPU-type devices; on CPU it runs DDP without saying so.
+        if os.environ.get(variable, "false").lower() == "true" and accelerator.distributed_type != mode:
+            raise RuntimeError(
+                f"the Accelerate config asks for {mode.value} ({variable}=true) but Accelerate runs "
+                f"{accelerator.distributed_type.value} on {accelerator.device.type}: it applies {mode.value} only on "
+                "GPU-type devices; on CPU use recipes/accelerate/ddp.yaml (see recipes/README.md)"
+            )
     set_seed(cfg.train.seed)
     if not accelerator.is_main_process:
         datasets.disable_progress_bars()

@@ -60,7 +60,7 @@ def main() -> dict:
     if cfg.mechanism != "indexer_topk":
         raise ValueError(f"indexer training is for mechanism 'indexer_topk', got mechanism={cfg.mechanism!r}")
     accelerator = setup(cfg)
-    model, tokenizer = load_model(cfg, accelerator)
+    model, tokenizer = load_model(cfg, accelerator, {"data.seq_len": cfg.data.seq_len})
     sparse = model.config.hf_attn_plus.get("stage", "sparse") == "sparse"
     if sparse:
         lora = cfg.lora

@@ -14,5 +14,4 @@ from common import parse_args
 from lora_finetune import finetune
 
 if __name__ == "__main__":
-    config = parse_args(__doc__)
-    finetune(config, config.long_context.seq_len, config.long_context.eval_lengths)
+    finetune(parse_args(__doc__), long_context=True)

@@ -87,12 +87,19 @@ class BudgetObjective(NextTokenObjective):
         return {"loss": loss + self.cost_weight * torch.relu(expected_cost(self.model, self.budget) - self.budget)}
 
 
-def finetune(cfg: RecipeConfig, train_seq_len: int, eval_lengths: list[int]) -> dict:
-    """LoRA-train `cfg.model` running `cfg.mechanism` on blocks of `train_seq_len`; report held-out perplexity of the
-    dense teacher and of the student before and after, at each of `eval_lengths`."""
+def finetune(cfg: RecipeConfig, long_context: bool = False) -> dict:
+    """LoRA-train `cfg.model` running `cfg.mechanism` on blocks of `data.seq_len` (`long_context.seq_len` with
+    `long_context`); report held-out perplexity of the dense teacher and of the student before and after, at that
+    length (at each of `long_context.eval_lengths`)."""
     started = time.time()
+    if long_context:
+        train_seq_len, eval_lengths = cfg.long_context.seq_len, cfg.long_context.eval_lengths
+        lengths = {"long_context.seq_len": train_seq_len, "long_context.eval_lengths": max(eval_lengths)}
+    else:
+        train_seq_len, eval_lengths = cfg.data.seq_len, [cfg.data.seq_len]
+        lengths = {"data.seq_len": train_seq_len}
     accelerator = setup(cfg)
-    model, tokenizer = load_model(cfg, accelerator)
+    model, tokenizer = load_model(cfg, accelerator, lengths)
     lora = cfg.lora
     model = get_peft_model(
         model,
@@ -144,5 +151,4 @@ def finetune(cfg: RecipeConfig, train_seq_len: int, eval_lengths: list[int]) -> 
 
 
 if __name__ == "__main__":
-    config = parse_args(__doc__)
-    finetune(config, config.data.seq_len, [config.data.seq_len])
+    finetune(parse_args(__doc__))

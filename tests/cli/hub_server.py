@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import threading
+import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
@@ -20,6 +21,7 @@ class HubServer:
         self.repos: dict[str, dict[str, bytes]] = {}  # repo id -> path -> content (newest commit only)
         self.commits: dict[str, str] = {}
         self.requests: list[str] = []
+        self.refuse_commits = False  # answer commits 403, as the Hub does for a token without write access
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -70,6 +72,8 @@ class HubServer:
                     modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
                     return self._json({"files": modes})
                 if m := re.fullmatch(rf"/api/models/{REPO}/commit/main", self.path):
+                    if hub.refuse_commits:
+                        return self._json({"error": "You don't have the rights to create a commit here"}, 403)
                     repo = hub.repos[m["repo"]]
                     for line in self._body().decode().splitlines():
                         item = json.loads(line)
@@ -115,3 +119,11 @@ class HubServer:
                 self._get(head=True)
 
         return Handler
+
+
+def closed_endpoint() -> str:
+    """An endpoint on 127.0.0.1 where nothing listens: connecting is refused at once, as with the Hub unreachable."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

@@ -8,9 +8,9 @@ from huggingface_hub import constants, snapshot_download
 from transformers import AutoModelForCausalLM
 
 from hf_attn_plus.cli import main
-from hf_attn_plus.hub import CardError, push, render_card
+from hf_attn_plus.hub import CardError, PushError, push, render_card
 
-from .hub_server import HubServer
+from .hub_server import HubServer, closed_endpoint
 
 IDS = torch.tensor([[5, 40, 41, 42, 100, 101, 3, 7, 9, 11, 60, 61]])
 
@@ -118,3 +118,24 @@ def test_loading_without_the_plugin_names_the_implementation(tiny_dir):
     # transformers' own message: it names the implementation (hence the package) but not the pip command, which
     # is why the model card says "pip install hf_attn_plus" next to this exact error.
     assert 'Specified `attn_implementation="hf_attn_plus:topk"` is not supported' in result.stderr
+
+
+def test_push_to_an_unreachable_hub_says_what_failed(tiny_dir, base_dir, monkeypatch, capsys):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    path, _ = tiny_dir("llama", "topk")
+    endpoint = closed_endpoint()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", str(path), "me/x", "--endpoint", endpoint, "--base-model", str(base_dir)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"could not create repo 'me/x' on {endpoint}" in err and "refused" in err
+    assert "nothing was published" in err and "Traceback" not in err
+
+
+def test_refused_commit_publishes_nothing(tiny_dir, base_dir, hub):
+    path, _ = tiny_dir("llama", "topk")
+    hub.refuse_commits = True
+    card = render_card(path, "me/x", base_model=str(base_dir))
+    with pytest.raises(PushError, match=r"(?s)repo 'me/x' exists .* upload of \d+ files failed: .*403.*none of them"):
+        push(path, "me/x", card, endpoint=hub.endpoint)
+    assert hub.repos == {"me/x": {}}  # the repo was created, empty; no file of the commit reached it

@@ -17,18 +17,26 @@ sys.path.insert(0, str(ROOT / "recipes"))  # the recipe scripts import `common` 
 TINY_RUN = ["data.seq_len=64", "data.max_documents=30", "data.eval_blocks=8", "train.batch_size=4", "train.warmup_steps=1"]
 
 
-def launch(script: str, config: str, output_dir: Path, overrides: list[str], processes: int = 1) -> dict:
-    """Run recipes/<script> under `accelerate launch`; returns summary.json plus the log rows."""
+def run_recipe(
+    script: str, config: str, output_dir: Path, overrides: list[str], processes: int = 1, accelerate_config: str = ""
+) -> subprocess.CompletedProcess:
+    """Run recipes/<script> under `accelerate launch` with recipes/accelerate/<accelerate_config> (default: single.yaml
+    for one process, ddp.yaml for more) on gloo CPU processes."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    if processes == 1:
-        accelerate = ["--config_file", str(ROOT / "recipes/accelerate/single.yaml")]
-    else:  # without ACCELERATE_USE_CPU each of the processes would train alone (see recipes/accelerate/ddp.yaml)
-        accelerate = ["--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"), "--num_processes", str(processes)]
+    accelerate_config = accelerate_config or ("single.yaml" if processes == 1 else "ddp.yaml")
+    accelerate = ["--config_file", str(ROOT / "recipes/accelerate" / accelerate_config)]
+    if processes > 1:  # without ACCELERATE_USE_CPU each of the processes would train alone (see ddp.yaml)
+        accelerate += ["--num_processes", str(processes)]
         env["ACCELERATE_USE_CPU"] = "true"
     sets = [arg for item in [*TINY_RUN, f"train.output_dir={output_dir}", *overrides] for arg in ("--set", item)]
     command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate, str(ROOT / "recipes" / script),
                "--config", str(ROOT / "recipes" / config), *sets]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def launch(script: str, config: str, output_dir: Path, overrides: list[str], processes: int = 1) -> dict:
+    """`run_recipe`, which must succeed; returns summary.json plus the log rows."""
+    result = run_recipe(script, config, output_dir, overrides, processes)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     summary = json.loads((output_dir / "summary.json").read_text())
     summary["log"] = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import hf_attn_plus
 from hf_attn_plus.teacher import perplexity
 
-from .runs import evals, launch, losses, tiny_eval_blocks
+from .runs import evals, launch, losses, run_recipe, tiny_eval_blocks
 
 CONFIG = "teacher/sliding_window.yaml"
 RUN = ["train.steps=6", "train.save_every=3", "train.eval_every=6", "train.lr=0.01", "lora.kl_weight=0.5",
@@ -85,3 +86,31 @@ def test_head_budget_gates_learn_at_sampled_budgets(tiny_teacher: Path, tmp_path
     untrained = [(1 - 0.5 * torch.nn.functional.softplus(s)).clamp(0, 1) for s in initial]
     assert len(trained) == len(untrained) > 0
     assert any(not torch.allclose(after, before) for after, before in zip(trained, untrained))
+
+
+def test_two_processes_follow_the_one_process_trajectory(run: tuple[dict, Path], tiny_teacher: Path, tmp_path: Path) -> None:
+    """DDP on 2 gloo processes (LoRA + KL to the dense teacher): same losses and same trained adapter as 1 process;
+    only the float reduction order differs."""
+    summary, output_dir = run
+    two = launch("lora_finetune.py", CONFIG, tmp_path, [f"model={tiny_teacher}", *RUN], processes=2)
+    assert two["processes"] == 2
+    one_losses, two_losses = losses(summary), losses(two)
+    assert sorted(two_losses) == sorted(one_losses)
+    for step, loss in one_losses.items():
+        assert two_losses[step] == pytest.approx(loss, rel=1e-4), step
+    one_adapter = load_file(output_dir / "final" / "adapter_model.safetensors")
+    two_adapter = load_file(tmp_path / "final" / "adapter_model.safetensors")
+    assert one_adapter.keys() == two_adapter.keys()
+    for name, weight in one_adapter.items():
+        torch.testing.assert_close(two_adapter[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    lora_b = [w for n, w in one_adapter.items() if "lora_B" in n]
+    assert lora_b and all(w.abs().max() > 0 for w in lora_b)  # trained (B starts at zero), so the match means something
+
+
+def test_fsdp_config_on_cpu_is_refused_not_run_as_ddp(tiny_teacher: Path, tmp_path: Path) -> None:
+    """Accelerate 1.15 applies FSDP only on GPU-type devices: on CPU it would quietly run DDP instead."""
+    result = run_recipe("lora_finetune.py", CONFIG, tmp_path, [f"model={tiny_teacher}"], processes=2,
+                        accelerate_config="fsdp.yaml")
+    assert result.returncode != 0
+    assert "asks for FSDP (ACCELERATE_USE_FSDP=true) but Accelerate runs MULTI_CPU on cpu" in result.stderr
+    assert not (tmp_path / "log.jsonl").exists()
