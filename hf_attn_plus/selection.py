@@ -1,7 +1,10 @@
 """Which keys a query sees: the shared pieces that windows, sinks, dilation, top-k and block selection plug into.
 
-Every function returns a bool "keep" mask broadcastable to [B, Hq, q_len, kv_len] and never keeps a key that
-`ctx.visible` hides. Query head h reads KV head h // groups, the layout of transformers' `repeat_kv`.
+The sparse family builds its selections (structure.Selection) from these chunk by chunk over queries (`query_chunks`,
+`top_positions`, `chunk_seen_blocks`), so no [q, kv] score or mask exists at once; the functions that return a dense
+[B, Hq, q_len, kv_len] keep mask (`sinks_and_window`, `blocks_to_keys`, `visible_blocks`) serve the mechanisms whose
+reference is still dense (indexer_topk, lighthouse, santa) and the tests. Query head h reads KV head h // groups, the
+layout of transformers' `repeat_kv`.
 """
 
 from __future__ import annotations
@@ -145,20 +148,6 @@ def visible_blocks(ctx: AttentionContext, blocks: torch.Tensor, num_blocks: int)
     return counts[..., :num_blocks] > 0
 
 
-def fixed_blocks(seen: torch.Tensor, query_block: torch.Tensor, sink_blocks: int, local_blocks: int) -> torch.Tensor:
-    """Seen blocks always attended: the first `sink_blocks` and the `local_blocks` ending at the query's block."""
-    block_idx = torch.arange(seen.shape[-1], device=seen.device)
-    return seen & ((block_idx < sink_blocks) | (query_block - block_idx < local_blocks))
-
-
-def top_blocks(
-    scores: torch.Tensor, seen: torch.Tensor, query_block: torch.Tensor, sink_blocks: int, local_blocks: int, budget: int
-) -> torch.Tensor:
-    """Seen blocks to attend, [B, H, q_len, num_blocks]: the fixed ones and the `budget` best-scoring others."""
-    fixed = fixed_blocks(seen, query_block, sink_blocks, local_blocks)
-    return fixed | top_scoring(scores, seen & ~fixed, budget)
-
-
 def blocks_to_keys(block_keep: torch.Tensor, blocks: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """Expand a per-block choice [B, H, q_len, num_blocks] to the visible keys of those blocks."""
     batch, heads, q_len, _ = block_keep.shape
@@ -232,18 +221,6 @@ def random_links(
         taken = (chosen[..., :i] == r.unsqueeze(-1)).any(-1)
         chosen[..., i] = torch.where(j >= 0, torch.where(taken, j, r), -1)
     return torch.where(chosen >= 0, chosen + sinks, -1)
-
-
-def positions_to_keep(ctx: AttentionContext, positions: torch.Tensor) -> torch.Tensor:
-    """Keep mask [B, H, q, kv] of the visible keys whose real positions are listed in `positions` [B, H, q, n]
-    (-1 entries ignored)."""
-    batch, heads, q_len, _ = positions.shape
-    kv_len = ctx.key_pos.shape[-1]
-    # Real positions are < kv_len; -1 goes to an extra column that is dropped.
-    by_position = torch.zeros(batch, heads, q_len, kv_len + 1, dtype=torch.bool, device=positions.device)
-    by_position.scatter_(-1, torch.where(positions < 0, kv_len, positions), True)
-    key_pos = ctx.key_pos.expand(batch, heads, q_len, kv_len)
-    return by_position.gather(-1, torch.where(key_pos < 0, kv_len, key_pos)) & ctx.visible
 
 
 def indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head_weights: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Block scoring for Quest-style selection: per-block key min/max summaries grown incrementally with the cache
 (summaries.py, plain PyTorch: a decode step touches only the new keys' blocks) and a Triton kernel scoring every
 block for the query by the Quest bound (kernel.py). References: hf_attn_plus.selection.block_key_bounds and
-quest_block_scores; top_blocks picks sink, local and the best-scoring blocks from these scores."""
+quest_block_scores; block_topk.chosen_blocks picks the best-scoring blocks from these scores."""
 
 import torch
 
