@@ -2,8 +2,8 @@
 
 Shapes are SmolLM2-135M's attention (9 query / 3 KV heads, head dim 64), batch 1, fp32, random inputs.
 - prefill: the registered attention function as transformers calls it (query/key/value in, output out; the q/k/v
-  projections are the same for every row and left out), at each length; time (median of `--repeat`) and peak
-  tensor memory the call allocates (hf_attn_plus.measure.TensorMemoryPeak: storage created and alive during the
+  projections are the same for every row and left out), at each length; time and peak tensor memory the call
+  allocates, from one traced call up to `--memory-up-to` (the tracer adds microseconds per op), timed alone beyond (hf_attn_plus.measure.TensorMemoryPeak: storage created and alive during the
   call; for SDPA that is its output, its internal tiles are not seen);
 - decode: ms per generated token of a one-layer SmolLM2-shaped model (vocabulary 256) with a DynamicCache holding
   `context` tokens, prefilled with SDPA then switched to the mechanism (the side caches build on the first step);
@@ -112,6 +112,13 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
+def traced(fn) -> tuple[int, float]:
+    """(peak bytes, seconds) of one call."""
+    start = time.perf_counter()
+    memory = peak_bytes(fn)
+    return memory, time.perf_counter() - start
+
+
 def peak_bytes(fn) -> int:
     """Peak bytes allocated during fn beyond what was live before (CUDA: the allocator's own count)."""
     if DEVICE.type == "cuda":
@@ -133,8 +140,10 @@ def prefill(names: list[str], lengths: list[int], repeat: int, memory_up_to: int
         for name in ["sdpa", *names]:
             call = attention_call(name, length)
             with torch.no_grad():
-                seconds = timed(lambda: call(q, k, v), repeat if length <= 16384 else 1)
-                memory = peak_bytes(lambda: call(q, k, v)) if length <= memory_up_to else None
+                if length <= memory_up_to:  # one traced call gives both (the tracer costs microseconds per op)
+                    memory, seconds = traced(lambda: call(q, k, v))
+                else:
+                    memory, seconds = None, timed(lambda: call(q, k, v), repeat if length <= 16384 else 1)
             rows.append(dict(part="prefill", mechanism=name, length=length, seconds=seconds, peak_MB=_mb(memory)))
             _report(rows[-1])
     return _with_ratios(rows, "length")
@@ -174,8 +183,7 @@ def train(names: list[str], length: int) -> list[dict]:
         def step():
             call(q, k, v).float().square().mean().backward()
 
-        seconds = timed(step, 1)
-        memory = peak_bytes(step)
+        memory, seconds = traced(step)
         rows.append(dict(part="train", mechanism=name, length=length, seconds=seconds, peak_MB=_mb(memory)))
         _report(rows[-1])
     return _with_ratios(rows, "length")
