@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ..attention import attend_selected, logit_scale, use_kernel
+from ..attention import attend_selection, logit_scale, use_kernel
 from ..kernels.sparse_attention import sparse_attention
 from ..masking import AttentionContext
 from ..options import int_option
@@ -39,6 +39,7 @@ from ..patches.side_cache import SlotBuffer, side_state
 from ..reference import masked_attention
 from ..registry import Mechanism, register
 from ..selection import counter_uniform, grouped_scores, sinks_and_window
+from ..structure import DENSE, Selection
 
 
 def quantize_codes(key: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +139,7 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
     if query.shape[2] > 1:
         if with_kernel:
             return sparse_attention(query, key, value, ctx.visible, scaling), None
-        return attend_selected(module, query, key, value, ctx.visible, opts, scaling, dropout)
+        return attend_selection(module, query, key, value, ctx, Selection(DENSE), opts, scaling, dropout), None
     layer = getattr(module, "layer_idx", 0)
     if with_kernel:
         from ..kernels.gathered_attention.function import gathered_attention
