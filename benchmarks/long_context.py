@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_attn_plus
@@ -153,7 +153,8 @@ def decode(names: list[str], contexts: list[int], steps: int) -> list[dict]:
     rows = []
     for context in contexts:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(layer_config(context + steps + 8)).eval().to(DEVICE, DTYPE)
+        # from_config: the class hf_attn_plus patches (side caches for block summaries)
+        model = AutoModelForCausalLM.from_config(layer_config(context + steps + 8)).eval().to(DEVICE, DTYPE)
         ids = torch.randint(3, 256, (1, context), device=DEVICE)
         for name in ["sdpa", *names]:
             hf_attn_plus.set_attention(model, "sdpa")

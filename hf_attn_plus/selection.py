@@ -50,11 +50,12 @@ def stack_lists(chunks: list[torch.Tensor]) -> torch.Tensor:
 
 
 def grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """q·k for every query head against its KV head without materialising repeated keys: [B, Hq, q_len, kv_len]."""
+    """q·k for every query head against its KV head without materialising repeated keys: [B, Hq, q_len, kv_len].
+    A KV group's query heads are stacked as rows of one matmul against their KV head (no broadcast copy of keys)."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, q_len, dim)
-    return (grouped @ key.unsqueeze(2).transpose(-1, -2)).reshape(batch, q_heads, q_len, key.shape[2])
+    rows = query.reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, dim)
+    return (rows @ key.transpose(-1, -2)).reshape(batch, q_heads, q_len, key.shape[2])
 
 
 def sinks_and_window(ctx: AttentionContext, sinks: int, window: int) -> torch.Tensor:
@@ -75,8 +76,11 @@ def top_scoring(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> 
     cut = masked.topk(k, dim=-1).values[..., -1:]
     above = candidates & (masked > cut)
     tied = candidates & (masked == cut)
+    room = k - above.sum(-1, keepdim=True)
+    if bool((tied.sum(-1, keepdim=True) <= room).all()):  # every tied key fits (the usual case): no tie-break
+        return above | tied
     tied_from_the_end = tied.flip(-1).cumsum(-1).flip(-1)
-    return above | (tied & (tied_from_the_end <= k - above.sum(-1, keepdim=True)))
+    return above | (tied & (tied_from_the_end <= room))
 
 
 def top_positions(
