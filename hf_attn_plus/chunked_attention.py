@@ -178,7 +178,7 @@ class _Chunk:
         return groups
 
     def rows_of(self, lists: torch.Tensor) -> torch.Tensor:
-        return lists[self.b : self.b + 1, :, self.rows]
+        return lists[self.b : self.b + 1, :, self.rows].long()
 
     def listed(self, lists: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
         """Whether each row lists each value ([m] block or position) -> [1, H, R, m]."""

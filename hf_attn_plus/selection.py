@@ -44,9 +44,10 @@ def kept_indices(keep: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def stack_lists(chunks: list[torch.Tensor]) -> torch.Tensor:
-    """Index lists of consecutive query chunks [B, H, rows, n_i] -> one [B, H, q, max n_i] (-1 padded)."""
+    """Index lists of consecutive query chunks [B, H, rows, n_i] -> one [B, H, q, max n_i] int32 (-1 padded): half
+    the memory of int64 for what can be O(q * kv / block_size) entries."""
     width = max(c.shape[-1] for c in chunks)
-    return torch.cat([F.pad(c, (0, width - c.shape[-1]), value=-1) for c in chunks], dim=2)
+    return torch.cat([F.pad(c.int(), (0, width - c.shape[-1]), value=-1) for c in chunks], dim=2)
 
 
 def grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

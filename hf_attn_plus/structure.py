@@ -88,6 +88,7 @@ def dense_keep(ctx: AttentionContext, selection: Selection, heads: int = 1) -> t
 def listed(lists: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, kv_len: int) -> torch.Tensor:
     """Whether each key's value (its block or position, [B, 1, 1, kv]) appears in lists [B, H, q, n] -> [B, H, q, kv].
     Values are < kv_len; -1 entries go to an extra column that is dropped."""
+    lists = lists.long()
     batch, heads, q_len, _ = lists.shape
     hit = torch.zeros(batch, heads, q_len, kv_len + 1, dtype=torch.bool, device=lists.device)
     hit.scatter_(-1, torch.where(lists < 0, kv_len, lists), True)

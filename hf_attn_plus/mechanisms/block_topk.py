@@ -103,7 +103,7 @@ def block_map(ctx: AttentionContext, opts: SimpleNamespace, blocks: torch.Tensor
     seen = chunk_seen_blocks(ctx, slice(None), num_blocks, opts.block_size)
     fixed = ((index < opts.sink_blocks) | (query_block - index < opts.local_blocks)) & seen
     chosen = torch.zeros(*blocks.shape[:-1], num_blocks + 1, dtype=torch.bool, device=blocks.device)
-    chosen.scatter_(-1, torch.where(blocks < 0, num_blocks, blocks), True)
+    chosen.scatter_(-1, torch.where(blocks < 0, num_blocks, blocks).long(), True)
     return chosen[..., :num_blocks] | fixed
 
 
