@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .masking import AttentionContext
-from .structure import EVERY, Selection
+from .structure import EVERY, ListsFor, Selection, lists_for
 
 # Upper bound on the elements of one chunk's keep mask: the chunk length adapts to the keys a row may read.
 CHUNK_ELEMENTS = 2**22
@@ -137,23 +137,25 @@ class _Chunk:
         near = max(0, rule.near_start(t_min))
         sink_end = min(rule.sinks, near)
         shared = [torch.arange(sink_end, device=device), torch.arange(near, t_max + 1, device=device)]
-        if sel.blocks is not None:
-            blocks = self.rows_of(sel.blocks).unique()
+        block_lists = None if sel.blocks is None else self.rows_of(sel.blocks)
+        token_lists = None if sel.tokens is None else self.rows_of(sel.tokens)
+        if block_lists is not None:
+            blocks = block_lists.unique()
             blocks = blocks[blocks >= 0]
             shared.append((blocks[:, None] * sel.block_size + torch.arange(sel.block_size, device=device)).flatten())
-        if sel.tokens is not None:
-            shared.append(self.rows_of(sel.tokens).unique())
+        if token_lists is not None:
+            shared.append(token_lists.unique())
         positions = torch.cat(shared)
         # The near run and the sinks already hold the listed keys that fall in them.
         far = (positions < near) & (positions >= sink_end) & (positions <= t_max)
         positions = torch.cat((positions[: shared[0].numel() + shared[1].numel()], positions[far].unique()))
         listed = None
-        if sel.blocks is not None:
-            listed = self.listed(sel.blocks, positions // sel.block_size, t_max // sel.block_size + 1)
-        if sel.tokens is not None:
-            tokens = self.listed(sel.tokens, positions, t_max + 1)
+        if block_lists is not None:
+            listed = self.listed(block_lists, positions // sel.block_size, t_max // sel.block_size + 1)
+        if token_lists is not None:
+            tokens = self.listed(token_lists, positions, t_max + 1)
             listed = tokens if listed is None else listed | tokens
-        weights = self.token_weights(q_heads, positions)
+        weights = None if sel.log_weights is None else self.token_weights(token_lists, q_heads, positions)
         if not rule.dilation:
             keep = rule.keep(t.view(1, 1, -1, 1), positions)
             keep = keep if listed is None else keep | listed
@@ -177,25 +179,21 @@ class _Chunk:
             groups.append(_Group(both, self.finish(keep, both, row_weights, rows=rows), rows))
         return groups
 
-    def rows_of(self, lists: torch.Tensor) -> torch.Tensor:
-        return lists[self.b : self.b + 1, :, self.rows].long()
+    def rows_of(self, lists: torch.Tensor | ListsFor) -> torch.Tensor:
+        return lists_for(lists, self.rows)[self.b : self.b + 1]
 
     def listed(self, lists: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
-        """Whether each row lists each value ([m] block or position) -> [1, H, R, m]."""
-        lists = self.rows_of(lists)
+        """Whether each row of the chunk's lists [1, H, R, n] lists each value ([m] block or position) -> [1, H, R, m]."""
         hit = torch.zeros(*lists.shape[:-1], width + 1, dtype=torch.bool, device=lists.device)
         hit.scatter_(-1, torch.where((lists < 0) | (lists >= width), width, lists), True)
         hit[..., width] = False  # the column of unused entries, and of values no row lists
         return hit[..., values.clamp(max=width)]
 
-    def token_weights(self, q_heads: int, positions: torch.Tensor) -> torch.Tensor | None:
-        """The listed tokens' log-weights at `positions` [1, Hq, R, m] (0 elsewhere); None without log-weights."""
+    def token_weights(self, lists: torch.Tensor, q_heads: int, positions: torch.Tensor) -> torch.Tensor:
+        """The listed tokens' log-weights at `positions` [1, Hq, R, m] (0 elsewhere)."""
         sel = self.selection
-        if sel.log_weights is None:
-            return None
-        lists = self.rows_of(sel.tokens)
         heads = max(q_heads, lists.shape[1])
-        log_weights = self.rows_of(sel.log_weights).float().expand(1, heads, -1, -1)
+        log_weights = sel.log_weights[self.b : self.b + 1, :, self.rows].float().expand(1, heads, -1, -1)
         width = int(positions.max()) + 2
         at = torch.zeros(1, heads, lists.shape[2], width, device=lists.device)
         index = torch.where(lists < 0, width - 1, lists).expand_as(log_weights)

@@ -24,10 +24,17 @@ SCORE_ELEMENTS = 2**23
 MAX_SCORE_ROWS = 64
 
 
-def query_chunks(batch: int, heads: int, q_len: int, kv_len: int) -> list[slice]:
-    """Query row ranges that a selection walks so that no [q, kv] score matrix exists at once."""
-    rows = max(1, min(MAX_SCORE_ROWS, SCORE_ELEMENTS // max(1, batch * heads * kv_len)))
-    return [slice(lo, min(lo + rows, q_len)) for lo in range(0, q_len, rows)]
+def query_chunks(batch: int, heads: int, rows: slice, kv_len: int) -> list[slice]:
+    """Sub-ranges of the query rows `rows` (start and stop given) that a selection walks so that no [q, kv] score
+    matrix exists at once."""
+    step = max(1, min(MAX_SCORE_ROWS, SCORE_ELEMENTS // max(1, batch * heads * kv_len)))
+    return [slice(lo, min(lo + step, rows.stop)) for lo in range(rows.start, rows.stop, step)]
+
+
+def all_rows(rows: slice, q_len: int) -> slice:
+    """`rows` with its start and stop made explicit for q_len queries."""
+    start, stop, _ = rows.indices(q_len)
+    return slice(start, stop)
 
 
 def chunk_visible(ctx: AttentionContext, rows: slice) -> torch.Tensor:
@@ -90,13 +97,14 @@ def top_positions(
     rule: PositionRule,
     budget: int,
     heads: int,
+    rows: slice = slice(None),
 ) -> torch.Tensor:
-    """Per query and head, the real positions [B, H, q, budget] (-1 unused) of the `budget` visible keys the rule
-    does not keep that score highest (ties: most recent, as `top_scoring`); `scores_of(rows)` gives one query
-    chunk's scores [B, H, rows, kv]. Built chunk by chunk: at most one chunk's scores exist at once."""
+    """Per query of `rows` and head, the real positions [B, H, rows, budget] (-1 unused) of the `budget` visible keys
+    the rule does not keep that score highest (ties: most recent, as `top_scoring`); `scores_of(chunk)` gives one
+    query chunk's scores [B, H, chunk, kv]. Built chunk by chunk: at most one chunk's scores exist at once."""
     lists = []
     q_len, kv_len = ctx.query_pos.shape[2], ctx.key_pos.shape[-1]
-    for rows in query_chunks(ctx.key_pos.shape[0], heads, q_len, kv_len):
+    for rows in query_chunks(ctx.key_pos.shape[0], heads, all_rows(rows, q_len), kv_len):
         scores = scores_of(rows)
         candidates = chunk_visible(ctx, rows) & ~rule.keep(ctx.query_pos[:, :, rows], ctx.key_pos)
         chosen = top_scoring(scores, candidates.expand_as(scores), budget)

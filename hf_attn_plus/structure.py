@@ -14,6 +14,7 @@ whole [B, H, q, kv] mask: the brute-force oracle of tests, never used on the att
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -59,13 +60,27 @@ def _minimum(a: torch.Tensor | int, b: torch.Tensor | int) -> torch.Tensor | int
 DENSE = PositionRule(window=EVERY)
 
 
+# Lists built on demand for a range of query rows: rows -> [B, H|1, len(rows), n]. A selection whose lists are
+# O(q * budget) (top-k) or O(q * kv / block_size) (mass-ranked blocks) hands them to the reference this way, so each
+# query chunk's lists exist only while the chunk runs.
+ListsFor = Callable[[slice], torch.Tensor]
+
+
+def lists_for(lists: torch.Tensor | ListsFor, rows: slice) -> torch.Tensor:
+    """The lists of query rows `rows`, [B, H|1, rows, n] long, computed on demand (without gradient) if lazy."""
+    if callable(lists):
+        with torch.no_grad():
+            return lists(rows).long()
+    return lists[:, :, rows].long()
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
     rule: PositionRule = PositionRule()
     block_size: int = 1
-    blocks: torch.Tensor | None = None  # [B, H|1, q, n] long block indices, -1 unused
-    tokens: torch.Tensor | None = None  # [B, H|1, q, n] long positions, -1 unused
-    log_weights: torch.Tensor | None = None  # [B, H|1, q, n] added to the listed tokens' logits
+    blocks: torch.Tensor | ListsFor | None = None  # [B, H|1, q, n] block indices, -1 unused
+    tokens: torch.Tensor | ListsFor | None = None  # [B, H|1, q, n] positions, -1 unused
+    log_weights: torch.Tensor | None = None  # [B, H|1, q, n] added to the listed tokens' logits (tensor tokens)
 
     def __post_init__(self) -> None:
         if self.log_weights is not None and self.tokens is None:
@@ -78,9 +93,9 @@ def dense_keep(ctx: AttentionContext, selection: Selection, heads: int = 1) -> t
     keep = selection.rule.keep(t, s)
     batch, _, q_len, kv_len = ctx.visible.shape
     if selection.blocks is not None:
-        keep = keep | listed(selection.blocks, s // selection.block_size, s >= 0, kv_len)
+        keep = keep | listed(lists_for(selection.blocks, slice(None)), s // selection.block_size, s >= 0, kv_len)
     if selection.tokens is not None:
-        keep = keep | listed(selection.tokens, s, s >= 0, kv_len)
+        keep = keep | listed(lists_for(selection.tokens, slice(None)), s, s >= 0, kv_len)
     keep = keep & ctx.visible
     return keep.expand(batch, max(heads, keep.shape[1]), q_len, kv_len)
 

@@ -11,6 +11,7 @@ besides scoring the block summaries follows the budget, not the context.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -25,6 +26,7 @@ from ..registry import Mechanism, register
 from ..selection import (
     block_key_bounds,
     chunk_seen_blocks,
+    all_rows,
     key_blocks,
     kept_indices,
     query_chunks,
@@ -52,16 +54,17 @@ def chosen_blocks(
     opts: SimpleNamespace,
     bounds: tuple[torch.Tensor, torch.Tensor],
     block_scores: Callable[..., torch.Tensor],
+    rows: slice = slice(None),
 ) -> torch.Tensor:
-    """The `budget` best-scoring seen blocks besides the sink and local ones, [B, Hq, q, budget] block indices
-    (-1 unused), scored chunk by chunk over queries."""
+    """The `budget` best-scoring seen blocks besides the sink and local ones for the queries of `rows`,
+    [B, Hq, rows, budget] block indices (-1 unused), scored chunk by chunk over queries."""
     kmin, kmax = bounds
     batch, q_heads, q_len, _ = query.shape
     num_blocks = kmin.shape[2]
     group = q_heads // kmin.shape[1] if opts.choose_per == "group" else 1
     index = torch.arange(num_blocks, device=query.device)
     lists = []
-    for rows in query_chunks(batch, q_heads, q_len, num_blocks):
+    for rows in query_chunks(batch, q_heads, all_rows(rows, q_len), num_blocks):
         scores = block_scores(query[:, :, rows], kmin, kmax)
         if group > 1:  # one choice per KV group, by the largest bound any of its heads gives
             scores = scores.unflatten(1, (-1, group)).amax(dim=2)
@@ -88,7 +91,8 @@ def select(
     block_scores: Callable[..., torch.Tensor] = quest_block_scores,
 ) -> Selection:
     """`block_scores(query, kmin, kmax)`: the reference bound, or the Triton kernel computing the same bound."""
-    blocks = chosen_blocks(query, ctx, opts, key_bounds(key, ctx, opts.block_size), block_scores)
+    bounds = key_bounds(key, ctx, opts.block_size)
+    blocks = functools.partial(chosen_blocks, query, ctx, opts, bounds, block_scores)  # per query chunk, on demand
     return Selection(fixed_rule(opts), block_size=opts.block_size, blocks=blocks)
 
 

@@ -1,6 +1,7 @@
 """topk: query-aware token selection. Query t attends to sinks, its local window and the `budget` other keys with
 the largest q·k, each query head choosing its own keys; exact softmax over that set. Scoring is chunked over queries
-(one q·k per key is inherent); the selection is a [B, Hq, q, budget] position list."""
+(one q·k per key is inherent); the selection is a [B, Hq, q, budget] position list, built per query chunk when the
+reference reaches it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from ..structure import PositionRule, Selection
 
 def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> Selection:
     rule = PositionRule(sinks=opts.sinks, window=opts.window)
-    tokens = top_positions(ctx, lambda rows: grouped_scores(query[:, :, rows], key), rule, opts.budget, query.shape[1])
+
+    def tokens(rows: slice) -> torch.Tensor:  # per query chunk, when the reference reaches it
+        return top_positions(ctx, lambda chunk: grouped_scores(query[:, :, chunk], key), rule, opts.budget, query.shape[1], rows)
+
     return Selection(rule, tokens=tokens)
 
 
