@@ -8,6 +8,7 @@ from . import mechanisms as _mechanisms  # noqa: F401  (importing registers them
 from .attention import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from .integration import register_with_transformers, set_attention
 from .options import OptionError
+from .patches.convert import MechanismWeightsError
 from .registry import PREFIX, get_mechanism, mechanisms
 
 register_with_transformers()
@@ -15,6 +16,7 @@ register_with_transformers()
 __version__ = "0.1.0"
 __all__ = [
     "PREFIX",
+    "MechanismWeightsError",
     "SUPPORTED_MODEL_TYPES",
     "OptionError",
     "UnsupportedModelError",

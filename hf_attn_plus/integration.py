@@ -9,6 +9,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedConfig
 
 from .attention import attention_forward, check_model_supported, mask_function
+from .patches.convert import install_weights, plan_weights
 from .registry import PREFIX, all_mechanisms, get_mechanism
 
 _BUILTIN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -53,6 +54,11 @@ def set_attention(model: torch.nn.Module, name: str, **options: Any) -> None:
     """Validate `options` for mechanism `name` and switch `model` (a PreTrainedModel or PeftModel) to it.
 
     `name` is a mechanism ('topk' or 'hf_attn_plus:topk') or 'sdpa' / 'eager' to go back to dense attention.
+    A mechanism with weights (`attn_plus` of each attention layer) gets them here when the model lacks weights that
+    fit it, initialised as `from_pretrained(..., attn_implementation=...)` initialises them; weights that fit (same
+    mechanism and weight-shaping options) are kept. Dense attention and mechanisms without weights keep the layer's
+    weights unused, so switching back restores them. Raises MechanismWeightsError, before changing anything, where
+    the weights cannot be added.
     """
     config = model.config
     if name in _BUILTIN_IMPLEMENTATIONS:
@@ -63,6 +69,7 @@ def set_attention(model: torch.nn.Module, name: str, **options: Any) -> None:
         return
     mechanism = get_mechanism(name)
     check_model_supported(config)
-    mechanism.resolve_options(options)  # raises before anything changes
+    planned = plan_weights(model, mechanism.name, mechanism.resolve_options(options))  # raise before any change
     config.hf_attn_plus = dict(options)
     model.set_attn_implementation(mechanism.attn_implementation)
+    install_weights(planned)

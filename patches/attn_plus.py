@@ -49,6 +49,10 @@ class MechanismWeights(nn.Module):
     mechanism: str = ""
     recurrent: bool = False
     reads_hidden_states: bool = False
+    # Options that shape or seed the weights: the model must run with the values they were built for.
+    weight_options: tuple[str, ...] = ()
+    # Model types whose attention brings these weights itself: the mechanism adds none there.
+    models_bringing_own: tuple[str, ...] = ()
 
     def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
         super().__init__()
@@ -65,14 +69,18 @@ class MechanismWeights(nn.Module):
         """The weights the attention hooks serve (decode state, hidden states): these, or a wrapped mechanism's."""
         return self
 
-    def check_options(self, opts: SimpleNamespace, names: tuple[str, ...]) -> None:
+    def fits(self, opts: SimpleNamespace) -> bool:
+        """Whether these weights were built for `opts` (same value of every option in `weight_options`)."""
+        return all(getattr(opts, name) == getattr(self.opts, name) for name in self.weight_options)
+
+    def check_options(self, opts: SimpleNamespace) -> None:
         """Raise if the options that shaped these weights differ from the ones the model now runs with."""
-        for name in names:
+        for name in self.weight_options:
             if getattr(opts, name) != getattr(self.opts, name):
                 raise ValueError(
                     f"hf_attn_plus {self.mechanism!r}: option {name!r} is {getattr(opts, name)!r} but layer "
                     f"{self.layer_idx}'s weights were built for {getattr(self.opts, name)!r}; call "
-                    "hf_attn_plus.patches.attn_plus.build_mechanism_weights(model) to rebuild them"
+                    f"hf_attn_plus.set_attention(model, {self.mechanism!r}, **options) to rebuild them"
                 )
 
 
@@ -107,20 +115,6 @@ def attach(attention: nn.Module, config: Any) -> None:
     attention.attn_plus = _WEIGHTS[name](attention.attn_plus_shape(), opts, attention.layer_idx)
 
 
-def build_mechanism_weights(model: nn.Module) -> int:
-    """(Re)build `attn_plus` on every patched attention module of `model` for its current mechanism and options;
-    returns how many modules got weights. Use after `set_attention` on a model loaded with another mechanism."""
-    built = 0
-    for module in model.modules():
-        if isinstance(module, _PATCHED_CLASSES):
-            attach(module, module.config)
-            if module.attn_plus is not None:
-                like = module.o_proj.weight
-                module.attn_plus.to(like.device, like.dtype)
-                built += 1
-    return built
-
-
 def unwrapped(weights: nn.Module | None) -> nn.Module | None:
     """`attn_plus` itself when PEFT wrapped it (LoRA on its parameters or `modules_to_save` wrap the module)."""
     while not isinstance(weights, MechanismWeights) and weights is not None:
@@ -142,8 +136,8 @@ def mechanism_weights(attention: nn.Module, mechanism: str) -> MechanismWeights:
         raise ValueError(
             f"hf_attn_plus {mechanism!r} needs its weights in `{type(attention).__name__}.attn_plus`, which this layer "
             f"does not have. Import hf_attn_plus before loading the model with attn_implementation='{PREFIX}{mechanism}' "
-            "(supported: Llama, Qwen2, Qwen3, DeepSeek-V3), or call "
-            "hf_attn_plus.patches.attn_plus.build_mechanism_weights(model) after set_attention"
+            "(supported: Llama, Qwen2, Qwen3, DeepSeek-V3), or switch the loaded model with "
+            f"hf_attn_plus.set_attention(model, {mechanism!r}, **options), which adds them"
         )
     return weights
 
@@ -185,7 +179,8 @@ PATCHED = {
         (DeepseekV3Attention, _mla_shape),
     )
 }
-_PATCHED_CLASSES = tuple(PATCHED.values())
+# Original class -> patched class: set_attention patches in place modules built before the mapping applied.
+PATCH_OF = {patched.__base__: patched for patched in PATCHED.values()}
 
 
 def _register_patches() -> None:

@@ -60,6 +60,11 @@ class HeadGateWeights(MechanismWeights):
     def hooked(self) -> MechanismWeights:
         return self if self.inner is None else self.inner
 
+    def fits(self, opts: SimpleNamespace) -> bool:
+        if opts.inner != self.opts.inner:
+            return False
+        return self.inner is None or self.inner.fits(delegate("head_budget", opts.inner, opts.inner_options)[1])
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.steepness.fill_(math.log(math.e - 1))  # softplus = 1: every gate starts at g = b

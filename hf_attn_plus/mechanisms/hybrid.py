@@ -19,7 +19,7 @@ from ..masking import AttentionContext
 from ..options import int_option
 from ..patches.attn_plus import AttentionShape, mechanism_weights, register_weights
 from ..registry import Mechanism, register
-from .linear import FEATURE_OPTIONS, WEIGHT_OPTIONS, LinearWeights, check_call, kernel_requested
+from .linear import FEATURE_OPTIONS, LinearWeights, check_call, kernel_requested
 
 
 @register_weights
@@ -57,7 +57,7 @@ def attend(
 ) -> tuple[torch.Tensor, None]:
     check_call("hybrid", opts, dropout)
     weights = mechanism_weights(module, "hybrid")
-    weights.check_options(opts, WEIGHT_OPTIONS)
+    weights.check_options(opts)
     phi_q, phi_k, gamma = module.attn_plus(query, key, scaling)  # through any adapter PEFT wrapped around them
     layer = weights.state_layer
     args = (query, key, value, phi_q, phi_k, linear_ops.causal_key_mask(ctx), scaling, gamma, opts.window,

@@ -97,6 +97,8 @@ class IndexerWeights(MechanismWeights):
     k^I (index_dim) from its KV heads. `loss` holds the KL of the last training forward (None otherwise)."""
 
     mechanism = "indexer_topk"
+    weight_options = WEIGHT_OPTIONS
+    models_bringing_own = OWN_INDEXER_MODELS
 
     def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
         super().__init__(shape, opts, layer_idx)
@@ -188,7 +190,7 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
     if module.config.model_type in OWN_INDEXER_MODELS:
         return attend_model_indexer(module, query, key, value, ctx, opts, scaling, dropout)
     weights = mechanism_weights(module, "indexer_topk")
-    weights.check_options(opts, WEIGHT_OPTIONS)
+    weights.check_options(opts)
     index_inputs = indexer_inputs(module, query, key, ctx, opts)
     kernel = use_kernel(MECHANISM, opts, query, dropout)
     weights.loss = None

@@ -33,6 +33,7 @@ class LinearWeights(MechanismWeights):
 
     mechanism = "linear"
     recurrent = True
+    weight_options = WEIGHT_OPTIONS
 
     def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
         super().__init__(shape, opts, layer_idx)
@@ -98,7 +99,7 @@ def attend(
 ) -> tuple[torch.Tensor, None]:
     check_call("linear", opts, dropout)
     weights = mechanism_weights(module, "linear")
-    weights.check_options(opts, WEIGHT_OPTIONS)
+    weights.check_options(opts)
     phi_q, phi_k = module.attn_plus(query, key, scaling)  # through any adapter PEFT wrapped around the weights
     phi_k = phi_k * linear_ops.causal_key_mask(ctx).to(phi_k.dtype)
     layer = weights.state_layer
