@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+import hf_attn_plus
 from hf_attn_plus.patches.recurrent_cache import RecurrentStateLayer
 
 from .conftest import ARCHS, shared
@@ -150,9 +151,8 @@ def test_weights_built_for_other_options_are_rejected(make):
     model.config.hf_attn_plus = {"feature_map": "elu"}
     with pytest.raises(ValueError, match="option 'feature_map' is 'elu'"):
         model(_ids(1, 4))
-    from hf_attn_plus.patches.attn_plus import build_mechanism_weights
-
-    assert build_mechanism_weights(model) == 2
+    hf_attn_plus.set_attention(model, "linear", feature_map="elu")  # rebuilds them for the new options
+    assert model.model.layers[0].self_attn.attn_plus.opts.feature_map == "elu"
     assert model(_ids(1, 4)).logits.isfinite().all()
 
 

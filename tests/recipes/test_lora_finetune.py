@@ -78,7 +78,6 @@ def test_head_budget_gates_learn_at_sampled_budgets(tiny_teacher: Path, tmp_path
     assert sorted(losses(summary)) == [1, 2, 3] and all(torch.isfinite(torch.tensor(v)) for v in losses(summary).values())
     base = AutoModelForCausalLM.from_pretrained(tiny_teacher)
     hf_attn_plus.set_attention(base, "head_budget", budget=0.5, inner="sliding_window", inner_options={"window": 32, "sinks": 4})
-    hf_attn_plus.patches.attn_plus.build_mechanism_weights(base)
     initial = [m.steepness.detach().clone() for m in base.modules() if isinstance(m, HeadGateWeights)]
     tuned = PeftModel.from_pretrained(base, tmp_path / "final")
     attentions = [layer.self_attn for layer in tuned.base_model.model.model.layers]

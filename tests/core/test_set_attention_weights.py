@@ -1,0 +1,208 @@
+"""`set_attention` onto a mechanism with weights: a model built or loaded without them gets them, initialised as
+`from_pretrained(..., attn_implementation=...)` initialises them (bitwise, from the same RNG state); save/reload
+keeps them; switching keeps weights that fit and replaces the others; refusals change nothing."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, LlamaForCausalLM
+
+import hf_attn_plus
+from hf_attn_plus import PREFIX, MechanismWeightsError
+from hf_attn_plus.patches.attn_plus import PATCH_OF
+from hf_attn_plus.tiny import tiny_config
+
+from .models import token_batch
+
+ARCHS = ("llama", "qwen2", "qwen3", "deepseek_v3")
+INDEXER = dict(budget=4, sinks=1, window=2)
+CASES = {
+    "linear": ("linear", {}),  # hedgehog maps (identity init)
+    "linear_rf": ("linear", dict(feature_map="gaussian_rf", seed=3)),  # seeded buffer
+    "hybrid": ("hybrid", dict(window=4)),
+    "gated_delta": ("gated_delta", {}),  # random projections: the RNG order must match from_pretrained's
+    "momentum_delta": ("momentum_delta", {}),
+    "indexer_topk": ("indexer_topk", dict(INDEXER, index_heads=2, index_dim=8)),
+    "head_budget_linear": ("head_budget", dict(budget=0.75, inner="linear")),
+    "head_budget_indexer": ("head_budget", dict(budget=0.75, inner="indexer_topk", inner_options=INDEXER)),
+}
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved dense tiny model per architecture: what a user loads with a plain `from_pretrained(path)`."""
+    saved = {}
+
+    def path(arch: str):
+        if arch not in saved:
+            torch.manual_seed(0)
+            saved[arch] = tmp_path_factory.mktemp(arch)
+            AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation="sdpa").save_pretrained(saved[arch])
+        return saved[arch]
+
+    return path
+
+
+def load(path, name: str | None = None, **options) -> torch.nn.Module:
+    """from_pretrained from RNG state SEED: with `name`, loaded with the mechanism (its weights initialised there)."""
+    torch.manual_seed(SEED)
+    kwargs = {} if name is None else dict(attn_implementation=PREFIX + name, hf_attn_plus=options)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+def convert(model: torch.nn.Module, name: str, **options) -> torch.nn.Module:
+    """set_attention from RNG state SEED."""
+    torch.manual_seed(SEED)
+    hf_attn_plus.set_attention(model, name, **options)
+    return model
+
+
+def mechanism_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers under `attn_plus`, named as in the plain model (a PeftModel's prefix removed)."""
+    return {
+        key.removeprefix("base_model.model."): tensor
+        for key, tensor in model.state_dict().items()
+        if ".attn_plus." in key
+    }
+
+
+def assert_same_weights(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+    got, expected = mechanism_tensors(model), mechanism_tensors(reference)
+    assert got.keys() == expected.keys() and got
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(token_batch(2, 12)).logits
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_set_attention_adds_weights_as_from_pretrained_and_they_survive_a_reload(arch, case, checkpoint, tmp_path):
+    name, options = CASES[case]
+    model = convert(load(checkpoint(arch)), name, **options)
+    reference = load(checkpoint(arch), name, **options)
+    assert_same_weights(model, reference)
+    assert torch.equal(logits(model), logits(reference))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config._attn_implementation == PREFIX + name and reloaded.config.hf_attn_plus == options
+    assert_same_weights(reloaded, model)
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+@pytest.mark.parametrize("model_class", [LlamaForCausalLM, DeepseekV3ForCausalLM])
+@pytest.mark.parametrize("name, options", [CASES["hybrid"], CASES["gated_delta"]])
+def test_modules_built_without_the_patch_are_patched_in_place(model_class, name, options, tmp_path):
+    """A model built by its class (no from_pretrained / from_config: the original attention classes) gets the
+    weights and the decode-state hooks: cached greedy decoding matches the model loaded with the mechanism."""
+    torch.manual_seed(0)
+    model = model_class(tiny_config(model_class.config_class.model_type)).eval()
+    assert type(model.model.layers[0].self_attn) in PATCH_OF
+    model.save_pretrained(tmp_path)
+    convert(model, name, **options)
+    reference = load(tmp_path, name, **options)
+    assert type(model.model.layers[0].self_attn) is type(reference.model.layers[0].self_attn)
+    assert_same_weights(model, reference)
+    ids = token_batch(2, 6)
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, reference.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+
+
+LORA = dict(r=2, target_modules=["o_proj"], init_lora_weights=False)  # random B: the adapter changes the output
+
+
+@pytest.mark.parametrize(
+    "arch, case", [("llama", "gated_delta"), ("deepseek_v3", "hybrid"), ("qwen3", "head_budget_indexer")]
+)
+def test_peft_model_gets_frozen_weights_that_merge_and_reload(arch, case, checkpoint, tmp_path):
+    name, options = CASES[case]
+    base = load(checkpoint(arch))
+    torch.manual_seed(1)
+    adapted = get_peft_model(base, LoraConfig(**LORA))
+    trainable, _ = adapted.get_nb_trainable_parameters()
+    convert(adapted, name, **options)
+    reference = load(checkpoint(arch), name, **options)
+    torch.manual_seed(1)
+    reference_adapted = get_peft_model(reference, LoraConfig(**LORA))
+    assert_same_weights(adapted, reference_adapted)
+    assert torch.equal(logits(adapted), logits(reference_adapted))
+    # PEFT trains the adapter, not the base model: the added weights are frozen like the rest of the base.
+    assert adapted.get_nb_trainable_parameters()[0] == trainable
+    assert not any(p.requires_grad for n, p in adapted.named_parameters() if ".attn_plus." in n)
+    merged = adapted.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config._attn_implementation == PREFIX + name
+    assert_same_weights(reloaded, merged)
+    assert torch.equal(logits(reloaded), logits(merged))
+
+
+def test_switching_keeps_weights_that_fit_and_replaces_the_others(checkpoint, tmp_path):
+    dense = load(checkpoint("llama"))
+    model = load(checkpoint("llama"), "hybrid", window=4)
+    with torch.no_grad():  # trained-like weights, which a reinitialisation would lose
+        for tensor in mechanism_tensors(model).values():
+            tensor.add_(torch.randn_like(tensor) * 0.3)
+    trained = [layer.self_attn.attn_plus for layer in model.model.layers]
+    hybrid_logits = logits(model)
+
+    def kept() -> bool:
+        return all(layer.self_attn.attn_plus is weights for layer, weights in zip(model.model.layers, trained))
+
+    hf_attn_plus.set_attention(model, "sdpa")
+    assert kept() and torch.equal(logits(model), logits(dense))
+    hf_attn_plus.set_attention(model, "topk", **INDEXER)  # no weights of its own: the hybrid ones stay, unused
+    assert kept() and torch.equal(logits(model), logits(convert(load(checkpoint("llama")), "topk", **INDEXER)))
+    hf_attn_plus.set_attention(model, "hybrid", window=4)
+    assert kept() and torch.equal(logits(model), hybrid_logits)
+    hf_attn_plus.set_attention(model, "hybrid", window=2)  # the window does not shape the weights
+    assert kept() and not torch.equal(logits(model), hybrid_logits)
+    # Other weight-shaping options, or another mechanism with weights: fresh weights, as from_pretrained builds them.
+    for name, options in (("hybrid", dict(window=4, feature_map="gaussian_rf")), ("gated_delta", {})):
+        convert(model, name, **options)
+        assert not kept()
+        assert_same_weights(model, load(checkpoint("llama"), name, **options))
+    # Saved while dense, unused weights go into the checkpoint; from_pretrained reports them unexpected and drops them.
+    hf_attn_plus.set_attention(model, "sdpa")
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.model.layers[0].self_attn.attn_plus is None and not mechanism_tensors(reloaded)
+    assert torch.equal(logits(reloaded), logits(dense))
+
+
+def assert_unchanged(model: torch.nn.Module) -> None:
+    assert model.config._attn_implementation == "sdpa" and model.config.hf_attn_plus is None
+
+
+@pytest.mark.parametrize("name, options", [CASES["linear"], CASES["gated_delta"], ("head_budget", dict(budget=0.5))])
+def test_deepseek_v32_refuses_weights_in_set_attention(name, options):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("deepseek_v32"), attn_implementation="sdpa").eval()
+    with pytest.raises(MechanismWeightsError, match=rf"{name!r} adds weights.*'deepseek_v32' model.*not patched"):
+        hf_attn_plus.set_attention(model, name, **options)
+    assert_unchanged(model)
+    assert not mechanism_tensors(model)
+
+
+def test_indexer_topk_on_deepseek_v32_uses_the_models_own_indexer_without_weights():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("deepseek_v32"), attn_implementation="sdpa").eval()
+    hf_attn_plus.set_attention(model, "indexer_topk")
+    assert not mechanism_tensors(model) and logits(model).isfinite().all()
+
+
+def test_weights_adapted_by_peft_are_not_replaced(checkpoint):
+    name, options = CASES["hybrid"]
+    adapted = get_peft_model(load(checkpoint("llama"), name, **options), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                                  modules_to_save=["attn_plus"]))
+    with pytest.raises(MechanismWeightsError, match="'hybrid' weights .* adapted by PEFT.*merge_and_unload"):
+        hf_attn_plus.set_attention(adapted, "gated_delta")
+    assert adapted.config._attn_implementation == PREFIX + name and adapted.config.hf_attn_plus == options
+    wrapper = adapted.base_model.model.model.layers[0].self_attn.attn_plus
+    hf_attn_plus.set_attention(adapted, name, window=2)  # weights that fit stay, adapter and all
+    assert adapted.base_model.model.model.layers[0].self_attn.attn_plus is wrapper
+    assert logits(adapted).isfinite().all()
