@@ -44,11 +44,11 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def load(path, name: str | None = None, **options) -> torch.nn.Module:
+def load(path, name: str | None = None, dtype: torch.dtype = torch.float32, **options) -> torch.nn.Module:
     """from_pretrained from RNG state SEED: with `name`, loaded with the mechanism (its weights initialised there)."""
     torch.manual_seed(SEED)
     kwargs = {} if name is None else dict(attn_implementation=PREFIX + name, hf_attn_plus=options)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
 
 
 def convert(model: torch.nn.Module, name: str, **options) -> torch.nn.Module:
@@ -92,6 +92,14 @@ def test_set_attention_adds_weights_as_from_pretrained_and_they_survive_a_reload
     assert reloaded.config._attn_implementation == PREFIX + name and reloaded.config.hf_attn_plus == options
     assert_same_weights(reloaded, model)
     assert torch.equal(logits(reloaded), logits(model))
+
+
+@pytest.mark.parametrize("case", ["gated_delta", "indexer_topk", "linear_rf"])
+def test_weights_are_initialised_in_the_models_dtype(case, checkpoint):
+    name, options = CASES[case]
+    model = convert(load(checkpoint("llama"), dtype=torch.bfloat16), name, **options)
+    assert {tensor.dtype for tensor in mechanism_tensors(model).values()} == {torch.bfloat16}
+    assert_same_weights(model, load(checkpoint("llama"), name, dtype=torch.bfloat16, **options))
 
 
 @pytest.mark.parametrize("model_class", [LlamaForCausalLM, DeepseekV3ForCausalLM])
