@@ -6,7 +6,8 @@ registered weights here, a submodule `attn_plus` holding them (so `model.layers.
 only the new weights means training parameters whose name contains `.attn_plus.`). The original module's code,
 parameters and state-dict keys are untouched, so with dense attention the patched model computes exactly what the
 original does. Because the class is swapped during `from_pretrained` / `from_config`, `attn_plus` exists before the
-checkpoint is read and its saved weights load like any other.
+checkpoint is read and its saved weights load like any other. A model built without them gets them from
+`set_attention` (convert.py).
 """
 
 from __future__ import annotations
