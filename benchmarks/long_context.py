@@ -7,6 +7,7 @@ Shapes are SmolLM2-135M's attention (9 query / 3 KV heads, head dim 64), batch 1
   call; for SDPA that is its output, its internal tiles are not seen);
 - decode: ms per generated token of a one-layer SmolLM2-shaped model (vocabulary 256) with a DynamicCache holding
   `context` tokens, prefilled with SDPA then switched to the mechanism (the side caches build on the first step);
+- decode_call: one attention call of a new query over the cached keys alone (no model, no cache append);
 - train: forward + backward of the attention call at one length.
 Ratios are against SDPA measured in the same run. Results name the machine.
 
@@ -41,7 +42,7 @@ SETTINGS = {
     "topk": dict(budget=1024, window=64, sinks=4),
     "block_sparse": dict(block_size=64, threshold=0.9),
 }
-PARTS = ("prefill", "decode", "train")
+PARTS = ("prefill", "decode", "decode_call", "train")
 
 
 def machine() -> str:
@@ -175,6 +176,25 @@ def decode(names: list[str], contexts: list[int], steps: int) -> list[dict]:
     return _with_ratios(rows, "context", key="ms_per_token")
 
 
+def decode_call(names: list[str], contexts: list[int], steps: int) -> list[dict]:
+    """One attention call of a single new query over `context` cached keys, without the model or the cache append
+    (transformers' DynamicCache copies every key per step, which dominates the model-level decode row on CPU). There
+    is no cache layer here, so block_topk rebuilds its block bounds from every key (the model-level row folds in one
+    key per step)."""
+    rows = []
+    for context in contexts:
+        q, k, v = inputs(context + 1)
+        q = q[:, :, -1:]
+        for name in ["sdpa", *names]:
+            call = attention_call(name, context + 1, q_len=1)
+            with torch.no_grad():
+                call(q, k, v)
+                ms = timed(lambda: call(q, k, v), steps) * 1e3
+            rows.append(dict(part="decode_call", mechanism=name, context=context, ms_per_token=ms))
+            _report(rows[-1])
+    return _with_ratios(rows, "context", key="ms_per_token")
+
+
 def train(names: list[str], length: int) -> list[dict]:
     rows = []
     for name in ["sdpa", *names]:
@@ -233,6 +253,8 @@ def main() -> None:
         results["rows"] += prefill(args.mechanisms, args.lengths, args.repeat, args.memory_up_to)
     if "decode" in args.parts:
         results["rows"] += decode(args.mechanisms, args.decode_contexts, args.steps)
+    if "decode_call" in args.parts:
+        results["rows"] += decode_call(args.mechanisms, args.decode_contexts, args.steps)
     if "train" in args.parts:
         results["rows"] += train(args.train_mechanisms, args.train_length)
     if args.out:
