@@ -38,7 +38,8 @@ class Settings:
 
 # SmolLM2 at 512 tokens on one torch thread: a 512-token forward takes 1.3 s (3 s on a loaded 2-core machine) and a
 # row 30-90 s, so the whole default sweep (11 rows at 256 and 512: 9 min) does not fit the 5-minute demo. Kept: the
-# three training-free selection families, windows and blocks at about 1/4 of the keys, topk at 1/8.
+# three training-free selection families, windows and blocks at about 1/4 of the keys, topk at 1/8; one quality
+# window (two took `make demo` to 4 min 23 s on a loaded machine).
 SMOLLM2_DEMO = Settings(
     lengths=(512,),
     mechanisms=(
@@ -46,7 +47,7 @@ SMOLLM2_DEMO = Settings(
         "block_topk:block_size=16,budget=3",
         "topk:budget=12,window=16",
     ),
-    samples=2,
+    samples=1,
     decode_tokens=8,
     repeats=1,
 )
