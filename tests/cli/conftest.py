@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_attn_plus
-from hf_attn_plus.demo import char_tokenizer, load_default_model
+from hf_attn_plus.demo import char_tokenizer, load_tiny_subject
 from hf_attn_plus.tiny import tiny_config
 
 
@@ -21,11 +21,11 @@ def one_thread():
 
 
 def save_tiny(path, model_type: str, mechanism: str | None = None, **options):
-    """A tiny random model of `model_type` ("default": compare's embedded default) with the character tokenizer,
+    """A tiny random model of `model_type` ("default": compare's embedded `tiny`) with the character tokenizer,
     optionally converted, saved to `path`."""
     torch.manual_seed(0)
     if model_type == "default":
-        model = load_default_model().model
+        model = load_tiny_subject().model
     else:
         model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
     if mechanism:

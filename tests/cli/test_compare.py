@@ -71,9 +71,9 @@ def test_tensor_memory_peak_counts_live_tensors():
     assert tracker.current == 0
 
 
-def test_compare_default_model_table_json_and_plot(tmp_path, capsys):
+def test_compare_embedded_tiny_model_table_json_and_plot(tmp_path, capsys):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    main(["compare", "--mechanisms", COVERING, NARROW, "--json", str(out_json), "--plot", str(out_png), *FAST])
+    main(["compare", "tiny", "--mechanisms", COVERING, NARROW, "--json", str(out_json), "--plot", str(out_png), *FAST])
     table = capsys.readouterr().out
     report = json.loads(out_json.read_text())
     dense, covering, narrow = report["results"]
@@ -114,5 +114,5 @@ def test_text_too_short_is_a_clean_error(tmp_path, capsys):
     data = tmp_path / "short.txt"
     data.write_text("x = 1\n")
     with pytest.raises(SystemExit):
-        main(["compare", "--data", str(data), "--mechanisms", NARROW, *FAST])
+        main(["compare", "tiny", "--data", str(data), "--mechanisms", NARROW, *FAST])
     assert "pass a longer --data file" in capsys.readouterr().err
