@@ -77,7 +77,7 @@ def attention_call(name: str, length: int, q_len: int | None = None):
         module = _Module(config, {})
         return lambda q, k, v: sdpa_attention_forward(module, q, k, v, None, scaling=HEAD_DIM**-0.5)[0]
     fn = AttentionInterface()[hf_attn_plus.get_mechanism(name).attn_implementation]
-    module = _Module(config, SETTINGS[name])
+    module = _Module(config, dict(SETTINGS[name], backend=BACKEND))
     q_len = length if q_len is None else q_len
 
     def run(q, k, v):
@@ -89,6 +89,9 @@ def attention_call(name: str, length: int, q_len: int | None = None):
 
 DEVICE = torch.device("cpu")
 DTYPE = torch.float32
+# 'reference': the chunked PyTorch path on any device. The Triton kernels ('auto' on CUDA) still read a dense keep
+# mask, which does not fit at 64k+.
+BACKEND = "auto"
 
 
 def inputs(length: int, requires_grad: bool = False):
@@ -140,11 +143,16 @@ def prefill(names: list[str], lengths: list[int], repeat: int, memory_up_to: int
         q, k, v = inputs(length)
         for name in ["sdpa", *names]:
             call = attention_call(name, length)
-            with torch.no_grad():
-                if length <= memory_up_to:  # one traced call gives both (the tracer costs microseconds per op)
-                    memory, seconds = traced(lambda: call(q, k, v))
-                else:
-                    memory, seconds = None, timed(lambda: call(q, k, v), repeat if length <= 16384 else 1)
+            try:
+                with torch.no_grad():
+                    if length <= memory_up_to:  # one traced call gives both (the tracer costs microseconds per op)
+                        memory, seconds = traced(lambda: call(q, k, v))
+                    else:
+                        memory, seconds = None, timed(lambda: call(q, k, v), repeat if length <= 16384 else 1)
+            except torch.OutOfMemoryError as error:  # recorded, and the other rows still run
+                rows.append(dict(part="prefill", mechanism=name, length=length, error=str(error).splitlines()[0]))
+                _report(rows[-1])
+                continue
             rows.append(dict(part="prefill", mechanism=name, length=length, seconds=seconds, peak_MB=_mb(memory)))
             _report(rows[-1])
     return _with_ratios(rows, "length")
@@ -217,7 +225,9 @@ def _mb(nbytes: int | None) -> float | None:
 def _with_ratios(rows: list[dict], by: str, key: str = "seconds") -> list[dict]:
     dense = {r[by]: r for r in rows if r["mechanism"] == "sdpa"}
     for r in rows:
-        base = dense[r[by]]
+        base = dense.get(r[by])
+        if base is None or key not in r or key not in base:
+            continue
         r["speedup_vs_sdpa"] = round(base[key] / r[key], 2)
         if r.get("peak_MB") is not None and base.get("peak_MB"):
             r["memory_vs_sdpa"] = round(r["peak_MB"] / base["peak_MB"], 2)
@@ -241,14 +251,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per context")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "kernel"))
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global DEVICE, DTYPE
-    DEVICE = torch.device(args.device)
+    global DEVICE, DTYPE, BACKEND
+    DEVICE, BACKEND = torch.device(args.device), args.backend
     DTYPE = getattr(torch, args.dtype or ("bfloat16" if DEVICE.type == "cuda" else "float32"))
-    results = dict(machine=machine(), settings=SETTINGS, command=" ".join(sys.argv), rows=[])
+    results = dict(machine=machine(), backend=BACKEND, settings=SETTINGS, command=" ".join(sys.argv), rows=[])
     if "prefill" in args.parts:
         results["rows"] += prefill(args.mechanisms, args.lengths, args.repeat, args.memory_up_to)
     if "decode" in args.parts:
