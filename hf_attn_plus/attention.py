@@ -6,6 +6,7 @@ AttentionContext, asks the mechanism which keys each query keeps, and runs the k
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from .chunked_attention import selected_attention
 from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
-from .reference import default_scaling, length_scale, log_length_scale, masked_attention
+from .reference import default_scaling, length_scale, masked_attention
 from .registry import Mechanism, OptionError, delegate, options_from_config
 from .structure import DENSE, Selection
 
@@ -190,11 +191,7 @@ def attend_selection(
 ) -> torch.Tensor:
     """Exact softmax over a selection's keys (chunked, no [q, kv] tensor) with the common `logit_scale` option
     applied: the path of every `select` mechanism."""
-    beta = None
-    if opts.logit_scale != "none":
-        train_length = opts.train_length or module.config.max_position_embeddings
-        beta = lambda count: length_scale(count, train_length, opts.logit_scale_c)  # noqa: E731
-    return selected_attention(query, key, value, ctx, selection, scaling, beta, dropout)
+    return selected_attention(query, key, value, ctx, selection, scaling, length_beta(module, opts), dropout)
 
 
 def attend_selected(
@@ -212,12 +209,18 @@ def attend_selected(
     return masked_attention(query, key, value, keep, scaling, logit_scale(module, keep, opts), dropout)
 
 
-def logit_scale(module: torch.nn.Module, attended: torch.Tensor, opts: Any) -> torch.Tensor | None:
-    """beta of the common `logit_scale` option for queries attending the keys in `attended`; None when off."""
+def length_beta(module: torch.nn.Module, opts: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """beta(count) of the common `logit_scale` option for rows attending `count` keys ([..., 1] float); None when off."""
     if opts.logit_scale == "none":
         return None
     train_length = opts.train_length or module.config.max_position_embeddings
-    return log_length_scale(attended, train_length, opts.logit_scale_c)
+    return lambda count: length_scale(count, train_length, opts.logit_scale_c)
+
+
+def logit_scale(module: torch.nn.Module, attended: torch.Tensor, opts: Any) -> torch.Tensor | None:
+    """beta of the common `logit_scale` option for queries attending the keys in `attended`; None when off."""
+    beta = length_beta(module, opts)
+    return None if beta is None else beta(attended.sum(dim=-1, keepdim=True).float())
 
 
 def use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:

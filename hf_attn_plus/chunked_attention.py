@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .masking import AttentionContext
-from .structure import EVERY, ListsFor, Selection, lists_for
+from .structure import EVERY, ListsFor, Selection, listed, lists_for
 
 # Upper bound on the elements of one chunk's keep mask: the chunk length adapts to the keys a row may read.
 CHUNK_ELEMENTS = 2**22
@@ -149,16 +149,16 @@ class _Chunk:
         # The near run and the sinks already hold the listed keys that fall in them.
         far = (positions < near) & (positions >= sink_end) & (positions <= t_max)
         positions = torch.cat((positions[: shared[0].numel() + shared[1].numel()], positions[far].unique()))
-        listed = None
+        chosen = None
         if block_lists is not None:
-            listed = self.listed(block_lists, positions // sel.block_size, t_max // sel.block_size + 1)
+            chosen = listed(block_lists, positions // sel.block_size, t_max // sel.block_size + 1)
         if token_lists is not None:
-            tokens = self.listed(token_lists, positions, t_max + 1)
-            listed = tokens if listed is None else listed | tokens
+            tokens = listed(token_lists, positions, t_max + 1)
+            chosen = tokens if chosen is None else chosen | tokens
         weights = None if sel.log_weights is None else self.token_weights(token_lists, q_heads, positions)
         if not rule.dilation:
             keep = rule.keep(t.view(1, 1, -1, 1), positions)
-            keep = keep if listed is None else keep | listed
+            keep = keep if chosen is None else keep | chosen
             return [_Group(positions, self.finish(keep, positions, weights))]
         groups = []
         d = rule.dilation
@@ -167,8 +167,8 @@ class _Chunk:
             if rows.numel() == 0:
                 continue
             keep = rule.keep(t[rows].view(1, 1, -1, 1), positions)
-            if listed is not None:
-                keep = keep | listed[:, :, rows]
+            if chosen is not None:
+                keep = keep | chosen[:, :, rows]
             first = sink_end + (residue - sink_end) % d
             strided = torch.arange(first, max(first, near), d, device=device)
             both = torch.cat((positions, strided))
@@ -181,13 +181,6 @@ class _Chunk:
 
     def rows_of(self, lists: torch.Tensor | ListsFor) -> torch.Tensor:
         return lists_for(lists, self.rows)[self.b : self.b + 1]
-
-    def listed(self, lists: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
-        """Whether each row of the chunk's lists [1, H, R, n] lists each value ([m] block or position) -> [1, H, R, m]."""
-        hit = torch.zeros(*lists.shape[:-1], width + 1, dtype=torch.bool, device=lists.device)
-        hit.scatter_(-1, torch.where((lists < 0) | (lists >= width), width, lists), True)
-        hit[..., width] = False  # the column of unused entries, and of values no row lists
-        return hit[..., values.clamp(max=width)]
 
     def token_weights(self, lists: torch.Tensor, q_heads: int, positions: torch.Tensor) -> torch.Tensor:
         """The listed tokens' log-weights at `positions` [1, Hq, R, m] (0 elsewhere)."""

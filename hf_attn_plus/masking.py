@@ -25,6 +25,8 @@ class TokenPositions:
 
     key_pos: torch.Tensor  # [B, kv] long: position of the key among the sequence's real keys (-1: padding)
     query_pos: torch.Tensor  # [B, q] long: position of the query (-1: a query that sees nothing)
+    key_start: torch.Tensor  # [B] long: slot of real position 0 (real keys are contiguous)
+    key_count: torch.Tensor  # [B] long: real keys
 
     @classmethod
     def from_padding(
@@ -49,7 +51,8 @@ class TokenPositions:
         count = real.long().cumsum(-1)
         key_pos = torch.where(real, count - 1, -1)[:, kv_offset : kv_offset + kv_len]
         q_slots = torch.arange(q_len, device=device) + q_offset
-        return cls(key_pos=key_pos, query_pos=count[:, q_slots] - 1)
+        start, key_count = _run_of_real(key_pos)
+        return cls(key_pos=key_pos, query_pos=count[:, q_slots] - 1, key_start=start, key_count=key_count)
 
     # generate() prepares the mask up front for compilable caches and calls .contiguous() on it; the model's mask
     # creation then sees a 4-D mask already made and hands it back to the mask function, which passes it through.
@@ -61,8 +64,7 @@ class TokenPositions:
     def dense_mask(self) -> torch.Tensor:
         """transformers' [B, 1, q, kv] bool mask of the same visibility, for a dense implementation run on these
         positions (a distillation teacher); O(q * kv)."""
-        key_pos, query_pos = self.key_pos[:, None, None, :], self.query_pos[:, None, :, None]
-        return (key_pos >= 0) & (query_pos >= 0) & (key_pos <= query_pos)
+        return sees(self.query_pos[:, None, :, None], self.key_pos[:, None, None, :])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,16 @@ class AttentionContext:
     # None without a cache, in training, or on a model class hf_attn_plus does not patch. Side states describe the
     # call's full key tensor: a wrapper handing its delegate other keys (a head subset) must not pass it on.
     cache_layer: Any = None
+    # [B] long: slot of real position 0 (real keys are contiguous: slot = key_start + position) and real keys per
+    # sequence; read off key_pos when not given (a context built from a dense mask).
+    key_start: torch.Tensor | None = None
+    key_count: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.key_start is None:
+            start, count = _run_of_real(self.batch_key_pos)
+            object.__setattr__(self, "key_start", start)
+            object.__setattr__(self, "key_count", count)
 
     def head_index(self, q_heads: int, device: torch.device) -> torch.Tensor:
         """The model's index of each of the `q_heads` query heads of this call, [1, q_heads, 1, 1] long."""
@@ -98,25 +110,10 @@ class AttentionContext:
         return self.query_pos[:, 0, :, 0]
 
     @functools.cached_property
-    def key_start(self) -> torch.Tensor:
-        """[B] long: the slot of real position 0 (real keys are contiguous: slot = key_start + position)."""
-        real = self.batch_key_pos >= 0
-        return torch.where(real.any(-1), real.long().argmax(-1), 0)
-
-    @functools.cached_property
-    def key_count(self) -> torch.Tensor:
-        """[B] long: real keys per sequence."""
-        return (self.batch_key_pos >= 0).sum(-1)
-
-    def visible_between(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-        """Causal visibility of real positions (broadcast): both real and key_pos <= query_pos."""
-        return (key_pos >= 0) & (query_pos >= 0) & (key_pos <= query_pos)
-
-    @functools.cached_property
     def visible(self) -> torch.Tensor:
         """Dense [B, 1, q_len, kv_len] visibility: the oracle of tests and of the mechanisms whose reference is still
         dense (O(q * kv); the sparse family never builds it)."""
-        visible = self.visible_between(self.query_pos, self.key_pos)
+        visible = sees(self.query_pos, self.key_pos)
         return visible if self.restrict is None else visible & self.restrict
 
     @property
@@ -125,11 +122,25 @@ class AttentionContext:
         return self.query_pos - self.key_pos
 
 
+def sees(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """Causal visibility of real positions (broadcast): both real and key_pos <= query_pos."""
+    return (key_pos >= 0) & (query_pos >= 0) & (key_pos <= query_pos)
+
+
+def _run_of_real(key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot of position 0, number of real keys) per sequence of key_pos [B, kv]."""
+    real = key_pos >= 0
+    return torch.where(real.any(-1), real.long().argmax(-1), 0), real.sum(-1)
+
+
 def context_from_positions(positions: TokenPositions, cache_layer: Any = None) -> AttentionContext:
+    """A layer's context from the forward's positions: views, nothing recomputed per layer."""
     return AttentionContext(
         key_pos=positions.key_pos[:, None, None, :],
         query_pos=positions.query_pos[:, None, :, None],
         cache_layer=cache_layer,
+        key_start=positions.key_start,
+        key_count=positions.key_count,
     )
 
 
@@ -159,7 +170,7 @@ def build_context(
     # Causal attention always sees its own token last, so the newest visible key is the query itself.
     query_pos = torch.where(visible, key_pos, -1).amax(dim=-1, keepdim=True)
     ctx = AttentionContext(key_pos=key_pos, query_pos=query_pos, cache_layer=cache_layer)
-    implied = ctx.visible_between(query_pos, key_pos)
+    implied = sees(query_pos, key_pos)
     if restrict is not None:
         visible = visible & restrict
     if not torch.equal(implied.expand_as(visible), visible):

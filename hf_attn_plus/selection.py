@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .masking import AttentionContext
+from .masking import AttentionContext, sees
 from .structure import PositionRule
 
 
@@ -39,7 +39,7 @@ def all_rows(rows: slice, q_len: int) -> slice:
 
 def chunk_visible(ctx: AttentionContext, rows: slice) -> torch.Tensor:
     """Visibility [B, 1, rows, kv] of one query chunk (with the model's restriction, if any)."""
-    visible = ctx.visible_between(ctx.query_pos[:, :, rows], ctx.key_pos)
+    visible = sees(ctx.query_pos[:, :, rows], ctx.key_pos)
     return visible if ctx.restrict is None else visible & ctx.restrict[:, :, rows]
 
 
@@ -137,6 +137,13 @@ def quest_block_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
     kmin = torch.nan_to_num(kmin, posinf=0.0)
     kmax = torch.nan_to_num(kmax, neginf=0.0)
     return grouped_scores(query.clamp(min=0), kmax) - grouped_scores((-query).clamp(min=0), kmin)
+
+
+def fixed_blocks(query_pos: torch.Tensor, num_blocks: int, block_size: int, sink_blocks: int, local_blocks: int) -> torch.Tensor:
+    """Blocks always attended from each query position [..., q, 1]: the first `sink_blocks` and the `local_blocks`
+    ending at the query's block -> bool [..., q, num_blocks]."""
+    index = torch.arange(num_blocks, device=query_pos.device)
+    return (index < sink_blocks) | (query_pos // block_size - index < local_blocks)
 
 
 def chunk_seen_blocks(ctx: AttentionContext, rows: slice, num_blocks: int, block_size: int) -> torch.Tensor:

@@ -42,19 +42,15 @@ class PositionRule:
             kept = kept | (s // self.block_size > t // self.block_size - self.local_blocks)
         return kept
 
-    def near_start(self, t: torch.Tensor | int) -> torch.Tensor | int:
+    def near_start(self, t: int) -> int:
         """The first position of the contiguous run of keys the rule keeps up to t (its window / local blocks);
         in [sinks, near_start(t)) the rule keeps dilated keys only."""
         start = t + 1
         if self.window:
-            start = _minimum(start, t - min(self.window, EVERY) + 1)
+            start = min(start, t - min(self.window, EVERY) + 1)
         if self.local_blocks:
-            start = _minimum(start, (t // self.block_size - self.local_blocks + 1) * self.block_size)
+            start = min(start, (t // self.block_size - self.local_blocks + 1) * self.block_size)
         return start
-
-
-def _minimum(a: torch.Tensor | int, b: torch.Tensor | int) -> torch.Tensor | int:
-    return torch.minimum(a, b) if isinstance(a, torch.Tensor) else min(a, b)
 
 
 DENSE = PositionRule(window=EVERY)
@@ -93,19 +89,20 @@ def dense_keep(ctx: AttentionContext, selection: Selection, heads: int = 1) -> t
     keep = selection.rule.keep(t, s)
     batch, _, q_len, kv_len = ctx.visible.shape
     if selection.blocks is not None:
-        keep = keep | listed(lists_for(selection.blocks, slice(None)), s // selection.block_size, s >= 0, kv_len)
+        blocks = torch.where(s >= 0, s // selection.block_size, -1)
+        keep = keep | listed(lists_for(selection.blocks, slice(None)), blocks, kv_len)
     if selection.tokens is not None:
-        keep = keep | listed(lists_for(selection.tokens, slice(None)), s, s >= 0, kv_len)
+        keep = keep | listed(lists_for(selection.tokens, slice(None)), s, kv_len)
     keep = keep & ctx.visible
     return keep.expand(batch, max(heads, keep.shape[1]), q_len, kv_len)
 
 
-def listed(lists: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """Whether each key's value (its block or position, [B, 1, 1, kv]) appears in lists [B, H, q, n] -> [B, H, q, kv].
-    Values are < kv_len; -1 entries go to an extra column that is dropped."""
+def listed(lists: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
+    """Whether each row of lists [B, H, R, n] lists each of `values` [..., m] (blocks or positions; values < 0 or
+    >= width are never listed) -> [B, H, R, m]. List entries -1 (unused) go to an extra column that is cleared."""
     lists = lists.long()
-    batch, heads, q_len, _ = lists.shape
-    hit = torch.zeros(batch, heads, q_len, kv_len + 1, dtype=torch.bool, device=lists.device)
-    hit.scatter_(-1, torch.where(lists < 0, kv_len, lists), True)
-    index = torch.where(valid, values, kv_len).expand(batch, heads, q_len, kv_len)
-    return hit.gather(-1, index)
+    hit = torch.zeros(*lists.shape[:-1], width + 1, dtype=torch.bool, device=lists.device)
+    hit.scatter_(-1, torch.where((lists < 0) | (lists >= width), width, lists), True)
+    hit[..., width] = False
+    index = torch.where((values < 0) | (values >= width), width, values)
+    return hit.gather(-1, index.expand(*lists.shape[:-1], index.shape[-1]))

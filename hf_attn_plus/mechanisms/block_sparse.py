@@ -22,6 +22,7 @@ from ..registry import Mechanism, register
 from ..selection import (
     all_rows,
     chunk_seen_blocks,
+    fixed_blocks,
     grouped_scores,
     kept_indices,
     key_blocks,
@@ -38,11 +39,10 @@ def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: 
     size = opts.block_size
     num_blocks = max(1, -(-int(ctx.key_count.max()) // size))
     mean_keys = pooled_blocks(key, key_blocks(ctx, size).reshape(batch, -1), num_blocks)
-    index = torch.arange(num_blocks, device=query.device)
     rule = PositionRule(sinks=opts.sink_blocks * size, block_size=size, local_blocks=opts.local_blocks)
 
     def blocks(rows: slice) -> torch.Tensor:  # per query chunk, when the reference reaches it
-        return ranked_blocks(query, ctx, opts, mean_keys, index, all_rows(rows, q_len))
+        return ranked_blocks(query, ctx, opts, mean_keys, all_rows(rows, q_len))
 
     return Selection(rule, block_size=size, blocks=blocks)
 
@@ -52,15 +52,13 @@ def ranked_blocks(
     ctx: AttentionContext,
     opts: SimpleNamespace,
     mean_keys: torch.Tensor,
-    index: torch.Tensor,
     rows: slice,
 ) -> torch.Tensor:
     """Blocks kept by estimated mass for the queries of `rows`: [B, Hq, rows, n] block indices (-1 unused)."""
     size, num_blocks, lists = opts.block_size, mean_keys.shape[2], []
     for rows in query_chunks(query.shape[0], query.shape[1], rows, mean_keys.shape[2]):
         logits = grouped_scores(query[:, :, rows], mean_keys) * default_scaling(query)
-        query_block = ctx.query_pos[:, :, rows] // size
-        fixed = (index < opts.sink_blocks) | (query_block - index < opts.local_blocks)
+        fixed = fixed_blocks(ctx.query_pos[:, :, rows], num_blocks, size, opts.sink_blocks, opts.local_blocks)
         candidates = (chunk_seen_blocks(ctx, rows, num_blocks, size) & ~fixed).expand_as(logits)
         chosen = mass_ranked_blocks(logits, candidates, opts.threshold)
         lists.append(kept_indices(chosen, int(chosen.sum(-1).max())))

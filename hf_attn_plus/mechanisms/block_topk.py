@@ -26,6 +26,7 @@ from ..registry import Mechanism, register
 from ..selection import (
     block_key_bounds,
     chunk_seen_blocks,
+    fixed_blocks,
     all_rows,
     key_blocks,
     kept_indices,
@@ -62,14 +63,12 @@ def chosen_blocks(
     batch, q_heads, q_len, _ = query.shape
     num_blocks = kmin.shape[2]
     group = q_heads // kmin.shape[1] if opts.choose_per == "group" else 1
-    index = torch.arange(num_blocks, device=query.device)
     lists = []
     for rows in query_chunks(batch, q_heads, all_rows(rows, q_len), num_blocks):
         scores = block_scores(query[:, :, rows], kmin, kmax)
         if group > 1:  # one choice per KV group, by the largest bound any of its heads gives
             scores = scores.unflatten(1, (-1, group)).amax(dim=2)
-        query_block = ctx.query_pos[:, :, rows] // opts.block_size
-        fixed = (index < opts.sink_blocks) | (query_block - index < opts.local_blocks)
+        fixed = fixed_blocks(ctx.query_pos[:, :, rows], num_blocks, opts.block_size, opts.sink_blocks, opts.local_blocks)
         candidates = chunk_seen_blocks(ctx, rows, num_blocks, opts.block_size) & ~fixed
         chosen = kept_indices(top_scoring(scores, candidates.expand_as(scores), opts.budget), opts.budget)
         lists.append(chosen.repeat_interleave(group, dim=1) if group > 1 else chosen)
@@ -102,10 +101,8 @@ _prefill_kernel = selection_kernel(select, block_scores=quest_scores)
 def block_map(ctx: AttentionContext, opts: SimpleNamespace, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """The blocks each query attends as a bool map [B, Hq, q, num_blocks] (chosen, sink and local blocks it sees),
     what the block-mode decode kernel reads (a few queries: O(q * num_blocks))."""
-    index = torch.arange(num_blocks, device=blocks.device)
-    query_block = ctx.query_pos // opts.block_size
     seen = chunk_seen_blocks(ctx, slice(None), num_blocks, opts.block_size)
-    fixed = ((index < opts.sink_blocks) | (query_block - index < opts.local_blocks)) & seen
+    fixed = fixed_blocks(ctx.query_pos, num_blocks, opts.block_size, opts.sink_blocks, opts.local_blocks) & seen
     chosen = torch.zeros(*blocks.shape[:-1], num_blocks + 1, dtype=torch.bool, device=blocks.device)
     chosen.scatter_(-1, torch.where(blocks < 0, num_blocks, blocks).long(), True)
     return chosen[..., :num_blocks] | fixed
