@@ -118,8 +118,14 @@ def attention_forward(
     kv_len = key.shape[2]
     scaling = default_scaling(query) if scaling is None else scaling
 
-    # Set by the patched attention classes' pre-hook for mechanisms declaring `side_cache` (patches/side_cache.py).
+    # Set by the patched attention classes' pre-hook for mechanisms declaring `side_cache` or `kept_keys`
+    # (patches/side_cache.py).
     cache_layer = getattr(module, "attn_plus_cache_layer", None)
+    if mechanism.kept_keys and mechanism.kept_keys(opts) and not hasattr(module, "attn_plus_cache_layer"):
+        raise UnsupportedModelError(
+            f"hf_attn_plus {mechanism.name!r} with evict=True needs an attention class hf_attn_plus patches (Llama, Qwen2/3, "
+            f"DeepSeek-V3, built after `import hf_attn_plus`); {type(module).__name__} is not, so its cache cannot evict"
+        )
     if isinstance(attention_mask, TokenPositions):
         ctx = context_from_positions(attention_mask, cache_layer)
     else:  # a dense mask (DeepSeek-V3.2, a caller's own) or None (plain causal)

@@ -1,7 +1,7 @@
 """Exact softmax attention over a `Selection`, walking query chunks: the plain-PyTorch truth of the sparse family.
 
-No [q, kv] tensor is built. Per sequence the real keys are a contiguous run of slots (slot = key_start + position),
-so the keys a chunk of queries may keep are a short list of positions:
+No [q, kv] tensor is built. Per sequence the real keys are a contiguous run of slots (slot = key_start + position,
+less an evicting cache's gap), so the keys a chunk of queries may keep are a short list of positions:
 - the near run [near_start(t_min), t_max] (window, local blocks) and the sinks [0, sinks);
 - the union of the blocks and of the tokens the chunk's rows list;
 - for dilated rules, per residue class of t mod dilation, every dilation-th key before the near run (the rows of one
@@ -58,17 +58,18 @@ def selected_attention(
     starts, counts = ctx.key_start.tolist(), ctx.key_count.tolist()
     query_pos = ctx.batch_query_pos
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    gap_slot, gap = ctx.key_gap or (0, 0)
     outputs = []
     for b in range(batch):
-        keys = key[b : b + 1, :, starts[b] : starts[b] + counts[b]]
-        values = value[b : b + 1, :, starts[b] : starts[b] + counts[b]]
+        held = slice(starts[b], starts[b] + counts[b] - gap)
+        keys, values = key[b : b + 1, :, held], value[b : b + 1, :, held]
         t_all = query_pos[b]
         first = int((t_all < 0).sum())  # queries before any real token (left padding) see nothing
         pieces = [query.new_zeros(1, q_heads, first, value.shape[-1])]
         step = _chunk_rows(selection, q_heads, counts[b], q_len - first)
         for lo in range(first, q_len, step):
             rows = slice(lo, min(lo + step, q_len))
-            run = _Chunk(ctx, selection, b, rows, starts[b], scaling, beta, dropout)
+            run = _Chunk(ctx, selection, b, rows, starts[b], (gap_slot - starts[b], gap), scaling, beta, dropout)
             if train:
                 pieces.append(checkpoint(run, query[b : b + 1, :, rows], keys, values, use_reentrant=False))
             else:
@@ -96,10 +97,11 @@ def _chunk_rows(selection: Selection, q_heads: int, num_keys: int, q_len: int) -
 class _Chunk:
     """One query chunk of one sequence: callable on (query, keys, values) so activation checkpointing can rerun it."""
 
-    def __init__(self, ctx, selection, b, rows, start, scaling, beta, dropout) -> None:
+    def __init__(self, ctx, selection, b, rows, start, gap, scaling, beta, dropout) -> None:
         self.t = ctx.batch_query_pos[b, rows]
         self.restrict = None if ctx.restrict is None else ctx.restrict[b : b + 1, :, rows, start:]
         self.selection, self.b, self.rows = selection, b, rows
+        self.gap_position, self.gap = gap  # an evicting cache's gap: keys from gap_position on sit `gap` slots earlier
         self.scaling, self.beta, self.dropout = scaling, beta, dropout
 
     def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -117,8 +119,9 @@ class _Chunk:
             if bool(empty.any()):
                 dummy = empty & (torch.arange(mask.shape[-1], device=mask.device) == 0)
                 mask = mask | dummy if mask.dtype == torch.bool else mask.masked_fill(dummy, 0.0)
+            slots = group.positions - self.gap * (group.positions >= self.gap_position) if self.gap else group.positions
             result = F.scaled_dot_product_attention(
-                q, keys.index_select(2, group.positions), values.index_select(2, group.positions),
+                q, keys.index_select(2, slots), values.index_select(2, slots),
                 attn_mask=mask.to(q.dtype) if mask.dtype != torch.bool else mask, dropout_p=self.dropout,
                 scale=self.scaling, enable_gqa=True,
             )

@@ -85,6 +85,9 @@ class AttentionContext:
     # sequence; read off key_pos when not given (a context built from a dense mask).
     key_start: torch.Tensor | None = None
     key_count: torch.Tensor | None = None
+    # (first slot, slots) of keys an evicting cache dropped (patches/streaming_cache.py): slots at or after the first
+    # hold position key_start + slots later, and key_count still counts the dropped keys. None: no gap.
+    key_gap: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.key_start is None:
@@ -134,9 +137,16 @@ def _run_of_real(key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def context_from_positions(positions: TokenPositions, cache_layer: Any = None) -> AttentionContext:
-    """A layer's context from the forward's positions: views, nothing recomputed per layer."""
+    """A layer's context from the forward's positions: views, nothing recomputed per layer (an evicting cache
+    layer's keys drop the positions of its gap: O(keys held))."""
+    key_pos = positions.key_pos
+    gap = cache_layer.key_gap(positions.key_start) if hasattr(cache_layer, "key_gap") else None
+    if gap is not None:
+        first, slots = gap
+        key_pos = torch.cat((key_pos[:, :first], key_pos[:, first + slots :]), dim=-1)
     return AttentionContext(
-        key_pos=positions.key_pos[:, None, None, :],
+        key_pos=key_pos[:, None, None, :],
+        key_gap=gap,
         query_pos=positions.query_pos[:, None, :, None],
         cache_layer=cache_layer,
         key_start=positions.key_start,

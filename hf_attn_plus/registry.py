@@ -56,6 +56,9 @@ class Mechanism:
     # `hf_attn_plus.patches.side_cache.side_state(ctx, name, factory, key)` returns the state extended by the new keys
     # only; elsewhere (ctx.cache_layer None) the same call rebuilds it from every key.
     side_cache: bool = False
+    # kept_keys(opts) -> (sinks, window) or None: when not None, no later query attends beyond the first `sinks` real
+    # tokens and the last `window` keys, and cached inference evicts everything else (patches/streaming_cache.py).
+    kept_keys: Callable[[SimpleNamespace], tuple[int, int] | None] | None = None
 
     def __post_init__(self) -> None:
         if (self.select is None) == (self.attend is None):
