@@ -143,15 +143,14 @@ class _Chunk:
         block_lists = None if sel.blocks is None else self.rows_of(sel.blocks)
         token_lists = None if sel.tokens is None else self.rows_of(sel.tokens)
         if block_lists is not None:
-            blocks = block_lists.unique()
-            blocks = blocks[blocks >= 0]
+            blocks = _distinct(block_lists, t_max // sel.block_size + 1)
             shared.append((blocks[:, None] * sel.block_size + torch.arange(sel.block_size, device=device)).flatten())
         if token_lists is not None:
-            shared.append(token_lists.unique())
+            shared.append(token_lists.flatten())
         positions = torch.cat(shared)
         # The near run and the sinks already hold the listed keys that fall in them.
         far = (positions < near) & (positions >= sink_end) & (positions <= t_max)
-        positions = torch.cat((positions[: shared[0].numel() + shared[1].numel()], positions[far].unique()))
+        positions = torch.cat((positions[: shared[0].numel() + shared[1].numel()], _distinct(positions[far], t_max + 1)))
         chosen = None
         if block_lists is not None:
             chosen = listed(block_lists, positions // sel.block_size, t_max // sel.block_size + 1)
@@ -206,3 +205,11 @@ class _Chunk:
         if weights is None:
             return keep
         return weights.masked_fill(~keep, float("-inf"))
+
+
+def _distinct(values: torch.Tensor, width: int) -> torch.Tensor:
+    """The distinct values in [0, width) of `values`, ascending: a hit vector instead of a sort (lists hold
+    rows x heads x budget entries, the distinct ones at most `width`)."""
+    hit = torch.zeros(width + 1, dtype=torch.bool, device=values.device)
+    hit.index_fill_(0, torch.where((values < 0) | (values >= width), width, values).flatten(), True)
+    return hit[:width].nonzero().flatten()

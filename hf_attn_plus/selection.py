@@ -91,6 +91,22 @@ def top_scoring(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> 
     return above | (tied & (tied_from_the_end <= room))
 
 
+def top_indices(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> torch.Tensor:
+    """The indices [..., budget] of the candidates top_scoring(scores, candidates, budget) chooses, in no particular
+    order (-1 unused), from one top-k. Exact ties crossing the cut go through `top_scoring`."""
+    k = min(budget, scores.shape[-1])
+    if k == 0:
+        return scores.new_zeros(*scores.shape[:-1], 0, dtype=torch.long)
+    masked = scores.masked_fill(~candidates, float("-inf"))
+    values, index = masked.topk(k, dim=-1, sorted=False)
+    cut = values.amin(-1, keepdim=True)
+    # Unambiguous unless keys tied at a finite cut outnumber the places left for them.
+    ambiguous = (cut > float("-inf")) & ((masked == cut).sum(-1, keepdim=True) > (values == cut).sum(-1, keepdim=True))
+    if bool(ambiguous.any()):
+        return kept_indices(top_scoring(scores, candidates, budget), budget)
+    return torch.where(values > float("-inf"), index, -1)
+
+
 def top_positions(
     ctx: AttentionContext,
     scores_of: Callable[[slice], torch.Tensor],
@@ -99,7 +115,7 @@ def top_positions(
     heads: int,
     rows: slice = slice(None),
 ) -> torch.Tensor:
-    """Per query of `rows` and head, the real positions [B, H, rows, budget] (-1 unused) of the `budget` visible keys
+    """Per query of `rows` and head, the real positions [B, H, rows, budget] (any order, -1 unused) of the `budget` visible keys
     the rule does not keep that score highest (ties: most recent, as `top_scoring`); `scores_of(chunk)` gives one
     query chunk's scores [B, H, chunk, kv]. Built chunk by chunk: at most one chunk's scores exist at once."""
     lists = []
@@ -107,8 +123,9 @@ def top_positions(
     for rows in query_chunks(ctx.key_pos.shape[0], heads, all_rows(rows, q_len), kv_len):
         scores = scores_of(rows)
         candidates = chunk_visible(ctx, rows) & ~rule.keep(ctx.query_pos[:, :, rows], ctx.key_pos)
-        chosen = top_scoring(scores, candidates.expand_as(scores), budget)
-        lists.append(torch.where(chosen, ctx.key_pos, -1).topk(min(budget, kv_len), dim=-1).values)
+        index = top_indices(scores, candidates.expand_as(scores), budget)
+        key_pos = ctx.key_pos.expand(*index.shape[:-1], kv_len)
+        lists.append(torch.where(index >= 0, key_pos.gather(-1, index.clamp(min=0)), -1))
     return stack_lists(lists)
 
 
