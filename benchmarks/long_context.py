@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per context")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "kernel"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "kernel", "flex"))
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

@@ -13,6 +13,7 @@ import torch
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from .chunked_attention import selected_attention
+from .flex_attention import check_flex, flex_selected_attention
 from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
 from .reference import default_scaling, length_scale, masked_attention
 from .registry import Mechanism, OptionError, delegate, options_from_config
@@ -151,6 +152,8 @@ def run_mechanism(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One mechanism on a built context -> (output [B, Hq, q, Dv], probabilities or None); wrappers that hand over
     to another mechanism (lighthouse at inference) call this with that mechanism's options."""
+    if opts.backend == "flex":
+        return flex_attention_call(mechanism, opts, query, key, value, ctx, scaling, dropout), None
     if mechanism.attend_has_kernel:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
     kernel = use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
@@ -161,6 +164,26 @@ def run_mechanism(
     with torch.no_grad():
         selection = mechanism.select(query, key, ctx, opts)
     return attend_selection(module, query, key, value, ctx, selection, opts, scaling, dropout), None
+
+
+def flex_attention_call(
+    mechanism: Mechanism, opts: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    ctx: AttentionContext, scaling: float, dropout: float,
+) -> torch.Tensor:
+    """backend='flex': the mechanism's selection run by FlexAttention (flex_attention.py)."""
+    if mechanism.select is None:
+        raise OptionError(
+            f"hf_attn_plus mechanism {mechanism.name!r}: backend='flex' runs mechanisms that select keys (sliding_window, "
+            "dilated, block_topk, block_sparse, ...); this one computes its own attention: use 'auto', 'reference' or "
+            "'kernel'"
+        )
+    with torch.no_grad():
+        selection = mechanism.select(query, key, ctx, opts)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    check_flex(selection, ctx, needs_grad, query.device, **{
+        f"logit_scale={opts.logit_scale!r}": opts.logit_scale != "none", f"attention dropout={dropout}": dropout > 0,
+    })
+    return flex_selected_attention(query, key, value, ctx, selection, scaling)
 
 
 def run_delegate(
@@ -240,13 +263,13 @@ def use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: fl
         unsupported.append(f"logit_scale={opts.logit_scale!r}")
     if dropout > 0:
         unsupported.append(f"attention dropout={dropout}")
-    if opts.backend == "reference":
+    if opts.backend in ("reference", "flex"):  # flex: run_mechanism took it before any kernel was considered
         return False
     if opts.backend == "kernel":
         if not mechanism.has_kernel:
             raise OptionError(
                 f"hf_attn_plus mechanism {mechanism.name!r} has no kernel; option 'backend' allowed here: "
-                "'auto', 'reference'"
+                "'auto', 'reference'" + (", 'flex'" if mechanism.select is not None else "")
             )
         if unsupported:
             raise OptionError(

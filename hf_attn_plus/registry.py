@@ -27,8 +27,9 @@ COMMON_OPTIONS: tuple[Option, ...] = (
     choice_option(
         "backend",
         "auto",
-        ("auto", "reference", "kernel"),
-        "'auto': a Triton kernel when one exists for this mechanism and the tensors are on a GPU, else the reference",
+        ("auto", "reference", "kernel", "flex"),
+        "'auto': a Triton kernel when one exists for this mechanism and the tensors are on a GPU, else the reference; "
+        "'flex': torch's FlexAttention over the mechanism's selection (rules and block lists; no CPU backward)",
     ),
 )
 
