@@ -101,15 +101,26 @@ def top_positions(
 ) -> torch.Tensor:
     """Per query of `rows` and head, the real positions [B, H, rows, budget] (-1 unused) of the `budget` visible keys
     the rule does not keep that score highest (ties: most recent, as `top_scoring`); `scores_of(chunk)` gives one
-    query chunk's scores [B, H, chunk, kv]. Built chunk by chunk: at most one chunk's scores exist at once."""
+    query chunk's scores [B, H, chunk, kv] (`heads` sizes the chunks). Built chunk by chunk: at most one chunk's
+    scores exist at once."""
     lists = []
     q_len, kv_len = ctx.query_pos.shape[2], ctx.key_pos.shape[-1]
     for rows in query_chunks(ctx.key_pos.shape[0], heads, all_rows(rows, q_len), kv_len):
-        scores = scores_of(rows)
-        candidates = chunk_visible(ctx, rows) & ~rule.keep(ctx.query_pos[:, :, rows], ctx.key_pos)
-        chosen = top_scoring(scores, candidates.expand_as(scores), budget)
-        lists.append(torch.where(chosen, ctx.key_pos, -1).topk(min(budget, kv_len), dim=-1).values)
+        lists.append(chosen_positions(ctx, top_of_chunk(ctx, rows, scores_of(rows), rule, budget), budget))
     return stack_lists(lists)
+
+
+def top_of_chunk(ctx: AttentionContext, rows: slice, scores: torch.Tensor, rule: PositionRule, budget: int) -> torch.Tensor:
+    """Bool [B, H, rows, kv]: the `budget` visible keys the rule does not keep with the largest `scores` (one query
+    chunk's [B, H, rows, kv]) for the queries of `rows`."""
+    candidates = chunk_visible(ctx, rows) & ~rule.keep(ctx.query_pos[:, :, rows], ctx.key_pos)
+    return top_scoring(scores, candidates.expand_as(scores), budget)
+
+
+def chosen_positions(ctx: AttentionContext, chosen: torch.Tensor, budget: int) -> torch.Tensor:
+    """The real positions of the keys `chosen` (bool [B, H, rows, kv], at most `budget` per row) -> [B, H, rows,
+    min(budget, kv)] (largest first, -1 unused)."""
+    return torch.where(chosen, ctx.key_pos, -1).topk(min(budget, ctx.key_pos.shape[-1]), dim=-1).values
 
 
 def key_blocks(ctx: AttentionContext, block_size: int) -> torch.Tensor:
