@@ -1,10 +1,9 @@
 """Which keys a query sees: the shared pieces that windows, sinks, dilation, top-k and block selection plug into.
 
-The sparse family builds its selections (structure.Selection) from these chunk by chunk over queries (`query_chunks`,
-`top_positions`, `chunk_seen_blocks`), so no [q, kv] score or mask exists at once; the functions that return a dense
-[B, Hq, q_len, kv_len] keep mask (`sinks_and_window`, `blocks_to_keys`, `visible_blocks`) serve the mechanisms whose
-reference is still dense (indexer_topk, lighthouse, santa) and the tests. Query head h reads KV head h // groups, the
-layout of transformers' `repeat_kv`.
+Every selection mechanism builds its structure.Selection from these chunk by chunk over queries (`query_chunks`,
+`top_positions` / `top_of_chunk`, `chunk_seen_blocks`), so no [q, kv] score or mask exists at once. The one dense
+[B, 1, q_len, kv_len] mask left, `sinks_and_window`, serves the indexer kernel's glue and its reference
+(kernels/indexer_topk) and tests. Query head h reads KV head h // groups, the layout of transformers' `repeat_kv`.
 """
 
 from __future__ import annotations
@@ -67,7 +66,8 @@ def grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 
 def sinks_and_window(ctx: AttentionContext, sinks: int, window: int) -> torch.Tensor:
-    """The first `sinks` real tokens and the last `window` tokens up to the query (s > t - window)."""
+    """The first `sinks` real tokens and the last `window` tokens up to the query (s > t - window), dense [B, 1, q,
+    kv]: for the indexer kernel's keep mask and tests; mechanisms use PositionRule(sinks, window)."""
     return ctx.visible & ((ctx.key_pos < sinks) | (ctx.distance < window))
 
 
@@ -168,22 +168,6 @@ def chunk_seen_blocks(ctx: AttentionContext, rows: slice, num_blocks: int, block
     slot = torch.where(ctx.key_pos < 0, num_blocks, ctx.key_pos // block_size).expand_as(visible)
     counts = visible.new_zeros(*visible.shape[:-1], num_blocks + 1, dtype=torch.float32)
     return seen & (counts.scatter_add_(-1, slot, visible.float())[..., :num_blocks] > 0)
-
-
-def visible_blocks(ctx: AttentionContext, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """Whether a query sees any key of each block, [B, 1, q_len, num_blocks]."""
-    batch, _, q_len, kv_len = ctx.visible.shape
-    slot = torch.where(blocks < 0, num_blocks, blocks).expand(batch, 1, q_len, kv_len)
-    counts = torch.zeros(batch, 1, q_len, num_blocks + 1, device=slot.device)
-    counts.scatter_add_(-1, slot, ctx.visible.float())
-    return counts[..., :num_blocks] > 0
-
-
-def blocks_to_keys(block_keep: torch.Tensor, blocks: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    """Expand a per-block choice [B, H, q_len, num_blocks] to the visible keys of those blocks."""
-    batch, heads, q_len, _ = block_keep.shape
-    slot = blocks.clamp(min=0).expand(batch, heads, q_len, blocks.shape[-1])
-    return block_keep.gather(-1, slot) & ctx.visible
 
 
 def pooled_blocks(x: torch.Tensor, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
