@@ -10,6 +10,11 @@ distribution of query t summed over heads and L1-normalised (`attention_target`)
 The indexer reads detached inputs and the target is detached, so this loss trains only the indexer and the
 language-modelling loss never reaches it (the top-k is not differentiable either).
 
+The reference never holds a [q, kv] tensor: the selection is a `Selection` (sinks + window as a PositionRule, the
+chosen keys as token lists scored query chunk by query chunk when the chunked reference reaches them), and the
+training loss walks query chunks too (scores, target p_t and KL of one chunk at a time, recomputed in the backward by
+activation checkpointing), its value and gradients those of the dense formula.
+
 Here the indexer reads the main attention's own (detached) queries and keys: q^I and w from the query heads of
 token t, k^I from the KV heads of key s, so it works through the attention interface on every patched architecture.
 In cached inference the indexer keeps its own key cache (`IndexKeyCache`, index_dim numbers per token, a side state
@@ -31,7 +36,8 @@ kernel; training forwards keep the reference (differentiable) scores and selecti
 run the sparse kernel (with its backward) for the attention.
 
 On DeepSeek-V3.2 the mechanism reuses the model's own lightning indexer: its `indices` (config.index_topk keys per
-query, honoured by the core as a restriction of `ctx.visible`) are the selection, and this mechanism adds no weights;
+query, honoured by the core as the dense restriction `ctx.restrict`, which is the model's own and stays dense) are
+the selection, and this mechanism adds no weights;
 its selection options do not apply there and are refused if given. The model's indexer is trained by transformers'
 own code, not by this module's losses.
 """

@@ -45,7 +45,9 @@ mean of its keys. Query t is represented by the mean of the queries of its fine 
 the `budget` best blocks (by pooled q.k) entirely before the query's block are chosen; at each finer level the
 children of the chosen blocks compete for `budget` places. The query's own block is never scored and always
 descended into; at the finest level the query's own block, `local_blocks` - 1 blocks before it and `sink_blocks`
-leading blocks are always attended. Exact softmax then runs over the keys of the chosen fine blocks.
+leading blocks are always attended. Exact softmax then runs over the keys of the chosen fine blocks: a `Selection`
+whose rule holds the sink, local and own blocks and whose block lists hold the others, descended per query chunk
+when the chunked reference reaches it (no [q, kv] tensor).
 
 At inference (module in eval mode, or single-token decode) the mechanism hands over to `inference`: 'dense' or
 another registered mechanism, run with `inference_options`.

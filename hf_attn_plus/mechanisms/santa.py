@@ -17,8 +17,10 @@ Draws come from a counter-based hash of (seed, layer, head, query position, draw
 batch-invariant and differ at every decode step.
 
 Only decode queries (q_len == 1) sample; prefill and multi-token steps run exact dense attention (with the kernel
-backend: the block-sparse kernel over the visible keys). The reference computes q·k for every key and expresses the
-estimator as log-weights log a_s inside one softmax. The kernel path (kernels/gathered_attention) makes the same
+backend: the block-sparse kernel over the visible keys). The reference expresses the estimator as a `Selection`
+(`estimate`): F as a PositionRule, each distinct drawn key listed once with its log-weight log a_s, run by the
+chunked reference as one softmax; per step its work is the proposal's q·k̃ over every key (inherent to π) plus
+O(samples), with no visibility mask beyond R. The kernel path (kernels/gathered_attention) makes the same
 draws in PyTorch (π still needs q·k̃ for every quantised key) and then reads the full-precision K/V rows of the
 sinks, the window and the drawn keys only, each draw listed with its importance log-weight.
 """
