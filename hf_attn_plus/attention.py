@@ -15,7 +15,7 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 from .chunked_attention import selected_attention
 from .flex_attention import check_flex, flex_selected_attention
 from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
-from .reference import default_scaling, length_scale, masked_attention
+from .reference import default_scaling, length_scale
 from .registry import Mechanism, OptionError, delegate, options_from_config
 from .structure import DENSE, Selection
 
@@ -223,33 +223,12 @@ def attend_selection(
     return selected_attention(query, key, value, ctx, selection, scaling, length_beta(module, opts), dropout)
 
 
-def attend_selected(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    keep: torch.Tensor,
-    opts: Any,
-    scaling: float,
-    dropout: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact softmax over a dense keep mask [B, H, q, kv] with the common `logit_scale` option applied: the path
-    of the `attend` mechanisms whose reference is still dense (indexer_topk, lighthouse, santa's decode)."""
-    return masked_attention(query, key, value, keep, scaling, logit_scale(module, keep, opts), dropout)
-
-
 def length_beta(module: torch.nn.Module, opts: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """beta(count) of the common `logit_scale` option for rows attending `count` keys ([..., 1] float); None when off."""
     if opts.logit_scale == "none":
         return None
     train_length = opts.train_length or module.config.max_position_embeddings
     return lambda count: length_scale(count, train_length, opts.logit_scale_c)
-
-
-def logit_scale(module: torch.nn.Module, attended: torch.Tensor, opts: Any) -> torch.Tensor | None:
-    """beta of the common `logit_scale` option for queries attending the keys in `attended`; None when off."""
-    beta = length_beta(module, opts)
-    return None if beta is None else beta(attended.sum(dim=-1, keepdim=True).float())
 
 
 def use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:
