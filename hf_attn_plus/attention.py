@@ -14,6 +14,7 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from .chunked_attention import selected_attention
 from .flex_attention import check_flex, flex_selected_attention
+from .kernels.sparse_attention import decoding
 from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
 from .reference import default_scaling, length_scale
 from .registry import Mechanism, OptionError, delegate, options_from_config
@@ -152,6 +153,14 @@ def run_mechanism(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One mechanism on a built context -> (output [B, Hq, q, Dv], probabilities or None); wrappers that hand over
     to another mechanism (lighthouse at inference) call this with that mechanism's options."""
+    if opts.apply_to == "decode":
+        if mechanism.select is None:
+            raise OptionError(
+                f"hf_attn_plus mechanism {mechanism.name!r}: apply_to='decode' is for mechanisms that select keys; this "
+                "one computes its own attention (its state is built in prefill): use apply_to='all'"
+            )
+        if not decoding(query, key, value):
+            return attend_selection(module, query, key, value, ctx, Selection(DENSE), opts, scaling, dropout), None
     if opts.backend == "flex":
         return flex_attention_call(mechanism, opts, query, key, value, ctx, scaling, dropout), None
     if mechanism.attend_has_kernel:

@@ -25,6 +25,13 @@ COMMON_OPTIONS: tuple[Option, ...] = (
     float_option("logit_scale_c", 0.1, 0.0, "c in beta(n) = 1 + c*log(n/train_length)"),
     int_option("train_length", None, 1, "n_train of the log-n scaling; None: config.max_position_embeddings", True),
     choice_option(
+        "apply_to",
+        "all",
+        ("all", "decode"),
+        "'decode': the mechanism runs only in decode calls (at most 4 new queries, no gradient) and prefill and "
+        "training attend densely, as Quest and most KV-sparsity methods run; selection mechanisms only",
+    ),
+    choice_option(
         "backend",
         "auto",
         ("auto", "reference", "kernel", "flex"),
