@@ -94,6 +94,35 @@ def _chunk_rows(selection: Selection, q_heads: int, num_keys: int, q_len: int) -
     return min(q_len, rows * rule.dilation // 2 if rule.dilation > 2 else rows)
 
 
+@dataclasses.dataclass
+class _Lists:
+    """One chunk's block lists, token lists and their log-weights, [1, H|1, R, n] each (None: not in the selection)."""
+
+    blocks: torch.Tensor | None
+    tokens: torch.Tensor | None
+    log_weights: torch.Tensor | None
+
+    @property
+    def per_head(self) -> bool:
+        return any(part is not None and part.shape[1] > 1 for part in (self.blocks, self.tokens, self.log_weights))
+
+    def heads(self, heads: slice) -> _Lists:
+        """The lists of query heads `heads` (lists shared by every head stay as they are)."""
+        parts = (self.blocks, self.tokens, self.log_weights)
+        return _Lists(*(t if t is None or t.shape[1] == 1 else t[:, heads] for t in parts))
+
+
+def _token_weights(lists: torch.Tensor, log_weights: torch.Tensor, q_heads: int, positions: torch.Tensor) -> torch.Tensor:
+    """The listed tokens' log-weights at `positions` [1, Hq, R, m] (0 elsewhere)."""
+    heads = max(q_heads, lists.shape[1])
+    log_weights = log_weights.expand(1, heads, -1, -1)
+    width = int(positions.max()) + 2
+    at = torch.zeros(1, heads, lists.shape[2], width, device=lists.device)
+    index = torch.where(lists < 0, width - 1, lists).expand_as(log_weights)
+    at.scatter_add_(-1, index, torch.where(lists < 0, 0.0, log_weights))
+    return at[..., positions]
+
+
 class _Chunk:
     """One query chunk of one sequence: callable on (query, keys, values) so activation checkpointing can rerun it."""
 
@@ -105,8 +134,26 @@ class _Chunk:
         self.scaling, self.beta, self.dropout = scaling, beta, dropout
 
     def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        sel = self.selection
+        lists = _Lists(
+            None if sel.blocks is None else self.rows_of(sel.blocks),
+            None if sel.tokens is None else self.rows_of(sel.tokens),
+            None if sel.log_weights is None else sel.log_weights[self.b : self.b + 1, :, self.rows].float(),
+        )
+        kv_heads = keys.shape[1]
+        if kv_heads == 1 or not lists.per_head:
+            return self.attend(query, keys, values, lists)
+        # Per-head choices: each KV head reads the union of its own query heads' lists, not of every head's.
+        group = query.shape[1] // kv_heads
+        return torch.cat([
+            self.attend(query[:, g * group : (g + 1) * group], keys[:, g : g + 1], values[:, g : g + 1],
+                        lists.heads(slice(g * group, (g + 1) * group)))
+            for g in range(kv_heads)
+        ], dim=1)
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lists: _Lists) -> torch.Tensor:
         out = query.new_zeros(*query.shape[:3], values.shape[-1])
-        for group in self.groups(query.shape[1]):
+        for group in self.groups(query.shape[1], lists):
             if group.positions.numel() == 0:
                 continue
             rows = slice(None) if group.rows is None else group.rows
@@ -132,7 +179,7 @@ class _Chunk:
                 out = out.index_copy(2, group.rows, result)
         return out
 
-    def groups(self, q_heads: int) -> list[_Group]:
+    def groups(self, q_heads: int, lists: _Lists) -> list[_Group]:
         sel, t = self.selection, self.t
         rule = sel.rule
         t_min, t_max = int(t[0]), int(t[-1])  # queries come in slot order: positions never decrease
@@ -140,8 +187,7 @@ class _Chunk:
         near = max(0, rule.near_start(t_min))
         sink_end = min(rule.sinks, near)
         shared = [torch.arange(sink_end, device=device), torch.arange(near, t_max + 1, device=device)]
-        block_lists = None if sel.blocks is None else self.rows_of(sel.blocks)
-        token_lists = None if sel.tokens is None else self.rows_of(sel.tokens)
+        block_lists, token_lists = lists.blocks, lists.tokens
         if block_lists is not None:
             blocks = _distinct(block_lists, t_max // sel.block_size + 1)
             shared.append((blocks[:, None] * sel.block_size + torch.arange(sel.block_size, device=device)).flatten())
@@ -157,7 +203,7 @@ class _Chunk:
         if token_lists is not None:
             tokens = listed(token_lists, positions, t_max + 1)
             chosen = tokens if chosen is None else chosen | tokens
-        weights = None if sel.log_weights is None else self.token_weights(token_lists, q_heads, positions)
+        weights = None if lists.log_weights is None else _token_weights(token_lists, lists.log_weights, q_heads, positions)
         if not rule.dilation:
             keep = rule.keep(t.view(1, 1, -1, 1), positions)
             keep = keep if chosen is None else keep | chosen
@@ -183,17 +229,6 @@ class _Chunk:
 
     def rows_of(self, lists: torch.Tensor | ListsFor) -> torch.Tensor:
         return lists_for(lists, self.rows)[self.b : self.b + 1]
-
-    def token_weights(self, lists: torch.Tensor, q_heads: int, positions: torch.Tensor) -> torch.Tensor:
-        """The listed tokens' log-weights at `positions` [1, Hq, R, m] (0 elsewhere)."""
-        sel = self.selection
-        heads = max(q_heads, lists.shape[1])
-        log_weights = sel.log_weights[self.b : self.b + 1, :, self.rows].float().expand(1, heads, -1, -1)
-        width = int(positions.max()) + 2
-        at = torch.zeros(1, heads, lists.shape[2], width, device=lists.device)
-        index = torch.where(lists < 0, width - 1, lists).expand_as(log_weights)
-        at.scatter_add_(-1, index, torch.where(lists < 0, 0.0, log_weights))
-        return at[..., positions]
 
     def finish(self, keep, positions, weights=None, rows=None) -> torch.Tensor:
         """The keep mask with causality and the model's restriction applied; as log-weights when there are any."""
