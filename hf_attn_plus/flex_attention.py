@@ -26,7 +26,9 @@ from .structure import EVERY, Selection, lists_for
 TILE = 128  # FlexAttention's block size: query and key tiles
 BIT_WORD = 32  # listed blocks per mask word
 
-# Compiled once per process; dynamic shapes, so a new length does not recompile. Tests run it eagerly.
+# Compiled by torch (tests run it eagerly). On CUDA with dynamic shapes, so a new length does not recompile; on CPU
+# per shape, as torch 2.13's C++ code generation fails for the dynamic-shape FlexAttention kernel there
+# ("'cur_qSplitSize7' was not declared").
 COMPILE = True
 
 
@@ -35,8 +37,8 @@ class FlexUnsupported(ValueError):
 
 
 @functools.cache
-def _compiled() -> Callable[..., torch.Tensor]:
-    return torch.compile(flex_attention, dynamic=True)
+def _compiled(device_type: str) -> Callable[..., torch.Tensor]:
+    return torch.compile(flex_attention, dynamic=device_type == "cuda")
 
 
 def check_flex(selection: Selection, ctx: AttentionContext, needs_grad: bool, device: torch.device, **unsupported) -> None:
@@ -62,7 +64,7 @@ def flex_selected_attention(
     """Softmax of each query over the keys `selection` keeps (as chunked_attention.selected_attention), by
     FlexAttention -> [B, Hq, q, Dv]."""
     block_mask = selection_block_mask(ctx, selection, query.shape[1])
-    attend = _compiled() if COMPILE else flex_attention
+    attend = _compiled(query.device.type) if COMPILE else flex_attention
     return attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
 
 
@@ -87,6 +89,7 @@ def selection_block_mask(ctx: AttentionContext, selection: Selection, q_heads: i
         listed_tiles, bits = _listed(ctx, selection, q_heads)
         visit = visit | (listed_tiles & seen[:, None])
     mask_mod = _mask_mod(q_pos, k_pos, selection, bits)
+    full = full.expand_as(visit)  # FlexAttention wants one head count across its tensors
     partial = visit & ~full
     kv_num, kv_index = _as_lists(partial)
     full_num, full_index = _as_lists(full)
