@@ -52,6 +52,7 @@ from ..patches.side_cache import SlotBuffer, side_state
 from ..reference import masked_probabilities
 from ..registry import Mechanism, OptionError, register
 from ..selection import indexer_scores, routed_indexer_heads, sinks_and_window, top_scoring
+from ..structure import DENSE, Selection
 
 # Options that change the shape of the weights: the model must run with the ones they were built for.
 WEIGHT_OPTIONS = ("index_heads", "index_dim")
@@ -180,9 +181,9 @@ def attend_model_indexer(module, query, key, value, ctx, opts, scaling, dropout)
             f"(config.index_topk={module.config.index_topk}); option(s) {', '.join(map(repr, given))} do not apply there"
         )
     if use_kernel(MECHANISM, opts, query, dropout):
-        from ..kernels.sparse_attention import sparse_attention
+        from ..kernel_inputs import attend_kernel
 
-        return sparse_attention(query, key, value, ctx.visible, scaling), None
+        return attend_kernel(query, key, value, ctx, Selection(DENSE), scaling), None
     return attend_selected(module, query, key, value, ctx.visible, opts, scaling, dropout)
 
 
@@ -210,9 +211,9 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
         with torch.no_grad():
             selected = select_by_scores(fp32_indexer_scores(*index_inputs), ctx, opts.budget, opts.sinks, opts.window)
     if kernel:
-        from ..kernels.sparse_attention import sparse_attention
+        from ..kernel_inputs import masked_kernel_attention
 
-        return sparse_attention(query, key, value, selected, scaling), None
+        return masked_kernel_attention(query, key, value, ctx, selected, scaling), None
     return attend_selected(module, query, key, value, selected, opts, scaling, dropout)
 
 
