@@ -62,7 +62,7 @@ def tiles_for(keys: KeySet, q_heads: int, kv_heads: int, kv_len: int, block_m: i
     usage = usage | (edges.cumsum(-1)[..., :num_tiles] > 0)
     if vis.restrict is not None:  # a model-given dense mask: its own tiles bound the list (it is O(q * kv) already)
         restrict = vis.restrict.expand(batch, q_heads, q_len, kv_len)
-        usage = usage & _mask_usage(restrict, kv_heads, block_m, block_n)
+        usage = usage & mask_tile_usage(restrict, kv_heads, block_m, block_n)
     return tiles_from_usage(usage, block_m, block_n)
 
 
@@ -114,7 +114,7 @@ def _mark_listed(
         flat.scatter_add_(0, (at + torch.where(used, (start + last) // block_n + 1, 0)).flatten(), -ones)
 
 
-def _mask_usage(keep: torch.Tensor, kv_heads: int, block_m: int, block_n: int) -> torch.Tensor:
+def mask_tile_usage(keep: torch.Tensor, kv_heads: int, block_m: int, block_n: int) -> torch.Tensor:
     """Whether any row of a row block keeps any key of a tile of a dense mask [B, Hq, q, kv]: [B, Hkv, R, T]."""
     batch, q_heads, q_len, kv_len = keep.shape
     rows = keep.reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, kv_len)
