@@ -4,7 +4,8 @@ The interpreter runs the kernels' arithmetic but checks nothing of the GPU compi
 register pressure. This lowers each kernel through ptxas with the tile sizes the wrappers use, per input dtype and
 key-set mode, and prints the shared memory each needs. Minutes on two CPU cores the first time (Triton caches).
 
-    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128] [--only linear|indexer|momentum|hybrid]
+    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128]
+        [--only sparse|linear|indexer|momentum|hybrid]
 """
 
 from __future__ import annotations
@@ -70,6 +71,49 @@ def compile_and_report(fn, pointers: dict[str, str], constants: dict, target: GP
     )
 
 
+def compile_sparse(target: GPUTarget, head_dim: int) -> None:
+    """The sparse-attention kernels (tile forward and backward, gathered attention) in every key-set mode."""
+    import torch
+
+    for dt, torch_name in TORCH_DTYPES.items():
+        tile = tile_size(getattr(torch, torch_name))
+        x = f"*{dt}"
+        common = dict(Q=x, K=x, V=x, COUNTS="*i32", LSE="*fp32", **KEY_POINTERS)
+        kernels = [
+            (decode._forward_kernel, dict(common, TILES="*i32", O="*fp32")),
+            (prefill._backward_dq_kernel, dict(common, TILES="*i32", DO=x, DELTA="*fp32", DQ=x)),
+            (prefill._backward_dkdv_kernel, dict(common, ROW_BLOCKS="*i32", DO=x, DELTA="*fp32", DK=x, DV=x)),
+        ]
+        for fn, pointers in kernels:
+            for label, mode in KEY_MODES.items():
+                constants = dict(
+                    GROUP=4, UPCAST=False, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=head_dim, BLOCK_DV=head_dim,
+                    **mode,
+                )
+                compile_and_report(fn, pointers, constants, target, f"{dt} {fn.fn.__name__} {label} tile={tile}")
+        # Gathered attention: BLOCK_M 16 is a decode call (one query, a GQA group of rows), the tile size prefill.
+        gathered_common = dict(Q=x, K=x, V=x, SPANS="*i32", SLOTS="*i32", LOGW="*fp32", LSE="*fp32", **KEY_POINTERS)
+        gathered_kernels = [
+            # (HAS_WEIGHTS, BLOCK_M, HAS_RESTRICT): prefill, santa decode, DeepSeek-V3.2's restricted prefill
+            (
+                gathered._forward_kernel, dict(gathered_common, O=x),
+                ((False, tile, False), (True, 16, False), (False, tile, True)),
+            ),
+            (
+                gathered._backward_kernel, dict(gathered_common, DO=x, DELTA="*fp32", DQ=x, DK="*fp32", DV="*fp32"),
+                ((False, tile, False),),
+            ),
+        ]
+        for fn, pointers, variants in gathered_kernels:
+            for has_weights, block_m, has_restrict in variants:
+                constants = dict(
+                    HAS_RESTRICT=has_restrict, GROUP=4, HAS_WEIGHTS=has_weights, UPCAST=False, BLOCK_M=block_m,
+                    BLOCK_N=tile, BLOCK_D=head_dim, BLOCK_DV=head_dim,
+                )
+                label = f"{dt} {fn.fn.__name__} weights={has_weights} restrict={has_restrict} rows={block_m} tile={tile}"
+                compile_and_report(fn, pointers, constants, target, label)
+
+
 def main() -> None:
     import torch
 
@@ -77,7 +121,7 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--index-dim", type=int, default=128, help="indexer_topk index_dim (DeepSeek-V3.2: 128)")
-    parser.add_argument("--only", choices=["linear", "indexer", "momentum", "hybrid"], default=None,
+    parser.add_argument("--only", choices=["sparse", "linear", "indexer", "momentum", "hybrid"], default=None,
                         help="compile only this family's kernels")
     args = parser.parse_args()
     if args.only == "linear":
@@ -93,36 +137,10 @@ def main() -> None:
         compile_hybrid(GPUTarget("cuda", args.arch, 32), args.head_dim)
         return
     target = GPUTarget("cuda", args.arch, 32)
-    for dt, torch_name in TORCH_DTYPES.items():
-        tile = tile_size(getattr(torch, torch_name))
-        x = f"*{dt}"
-        common = dict(Q=x, K=x, V=x, COUNTS="*i32", LSE="*fp32", **KEY_POINTERS)
-        kernels = [
-            (decode._forward_kernel, dict(common, TILES="*i32", O="*fp32")),
-            (prefill._backward_dq_kernel, dict(common, TILES="*i32", DO=x, DELTA="*fp32", DQ=x)),
-            (prefill._backward_dkdv_kernel, dict(common, ROW_BLOCKS="*i32", DO=x, DELTA="*fp32", DK=x, DV=x)),
-        ]
-        for fn, pointers in kernels:
-            for label, mode in KEY_MODES.items():
-                constants = dict(
-                    GROUP=4, UPCAST=False, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
-                    **mode,
-                )
-                compile_and_report(fn, pointers, constants, target, f"{dt} {fn.fn.__name__} {label} tile={tile}")
-        # Gathered attention: BLOCK_M 16 is a decode call (one query, a GQA group of rows), the tile size prefill.
-        gathered_common = dict(Q=x, K=x, V=x, SPANS="*i32", SLOTS="*i32", LOGW="*fp32", LSE="*fp32", **KEY_POINTERS)
-        gathered_kernels = [
-            (gathered._forward_kernel, dict(gathered_common, O=x), ((False, tile, False), (True, 16, False), (False, tile, True))),
-            (gathered._backward_kernel, dict(gathered_common, DO=x, DELTA="*fp32", DQ=x, DK="*fp32", DV="*fp32"), ((False, tile, False),)),
-        ]
-        for fn, pointers, variants in gathered_kernels:
-            for has_weights, block_m, has_restrict in variants:
-                constants = dict(
-                    HAS_RESTRICT=has_restrict, GROUP=4, HAS_WEIGHTS=has_weights, UPCAST=False, BLOCK_M=block_m,
-                    BLOCK_N=tile, BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
-                )
-                label = f"{dt} {fn.fn.__name__} weights={has_weights} restrict={has_restrict} rows={block_m} tile={tile}"
-                compile_and_report(fn, pointers, constants, target, label)
+    if args.only == "sparse":
+        compile_sparse(target, args.head_dim)
+        return
+    compile_sparse(target, args.head_dim)
     compile_gated_delta(target, args.head_dim)
     compile_momentum_delta(target, args.head_dim)
     constants = dict(GROUP=4, BLOCK_M=16, BLOCK_B=64, BLOCK_D=args.head_dim)

@@ -40,17 +40,22 @@ def key_set(ctx: AttentionContext, selection: Selection, restrict: torch.Tensor 
     return KeySet(
         visibility(ctx, restrict),
         KeyRule(rule.sinks, rule.window, rule.dilation, rule.block_size, rule.local_blocks),
-        blocks=None if selection.blocks is None else sorted_lists(selection.blocks, ctx),
+        blocks=sorted_lists(selection.blocks, ctx),
         block_size=selection.block_size,
-        tokens=None if selection.tokens is None else sorted_lists(selection.tokens, ctx),
+        tokens=sorted_lists(selection.tokens, ctx),
     )
 
 
-def sorted_lists(lists: torch.Tensor | ListsFor, ctx: AttentionContext) -> torch.Tensor:
-    """[B, H, q, n] int32 ascending per row, unused (-1) entries as UNUSED at the end; lazy lists per query chunk."""
+def sorted_lists(lists: torch.Tensor | ListsFor | None, ctx: AttentionContext) -> torch.Tensor | None:
+    """[B, H, q, n] int32 ascending per row, unused (-1) entries as UNUSED at the end; lazy lists per query chunk.
+    None for no lists, or lists without entries (nothing for the kernel to search)."""
+    if lists is None:
+        return None
     batch, q_len, kv_len = ctx.key_pos.shape[0], ctx.query_pos.shape[2], ctx.key_pos.shape[-1]
     chunks = [lists_for(lists, rows) for rows in query_chunks(batch, 1, slice(0, q_len), kv_len)]
     width = max(chunk.shape[-1] for chunk in chunks)
+    if width == 0:
+        return None
     sorted_chunks = []
     for chunk in chunks:
         chunk = torch.where(chunk < 0, UNUSED, chunk).to(torch.int32)

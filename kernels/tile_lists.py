@@ -83,7 +83,9 @@ def _rule_usage(
     p_lo = (slots - start).clamp(min=0)
     p_hi = torch.minimum(slots + block_n - 1 - start, count - 1)
     some = (p_lo <= p_hi) & (lo <= hi) & (p_lo <= hi)
-    kept = (p_lo < rule.sinks) | (p_hi >= rule.near_start(lo))
+    kept = p_lo < rule.sinks
+    if rule.window or rule.local_blocks:  # without either the rule keeps no run (not even the query's own key)
+        kept = kept | (p_hi >= rule.near_start(lo))
     if rule.dilation:
         kept = kept | ((hi - p_lo) // rule.dilation * rule.dilation >= (lo - p_hi).clamp(min=0))
     return (some & kept).unsqueeze(1)

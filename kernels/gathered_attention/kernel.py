@@ -3,8 +3,9 @@
 Program (batch * kv head, row block). Rows are (query, head of the KV group) pairs, query-major, so a row block holds
 consecutive queries of every head of one group: their sink and window ranges overlap and are read once per group as
 key tiles (tl.dot), each row masking its own range and what it sees (key_sets.Visibility: positions, no mask). The
-listed slots differ per row and are gathered one entry at a time for all rows of the block (a [rows, D] gather, a row-wise dot). One online softmax over
-all three parts; tiles multiply in the input dtype, the state and the listed keys are fp32.
+listed slots differ per row and are gathered one entry at a time for all rows of the block (a [rows, D] gather, a
+row-wise dot). One online softmax over all three parts; tiles multiply in the input dtype, the state and the listed
+keys are fp32.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from ..key_sets import Visibility
 
 
 @triton.jit
-def visible(t, n, head, qi, b, kv_len, KEY_START, KEY_COUNT, RESTRICT, sr_b, sr_h, sr_q, sr_n, HAS_RESTRICT: tl.constexpr):
+def visible(
+    t, n, head, qi, b, kv_len, KEY_START, KEY_COUNT, RESTRICT, sr_b, sr_h, sr_q, sr_n, HAS_RESTRICT: tl.constexpr
+):
     """Whether query position t sees key slot n (broadcast), with the model-given mask when there is one."""
     seen = sees(t, n, KEY_START, KEY_COUNT, b, kv_len)[1]
     return restricted(seen, RESTRICT, b, head, qi, n, sr_b, sr_h, sr_q, sr_n, HAS_RESTRICT)
@@ -78,7 +81,10 @@ def _forward_kernel(
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             keep = nonempty[:, None] & (n[None, :] >= start[:, None]) & (n[None, :] < end[:, None])
-            keep = keep & visible(t[:, None], n[None, :], head[:, None], qi[:, None], b, kv_len, KEY_START, KEY_COUNT, RESTRICT, sr_b, sr_h, sr_q, sr_n, HAS_RESTRICT)
+            keep = keep & visible(
+                t[:, None], n[None, :], head[:, None], qi[:, None], b, kv_len, KEY_START, KEY_COUNT, RESTRICT,
+                sr_b, sr_h, sr_q, sr_n, HAS_RESTRICT,
+            )
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -181,7 +187,10 @@ def _backward_kernel(
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             keep = nonempty[:, None] & (n[None, :] >= start[:, None]) & (n[None, :] < end[:, None])
-            keep = keep & visible(t[:, None], n[None, :], head[:, None], qi[:, None], b, kv_len, KEY_START, KEY_COUNT, RESTRICT, sr_b, sr_h, sr_q, sr_n, HAS_RESTRICT)
+            keep = keep & visible(
+                t[:, None], n[None, :], head[:, None], qi[:, None], b, kv_len, KEY_START, KEY_COUNT, RESTRICT,
+                sr_b, sr_h, sr_q, sr_n, HAS_RESTRICT,
+            )
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
             p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
             ds = p * (tl.dot(do, tl.trans(v), input_precision="ieee") - delta[:, None])
@@ -244,7 +253,9 @@ def gathered_attention_forward(
     """Same contract as reference.gathered_attention_reference. Returns (output [B, Hq, q, Dv] in the query's dtype,
     lse [B, Hq, q] fp32, -inf for rows attending to nothing)."""
     batch, q_heads, q_len, _ = query.shape
-    grid, spans, slots, weights, sizes, seen, constants = _launch_arguments(query, key, value, visibility, spans, slots, log_weights)
+    grid, spans, slots, weights, sizes, seen, constants = _launch_arguments(
+        query, key, value, visibility, spans, slots, log_weights
+    )
     out = torch.empty(batch, q_heads, q_len, value.shape[-1], dtype=query.dtype, device=query.device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
     _forward_kernel[grid](
@@ -271,7 +282,9 @@ def gathered_attention_backward(
     """Gradients of gathered_attention_forward's output w.r.t. query, key, value. dk and dv are fp32 atomic sums
     (their summation order, hence their last bits, varies between runs on a GPU)."""
     query, key, value, grad_out = query.contiguous(), key.contiguous(), value.contiguous(), grad_out.contiguous()
-    grid, spans, slots, weights, sizes, seen, constants = _launch_arguments(query, key, value, visibility, spans, slots, log_weights)
+    grid, spans, slots, weights, sizes, seen, constants = _launch_arguments(
+        query, key, value, visibility, spans, slots, log_weights
+    )
     delta = (grad_out.float() * out.float()).sum(-1)
     dq = torch.empty_like(query)
     dk = torch.zeros(key.shape, dtype=torch.float32, device=key.device)

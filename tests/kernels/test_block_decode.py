@@ -102,8 +102,8 @@ def test_group_choice_reads_the_budget_once_per_kv_head():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "deepseek_v3"])
 def test_model_decode_equals_reference_backend(arch):
-    """Cached decode of a left-padded batch: backend='kernel' (side-cached summaries, block-mode kernel) gives the
-    reference backend's logits and tokens; the prompt is prefilled once, by the reference."""
+    """Cached decode of a left-padded batch: backend='kernel' (side-cached summaries, block lists to the decode
+    kernel) gives the reference backend's logits and tokens; the prompt is prefilled once, by the reference."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation="sdpa").eval()
     options = dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1)

@@ -8,7 +8,7 @@ from hf_attn_plus.kernel_inputs import key_set
 from hf_attn_plus.kernels.selected_decode.wrapper import decode_rows, selected_decode
 from hf_attn_plus.kernels.tile_lists import mask_tile_usage, tiles_for
 from hf_attn_plus.reference import masked_attention
-from hf_attn_plus.structure import dense_keep
+from hf_attn_plus.structure import PositionRule, Selection, dense_keep
 
 from kernel_cases import SELECTIONS, attention_inputs, padded_context, selection
 
@@ -53,3 +53,19 @@ def test_tiles_are_exactly_those_holding_kept_keys(name):
         assert listed == tiles.usage[b, h, 0].nonzero().flatten().tolist()
     if name in ("window_sinks", "local_blocks"):
         assert tiles.counts.max() <= 2  # the sink tile and the query's own (of the context's 9)
+
+
+def test_lists_without_entries_and_a_rule_keeping_nothing():
+    """A selection whose lists have no entries (block_sparse when no block is ranked in) is its rule alone; an empty
+    rule with lists keeps exactly the listed keys (not even the query's own key), and reads only their tiles."""
+    q, k, v, ctx, _, _ = _problem(CASES[1], "dense")
+    empty = Selection(PositionRule(window=3), block_size=4, blocks=torch.zeros(2, 4, 2, 0, dtype=torch.long))
+    assert key_set(ctx, empty).blocks is None
+    tokens = torch.tensor([3, 9, -1]).expand(2, 4, 2, 3)
+    listed_only = Selection(tokens=tokens)
+    for sel in (empty, listed_only):
+        out = selected_decode(q, k, v, key_set(ctx, sel), scaling=0.3, block_n=16)
+        expected = masked_attention(q, k, v, dense_keep(ctx, sel, 4), scaling=0.3)[0]
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    tiles = tiles_for(key_set(ctx, listed_only), 4, 2, 29, decode_rows(q, k), 16)
+    assert tiles.counts[0].tolist() == [[1], [1]]  # positions 3 and 9 (row 0 unpadded): the first tile only
