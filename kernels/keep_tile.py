@@ -39,20 +39,37 @@ def restricted(seen, RESTRICT, b, head, qi, n, sr_b, sr_h, sr_q, sr_n, HAS_RESTR
 
 
 @triton.jit
-def _listed(LISTS, row_at, value, length, stride, valid, STEPS: tl.constexpr):
-    """Whether value [M, N] is in its row's ascending list (row_at [M] offsets, `length` entries): lower bound by
-    binary search, STEPS >= bit_length(length) halvings."""
-    lo = tl.zeros(value.shape, tl.int32)
+def _lower_bound(LISTS, rows, value, length, stride, row_ok, STEPS: tl.constexpr):
+    """Per row (offsets rows [M]), the first index of its ascending list whose entry is >= value: binary search,
+    STEPS >= bit_length(length) halvings over [M] vectors."""
+    lo = tl.zeros(rows.shape, tl.int32)
     hi = lo + length
     for _ in tl.static_range(STEPS):
         active = lo < hi
         mid = (lo + hi) // 2
-        probe = tl.load(LISTS + row_at[:, None] + mid * stride, mask=valid & active, other=0)
+        probe = tl.load(LISTS + rows + mid * stride, mask=row_ok & active, other=0)
         below = probe < value
         lo = tl.where(active & below, mid + 1, lo)
         hi = tl.where(active & ~below, mid, hi)
-    found = valid & (lo < length)
-    return found & (tl.load(LISTS + row_at[:, None] + lo * stride, mask=found, other=-1) == value)
+    return lo
+
+
+@triton.jit
+def _listed(LISTS, rows, value, seen, length, stride, row_ok, STEPS: tl.constexpr):
+    """Whether each value [M, N] (a tile's keys' blocks or positions) is in its row's ascending list, where `seen`.
+    A row's entries within the range of its seen values are a contiguous run of its list, found by two binary
+    searches per row; the tile then compares against the run's entries one at a time (the longest run of the rows:
+    about listed / tiles entries, not the list's length). Rows seeing nothing in the tile read no run."""
+    low = tl.min(tl.where(seen, value, 2147483647), 1)
+    high = tl.max(tl.where(seen, value, -1), 1)
+    first = _lower_bound(LISTS, rows, low, length, stride, row_ok, STEPS)
+    stop = _lower_bound(LISTS, rows, high + 1, length, stride, row_ok, STEPS)
+    hit = seen & False  # [M, N] like the comparisons it collects (a loop-carried value keeps one shape)
+    for k in range(0, tl.max(stop - first, 0)):
+        at = first + k
+        entry = tl.load(LISTS + rows + at * stride, mask=row_ok & (at < stop), other=-1)
+        hit = hit | (value == entry[:, None])
+    return hit
 
 
 @triton.jit
@@ -74,11 +91,10 @@ def kept_tile(
         kept = kept | (distance % DILATION == 0)
     if LOCAL_BLOCKS > 0:
         kept = kept | (s // RULE_BLOCK > t[:, None] // RULE_BLOCK - LOCAL_BLOCKS)
-    # Keys still undecided are looked up in the lists (masked loads: decided and unseen keys read nothing).
     if HAS_BLOCKS:
         rows = b * sb_b + head * sb_h + qi * sb_q
-        kept = kept | _listed(BLOCKS, rows, s // LIST_BLOCK, n_blocks, sb_j, seen & ~kept, BLOCK_STEPS)
+        kept = kept | _listed(BLOCKS, rows, s // LIST_BLOCK, seen, n_blocks, sb_j, row_ok, BLOCK_STEPS)
     if HAS_TOKENS:
         rows = b * st_b + head * st_h + qi * st_q
-        kept = kept | _listed(TOKENS, rows, s, n_tokens, st_j, seen & ~kept, TOKEN_STEPS)
+        kept = kept | _listed(TOKENS, rows, s, seen, n_tokens, st_j, row_ok, TOKEN_STEPS)
     return seen & kept

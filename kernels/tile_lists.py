@@ -8,7 +8,8 @@ outside it hold no kept key of any row in the block, and the kernels apply the e
 
 `tiles_for` builds them from a key_sets.KeySet without a per-token mask: the rule's tiles analytically from each row
 block's range of query positions, the listed blocks' and tokens' tiles by a +1/-1 difference array over tiles,
-scattered chunk by chunk of queries. What it allocates is O(B * heads * (row blocks * tiles + q * listed)).
+scattered chunk by chunk of row blocks and queries. What it keeps is O(B * heads * row blocks * listed tiles); a
+chunk's [row blocks, tiles] map is bounded by _CHUNK_ENTRIES.
 """
 
 from __future__ import annotations
@@ -26,56 +27,83 @@ _CHUNK_ENTRIES = 2**22
 
 @dataclasses.dataclass(frozen=True)
 class TileLists:
-    indices: torch.Tensor  # [B, Hkv, row_blocks, tiles] int32: tiles to read, first `counts` entries valid
+    indices: torch.Tensor  # [B, Hkv, row_blocks, width] int32: tiles to read, ascending, first `counts` entries valid
     counts: torch.Tensor  # [B, Hkv, row_blocks] int32
-    usage: torch.Tensor  # [B, Hkv, row_blocks, tiles] bool: the same lists as a map (for the transposed walk)
+    num_tiles: int  # key tiles of the context
     block_m: int
     block_n: int
 
 
 def compact(used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool [..., n] -> (indices [..., n] int32 with the True positions first in increasing order, counts [...])."""
-    order = torch.sort((~used).to(torch.int8), dim=-1, stable=True).indices
-    return order.to(torch.int32).contiguous(), used.sum(-1, dtype=torch.int32).contiguous()
-
-
-def tiles_from_usage(usage: torch.Tensor, block_m: int, block_n: int) -> TileLists:
-    return TileLists(*compact(usage), usage, block_m, block_n)
+    """Bool [..., n] -> (indices [..., width] int32 with the True positions first in increasing order, width the
+    largest count (at least 1), counts [...])."""
+    counts = used.sum(-1, dtype=torch.int32)
+    width = max(1, int(counts.max())) if counts.numel() else 1
+    order = torch.sort((~used).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    return order.to(torch.int32), counts
 
 
 def transposed(tiles: TileLists) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per key tile, the row blocks that read it (the backward pass's dK/dV walk): ([B, Hkv, T, R], [B, Hkv, T])."""
-    return compact(tiles.usage.transpose(-1, -2))
+    """Per key tile, the row blocks that read it (the backward pass's dK/dV walk): ([B, Hkv, T, width] int32,
+    [B, Hkv, T]); from the listed (row block, tile) pairs alone, O(listed tiles)."""
+    batch, kv_heads, row_blocks, width = tiles.indices.shape
+    device = tiles.indices.device
+    listed = torch.arange(width, device=device) < tiles.counts.unsqueeze(-1)
+    line = torch.arange(batch * kv_heads, device=device).view(batch, kv_heads, 1, 1)
+    row_block = torch.arange(row_blocks, device=device).view(1, 1, -1, 1)
+    # One sortable key per listed pair: (batch*kv head, tile) major, row block minor.
+    pairs = ((line * tiles.num_tiles + tiles.indices.long()) * row_blocks + row_block)[listed].sort().values
+    owner, row_block = pairs // row_blocks, pairs % row_blocks
+    counts = torch.bincount(owner, minlength=batch * kv_heads * tiles.num_tiles)
+    first = counts.cumsum(0) - counts
+    lists = torch.zeros(counts.numel(), max(1, int(counts.max())), dtype=torch.int32, device=device)
+    lists[owner, torch.arange(pairs.numel(), device=device) - first[owner]] = row_block.to(torch.int32)
+    shape = (batch, kv_heads, tiles.num_tiles)
+    return lists.view(*shape, -1), counts.view(shape).to(torch.int32)
 
 
 def tiles_for(keys: KeySet, q_heads: int, kv_heads: int, kv_len: int, block_m: int, block_n: int) -> TileLists:
-    """Tile lists covering every key `keys` keeps, for queries of q_heads heads over kv_len key slots."""
+    """Tile lists covering every key `keys` keeps, for queries of q_heads heads over kv_len key slots, built in
+    chunks of row blocks so that no [row_blocks, tiles] map exists at once."""
     vis = keys.visibility
     batch, q_len = vis.query_pos.shape
     group = q_heads // kv_heads
     row_blocks, num_tiles = -(-group * q_len // block_m), -(-kv_len // block_n)
-    edges = torch.zeros(batch, kv_heads, row_blocks, num_tiles + 1, dtype=torch.int32, device=vis.query_pos.device)
-    for lists, size in ((keys.blocks, keys.block_size), (keys.tokens, 1)):
-        if lists is not None:
-            _mark_listed(edges, lists, size, vis, group, block_m, block_n)
-    usage = _rule_usage(keys.rule, vis, group, row_blocks, num_tiles, block_m, block_n)
-    usage = usage | (edges.cumsum(-1)[..., :num_tiles] > 0)
-    if vis.restrict is not None:  # a model-given dense mask: its own tiles bound the list (it is O(q * kv) already)
-        restrict = vis.restrict.expand(batch, q_heads, q_len, kv_len)
-        usage = usage & mask_tile_usage(restrict, kv_heads, block_m, block_n)
-    return tiles_from_usage(usage, block_m, block_n)
+    restrict = None
+    if vis.restrict is not None:  # a model-given dense mask: its own tiles bound the lists (it is O(q * kv) already)
+        restrict = mask_tile_usage(vis.restrict.expand(batch, q_heads, q_len, kv_len), kv_heads, block_m, block_n)
+    step = max(1, _CHUNK_ENTRIES // (batch * kv_heads * (num_tiles + 1)))
+    indices, counts = [], []
+    for lo in range(0, row_blocks, step):
+        blocks = range(lo, min(lo + step, row_blocks))
+        usage = _rule_usage(keys.rule, vis, group, blocks, num_tiles, block_m, block_n)
+        edges = torch.zeros(batch, kv_heads, len(blocks), num_tiles + 1, dtype=torch.int32, device=usage.device)
+        for lists, size in ((keys.blocks, keys.block_size), (keys.tokens, 1)):
+            if lists is not None:
+                _mark_listed(edges, lists, size, vis, group, blocks, block_m, block_n)
+        usage = usage | (edges.cumsum(-1)[..., :num_tiles] > 0)
+        if restrict is not None:
+            usage = usage & restrict[:, :, lo : lo + len(blocks)]
+        chunk_indices, chunk_counts = compact(usage)
+        indices.append(chunk_indices)
+        counts.append(chunk_counts)
+    width = max(chunk.shape[-1] for chunk in indices)
+    indices = torch.cat([F.pad(chunk, (0, width - chunk.shape[-1])) for chunk in indices], dim=2)
+    return TileLists(indices.contiguous(), torch.cat(counts, dim=2).contiguous(), num_tiles, block_m, block_n)
 
 
 def _rule_usage(
-    rule: KeyRule, vis: Visibility, group: int, row_blocks: int, num_tiles: int, block_m: int, block_n: int
+    rule: KeyRule, vis: Visibility, group: int, blocks: range, num_tiles: int, block_m: int, block_n: int
 ) -> torch.Tensor:
-    """Tiles holding a key the rule keeps for some row of a row block, [B, 1, row_blocks, tiles]: from the block's
-    lowest and highest real query position (lo, hi) and each tile's positions [p_lo, p_hi], a superset where a
-    row block straddles two heads. Sinks: p_lo < sinks; window / local blocks: the tile reaches near_start(lo)
-    (near_start grows with t); dilation d: some t - s in [max(0, lo - p_hi), hi - p_lo] is a multiple of d."""
+    """Tiles holding a key the rule keeps for some row of each row block of `blocks`, [B, 1, len(blocks), tiles]:
+    from the block's lowest and highest real query position (lo, hi) and each tile's positions [p_lo, p_hi], a
+    superset where a row block straddles two heads. Sinks: p_lo < sinks; window / local blocks: the tile reaches
+    near_start(lo) (near_start grows with t); dilation d: some t - s in [max(0, lo - p_hi), hi - p_lo] is a multiple
+    of d."""
     batch, q_len = vis.query_pos.shape
-    t = F.pad(vis.query_pos.long().repeat(1, group), (0, row_blocks * block_m - group * q_len), value=-1)
-    t = t.view(batch, row_blocks, block_m, 1)
+    rows = torch.arange(blocks.start * block_m, blocks.stop * block_m, device=vis.query_pos.device)
+    t = torch.where(rows < group * q_len, vis.query_pos.long()[:, rows % q_len], -1)
+    t = t.view(batch, len(blocks), block_m, 1)
     hi = t.amax(2)
     lo = torch.where(t >= 0, t, EVERY).amin(2)
     slots = torch.arange(num_tiles, device=t.device) * block_n
@@ -92,28 +120,41 @@ def _rule_usage(
 
 
 def _mark_listed(
-    edges: torch.Tensor, lists: torch.Tensor, size: int, vis: Visibility, group: int, block_m: int, block_n: int
+    edges: torch.Tensor,
+    lists: torch.Tensor,
+    size: int,
+    vis: Visibility,
+    group: int,
+    blocks: range,
+    block_m: int,
+    block_n: int,
 ) -> None:
     """Add +1 at the first and -1 after the last tile of each listed block (tokens: size 1) to its row block's
-    difference array `edges` [B, Hkv, row_blocks, tiles + 1], in chunks of queries."""
-    batch, kv_heads, row_blocks, width = edges.shape
-    q_heads, q_len, n = kv_heads * group, lists.shape[2], lists.shape[-1]
+    difference array `edges` [B, Hkv, len(blocks), tiles + 1], for the rows of the row blocks `blocks`: per head of
+    a KV group the queries whose rows fall in them, in chunks of queries."""
+    batch, kv_heads, _, width = edges.shape
+    q_len, n = lists.shape[2], lists.shape[-1]
     device = edges.device
-    heads = torch.arange(q_heads, device=device)
-    line = (torch.arange(batch, device=device).view(-1, 1, 1, 1) * kv_heads + (heads // group).view(1, -1, 1, 1))
+    line = torch.arange(batch * kv_heads, device=device).view(batch, kv_heads, 1, 1)
     start, count = vis.key_start.long().view(-1, 1, 1, 1), vis.key_count.long().view(-1, 1, 1, 1)
-    step = max(1, _CHUNK_ENTRIES // max(1, batch * q_heads * n))
+    step = max(1, _CHUNK_ENTRIES // max(1, batch * kv_heads * n))
     flat = edges.view(-1)
-    for lo in range(0, q_len, step):
-        chunk = lists[:, :, lo : lo + step].long().expand(batch, q_heads, -1, n)
-        rows = (heads % group).view(-1, 1) * q_len + torch.arange(lo, lo + chunk.shape[2], device=device)
-        at = ((line * row_blocks + (rows // block_m).view(1, q_heads, -1, 1)) * width)
-        first = chunk * size
-        used = (chunk != UNUSED) & (first < count)
-        last = torch.minimum(first + size - 1, count - 1)
-        ones = used.to(torch.int32).flatten()
-        flat.scatter_add_(0, (at + torch.where(used, (start + first) // block_n, 0)).flatten(), ones)
-        flat.scatter_add_(0, (at + torch.where(used, (start + last) // block_n + 1, 0)).flatten(), -ones)
+    for member in range(group):  # the query heads member, group + member, ... (one per KV head)
+        first_row = member * q_len
+        q_lo = max(0, blocks.start * block_m - first_row)
+        q_hi = min(q_len, blocks.stop * block_m - first_row)
+        heads = torch.arange(kv_heads, device=device) * group + member
+        for lo in range(q_lo, q_hi, step):
+            queries = torch.arange(lo, min(lo + step, q_hi), device=device)
+            chunk = lists[:, :, lo : lo + queries.numel()].expand(batch, kv_heads * group, -1, n)[:, heads].long()
+            row_block = ((first_row + queries) // block_m - blocks.start).view(1, 1, -1, 1)
+            at = (line * len(blocks) + row_block) * width
+            first = chunk * size
+            used = (chunk != UNUSED) & (first < count)
+            last = torch.minimum(first + size - 1, count - 1)
+            ones = used.to(torch.int32).flatten()
+            flat.scatter_add_(0, (at + torch.where(used, (start + first) // block_n, 0)).flatten(), ones)
+            flat.scatter_add_(0, (at + torch.where(used, (start + last) // block_n + 1, 0)).flatten(), -ones)
 
 
 def mask_tile_usage(keep: torch.Tensor, kv_heads: int, block_m: int, block_n: int) -> torch.Tensor:

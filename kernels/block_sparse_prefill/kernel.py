@@ -34,7 +34,7 @@ def _backward_dq_kernel(
     sv_b, sv_h, sv_n, sv_d,
     so_b, so_h, so_q, so_d,
     sl_b, sl_h, sl_q,
-    kv_heads, q_len, kv_len, rows, row_blocks, max_tiles, head_dim, v_dim, scaling,
+    kv_heads, q_len, kv_len, rows, row_blocks, list_width, head_dim, v_dim, scaling,
     QPOS, KEY_START, KEY_COUNT, RESTRICT, sp_b, sp_q, sr_b, sr_h, sr_q, sr_n,
     BLOCKS, TOKENS, sb_b, sb_h, sb_q, sb_j, st_b, st_h, st_q, st_j, n_blocks, n_tokens,
     HAS_RESTRICT: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_TOKENS: tl.constexpr,
@@ -68,7 +68,7 @@ def _backward_dq_kernel(
     v_base = V + b * sv_b + kv_head * sv_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(0, count):
-        tile = tl.load(TILES + list_at * max_tiles + t)
+        tile = tl.load(TILES + list_at * list_width + t)
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < kv_len
         k = tl.load(k_base + n[:, None] * sk_n + d[None, :] * sk_d, mask=n_ok[:, None] & (d < head_dim)[None, :], other=0.0)
@@ -98,7 +98,7 @@ def _backward_dkdv_kernel(
     sv_b, sv_h, sv_n, sv_d,
     so_b, so_h, so_q, so_d,
     sl_b, sl_h, sl_q,
-    kv_heads, q_len, kv_len, rows, row_blocks, num_tiles, head_dim, v_dim, scaling,
+    kv_heads, q_len, kv_len, rows, list_width, num_tiles, head_dim, v_dim, scaling,
     QPOS, KEY_START, KEY_COUNT, RESTRICT, sp_b, sp_q, sr_b, sr_h, sr_q, sr_n,
     BLOCKS, TOKENS, sb_b, sb_h, sb_q, sb_j, st_b, st_h, st_q, st_j, n_blocks, n_tokens,
     HAS_RESTRICT: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_TOKENS: tl.constexpr,
@@ -129,7 +129,7 @@ def _backward_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for i in range(0, count):
-        row_block = tl.load(ROW_BLOCKS + list_at * row_blocks + i)
+        row_block = tl.load(ROW_BLOCKS + list_at * list_width + i)
         head, qi, row_ok = row_coordinates(kv_head, row_block, rows, q_len, GROUP, BLOCK_M)
         q = tl.load(
             Q + b * sq_b + head[:, None] * sq_h + qi[:, None] * sq_q + d[None, :] * sq_d,
@@ -178,7 +178,7 @@ def tile_attention_backward(
     _, kv_heads, kv_len, _ = key.shape
     v_dim = value.shape[-1]
     group = q_heads // kv_heads
-    row_blocks, max_tiles = tiles.indices.shape[-2:]
+    row_blocks, list_width = tiles.indices.shape[-2:]
     grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1)
     dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
@@ -188,14 +188,14 @@ def tile_attention_backward(
         BLOCK_D=next_power_of_2(head_dim), BLOCK_DV=next_power_of_2(v_dim),
     )
     strides = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *lse.stride())
-    sizes = (kv_heads, q_len, kv_len, group * q_len, row_blocks, max_tiles, head_dim, v_dim, scaling)
+    shape = (kv_heads, q_len, kv_len, group * q_len)
     _backward_dq_kernel[(batch * kv_heads, row_blocks)](
-        query, key, value, tiles.indices, tiles.counts, grad_out, lse, delta, dq, *strides, *sizes, *key_arguments,
-        **common,
+        query, key, value, tiles.indices, tiles.counts, grad_out, lse, delta, dq, *strides,
+        *shape, row_blocks, list_width, head_dim, v_dim, scaling, *key_arguments, **common,
     )
     row_lists, row_counts = transposed(tiles)
-    _backward_dkdv_kernel[(batch * kv_heads, max_tiles)](
-        query, key, value, row_lists, row_counts, grad_out, lse, delta, dk, dv, *strides, *sizes, *key_arguments,
-        **common,
+    _backward_dkdv_kernel[(batch * kv_heads, tiles.num_tiles)](
+        query, key, value, row_lists, row_counts, grad_out, lse, delta, dk, dv, *strides,
+        *shape, row_lists.shape[-1], tiles.num_tiles, head_dim, v_dim, scaling, *key_arguments, **common,
     )
     return dq, dk, dv

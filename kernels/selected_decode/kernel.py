@@ -35,7 +35,7 @@ def _forward_kernel(
     sv_b, sv_h, sv_n, sv_d,
     so_s, so_b, so_h, so_q, so_d,
     sl_s, sl_b, sl_h, sl_q,
-    kv_heads, q_len, kv_len, rows, row_blocks, max_tiles, head_dim, v_dim, scaling,
+    kv_heads, q_len, kv_len, rows, row_blocks, list_width, head_dim, v_dim, scaling,
     QPOS, KEY_START, KEY_COUNT, RESTRICT, sp_b, sp_q, sr_b, sr_h, sr_q, sr_n,
     BLOCKS, TOKENS, sb_b, sb_h, sb_q, sb_j, st_b, st_h, st_q, st_j, n_blocks, n_tokens,
     HAS_RESTRICT: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_TOKENS: tl.constexpr,
@@ -68,7 +68,7 @@ def _forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # Splits take every `splits`-th listed tile: the work divides by the list's real length, known only here.
     for t in range(split, count, tl.num_programs(2)):
-        tile = tl.load(TILES + list_at * max_tiles + t)
+        tile = tl.load(TILES + list_at * list_width + t)
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < kv_len
         k = tl.load(k_base + n[:, None] * sk_n + d[None, :] * sk_d, mask=n_ok[:, None] & (d < head_dim)[None, :], other=0.0)
@@ -118,8 +118,8 @@ def tile_attention_forward(
     _, kv_heads, kv_len, _ = key.shape
     v_dim = value.shape[-1]
     group = q_heads // kv_heads
-    row_blocks, max_tiles = tiles.indices.shape[-2:]
-    splits = max(1, min(splits, max_tiles))
+    row_blocks, list_width = tiles.indices.shape[-2:]
+    splits = max(1, min(splits, list_width))
     if splits == 1:
         out = torch.empty(1, batch, q_heads, q_len, v_dim, dtype=query.dtype, device=query.device)
     else:
@@ -129,7 +129,7 @@ def tile_attention_forward(
     _forward_kernel[(batch * kv_heads, row_blocks, splits)](
         query, key, value, tiles.indices, tiles.counts, out, lse,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(), *lse.stride(),
-        kv_heads, q_len, kv_len, group * q_len, row_blocks, max_tiles, head_dim, v_dim, scaling, *key_arguments,
+        kv_heads, q_len, kv_len, group * q_len, row_blocks, list_width, head_dim, v_dim, scaling, *key_arguments,
         **key_constants, GROUP=group, UPCAST=interpreting(), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_D=next_power_of_2(head_dim), BLOCK_DV=next_power_of_2(v_dim),
     )

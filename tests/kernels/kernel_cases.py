@@ -56,3 +56,11 @@ def selection(name, batch, q_heads, q_len, kv_len, seed=0):
     if name == "dense":
         return Selection(DENSE)
     raise KeyError(name)
+
+
+def tile_map(tiles):
+    """The tile lists as a bool map [B, Hkv, row_blocks, tiles] (to compare with an oracle's)."""
+    usage = torch.zeros(*tiles.counts.shape, tiles.num_tiles + 1, dtype=torch.bool)
+    listed = torch.arange(tiles.indices.shape[-1]) < tiles.counts.unsqueeze(-1)
+    usage.scatter_(-1, torch.where(listed, tiles.indices.long(), tiles.num_tiles), True)
+    return usage[..., :-1]

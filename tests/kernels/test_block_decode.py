@@ -19,7 +19,7 @@ from hf_attn_plus.reference import masked_attention
 from hf_attn_plus.structure import dense_keep
 from hf_attn_plus.tiny import tiny_config
 
-from kernel_cases import attention_inputs
+from kernel_cases import attention_inputs, tile_map
 
 
 def decode_context(kv_len, q_len, pads):
@@ -68,7 +68,7 @@ def test_tiles_are_exactly_those_the_chosen_blocks_cover(pad, block_size, tile):
     keys = key_set(ctx, selection)
     block_m = decode_rows(q, k)
     tiles = tiles_for(keys, q_heads, kv_heads, kv_len, block_m, tile)
-    assert torch.equal(tiles.usage, mask_tile_usage(dense_keep(ctx, selection, q_heads), kv_heads, block_m, tile))
+    assert torch.equal(tile_map(tiles), mask_tile_usage(dense_keep(ctx, selection, q_heads), kv_heads, block_m, tile))
     last = (kv_len - 1 - pad) // block_size
     for kv_head in range(kv_heads):
         chosen = keys.blocks[0, 2 * kv_head : 2 * kv_head + 2, 0].flatten().tolist()
@@ -95,7 +95,7 @@ def test_group_choice_reads_the_budget_once_per_kv_head():
     assert any(len(set(head_blocks[h].flatten().tolist())) > 2 for h in range(2))
     tiles = tiles_for(key_set(ctx, selection), 8, 2, 203, decode_rows(q, k), 16)
     keep = dense_keep(ctx, selection, 8)
-    assert torch.equal(tiles.usage, mask_tile_usage(keep, 2, decode_rows(q, k), 16))
+    assert torch.equal(tile_map(tiles), mask_tile_usage(keep, 2, decode_rows(q, k), 16))
     out = block_topk.kernel(q, k, v, ctx, per_group, 0.25)
     torch.testing.assert_close(out, masked_attention(q, k, v, keep, scaling=0.25)[0], atol=1e-5, rtol=1e-5)
 

@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from hf_attn_plus.kernel_inputs import key_set
+from hf_attn_plus.kernels import tile_lists
 from hf_attn_plus.kernels.block_sparse_prefill.function import block_sparse_attention
+from hf_attn_plus.kernels.tile_lists import tiles_for
 from hf_attn_plus.reference import masked_attention
 from hf_attn_plus.structure import dense_keep
 
-from kernel_cases import SELECTIONS, attention_inputs, padded_context, selection
+from kernel_cases import SELECTIONS, attention_inputs, padded_context, selection, tile_map
 
 # (batch, q_heads, kv_heads, q_len, kv_len, head_dim, v_dim, dtype, left pad)
 GQA = (2, 4, 2, 21, 21, 12, 8, torch.float32, 5)  # GQA 2, DeepSeek dims, odd length, a padded row with empty rows
@@ -53,3 +55,20 @@ def test_other_layouts_equal_oracle(shape, name):
 def test_rows_of_a_block_straddling_heads():
     """32-row blocks over 21 queries: row blocks hold the end of one head and the start of the next."""
     _check(GQA, "window_sinks", block=32)
+
+
+@pytest.mark.parametrize("name", ["window_sinks", "dilated", "block_lists", "token_lists"])
+def test_tile_lists_built_in_chunks_equal_one_pass(monkeypatch, name):
+    """Row blocks and queries taken a few at a time (a tiny chunk bound) give the same lists, and their transposed
+    walk (row blocks per key tile) lists exactly the listed pairs."""
+    batch, q_heads, kv_heads, q_len, kv_len, *_ = GQA
+    ctx = padded_context(batch, q_len, kv_len, 5)
+    keys = key_set(ctx, selection(name, batch, q_heads, q_len, kv_len))
+    whole = tiles_for(keys, q_heads, kv_heads, kv_len, 16, 16)
+    monkeypatch.setattr(tile_lists, "_CHUNK_ENTRIES", 40)
+    chunked = tiles_for(keys, q_heads, kv_heads, kv_len, 16, 16)
+    assert torch.equal(tile_map(chunked), tile_map(whole))
+    rows, counts = tile_lists.transposed(whole)
+    pairs = {(b, h, r, t) for b, h, r, t in tile_map(whole).nonzero().tolist()}
+    walked = {(b, h, int(rows[b, h, t, i]), t) for b, h, t in counts.nonzero().tolist() for i in range(counts[b, h, t])}
+    assert walked == pairs
