@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .kernels.key_sets import UNUSED, KeyRule, KeySet, Visibility
 from .masking import AttentionContext
@@ -52,16 +53,14 @@ def sorted_lists(lists: torch.Tensor | ListsFor | None, ctx: AttentionContext) -
     if lists is None:
         return None
     batch, q_len, kv_len = ctx.key_pos.shape[0], ctx.query_pos.shape[2], ctx.key_pos.shape[-1]
-    chunks = [lists_for(lists, rows) for rows in query_chunks(batch, 1, slice(0, q_len), kv_len)]
+    chunks = []  # int32 and sorted as soon as each chunk exists: at most one chunk's int64 lists at once
+    for rows in query_chunks(batch, 1, slice(0, q_len), kv_len):
+        chunk = lists_for(lists, rows)
+        chunks.append(torch.where(chunk < 0, UNUSED, chunk).to(torch.int32).sort(-1).values)
     width = max(chunk.shape[-1] for chunk in chunks)
     if width == 0:
         return None
-    sorted_chunks = []
-    for chunk in chunks:
-        chunk = torch.where(chunk < 0, UNUSED, chunk).to(torch.int32)
-        chunk = torch.nn.functional.pad(chunk, (0, width - chunk.shape[-1]), value=UNUSED)
-        sorted_chunks.append(chunk.sort(-1).values)
-    return torch.cat(sorted_chunks, dim=2).contiguous()
+    return torch.cat([F.pad(chunk, (0, width - chunk.shape[-1]), value=UNUSED) for chunk in chunks], dim=2)
 
 
 def attend_kernel(
