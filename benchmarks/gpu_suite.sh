@@ -9,20 +9,30 @@ mkdir -p "$OUT"
 log() { echo "== $(date +%T) $*"; }
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 pip install -q --no-deps -e . >/dev/null 2>&1 || true
+SPARSE="sliding_window dilated block_topk block_sparse topk"
 
 log "CUDA tests (kernels vs references)"
-timeout 150 python -m pytest -q -x tests/kernels tests/selection/test_gathered_attention.py tests/linear/test_kernels.py \
+timeout 120 python -m pytest -q -x tests/kernels tests/selection/test_gathered_attention.py tests/linear/test_kernels.py \
   2>&1 | tail -15 | tee "$OUT/gpu_tests_${DEVICE}.txt"
 
-log "long context: the chunked reference on CUDA tensors (the Triton kernels still read a dense keep mask: 16k only)"
-timeout 150 python benchmarks/long_context.py --device cuda --backend reference --lengths 8192 32768 65536 131072 \
-  --decode-contexts 32768 131072 --train-length 32768 --repeat 3 --out "$OUT/long_context_${DEVICE}.json" 2>&1 | tail -40
-timeout 60 python benchmarks/long_context.py --device cuda --backend kernel --lengths 16384 --parts prefill \
-  --mechanisms sliding_window block_topk --out "$OUT/long_context_kernel_${DEVICE}.json" 2>&1 | tail -10
+log "long context: Triton kernels (structured key sets) vs SDPA, prefill 16k-128k, decode, training"
+timeout 110 python benchmarks/long_context.py --device cuda --backend kernel --mechanisms $SPARSE \
+  --lengths 16384 65536 131072 --decode-contexts 32768 131072 --train-length 32768 --repeat 3 \
+  --out "$OUT/long_context_kernel_${DEVICE}.json" 2>&1 | tail -30
+
+log "long context: FlexAttention (compiled, dynamic shapes) on the same selections"
+timeout 100 python benchmarks/long_context.py --device cuda --backend flex --mechanisms sliding_window dilated block_topk \
+  --lengths 16384 65536 131072 --parts prefill train --train-length 32768 --repeat 3 \
+  --out "$OUT/long_context_flex_${DEVICE}.json" 2>&1 | tail -20
+
+log "long context: the chunked PyTorch reference on CUDA tensors"
+timeout 70 python benchmarks/long_context.py --device cuda --backend reference --mechanisms sliding_window dilated block_topk \
+  --lengths 32768 131072 --parts prefill decode_call --decode-contexts 131072 --repeat 2 \
+  --out "$OUT/long_context_reference_${DEVICE}.json" 2>&1 | tail -20
 
 log "sparse kernels vs SDPA / FlexAttention"
-timeout 150 python benchmarks/sparse_attention.py --parts decode prefill 2>&1 | tail -30
+timeout 60 python benchmarks/sparse_attention.py --parts decode prefill 2>&1 | tail -30
 
 log "linear family vs flash-linear-attention"
-timeout 90 python benchmarks/linear_family.py --out "$OUT/linear_family_${DEVICE}.json" 2>&1 | tail -20
+timeout 60 python benchmarks/linear_family.py --out "$OUT/linear_family_${DEVICE}.json" 2>&1 | tail -20
 log done
