@@ -10,15 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.masking_utils import causal_mask_function, sdpa_mask
+from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mask, sliding_window_overlay
 
 from .chunked_attention import selected_attention
 from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
 from .reference import default_scaling, length_scale, masked_attention
 from .registry import Mechanism, OptionError, delegate, options_from_config
 from .structure import DENSE, Selection
-
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "deepseek_v3", "deepseek_v32")
 
 # Keyword arguments that change attention semantics in ways no mechanism here implements; ignoring them would
 # silently compute something else.
@@ -38,11 +36,22 @@ class UnsupportedModelError(ValueError):
     """The model or layer asks for attention semantics hf_attn_plus does not implement."""
 
 
-def check_model_supported(config: Any) -> None:
+def check_model_supported(config: Any, model: torch.nn.Module | None = None) -> None:
+    """Refuse what the mechanisms cannot honour: they replace the attention function of a decoder-only causal LM
+    whose attention goes through transformers' AttentionInterface (`model`, when known, must declare it)."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
-            f"hf_attn_plus does not support model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"hf_attn_plus supports decoder-only causal LMs; model_type {model_type!r} is an encoder-decoder"
+        )
+    if not getattr(config, "is_causal", True):
+        raise UnsupportedModelError(
+            f"hf_attn_plus mechanisms are causal; this {model_type!r} config sets is_causal=False (bidirectional)"
+        )
+    if model is not None and not model.is_backend_compatible():  # a PeftModel forwards this to its base model
+        raise UnsupportedModelError(
+            f"hf_attn_plus replaces the attention function of transformers' AttentionInterface; {type(model).__name__} "
+            f"(model_type {model_type!r}) does not compute its attention through it"
         )
 
 
@@ -74,17 +83,30 @@ def mask_function(
             batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
             allow_is_causal_skip=False, device=device,
         )
-    if mask_function is not causal_mask_function:
-        window = getattr(config, "sliding_window", None)
-        if window is not None:
-            raise UnsupportedModelError(_SLIDING_REFUSAL.format(window=window, where=type(config).__name__))
-        # Packed sequences, sliding-window layers and image-token overlays change who sees whom beyond causality
-        # and padding, which positions alone cannot express.
+    window = sliding_window_of(mask_function)
+    if mask_function is not causal_mask_function and window is None:
+        # Packed sequences, chunked attention and image-token overlays change who sees whom beyond causality,
+        # padding and a window, which positions alone cannot express.
         raise UnsupportedModelError(
-            f"hf_attn_plus supports causal attention with padding only; this call asks for the mask {mask_function!r} "
-            "(packed sequences without an attention_mask, sliding-window layers or overlays)"
+            f"hf_attn_plus supports causal attention with padding and the model's own sliding window only; this "
+            f"{getattr(config, 'model_type', None)!r} model asks for the mask {mask_function!r} (packed sequences "
+            "without an attention_mask, chunked attention or overlays)"
         )
-    return TokenPositions.from_padding(attention_mask, batch_size, q_length, kv_length, q_offset, kv_offset, device)
+    return TokenPositions.from_padding(
+        attention_mask, batch_size, q_length, kv_length, q_offset, kv_offset, device, window
+    )
+
+
+def sliding_window_of(mask_function: Callable) -> int | None:
+    """w when `mask_function` is exactly transformers' `sliding_window_causal_mask_function(w)` (its window overlay
+    and causality, no packing or overlay on top); else None."""
+    if getattr(mask_function, "__qualname__", None) != and_masks(causal_mask_function).__qualname__:
+        return None
+    parts = mask_function.__closure__[0].cell_contents
+    overlay = sliding_window_overlay(1)
+    if len(parts) != 2 or parts[1] is not causal_mask_function or parts[0].__code__ is not overlay.__code__:
+        return None
+    return parts[0].__closure__[0].cell_contents
 
 
 def _check_call(module: torch.nn.Module, kwargs: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """Exact softmax attention over a `Selection`, walking query chunks: the plain-PyTorch truth of the sparse family.
 
-No [q, kv] tensor is built. Per sequence the real keys are a contiguous run of slots (slot = key_start + position),
-so the keys a chunk of queries may keep are a short list of positions:
+No [q, kv] tensor is built. Per sequence the real keys are a contiguous run of slots (slot = key_start + position -
+key_first, where key_first > 0 only when the model's sliding cache dropped older keys), so the keys a chunk of queries
+may keep are a short list of positions (within the model's own window, in a sliding-window layer):
 - the near run [near_start(t_min), t_max] (window, local blocks) and the sinks [0, sinks);
 - the union of the blocks and of the tokens the chunk's rows list;
 - for dilated rules, per residue class of t mod dilation, every dilation-th key before the near run (the rows of one
@@ -55,7 +56,7 @@ def selected_attention(
     `count` keys ([.., 1] float) (the common `logit_scale` option); rows that keep nothing output zeros.
     """
     batch, q_heads, q_len, _ = query.shape
-    starts, counts = ctx.key_start.tolist(), ctx.key_count.tolist()
+    starts, counts, firsts = ctx.key_start.tolist(), ctx.key_count.tolist(), ctx.key_first.tolist()
     query_pos = ctx.batch_query_pos
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     outputs = []
@@ -68,7 +69,7 @@ def selected_attention(
         step = _chunk_rows(selection, q_heads, counts[b], q_len - first)
         for lo in range(first, q_len, step):
             rows = slice(lo, min(lo + step, q_len))
-            run = _Chunk(ctx, selection, b, rows, starts[b], scaling, beta, dropout)
+            run = _Chunk(ctx, selection, b, rows, starts[b], firsts[b], scaling, beta, dropout)
             if train:
                 pieces.append(checkpoint(run, query[b : b + 1, :, rows], keys, values, use_reentrant=False))
             else:
@@ -96,10 +97,10 @@ def _chunk_rows(selection: Selection, q_heads: int, num_keys: int, q_len: int) -
 class _Chunk:
     """One query chunk of one sequence: callable on (query, keys, values) so activation checkpointing can rerun it."""
 
-    def __init__(self, ctx, selection, b, rows, start, scaling, beta, dropout) -> None:
+    def __init__(self, ctx, selection, b, rows, start, first, scaling, beta, dropout) -> None:
         self.t = ctx.batch_query_pos[b, rows]
         self.restrict = None if ctx.restrict is None else ctx.restrict[b : b + 1, :, rows, start:]
-        self.selection, self.b, self.rows = selection, b, rows
+        self.selection, self.b, self.rows, self.first, self.window = selection, b, rows, first, ctx.window
         self.scaling, self.beta, self.dropout = scaling, beta, dropout
 
     def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,7 @@ class _Chunk:
                 dummy = empty & (torch.arange(mask.shape[-1], device=mask.device) == 0)
                 mask = mask | dummy if mask.dtype == torch.bool else mask.masked_fill(dummy, 0.0)
             result = F.scaled_dot_product_attention(
-                q, keys.index_select(2, group.positions), values.index_select(2, group.positions),
+                q, keys.index_select(2, group.positions - self.first), values.index_select(2, group.positions - self.first),
                 attn_mask=mask.to(q.dtype) if mask.dtype != torch.bool else mask, dropout_p=self.dropout,
                 scale=self.scaling, enable_gqa=True,
             )
@@ -134,6 +135,8 @@ class _Chunk:
         rule = sel.rule
         t_min, t_max = int(t[0]), int(t[-1])  # queries come in slot order: positions never decrease
         device = t.device
+        # Keys before `lowest` are seen by no row of the chunk (dropped from a sliding cache, or beyond the window).
+        lowest = self.first if self.window is None else max(self.first, t_min - self.window + 1)
         near = max(0, rule.near_start(t_min))
         sink_end = min(rule.sinks, near)
         shared = [torch.arange(sink_end, device=device), torch.arange(near, t_max + 1, device=device)]
@@ -149,6 +152,7 @@ class _Chunk:
         # The near run and the sinks already hold the listed keys that fall in them.
         far = (positions < near) & (positions >= sink_end) & (positions <= t_max)
         positions = torch.cat((positions[: shared[0].numel() + shared[1].numel()], positions[far].unique()))
+        positions = positions[positions >= lowest]
         chosen = None
         if block_lists is not None:
             chosen = listed(block_lists, positions // sel.block_size, t_max // sel.block_size + 1)
@@ -171,6 +175,7 @@ class _Chunk:
                 keep = keep | chosen[:, :, rows]
             first = sink_end + (residue - sink_end) % d
             strided = torch.arange(first, max(first, near), d, device=device)
+            strided = strided[strided >= lowest]
             both = torch.cat((positions, strided))
             keep = torch.cat((keep, keep.new_ones(1, 1, rows.numel(), strided.numel())), -1)
             row_weights = None
@@ -197,9 +202,11 @@ class _Chunk:
         """The keep mask with causality and the model's restriction applied; as log-weights when there are any."""
         t = self.t if rows is None else self.t[rows]
         keep = keep & (positions <= t.view(1, 1, -1, 1))
+        if self.window is not None:
+            keep = keep & (t.view(1, 1, -1, 1) - positions < self.window)
         if self.restrict is not None:
             restrict = self.restrict if rows is None else self.restrict[:, :, rows]
-            keep = keep & restrict.index_select(-1, positions)
+            keep = keep & restrict.index_select(-1, positions - self.first)
         if weights is None:
             return keep
         return weights.masked_fill(~keep, float("-inf"))

@@ -39,7 +39,7 @@ def all_rows(rows: slice, q_len: int) -> slice:
 
 def chunk_visible(ctx: AttentionContext, rows: slice) -> torch.Tensor:
     """Visibility [B, 1, rows, kv] of one query chunk (with the model's restriction, if any)."""
-    visible = sees(ctx.query_pos[:, :, rows], ctx.key_pos)
+    visible = sees(ctx.query_pos[:, :, rows], ctx.key_pos, ctx.window)
     return visible if ctx.restrict is None else visible & ctx.restrict[:, :, rows]
 
 

@@ -30,13 +30,41 @@ _TINY: dict[str, dict[str, Any]] = {
 }
 _TINY["deepseek_v32"] = dict(_TINY["deepseek_v3"], index_n_heads=2, index_head_dim=8, index_topk=12)
 
+# The architectures whose attention classes hf_attn_plus patches (mechanisms with weights run on these).
 ARCHITECTURES: tuple[str, ...] = tuple(_TINY)
+
+# Other decoder families: no patched classes, the training-free mechanisms run through the attention interface.
+# Granite passes its attention multiplier as `scaling`; Phi3 has a fused qkv projection; Mixtral and the MoE Qwens
+# route experts; OLMo2 normalises q and k. Their own windows are off here (tested apart).
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=None),
+    "mixtral": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=None, num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "phi3": dict(num_attention_heads=4, num_key_value_heads=2),
+    "olmo2": dict(num_attention_heads=4, num_key_value_heads=2),
+    "qwen2_moe": dict(
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+    ),
+    "qwen3_moe": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16,
+    ),
+    "granite": dict(
+        num_attention_heads=4, num_key_value_heads=2, attention_multiplier=0.3, embedding_multiplier=2.0,
+        residual_multiplier=0.5, logits_scaling=2.0,
+    ),
+}
+_TINY.update(_FAMILIES)
+FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 
 
 def tiny_config(model_type: str, **overrides: Any) -> PreTrainedConfig:
     """A two-layer config of `model_type` with hidden size 32 and vocabulary 128, CPU-friendly in fp32."""
     if model_type not in _TINY:
-        raise ValueError(f"no tiny config for {model_type!r}; available: {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"no tiny config for {model_type!r}; available: {', '.join(_TINY)}")
     kwargs: dict[str, Any] = dict(
         vocab_size=128,
         hidden_size=32,

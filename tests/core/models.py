@@ -4,7 +4,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_attn_plus
-from hf_attn_plus.tiny import tiny_config
+from hf_attn_plus.tiny import ARCHITECTURES, FAMILIES, tiny_config
+
+# Every architecture the model-level tests run: the patched ones and the other decoder families.
+MODEL_TYPES = ARCHITECTURES + FAMILIES
 
 MECHANISMS = ("sliding_window", "topk", "block_topk", "dilated", "block_sparse")
 
@@ -27,9 +30,15 @@ SPARSE = {
 }
 
 
+def own_attention(config) -> str:
+    """The model's own attention to compare against: SDPA, or eager where the model has no SDPA path."""
+    return "sdpa" if AutoModelForCausalLM._model_mapping[type(config)]._supports_sdpa else "eager"
+
+
 def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation="sdpa").eval()
+    config = tiny_config(arch, **overrides)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=own_attention(config)).eval()
 
 
 def with_mechanism(model, name, options):
