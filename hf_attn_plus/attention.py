@@ -6,7 +6,9 @@ AttentionContext, asks the mechanism which keys each query keeps, and runs the k
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -15,15 +17,15 @@ from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mas
 from .chunked_attention import selected_attention
 from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
 from .reference import default_scaling, length_scale, masked_attention
-from .registry import Mechanism, OptionError, delegate, options_from_config
+from .registry import Mechanism, OptionError, all_mechanisms, delegate, options_from_config
 from .structure import DENSE, Selection
 
-# Keyword arguments that change attention semantics in ways no mechanism here implements; ignoring them would
-# silently compute something else.
-_UNSUPPORTED_KWARGS = {
-    "s_aux": "learned attention sinks (gpt-oss style)",
-    "softcap": "logit soft-capping",
-}
+# The model's logit options (attention kwargs -> AttentionContext fields): the chunked reference applies them; a
+# mechanism not computing through it refuses rather than silently leaving them out.
+_LOGIT_OPTIONS = {"softcap": "softcap", "s_aux": "sinks"}
+# `attend` mechanisms whose reference runs the chunked reference or hands over through run_mechanism (which checks
+# the mechanism it hands over to); the others compute their own softmax.
+_ATTEND_HONOURING_LOGIT_OPTIONS = ("head_budget", "stochastic_routing")
 
 
 _SLIDING_REFUSAL = (
@@ -112,9 +114,6 @@ def sliding_window_of(mask_function: Callable) -> int | None:
 def _check_call(module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
     if not getattr(module, "is_causal", True):
         raise UnsupportedModelError(f"hf_attn_plus mechanisms are causal; {type(module).__name__} is not causal")
-    for name, what in _UNSUPPORTED_KWARGS.items():
-        if kwargs.get(name) is not None:
-            raise UnsupportedModelError(f"hf_attn_plus does not implement {what} (`{name}` passed by {type(module).__name__})")
     if kwargs.get("sliding_window") is not None:
         # The model's own sliding-window cache drops old keys, which would renumber the positions that sinks,
         # windows and blocks are defined on.
@@ -149,6 +148,9 @@ def attention_forward(
         indices = kwargs.get("indices")
         restrict = None if indices is None else indices_to_mask(indices, kv_len)
         ctx = build_context(visible, restrict, cache_layer)
+    logit_options = {field: kwargs[name] for name, field in _LOGIT_OPTIONS.items() if kwargs.get(name) is not None}
+    if logit_options:
+        ctx = dataclasses.replace(ctx, **logit_options)
 
     out, probs = run_mechanism(mechanism, opts, module, query, key, value, ctx, scaling, dropout)
     return out.transpose(1, 2).contiguous(), probs
@@ -167,6 +169,8 @@ def run_mechanism(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One mechanism on a built context -> (output [B, Hq, q, Dv], probabilities or None); wrappers that hand over
     to another mechanism (lighthouse at inference) call this with that mechanism's options."""
+    if ctx.softcap is not None or ctx.sinks is not None:
+        opts = _reference_for_logit_options(mechanism, opts, ctx)
     if mechanism.attend_has_kernel:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
     kernel = use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
@@ -177,6 +181,26 @@ def run_mechanism(
     with torch.no_grad():
         selection = mechanism.select(query, key, ctx, opts)
     return attend_selection(module, query, key, value, ctx, selection, opts, scaling, dropout), None
+
+
+def _reference_for_logit_options(mechanism: Mechanism, opts: Any, ctx: AttentionContext) -> Any:
+    """`opts` with backend='reference' (the kernels implement neither soft-capping nor sinks); raises where the call
+    cannot honour them: a forced kernel, or an `attend` mechanism computing its own softmax."""
+    asked = " and ".join(
+        what for what, value in (("logit soft-capping (softcap)", ctx.softcap), ("learned attention sinks (s_aux)", ctx.sinks))
+        if value is not None
+    )
+    if mechanism.attend is not None and mechanism.name not in _ATTEND_HONOURING_LOGIT_OPTIONS:
+        raise UnsupportedModelError(
+            f"hf_attn_plus mechanism {mechanism.name!r} does not implement the model's {asked}; mechanisms that do: "
+            f"{', '.join(m.name for m in all_mechanisms() if m.select is not None or m.name in _ATTEND_HONOURING_LOGIT_OPTIONS)}"
+        )
+    if opts.backend == "kernel" and mechanism.has_kernel:
+        raise OptionError(
+            f"hf_attn_plus mechanism {mechanism.name!r}: backend='kernel' does not implement the model's {asked}; "
+            "use backend='auto' or 'reference'"
+        )
+    return SimpleNamespace(**{**vars(opts), "backend": "reference"})
 
 
 def run_delegate(

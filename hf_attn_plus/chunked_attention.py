@@ -9,7 +9,9 @@ may keep are a short list of positions (within the model's own window, in a slid
   class share them).
 One call of torch's scaled_dot_product_attention (the maintained fused kernel, GQA without repeated keys) runs each
 group of rows over its keys with the exact keep mask of the rows, so work and memory per chunk follow the keys the
-chunk may keep. In training each chunk is recomputed in the backward (activation checkpointing): what autograd keeps
+chunk may keep. The model's logit soft-capping (Gemma 2) and learned sink logits (gpt-oss) need the logits between the
+product and the softmax, which SDPA does not expose: chunks of such a layer spell SDPA's computation out (same
+keys, same masks). In training each chunk is recomputed in the backward (activation checkpointing): what autograd keeps
 is O(q + kv), not O(q * kept).
 """
 
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .masking import AttentionContext
+from .reference import grouped_weighted_sum
+from .selection import grouped_scores
 from .structure import EVERY, ListsFor, Selection, listed, lists_for
 
 # Upper bound on the elements of one chunk's keep mask: the chunk length adapts to the keys a row may read.
@@ -59,6 +63,7 @@ def selected_attention(
     starts, counts, firsts = ctx.key_start.tolist(), ctx.key_count.tolist(), ctx.key_first.tolist()
     query_pos = ctx.batch_query_pos
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    sinks = None if ctx.sinks is None else ctx.sinks.index_select(0, ctx.head_index(q_heads, query.device).flatten())
     outputs = []
     for b in range(batch):
         keys = key[b : b + 1, :, starts[b] : starts[b] + counts[b]]
@@ -69,7 +74,7 @@ def selected_attention(
         step = _chunk_rows(selection, q_heads, counts[b], q_len - first)
         for lo in range(first, q_len, step):
             rows = slice(lo, min(lo + step, q_len))
-            run = _Chunk(ctx, selection, b, rows, starts[b], firsts[b], scaling, beta, dropout)
+            run = _Chunk(ctx, selection, b, rows, starts[b], firsts[b], scaling, beta, dropout, sinks)
             if train:
                 pieces.append(checkpoint(run, query[b : b + 1, :, rows], keys, values, use_reentrant=False))
             else:
@@ -97,11 +102,12 @@ def _chunk_rows(selection: Selection, q_heads: int, num_keys: int, q_len: int) -
 class _Chunk:
     """One query chunk of one sequence: callable on (query, keys, values) so activation checkpointing can rerun it."""
 
-    def __init__(self, ctx, selection, b, rows, start, first, scaling, beta, dropout) -> None:
+    def __init__(self, ctx, selection, b, rows, start, first, scaling, beta, dropout, sinks) -> None:
         self.t = ctx.batch_query_pos[b, rows]
         self.restrict = None if ctx.restrict is None else ctx.restrict[b : b + 1, :, rows, start:]
         self.selection, self.b, self.rows, self.first, self.window = selection, b, rows, first, ctx.window
         self.scaling, self.beta, self.dropout = scaling, beta, dropout
+        self.softcap, self.sinks = ctx.softcap, sinks
 
     def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         out = query.new_zeros(*query.shape[:3], values.shape[-1])
@@ -118,11 +124,14 @@ class _Chunk:
             if bool(empty.any()):
                 dummy = empty & (torch.arange(mask.shape[-1], device=mask.device) == 0)
                 mask = mask | dummy if mask.dtype == torch.bool else mask.masked_fill(dummy, 0.0)
-            result = F.scaled_dot_product_attention(
-                q, keys.index_select(2, group.positions - self.first), values.index_select(2, group.positions - self.first),
-                attn_mask=mask.to(q.dtype) if mask.dtype != torch.bool else mask, dropout_p=self.dropout,
-                scale=self.scaling, enable_gqa=True,
-            )
+            k, v = keys.index_select(2, group.positions - self.first), values.index_select(2, group.positions - self.first)
+            if self.softcap is None and self.sinks is None:
+                result = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask.to(q.dtype) if mask.dtype != torch.bool else mask, dropout_p=self.dropout,
+                    scale=self.scaling, enable_gqa=True,
+                )
+            else:
+                result = spelled_out_attention(q, k, v, mask, self.scaling, self.softcap, self.sinks, self.dropout)
             result = result.masked_fill(empty, 0.0)
             if group.rows is None:
                 out = result
@@ -210,3 +219,29 @@ class _Chunk:
         if weights is None:
             return keep
         return weights.masked_fill(~keep, float("-inf"))
+
+
+def spelled_out_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """What SDPA computes (mask: bool keep or additive float, broadcast to [B, Hq, q, m]; GQA keys), in float32, with
+    the logits soft-capped to softcap * tanh(logits / softcap) and one sink logit per query head (`sinks` [Hq]) added
+    to the softmax denominator (a virtual key of value zero) -> [B, Hq, q, Dv]."""
+    logits = grouped_scores(query.float(), key.float()) * scaling
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+    if sinks is not None:
+        logits = torch.cat((logits, sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:3], 1)), dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return grouped_weighted_sum(probs.to(value.dtype), value).to(query.dtype)

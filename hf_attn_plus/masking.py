@@ -102,6 +102,10 @@ class AttentionContext:
     key_first: torch.Tensor | None = None
     # The model's own sliding window of this layer (query t sees s only when t - s < window); None: none.
     window: int | None = None
+    # The model's logit soft-capping (logits -> softcap * tanh(logits / softcap), Gemma 2) and learned sink logits
+    # [Hq] (one per model query head, added to the softmax denominator, gpt-oss `s_aux`); None: none.
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.key_start is None:

@@ -56,6 +56,18 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         num_attention_heads=4, num_key_value_heads=2, attention_multiplier=0.3, embedding_multiplier=2.0,
         residual_multiplier=0.5, logits_scaling=2.0,
     ),
+    # Logit soft-capping on full-attention layers; weights large enough (initializer_range) that the cap and the
+    # sinks below change the output.
+    "gemma2": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
+        layer_types=["full_attention"] * 2, initializer_range=0.2,
+    ),
+    # Learned sink logits (`s_aux`) on full-attention layers; plain RoPE (its YaRN defaults assume 4k positions).
+    "gpt_oss": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["full_attention"] * 2, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        initializer_range=0.2,
+    ),
 }
 _TINY.update(_FAMILIES)
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
