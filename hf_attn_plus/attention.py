@@ -12,12 +12,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mask, sliding_window_overlay
 
 from .chunked_attention import selected_attention
 from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
 from .reference import default_scaling, length_scale, masked_attention
 from .registry import Mechanism, OptionError, all_mechanisms, delegate, options_from_config
+from .patches.attn_plus import weights_class
 from .structure import DENSE, Selection
 
 # The model's logit options (attention kwargs -> AttentionContext fields): the chunked reference applies them; a
@@ -26,12 +28,6 @@ _LOGIT_OPTIONS = {"softcap": "softcap", "s_aux": "sinks"}
 # `attend` mechanisms whose reference runs the chunked reference or hands over through run_mechanism (which checks
 # the mechanism it hands over to); the others compute their own softmax.
 _ATTEND_HONOURING_LOGIT_OPTIONS = ("head_budget", "stochastic_routing")
-
-
-_SLIDING_REFUSAL = (
-    "hf_attn_plus does not yet support layers with the model's own sliding window "
-    "(sliding_window={window} in {where}); use a config without it"
-)
 
 
 class UnsupportedModelError(ValueError):
@@ -114,10 +110,6 @@ def sliding_window_of(mask_function: Callable) -> int | None:
 def _check_call(module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
     if not getattr(module, "is_causal", True):
         raise UnsupportedModelError(f"hf_attn_plus mechanisms are causal; {type(module).__name__} is not causal")
-    if kwargs.get("sliding_window") is not None:
-        # The model's own sliding-window cache drops old keys, which would renumber the positions that sinks,
-        # windows and blocks are defined on.
-        raise UnsupportedModelError(_SLIDING_REFUSAL.format(window=kwargs["sliding_window"], where=type(module).__name__))
 
 
 def attention_forward(
@@ -143,6 +135,12 @@ def attention_forward(
     cache_layer = getattr(module, "attn_plus_cache_layer", None)
     if isinstance(attention_mask, TokenPositions):
         ctx = context_from_positions(attention_mask, cache_layer)
+        window = kwargs.get("sliding_window")
+        if window is not None and window != ctx.window:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} (layer {module.layer_idx}) passes sliding_window={window} but its mask has "
+                f"window {ctx.window}; hf_attn_plus applies the mask's window and refuses to guess"
+            )
     else:  # a dense mask (DeepSeek-V3.2, a caller's own) or None (plain causal)
         visible = visible_from_mask(attention_mask, batch, q_len, kv_len, query.device)
         indices = kwargs.get("indices")
@@ -152,9 +150,50 @@ def attention_forward(
     if logit_options:
         ctx = dataclasses.replace(ctx, **logit_options)
 
+    if not runs_in_layer(mechanism, opts, module, ctx):
+        return own_attention(module, query, key, value, ctx, scaling, dropout, **kwargs)
     out, probs = run_mechanism(mechanism, opts, module, query, key, value, ctx, scaling, dropout)
     return out.transpose(1, 2).contiguous(), probs
 
+
+def runs_in_layer(mechanism: Mechanism, opts: Any, module: torch.nn.Module, ctx: AttentionContext) -> bool:
+    """Whether the common `layers` option puts `mechanism` in this layer (a layer is 'sliding_attention' when its
+    mask has the model's own window)."""
+    layers = opts.layers
+    if layers == "all":
+        return True
+    if weights_class(mechanism.name) is not None:
+        raise OptionError(
+            f"hf_attn_plus mechanism {mechanism.name!r} adds weights to every layer; option 'layers' got {layers!r}; "
+            "allowed for it: 'all'"
+        )
+    if isinstance(layers, str):
+        return layers == ("full_attention" if ctx.window is None else "sliding_attention")
+    count = module.config.num_hidden_layers
+    if max(layers, default=0) >= count:
+        raise OptionError(
+            f"hf_attn_plus mechanism {mechanism.name!r}: option 'layers' got {layers!r}; allowed: layer indices < {count}"
+        )
+    return module.layer_idx in layers
+
+
+def own_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ctx: AttentionContext,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own exact attention on a layer the mechanism does not run in -> (output [B, q, Hq, Dv], None):
+    transformers' SDPA over the layer's visibility, or the chunked reference where the layer soft-caps its logits or
+    has sinks (SDPA has neither)."""
+    if ctx.softcap is None and ctx.sinks is None:
+        return sdpa_attention_forward(module, query, key, value, ctx.visible, scaling=scaling, dropout=dropout)
+    out = selected_attention(query, key, value, ctx, Selection(DENSE), scaling, dropout=dropout)
+    return out.transpose(1, 2).contiguous(), None
 
 def run_mechanism(
     mechanism: Mechanism,

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from .masking import AttentionContext
 from .reference import grouped_weighted_sum
 from .selection import grouped_scores
-from .structure import EVERY, ListsFor, Selection, listed, lists_for
+from .structure import EVERY, ListsFor, Selection, edge_block, listed, lists_for
 
 # Upper bound on the elements of one chunk's keep mask: the chunk length adapts to the keys a row may read.
 CHUNK_ELEMENTS = 2**22
@@ -153,6 +153,8 @@ class _Chunk:
         token_lists = None if sel.tokens is None else self.rows_of(sel.tokens)
         if block_lists is not None:
             blocks = block_lists.unique()
+            if self.window is not None:  # the blocks across the window's start, kept whole (structure.edge_block)
+                blocks = torch.cat((blocks, edge_block(t, self.window, sel.block_size).unique()))
             blocks = blocks[blocks >= 0]
             shared.append((blocks[:, None] * sel.block_size + torch.arange(sel.block_size, device=device)).flatten())
         if token_lists is not None:
@@ -165,6 +167,8 @@ class _Chunk:
         chosen = None
         if block_lists is not None:
             chosen = listed(block_lists, positions // sel.block_size, t_max // sel.block_size + 1)
+            if self.window is not None:
+                chosen = chosen | (positions // sel.block_size == edge_block(t, self.window, sel.block_size).view(1, 1, -1, 1))
         if token_lists is not None:
             tokens = listed(token_lists, positions, t_max + 1)
             chosen = tokens if chosen is None else chosen | tokens

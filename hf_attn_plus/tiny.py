@@ -68,6 +68,15 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         layer_types=["full_attention"] * 2, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
         initializer_range=0.2,
     ),
+    # Families with the model's own sliding window: a sliding layer (window 10, shorter than the tests' contexts)
+    # and a full one.
+    "gemma3_text": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=10,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "cohere2": dict(
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=10, layer_types=["sliding_attention", "full_attention"],
+    ),
 }
 _TINY.update(_FAMILIES)
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)

@@ -6,8 +6,18 @@ from transformers import AutoModelForCausalLM
 import hf_attn_plus
 from hf_attn_plus.tiny import ARCHITECTURES, FAMILIES, tiny_config
 
-# Every architecture the model-level tests run: the patched ones and the other decoder families.
-MODEL_TYPES = ARCHITECTURES + FAMILIES
+# Families whose tiny configs leave the model's own sliding window out, with it (shorter than the tests' contexts, so
+# cached generation runs past it): every layer windowed (Mistral: 16, wide enough that the SPARSE settings drop keys
+# inside it), or a windowed layer (10) and a full one.
+WINDOWED = {
+    "mistral@window": ("mistral", dict(sliding_window=16)),
+    "qwen2@window": ("qwen2", dict(use_sliding_window=True, sliding_window=10, max_window_layers=1)),
+    "gemma2@window": ("gemma2", dict(sliding_window=10, layer_types=["sliding_attention", "full_attention"])),
+    "gpt_oss@window": ("gpt_oss", dict(sliding_window=10, layer_types=["sliding_attention", "full_attention"])),
+}
+
+# Every architecture the model-level tests run: the patched ones, the other decoder families, windowed variants.
+MODEL_TYPES = ARCHITECTURES + FAMILIES + tuple(WINDOWED)
 
 MECHANISMS = ("sliding_window", "topk", "block_topk", "dilated", "block_sparse")
 
@@ -37,7 +47,8 @@ def own_attention(config) -> str:
 
 def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = tiny_config(arch, **overrides)
+    model_type, windowed = WINDOWED.get(arch, (arch, {}))
+    config = tiny_config(model_type, **windowed, **overrides)
     return AutoModelForCausalLM.from_config(config, attn_implementation=own_attention(config)).eval()
 
 

@@ -110,13 +110,6 @@ def test_encoder_decoder_and_bidirectional_configs_are_refused():
         check_model_supported(tiny_config("llama", is_causal=False))
 
 
-def test_model_sliding_window_layers_are_refused_not_ignored():
-    config = tiny_config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="hf_attn_plus:topk")
-    with pytest.raises(hf_attn_plus.UnsupportedModelError, match="sliding_window=8"):
-        model(token_batch(1, 12))
-
-
 def test_kernel_backend_without_a_kernel_is_an_error():
     mechanism = dataclasses.replace(hf_attn_plus.get_mechanism("dilated"), kernel=None)
     model = with_mechanism(tiny_model("llama"), "dilated", {"backend": "kernel"})

@@ -43,3 +43,41 @@ def test_sink_gradients_equal_eager():
         grads.append(model.model.layers[1].self_attn.sinks.grad)
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
+def test_layers_option_chooses_where_the_mechanism_runs():
+    """Gemma 3's layer 0 has the model's window, layer 1 is global: 'full_attention' makes only layer 1 sparse."""
+    ids = token_batch(2, 29)
+    model = tiny_model("gemma3_text")
+    dense = model(ids).logits
+    sparse = dict(budget=4, sinks=1, window=3)
+    outputs = {}
+    for layers in ("all", "full_attention", "sliding_attention", [1], []):
+        outputs[str(layers)] = with_mechanism(model, "topk", dict(sparse, layers=layers))(ids).logits
+    torch.testing.assert_close(outputs["[]"], dense, atol=1e-6, rtol=1e-5)  # the model's own attention everywhere
+    assert torch.equal(outputs["full_attention"], outputs["[1]"])
+    for one, other in [("all", "full_attention"), ("full_attention", "sliding_attention"), ("sliding_attention", "[]")]:
+        assert (outputs[one] - outputs[other]).abs().max() > 1e-3, (one, other)
+
+
+def test_layers_option_keeps_cached_generation_exact():
+    model = with_mechanism(tiny_model("gemma3_text"), "topk", dict(budget=4, sinks=1, window=3, layers="full_attention"))
+    ids = token_batch(1, 12, seed=3)
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    recomputed = model(out.sequences, use_cache=False).logits
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits, recomputed[:, ids.shape[1] - 1 + step], atol=1e-4, rtol=1e-4)
+
+
+def test_layers_option_errors_name_the_value():
+    model = with_mechanism(tiny_model("gemma3_text"), "topk", dict(layers=[0, 2]))
+    with pytest.raises(hf_attn_plus.OptionError, match=r"option 'layers' got \[0, 2\]; allowed: layer indices < 2"):
+        model(token_batch(1, 5))
+    with pytest.raises(hf_attn_plus.OptionError, match=r"option 'layers' got 'global'; allowed: one of 'all', 'full_"):
+        hf_attn_plus.set_attention(model, "topk", layers="global")
+
+
+def test_layers_option_is_refused_for_mechanisms_with_weights():
+    model = with_mechanism(tiny_model("llama"), "linear", dict(layers=[0]))
+    with pytest.raises(hf_attn_plus.OptionError, match=r"'linear' adds weights to every layer; option 'layers' got \[0\]"):
+        model(token_batch(1, 5))
