@@ -28,6 +28,8 @@ _LOGIT_OPTIONS = {"softcap": "softcap", "s_aux": "sinks"}
 # `attend` mechanisms whose reference runs the chunked reference or hands over through run_mechanism (which checks
 # the mechanism it hands over to); the others compute their own softmax.
 _ATTEND_HONOURING_LOGIT_OPTIONS = ("head_budget", "stochastic_routing")
+# `attend` mechanisms whose training path selects over the whole sequence, beyond the model's own sliding window.
+_TRAINING_BEYOND_MODEL_WINDOW = ("lighthouse",)
 
 
 class UnsupportedModelError(ValueError):
@@ -208,8 +210,8 @@ def run_mechanism(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One mechanism on a built context -> (output [B, Hq, q, Dv], probabilities or None); wrappers that hand over
     to another mechanism (lighthouse at inference) call this with that mechanism's options."""
-    if ctx.softcap is not None or ctx.sinks is not None:
-        opts = _reference_for_logit_options(mechanism, opts, ctx)
+    if ctx.softcap is not None or ctx.sinks is not None or ctx.window is not None:
+        opts = _reference_for_model_features(mechanism, opts, module, ctx)
     if mechanism.attend_has_kernel:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
     kernel = use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
@@ -222,22 +224,31 @@ def run_mechanism(
     return attend_selection(module, query, key, value, ctx, selection, opts, scaling, dropout), None
 
 
-def _reference_for_logit_options(mechanism: Mechanism, opts: Any, ctx: AttentionContext) -> Any:
-    """`opts` with backend='reference' (the kernels implement neither soft-capping nor sinks); raises where the call
-    cannot honour them: a forced kernel, or an `attend` mechanism computing its own softmax."""
-    asked = " and ".join(
+def _reference_for_model_features(mechanism: Mechanism, opts: Any, module: torch.nn.Module, ctx: AttentionContext) -> Any:
+    """`opts` with backend='reference' for a layer with logit soft-capping, sinks or the model's own sliding window
+    (the kernels implement none of them: untested with a window); raises where the call cannot honour them."""
+    logit_features = [
         what for what, value in (("logit soft-capping (softcap)", ctx.softcap), ("learned attention sinks (s_aux)", ctx.sinks))
         if value is not None
-    )
-    if mechanism.attend is not None and mechanism.name not in _ATTEND_HONOURING_LOGIT_OPTIONS:
+    ]
+    if logit_features and mechanism.attend is not None and mechanism.name not in _ATTEND_HONOURING_LOGIT_OPTIONS:
         raise UnsupportedModelError(
-            f"hf_attn_plus mechanism {mechanism.name!r} does not implement the model's {asked}; mechanisms that do: "
+            f"hf_attn_plus mechanism {mechanism.name!r} does not implement the model's {' and '.join(logit_features)}; "
+            "mechanisms that do: "
             f"{', '.join(m.name for m in all_mechanisms() if m.select is not None or m.name in _ATTEND_HONOURING_LOGIT_OPTIONS)}"
         )
+    if ctx.window is not None and module.training and mechanism.name in _TRAINING_BEYOND_MODEL_WINDOW:
+        raise UnsupportedModelError(
+            f"hf_attn_plus mechanism {mechanism.name!r} trains on a selection over the whole sequence, beyond the "
+            f"model's own sliding window (window {ctx.window} in layer {module.layer_idx}); "
+            "set option layers='full_attention' to keep it out of windowed layers"
+        )
+    features = logit_features + ([] if ctx.window is None else [f"the model's own sliding window ({ctx.window})"])
     if opts.backend == "kernel" and mechanism.has_kernel:
         raise OptionError(
-            f"hf_attn_plus mechanism {mechanism.name!r}: backend='kernel' does not implement the model's {asked}; "
-            "use backend='auto' or 'reference'"
+            f"hf_attn_plus mechanism {mechanism.name!r}: backend='kernel' does not implement {' and '.join(features)} "
+            f"of layer {module.layer_idx}; use backend='auto' or 'reference' (or option 'layers' to keep the mechanism "
+            "out of such layers)"
         )
     return SimpleNamespace(**{**vars(opts), "backend": "reference"})
 

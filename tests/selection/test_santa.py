@@ -13,8 +13,7 @@ import hf_attn_plus
 from hf_attn_plus.masking import build_context, visible_from_mask
 from hf_attn_plus.mechanisms.santa import importance_log_weights, quantize
 from hf_attn_plus.reference import masked_attention
-from hf_attn_plus.tiny import ARCHITECTURES
-from core.models import token_batch
+from core.models import PLAIN_LOGITS, token_batch
 
 from .selection_helpers import EXACT_INDEXER, assert_decode_padding_invariant, decode_logits, logits, tiny_model
 
@@ -92,7 +91,7 @@ def test_prefill_is_exact_dense():
     torch.testing.assert_close(sampled, logits(model, ids), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", PLAIN_LOGITS)
 def test_tiny_model_decode(model_type):
     ids = token_batch(1, 30)
     small = dict(samples=2, window=2, sinks=1, seed=1)
