@@ -17,9 +17,9 @@ from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mas
 
 from .chunked_attention import selected_attention
 from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
+from .patches.attn_plus import weights_class
 from .reference import default_scaling, length_scale, masked_attention
 from .registry import Mechanism, OptionError, all_mechanisms, delegate, options_from_config
-from .patches.attn_plus import weights_class
 from .structure import DENSE, Selection
 
 # The model's logit options (attention kwargs -> AttentionContext fields): the chunked reference applies them; a
@@ -153,7 +153,7 @@ def attention_forward(
         ctx = dataclasses.replace(ctx, **logit_options)
 
     if not runs_in_layer(mechanism, opts, module, ctx):
-        return own_attention(module, query, key, value, ctx, scaling, dropout, **kwargs)
+        return own_attention(module, query, key, value, ctx, scaling, dropout)
     out, probs = run_mechanism(mechanism, opts, module, query, key, value, ctx, scaling, dropout)
     return out.transpose(1, 2).contiguous(), probs
 
@@ -174,7 +174,8 @@ def runs_in_layer(mechanism: Mechanism, opts: Any, module: torch.nn.Module, ctx:
     count = module.config.num_hidden_layers
     if max(layers, default=0) >= count:
         raise OptionError(
-            f"hf_attn_plus mechanism {mechanism.name!r}: option 'layers' got {layers!r}; allowed: layer indices < {count}"
+            f"hf_attn_plus mechanism {mechanism.name!r}: option 'layers' got {layers!r}; "
+            f"allowed: layer indices < {count}"
         )
     return module.layer_idx in layers
 
@@ -187,7 +188,6 @@ def own_attention(
     ctx: AttentionContext,
     scaling: float,
     dropout: float = 0.0,
-    **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's own exact attention on a layer the mechanism does not run in -> (output [B, q, Hq, Dv], None):
     transformers' SDPA over the layer's visibility, or the chunked reference where the layer soft-caps its logits or
@@ -196,6 +196,7 @@ def own_attention(
         return sdpa_attention_forward(module, query, key, value, ctx.visible, scaling=scaling, dropout=dropout)
     out = selected_attention(query, key, value, ctx, Selection(DENSE), scaling, dropout=dropout)
     return out.transpose(1, 2).contiguous(), None
+
 
 def run_mechanism(
     mechanism: Mechanism,
@@ -224,18 +225,18 @@ def run_mechanism(
     return attend_selection(module, query, key, value, ctx, selection, opts, scaling, dropout), None
 
 
-def _reference_for_model_features(mechanism: Mechanism, opts: Any, module: torch.nn.Module, ctx: AttentionContext) -> Any:
+def _reference_for_model_features(
+    mechanism: Mechanism, opts: Any, module: torch.nn.Module, ctx: AttentionContext
+) -> Any:
     """`opts` with backend='reference' for a layer with logit soft-capping, sinks or the model's own sliding window
     (the kernels implement none of them: untested with a window); raises where the call cannot honour them."""
-    logit_features = [
-        what for what, value in (("logit soft-capping (softcap)", ctx.softcap), ("learned attention sinks (s_aux)", ctx.sinks))
-        if value is not None
-    ]
-    if logit_features and mechanism.attend is not None and mechanism.name not in _ATTEND_HONOURING_LOGIT_OPTIONS:
+    asked = (("logit soft-capping (softcap)", ctx.softcap), ("learned attention sinks (s_aux)", ctx.sinks))
+    logit_features = [what for what, value in asked if value is not None]
+    honouring = [m.name for m in all_mechanisms() if m.select is not None or m.name in _ATTEND_HONOURING_LOGIT_OPTIONS]
+    if logit_features and mechanism.name not in honouring:
         raise UnsupportedModelError(
             f"hf_attn_plus mechanism {mechanism.name!r} does not implement the model's {' and '.join(logit_features)}; "
-            "mechanisms that do: "
-            f"{', '.join(m.name for m in all_mechanisms() if m.select is not None or m.name in _ATTEND_HONOURING_LOGIT_OPTIONS)}"
+            f"mechanisms that do: {', '.join(honouring)}"
         )
     if ctx.window is not None and module.training and mechanism.name in _TRAINING_BEYOND_MODEL_WINDOW:
         raise UnsupportedModelError(

@@ -124,7 +124,8 @@ class _Chunk:
             if bool(empty.any()):
                 dummy = empty & (torch.arange(mask.shape[-1], device=mask.device) == 0)
                 mask = mask | dummy if mask.dtype == torch.bool else mask.masked_fill(dummy, 0.0)
-            k, v = keys.index_select(2, group.positions - self.first), values.index_select(2, group.positions - self.first)
+            slots = group.positions - self.first
+            k, v = keys.index_select(2, slots), values.index_select(2, slots)
             if self.softcap is None and self.sinks is None:
                 result = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=mask.to(q.dtype) if mask.dtype != torch.bool else mask, dropout_p=self.dropout,
@@ -168,7 +169,8 @@ class _Chunk:
         if block_lists is not None:
             chosen = listed(block_lists, positions // sel.block_size, t_max // sel.block_size + 1)
             if self.window is not None:
-                chosen = chosen | (positions // sel.block_size == edge_block(t, self.window, sel.block_size).view(1, 1, -1, 1))
+                edge = edge_block(t, self.window, sel.block_size).view(1, 1, -1, 1)
+                chosen = chosen | (positions // sel.block_size == edge)
         if token_lists is not None:
             tokens = listed(token_lists, positions, t_max + 1)
             chosen = tokens if chosen is None else chosen | tokens

@@ -6,8 +6,9 @@ Query t (a real position) keeps key s (s <= t, visible) when any of three parts 
 - `blocks`: block indices [B, H, q, n] (block = position // block_size, -1 unused) per query and head;
 - `tokens`: real positions [B, H, q, n] (-1 unused) per query and head, optionally with log-weights (sampled
   estimators' importance weights).
-Under the model's own sliding window, block selections also keep the block across the window's start (`edge_block`),
-within the window, instead of scoring it on keys the query does not see. The parts are disjoint by contract (a mechanism lists in `blocks` / `tokens` only keys its rule does not keep), so
+Under the model's own sliding window, block selections also keep the block across the window's start
+(`edge_block`), within the window, instead of scoring it on keys the query does not see. The parts are disjoint by
+contract (a mechanism lists in `blocks` / `tokens` only keys its rule does not keep), so
 every kept key is counted once. A model-side restriction (ctx.restrict) applies on top. `dense_keep` writes the
 whole [B, H, q, kv] mask: the brute-force oracle of tests, never used on the attention path.
 """

@@ -75,7 +75,8 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         layer_types=["sliding_attention", "full_attention"],
     ),
     "cohere2": dict(
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=10, layer_types=["sliding_attention", "full_attention"],
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=10,
+        layer_types=["sliding_attention", "full_attention"],
     ),
 }
 _TINY.update(_FAMILIES)

@@ -99,7 +99,8 @@ def test_unknown_mechanism_lists_the_available_ones():
 
 def test_model_without_the_attention_interface_is_refused():
     config = AutoConfig.for_model("mamba", num_hidden_layers=1, hidden_size=16, vocab_size=64, state_size=4)
-    with pytest.raises(hf_attn_plus.UnsupportedModelError, match="AttentionInterface; MambaForCausalLM \\(model_type .mamba.\\) does not"):
+    refusal = r"AttentionInterface; MambaForCausalLM \(model_type 'mamba'\) does not"
+    with pytest.raises(hf_attn_plus.UnsupportedModelError, match=refusal):
         hf_attn_plus.set_attention(AutoModelForCausalLM.from_config(config), "topk")
 
 

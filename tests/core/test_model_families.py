@@ -28,7 +28,8 @@ def test_mechanisms_that_cannot_honour_them_refuse(arch, feature):
     with pytest.raises(hf_attn_plus.UnsupportedModelError, match=rf"'santa' does not implement .*\({feature}\)"):
         model.generate(ids, max_new_tokens=2, do_sample=False)
     with_mechanism(model, "topk", dict(COVERING["topk"], backend="kernel"))
-    with pytest.raises(hf_attn_plus.OptionError, match=rf"'topk': backend='kernel' does not implement .*\({feature}\) of layer 0"):
+    refusal = rf"'topk': backend='kernel' does not implement .*\({feature}\) of layer 0"
+    with pytest.raises(hf_attn_plus.OptionError, match=refusal):
         model(ids)
 
 
@@ -61,7 +62,8 @@ def test_layers_option_chooses_where_the_mechanism_runs():
 
 
 def test_layers_option_keeps_cached_generation_exact():
-    model = with_mechanism(tiny_model("gemma3_text"), "topk", dict(budget=4, sinks=1, window=3, layers="full_attention"))
+    options = dict(budget=4, sinks=1, window=3, layers="full_attention")
+    model = with_mechanism(tiny_model("gemma3_text"), "topk", options)
     ids = token_batch(1, 12, seed=3)
     out = model.generate(ids, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
     recomputed = model(out.sequences, use_cache=False).logits
@@ -79,18 +81,21 @@ def test_layers_option_errors_name_the_value():
 
 def test_layers_option_is_refused_for_mechanisms_with_weights():
     model = with_mechanism(tiny_model("llama"), "linear", dict(layers=[0]))
-    with pytest.raises(hf_attn_plus.OptionError, match=r"'linear' adds weights to every layer; option 'layers' got \[0\]"):
+    refusal = r"'linear' adds weights to every layer; option 'layers' got \[0\]"
+    with pytest.raises(hf_attn_plus.OptionError, match=refusal):
         model(token_batch(1, 5))
 
 
 def test_lighthouse_training_in_a_windowed_layer_is_refused():
     model = with_mechanism(tiny_model("gemma3_text"), "lighthouse", {}).train()
-    with pytest.raises(hf_attn_plus.UnsupportedModelError, match=r"'lighthouse' .* \(window 10 in layer 0\); set option layers='full_attention'"):
+    refusal = r"'lighthouse' .* \(window 10 in layer 0\); set option layers='full_attention'"
+    with pytest.raises(hf_attn_plus.UnsupportedModelError, match=refusal):
         model(token_batch(1, 12))
     with_mechanism(model, "lighthouse", dict(layers="full_attention"))(token_batch(1, 12))
 
 
 def test_kernel_backend_refuses_the_model_window():
     model = with_mechanism(tiny_model("gemma3_text"), "topk", dict(COVERING["topk"], backend="kernel"))
-    with pytest.raises(hf_attn_plus.OptionError, match=r"backend='kernel' does not implement the model's own sliding window \(10\) of layer 0"):
+    refusal = r"backend='kernel' does not implement the model's own sliding window \(10\) of layer 0"
+    with pytest.raises(hf_attn_plus.OptionError, match=refusal):
         model(token_batch(1, 5))

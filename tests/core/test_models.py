@@ -4,7 +4,9 @@ the other decoder families of `hf_attn_plus.tiny.FAMILIES` (Mistral, Mixtral, Ph
 import pytest
 import torch
 
-from .models import COVERING, MECHANISMS, MODEL_TYPES, SPARSE, left_pad, right_pad, tiny_model, token_batch, with_mechanism
+from .models import (
+    COVERING, MECHANISMS, MODEL_TYPES, SPARSE, left_pad, right_pad, tiny_model, token_batch, with_mechanism,
+)
 
 ATOL = 2e-5
 
