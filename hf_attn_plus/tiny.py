@@ -30,12 +30,11 @@ _TINY: dict[str, dict[str, Any]] = {
 }
 _TINY["deepseek_v32"] = dict(_TINY["deepseek_v3"], index_n_heads=2, index_head_dim=8, index_topk=12)
 
-# The architectures whose attention classes hf_attn_plus patches (mechanisms with weights run on these).
+# The architectures hf_attn_plus was first written for.
 ARCHITECTURES: tuple[str, ...] = tuple(_TINY)
 
-# Other decoder families: no patched classes, the training-free mechanisms run through the attention interface.
-# Granite passes its attention multiplier as `scaling`; Phi3 has a fused qkv projection; Mixtral and the MoE Qwens
-# route experts; OLMo2 normalises q and k. Their own windows are off here (tested apart).
+# Other decoder families. Granite passes its attention multiplier as `scaling`; Phi3 has a fused qkv projection;
+# Mixtral and the MoE Qwens route experts; OLMo2 normalises q and k. Their own windows are off here (tested apart).
 _FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=None),
     "mixtral": dict(
@@ -81,6 +80,11 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 }
 _TINY.update(_FAMILIES)
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
+
+# Those whose attention classes patches/attn_plus.py patches: mechanisms with weights run on these.
+PATCHED_ARCHITECTURES: tuple[str, ...] = (
+    "llama", "qwen2", "qwen3", "deepseek_v3", "mistral", "mixtral", "phi3", "olmo2", "qwen2_moe", "qwen3_moe", "granite",
+)
 
 
 def tiny_config(model_type: str, **overrides: Any) -> PreTrainedConfig:
