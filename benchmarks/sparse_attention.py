@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from hf_attn_plus.chunked_attention import selected_attention  # noqa: E402
 from hf_attn_plus.kernels.block_scoring import quest_scores  # noqa: E402
 from hf_attn_plus.kernels.block_sparse_prefill.function import block_sparse_attention  # noqa: E402
 from hf_attn_plus.kernels.gathered_attention.function import gathered_attention  # noqa: E402
@@ -353,8 +354,7 @@ def santa_case(cfg, scfg, context: int, device) -> dict:
         return fixed_spans(ctx, opts.sinks, opts.window), slots, log_weights
 
     def reference():
-        log_weights = santa.importance_log_weights(query, key, ctx, opts, scaling, layer=0)
-        return masked_attention(query, key, value, log_weights > float("-inf"), scaling, log_weights=log_weights)[0]
+        return selected_attention(query, key, value, ctx, santa.estimate(query, key, ctx, opts, scaling, layer=0), scaling)
 
     spans, slots, log_weights = lists()
     row = dict(mode="santa_decode", context=context, read=opts.sinks + opts.window + opts.samples)

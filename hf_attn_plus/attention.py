@@ -16,9 +16,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mask, sliding_window_overlay
 
 from .chunked_attention import selected_attention
+from .flex_attention import check_flex, flex_selected_attention
+from .kernels.sparse_attention import decoding
 from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
 from .patches.attn_plus import weights_class
-from .reference import default_scaling, length_scale, masked_attention
+from .reference import default_scaling, length_scale
 from .registry import Mechanism, OptionError, all_mechanisms, delegate, options_from_config
 from .structure import DENSE, Selection
 
@@ -27,7 +29,7 @@ from .structure import DENSE, Selection
 _LOGIT_OPTIONS = {"softcap": "softcap", "s_aux": "sinks"}
 # `attend` mechanisms whose reference runs the chunked reference or hands over through run_mechanism (which checks
 # the mechanism it hands over to); the others compute their own softmax.
-_ATTEND_HONOURING_LOGIT_OPTIONS = ("head_budget", "stochastic_routing")
+_ATTEND_HONOURING_LOGIT_OPTIONS = ("head_budget", "santa", "stochastic_routing")
 # `attend` mechanisms whose training path selects over the whole sequence, beyond the model's own sliding window.
 _TRAINING_BEYOND_MODEL_WINDOW = ("lighthouse",)
 
@@ -133,8 +135,14 @@ def attention_forward(
     kv_len = key.shape[2]
     scaling = default_scaling(query) if scaling is None else scaling
 
-    # Set by the patched attention classes' pre-hook for mechanisms declaring `side_cache` (patches/side_cache.py).
+    # Set by the patched attention classes' pre-hook for mechanisms declaring `side_cache` or `kept_keys`
+    # (patches/side_cache.py).
     cache_layer = getattr(module, "attn_plus_cache_layer", None)
+    if mechanism.kept_keys and mechanism.kept_keys(opts) and not hasattr(module, "attn_plus_cache_layer"):
+        raise UnsupportedModelError(
+            f"hf_attn_plus {mechanism.name!r} with evict=True needs an attention class hf_attn_plus patches (Llama, Qwen2/3, "
+            f"DeepSeek-V3, built after `import hf_attn_plus`); {type(module).__name__} is not, so its cache cannot evict"
+        )
     if isinstance(attention_mask, TokenPositions):
         ctx = context_from_positions(attention_mask, cache_layer)
         window = kwargs.get("sliding_window")
@@ -213,6 +221,16 @@ def run_mechanism(
     to another mechanism (lighthouse at inference) call this with that mechanism's options."""
     if ctx.softcap is not None or ctx.sinks is not None or ctx.window is not None:
         opts = _reference_for_model_features(mechanism, opts, module, ctx)
+    if opts.apply_to == "decode":
+        if mechanism.select is None:
+            raise OptionError(
+                f"hf_attn_plus mechanism {mechanism.name!r}: apply_to='decode' is for mechanisms that select keys; this "
+                "one computes its own attention (its state is built in prefill): use apply_to='all'"
+            )
+        if not decoding(query, key, value):
+            return attend_selection(module, query, key, value, ctx, Selection(DENSE), opts, scaling, dropout), None
+    if opts.backend == "flex":
+        return flex_attention_call(mechanism, opts, query, key, value, ctx, scaling, dropout), None
     if mechanism.attend_has_kernel:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
     kernel = use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
@@ -245,13 +263,34 @@ def _reference_for_model_features(
             "set option layers='full_attention' to keep it out of windowed layers"
         )
     features = logit_features + ([] if ctx.window is None else [f"the model's own sliding window ({ctx.window})"])
-    if opts.backend == "kernel" and mechanism.has_kernel:
+    if opts.backend == "flex" or (opts.backend == "kernel" and mechanism.has_kernel):
         raise OptionError(
-            f"hf_attn_plus mechanism {mechanism.name!r}: backend='kernel' does not implement {' and '.join(features)} "
+            f"hf_attn_plus mechanism {mechanism.name!r}: backend={opts.backend!r} does not implement "
+            f"{' and '.join(features)} "
             f"of layer {module.layer_idx}; use backend='auto' or 'reference' (or option 'layers' to keep the mechanism "
             "out of such layers)"
         )
     return SimpleNamespace(**{**vars(opts), "backend": "reference"})
+
+
+def flex_attention_call(
+    mechanism: Mechanism, opts: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    ctx: AttentionContext, scaling: float, dropout: float,
+) -> torch.Tensor:
+    """backend='flex': the mechanism's selection run by FlexAttention (flex_attention.py)."""
+    if mechanism.select is None:
+        raise OptionError(
+            f"hf_attn_plus mechanism {mechanism.name!r}: backend='flex' runs mechanisms that select keys (sliding_window, "
+            "dilated, block_topk, block_sparse, ...); this one computes its own attention: use 'auto', 'reference' or "
+            "'kernel'"
+        )
+    with torch.no_grad():
+        selection = mechanism.select(query, key, ctx, opts)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    check_flex(selection, ctx, needs_grad, query.device, **{
+        f"logit_scale={opts.logit_scale!r}": opts.logit_scale != "none", f"attention dropout={dropout}": dropout > 0,
+    })
+    return flex_selected_attention(query, key, value, ctx, selection, scaling)
 
 
 def run_delegate(
@@ -291,33 +330,12 @@ def attend_selection(
     return selected_attention(query, key, value, ctx, selection, scaling, length_beta(module, opts), dropout)
 
 
-def attend_selected(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    keep: torch.Tensor,
-    opts: Any,
-    scaling: float,
-    dropout: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact softmax over a dense keep mask [B, H, q, kv] with the common `logit_scale` option applied: the path
-    of the `attend` mechanisms whose reference is still dense (indexer_topk, lighthouse, santa's decode)."""
-    return masked_attention(query, key, value, keep, scaling, logit_scale(module, keep, opts), dropout)
-
-
 def length_beta(module: torch.nn.Module, opts: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """beta(count) of the common `logit_scale` option for rows attending `count` keys ([..., 1] float); None when off."""
     if opts.logit_scale == "none":
         return None
     train_length = opts.train_length or module.config.max_position_embeddings
     return lambda count: length_scale(count, train_length, opts.logit_scale_c)
-
-
-def logit_scale(module: torch.nn.Module, attended: torch.Tensor, opts: Any) -> torch.Tensor | None:
-    """beta of the common `logit_scale` option for queries attending the keys in `attended`; None when off."""
-    beta = length_beta(module, opts)
-    return None if beta is None else beta(attended.sum(dim=-1, keepdim=True).float())
 
 
 def use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: float) -> bool:
@@ -331,13 +349,13 @@ def use_kernel(mechanism: Mechanism, opts: Any, query: torch.Tensor, dropout: fl
         unsupported.append(f"logit_scale={opts.logit_scale!r}")
     if dropout > 0:
         unsupported.append(f"attention dropout={dropout}")
-    if opts.backend == "reference":
+    if opts.backend in ("reference", "flex"):  # flex: run_mechanism took it before any kernel was considered
         return False
     if opts.backend == "kernel":
         if not mechanism.has_kernel:
             raise OptionError(
                 f"hf_attn_plus mechanism {mechanism.name!r} has no kernel; option 'backend' allowed here: "
-                "'auto', 'reference'"
+                "'auto', 'reference'" + (", 'flex'" if mechanism.select is not None else "")
             )
         if unsupported:
             raise OptionError(

@@ -1,8 +1,9 @@
 """Exact softmax attention over a `Selection`, walking query chunks: the plain-PyTorch truth of the sparse family.
 
 No [q, kv] tensor is built. Per sequence the real keys are a contiguous run of slots (slot = key_start + position -
-key_first, where key_first > 0 only when the model's sliding cache dropped older keys), so the keys a chunk of queries
-may keep are a short list of positions (within the model's own window, in a sliding-window layer):
+key_first, less an evicting cache's gap; key_first > 0 only when the model's sliding cache dropped older keys), so the
+keys a chunk of queries may keep are a short list of positions (within the model's own window, in a sliding-window
+layer):
 - the near run [near_start(t_min), t_max] (window, local blocks) and the sinks [0, sinks);
 - the union of the blocks and of the tokens the chunk's rows list;
 - for dilated rules, per residue class of t mod dilation, every dilation-th key before the near run (the rows of one
@@ -63,18 +64,20 @@ def selected_attention(
     starts, counts, firsts = ctx.key_start.tolist(), ctx.key_count.tolist(), ctx.key_first.tolist()
     query_pos = ctx.batch_query_pos
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    gap_slot, gap = ctx.key_gap or (0, 0)
     sinks = None if ctx.sinks is None else ctx.sinks.index_select(0, ctx.head_index(q_heads, query.device).flatten())
     outputs = []
     for b in range(batch):
-        keys = key[b : b + 1, :, starts[b] : starts[b] + counts[b]]
-        values = value[b : b + 1, :, starts[b] : starts[b] + counts[b]]
+        held = slice(starts[b], starts[b] + counts[b] - gap)
+        keys, values = key[b : b + 1, :, held], value[b : b + 1, :, held]
         t_all = query_pos[b]
         first = int((t_all < 0).sum())  # queries before any real token (left padding) see nothing
         pieces = [query.new_zeros(1, q_heads, first, value.shape[-1])]
         step = _chunk_rows(selection, q_heads, counts[b], q_len - first)
         for lo in range(first, q_len, step):
             rows = slice(lo, min(lo + step, q_len))
-            run = _Chunk(ctx, selection, b, rows, starts[b], firsts[b], scaling, beta, dropout, sinks)
+            gaps = (gap_slot - starts[b], gap)
+            run = _Chunk(ctx, selection, b, rows, starts[b], firsts[b], gaps, scaling, beta, dropout, sinks)
             if train:
                 pieces.append(checkpoint(run, query[b : b + 1, :, rows], keys, values, use_reentrant=False))
             else:
@@ -99,19 +102,70 @@ def _chunk_rows(selection: Selection, q_heads: int, num_keys: int, q_len: int) -
     return min(q_len, rows * rule.dilation // 2 if rule.dilation > 2 else rows)
 
 
+@dataclasses.dataclass
+class _Lists:
+    """One chunk's block lists, token lists and their log-weights, [1, H|1, R, n] each (None: not in the selection)."""
+
+    blocks: torch.Tensor | None
+    tokens: torch.Tensor | None
+    log_weights: torch.Tensor | None
+
+    @property
+    def per_head(self) -> bool:
+        return any(part is not None and part.shape[1] > 1 for part in (self.blocks, self.tokens, self.log_weights))
+
+    def heads(self, heads: slice) -> _Lists:
+        """The lists of query heads `heads` (lists shared by every head stay as they are)."""
+        parts = (self.blocks, self.tokens, self.log_weights)
+        return _Lists(*(t if t is None or t.shape[1] == 1 else t[:, heads] for t in parts))
+
+
+def _token_weights(lists: torch.Tensor, log_weights: torch.Tensor, q_heads: int, positions: torch.Tensor) -> torch.Tensor:
+    """The listed tokens' log-weights at `positions` [1, Hq, R, m] (0 elsewhere)."""
+    heads = max(q_heads, lists.shape[1])
+    log_weights = log_weights.expand(1, heads, -1, -1)
+    width = int(positions.max()) + 2
+    at = torch.zeros(1, heads, lists.shape[2], width, device=lists.device)
+    index = torch.where(lists < 0, width - 1, lists).expand_as(log_weights)
+    at.scatter_add_(-1, index, torch.where(lists < 0, 0.0, log_weights))
+    return at[..., positions]
+
+
 class _Chunk:
     """One query chunk of one sequence: callable on (query, keys, values) so activation checkpointing can rerun it."""
 
-    def __init__(self, ctx, selection, b, rows, start, first, scaling, beta, dropout, sinks) -> None:
+    def __init__(self, ctx, selection, b, rows, start, first, gap, scaling, beta, dropout, sinks) -> None:
         self.t = ctx.batch_query_pos[b, rows]
         self.restrict = None if ctx.restrict is None else ctx.restrict[b : b + 1, :, rows, start:]
         self.selection, self.b, self.rows, self.first, self.window = selection, b, rows, first, ctx.window
+        self.gap_position, self.gap = gap  # an evicting cache's gap: keys from gap_position on sit `gap` slots earlier
         self.scaling, self.beta, self.dropout = scaling, beta, dropout
-        self.softcap, self.sinks = ctx.softcap, sinks
+        self.softcap, self.sinks = ctx.softcap, sinks  # sinks [Hq] of the call's query heads
 
     def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        sel = self.selection
+        lists = _Lists(
+            None if sel.blocks is None else self.rows_of(sel.blocks),
+            None if sel.tokens is None else self.rows_of(sel.tokens),
+            None if sel.log_weights is None else sel.log_weights[self.b : self.b + 1, :, self.rows].float(),
+        )
+        kv_heads = keys.shape[1]
+        if kv_heads == 1 or not lists.per_head:
+            return self.attend(query, keys, values, lists, self.sinks)
+        # Per-head choices: each KV head reads the union of its own query heads' lists, not of every head's.
+        group = query.shape[1] // kv_heads
+        return torch.cat([
+            self.attend(query[:, g * group : (g + 1) * group], keys[:, g : g + 1], values[:, g : g + 1],
+                        lists.heads(slice(g * group, (g + 1) * group)),
+                        None if self.sinks is None else self.sinks[g * group : (g + 1) * group])
+            for g in range(kv_heads)
+        ], dim=1)
+
+    def attend(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lists: _Lists, sinks: torch.Tensor | None
+    ) -> torch.Tensor:
         out = query.new_zeros(*query.shape[:3], values.shape[-1])
-        for group in self.groups(query.shape[1]):
+        for group in self.groups(query.shape[1], lists):
             if group.positions.numel() == 0:
                 continue
             rows = slice(None) if group.rows is None else group.rows
@@ -125,14 +179,15 @@ class _Chunk:
                 dummy = empty & (torch.arange(mask.shape[-1], device=mask.device) == 0)
                 mask = mask | dummy if mask.dtype == torch.bool else mask.masked_fill(dummy, 0.0)
             slots = group.positions - self.first
+            slots = slots - self.gap * (slots >= self.gap_position) if self.gap else slots
             k, v = keys.index_select(2, slots), values.index_select(2, slots)
-            if self.softcap is None and self.sinks is None:
+            if self.softcap is None and sinks is None:
                 result = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=mask.to(q.dtype) if mask.dtype != torch.bool else mask, dropout_p=self.dropout,
                     scale=self.scaling, enable_gqa=True,
                 )
             else:
-                result = spelled_out_attention(q, k, v, mask, self.scaling, self.softcap, self.sinks, self.dropout)
+                result = spelled_out_attention(q, k, v, mask, self.scaling, self.softcap, sinks, self.dropout)
             result = result.masked_fill(empty, 0.0)
             if group.rows is None:
                 out = result
@@ -140,7 +195,7 @@ class _Chunk:
                 out = out.index_copy(2, group.rows, result)
         return out
 
-    def groups(self, q_heads: int) -> list[_Group]:
+    def groups(self, q_heads: int, lists: _Lists) -> list[_Group]:
         sel, t = self.selection, self.t
         rule = sel.rule
         t_min, t_max = int(t[0]), int(t[-1])  # queries come in slot order: positions never decrease
@@ -150,20 +205,19 @@ class _Chunk:
         near = max(0, rule.near_start(t_min))
         sink_end = min(rule.sinks, near)
         shared = [torch.arange(sink_end, device=device), torch.arange(near, t_max + 1, device=device)]
-        block_lists = None if sel.blocks is None else self.rows_of(sel.blocks)
-        token_lists = None if sel.tokens is None else self.rows_of(sel.tokens)
+        block_lists, token_lists = lists.blocks, lists.tokens
         if block_lists is not None:
-            blocks = block_lists.unique()
+            blocks = _distinct(block_lists, t_max // sel.block_size + 1)
             if self.window is not None:  # the blocks across the window's start, kept whole (structure.edge_block)
-                blocks = torch.cat((blocks, edge_block(t, self.window, sel.block_size).unique()))
-            blocks = blocks[blocks >= 0]
+                edges = edge_block(t, self.window, sel.block_size)
+                blocks = torch.cat((blocks, _distinct(edges, t_max // sel.block_size + 1)))
             shared.append((blocks[:, None] * sel.block_size + torch.arange(sel.block_size, device=device)).flatten())
         if token_lists is not None:
-            shared.append(token_lists.unique())
+            shared.append(token_lists.flatten())
         positions = torch.cat(shared)
         # The near run and the sinks already hold the listed keys that fall in them.
         far = (positions < near) & (positions >= sink_end) & (positions <= t_max)
-        positions = torch.cat((positions[: shared[0].numel() + shared[1].numel()], positions[far].unique()))
+        positions = torch.cat((positions[: shared[0].numel() + shared[1].numel()], _distinct(positions[far], t_max + 1)))
         positions = positions[positions >= lowest]
         chosen = None
         if block_lists is not None:
@@ -174,7 +228,7 @@ class _Chunk:
         if token_lists is not None:
             tokens = listed(token_lists, positions, t_max + 1)
             chosen = tokens if chosen is None else chosen | tokens
-        weights = None if sel.log_weights is None else self.token_weights(token_lists, q_heads, positions)
+        weights = None if lists.log_weights is None else _token_weights(token_lists, lists.log_weights, q_heads, positions)
         if not rule.dilation:
             keep = rule.keep(t.view(1, 1, -1, 1), positions)
             keep = keep if chosen is None else keep | chosen
@@ -202,17 +256,6 @@ class _Chunk:
     def rows_of(self, lists: torch.Tensor | ListsFor) -> torch.Tensor:
         return lists_for(lists, self.rows)[self.b : self.b + 1]
 
-    def token_weights(self, lists: torch.Tensor, q_heads: int, positions: torch.Tensor) -> torch.Tensor:
-        """The listed tokens' log-weights at `positions` [1, Hq, R, m] (0 elsewhere)."""
-        sel = self.selection
-        heads = max(q_heads, lists.shape[1])
-        log_weights = sel.log_weights[self.b : self.b + 1, :, self.rows].float().expand(1, heads, -1, -1)
-        width = int(positions.max()) + 2
-        at = torch.zeros(1, heads, lists.shape[2], width, device=lists.device)
-        index = torch.where(lists < 0, width - 1, lists).expand_as(log_weights)
-        at.scatter_add_(-1, index, torch.where(lists < 0, 0.0, log_weights))
-        return at[..., positions]
-
     def finish(self, keep, positions, weights=None, rows=None) -> torch.Tensor:
         """The keep mask with causality and the model's restriction applied; as log-weights when there are any."""
         t = self.t if rows is None else self.t[rows]
@@ -225,6 +268,14 @@ class _Chunk:
         if weights is None:
             return keep
         return weights.masked_fill(~keep, float("-inf"))
+
+
+def _distinct(values: torch.Tensor, width: int) -> torch.Tensor:
+    """The distinct values in [0, width) of `values`, ascending: a hit vector instead of a sort (lists hold
+    rows x heads x budget entries, the distinct ones at most `width`)."""
+    hit = torch.zeros(width + 1, dtype=torch.bool, device=values.device)
+    hit.index_fill_(0, torch.where((values < 0) | (values >= width), width, values).flatten(), True)
+    return hit[:width].nonzero().flatten()
 
 
 def spelled_out_attention(

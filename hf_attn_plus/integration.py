@@ -9,7 +9,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedConfig
 
 from .attention import attention_forward, check_model_supported, mask_function
-from .patches.convert import install_weights, plan_weights
+from .patches.convert import install_weights, patch_attention_classes, plan_weights
 from .registry import PREFIX, all_mechanisms, get_mechanism
 
 _BUILTIN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -72,4 +72,5 @@ def set_attention(model: torch.nn.Module, name: str, **options: Any) -> None:
     planned = plan_weights(model, mechanism.name, mechanism.resolve_options(options))  # raise before any change
     config.hf_attn_plus = dict(options)
     model.set_attn_implementation(mechanism.attn_implementation)
+    patch_attention_classes(model)
     install_weights(planned)

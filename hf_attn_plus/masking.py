@@ -100,6 +100,9 @@ class AttentionContext:
     key_start: torch.Tensor | None = None
     key_count: torch.Tensor | None = None
     key_first: torch.Tensor | None = None
+    # (first slot, slots) of keys an evicting cache dropped (patches/streaming_cache.py): slots at or after the first
+    # hold position key_start + slots later, and key_count still counts the dropped keys. None: no gap.
+    key_gap: tuple[int, int] | None = None
     # The model's own sliding window of this layer (query t sees s only when t - s < window); None: none.
     window: int | None = None
     # The model's logit soft-capping (logits -> softcap * tanh(logits / softcap), Gemma 2) and learned sink logits
@@ -162,9 +165,16 @@ def _run_of_real(key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def context_from_positions(positions: TokenPositions, cache_layer: Any = None) -> AttentionContext:
-    """A layer's context from the forward's positions: views, nothing recomputed per layer."""
+    """A layer's context from the forward's positions: views, nothing recomputed per layer (an evicting cache
+    layer's keys drop the positions of its gap: O(keys held))."""
+    key_pos = positions.key_pos
+    gap = cache_layer.key_gap(positions.key_start) if hasattr(cache_layer, "key_gap") else None
+    if gap is not None:
+        first, slots = gap
+        key_pos = torch.cat((key_pos[:, :first], key_pos[:, first + slots :]), dim=-1)
     return AttentionContext(
-        key_pos=positions.key_pos[:, None, None, :],
+        key_pos=key_pos[:, None, None, :],
+        key_gap=gap,
         query_pos=positions.query_pos[:, None, :, None],
         cache_layer=cache_layer,
         key_start=positions.key_start,

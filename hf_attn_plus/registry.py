@@ -25,10 +25,18 @@ COMMON_OPTIONS: tuple[Option, ...] = (
     float_option("logit_scale_c", 0.1, 0.0, "c in beta(n) = 1 + c*log(n/train_length)"),
     int_option("train_length", None, 1, "n_train of the log-n scaling; None: config.max_position_embeddings", True),
     choice_option(
+        "apply_to",
+        "all",
+        ("all", "decode"),
+        "'decode': the mechanism runs only in decode calls (at most 4 new queries, no gradient) and prefill and "
+        "training attend densely, as Quest and most KV-sparsity methods run; selection mechanisms only",
+    ),
+    choice_option(
         "backend",
         "auto",
-        ("auto", "reference", "kernel"),
-        "'auto': a Triton kernel when one exists for this mechanism and the tensors are on a GPU, else the reference",
+        ("auto", "reference", "kernel", "flex"),
+        "'auto': a Triton kernel when one exists for this mechanism and the tensors are on a GPU, else the reference; "
+        "'flex': torch's FlexAttention over the mechanism's selection (rules and block lists; no CPU backward)",
     ),
     layers_option(
         "layers",
@@ -62,6 +70,9 @@ class Mechanism:
     # `hf_attn_plus.patches.side_cache.side_state(ctx, name, factory, key)` returns the state extended by the new keys
     # only; elsewhere (ctx.cache_layer None) the same call rebuilds it from every key.
     side_cache: bool = False
+    # kept_keys(opts) -> (sinks, window) or None: when not None, no later query attends beyond the first `sinks` real
+    # tokens and the last `window` keys, and cached inference evicts everything else (patches/streaming_cache.py).
+    kept_keys: Callable[[SimpleNamespace], tuple[int, int] | None] | None = None
 
     def __post_init__(self) -> None:
         if (self.select is None) == (self.attend is None):

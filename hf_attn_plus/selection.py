@@ -1,10 +1,9 @@
 """Which keys a query sees: the shared pieces that windows, sinks, dilation, top-k and block selection plug into.
 
-The sparse family builds its selections (structure.Selection) from these chunk by chunk over queries (`query_chunks`,
-`top_positions`, `chunk_seen_blocks`), so no [q, kv] score or mask exists at once; the functions that return a dense
-[B, Hq, q_len, kv_len] keep mask (`sinks_and_window`, `blocks_to_keys`, `visible_blocks`) serve the mechanisms whose
-reference is still dense (indexer_topk, lighthouse, santa) and the tests. Query head h reads KV head h // groups, the
-layout of transformers' `repeat_kv`.
+Every selection mechanism builds its structure.Selection from these chunk by chunk over queries (`query_chunks`,
+`top_positions` / `top_of_chunk`, `chunk_seen_blocks`), so no [q, kv] score or mask exists at once. The one dense
+[B, 1, q_len, kv_len] mask left, `sinks_and_window`, serves the indexer kernel's glue and its reference
+(kernels/indexer_topk) and tests. Query head h reads KV head h // groups, the layout of transformers' `repeat_kv`.
 """
 
 from __future__ import annotations
@@ -67,7 +66,8 @@ def grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 
 def sinks_and_window(ctx: AttentionContext, sinks: int, window: int) -> torch.Tensor:
-    """The first `sinks` real tokens and the last `window` tokens up to the query (s > t - window)."""
+    """The first `sinks` real tokens and the last `window` tokens up to the query (s > t - window), dense [B, 1, q,
+    kv]: for the indexer kernel's keep mask and tests; mechanisms use PositionRule(sinks, window)."""
     return ctx.visible & ((ctx.key_pos < sinks) | (ctx.distance < window))
 
 
@@ -91,6 +91,22 @@ def top_scoring(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> 
     return above | (tied & (tied_from_the_end <= room))
 
 
+def top_indices(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> torch.Tensor:
+    """The indices [..., budget] of the candidates top_scoring(scores, candidates, budget) chooses, in no particular
+    order (-1 unused), from one top-k. Exact ties crossing the cut go through `top_scoring`."""
+    k = min(budget, scores.shape[-1])
+    if k == 0:
+        return scores.new_zeros(*scores.shape[:-1], 0, dtype=torch.long)
+    masked = scores.masked_fill(~candidates, float("-inf"))
+    values, index = masked.topk(k, dim=-1, sorted=False)
+    cut = values.amin(-1, keepdim=True)
+    # Unambiguous unless keys tied at a finite cut outnumber the places left for them.
+    ambiguous = (cut > float("-inf")) & ((masked == cut).sum(-1, keepdim=True) > (values == cut).sum(-1, keepdim=True))
+    if bool(ambiguous.any()):
+        return kept_indices(top_scoring(scores, candidates, budget), budget)
+    return torch.where(values > float("-inf"), index, -1)
+
+
 def top_positions(
     ctx: AttentionContext,
     scores_of: Callable[[slice], torch.Tensor],
@@ -99,17 +115,36 @@ def top_positions(
     heads: int,
     rows: slice = slice(None),
 ) -> torch.Tensor:
-    """Per query of `rows` and head, the real positions [B, H, rows, budget] (-1 unused) of the `budget` visible keys
+    """Per query of `rows` and head, the real positions [B, H, rows, budget] (any order, -1 unused) of the `budget` visible keys
     the rule does not keep that score highest (ties: most recent, as `top_scoring`); `scores_of(chunk)` gives one
-    query chunk's scores [B, H, chunk, kv]. Built chunk by chunk: at most one chunk's scores exist at once."""
+    query chunk's scores [B, H, chunk, kv] (`heads` sizes the chunks). Built chunk by chunk: at most one chunk's
+    scores exist at once."""
     lists = []
     q_len, kv_len = ctx.query_pos.shape[2], ctx.key_pos.shape[-1]
     for rows in query_chunks(ctx.key_pos.shape[0], heads, all_rows(rows, q_len), kv_len):
         scores = scores_of(rows)
-        candidates = chunk_visible(ctx, rows) & ~rule.keep(ctx.query_pos[:, :, rows], ctx.key_pos)
-        chosen = top_scoring(scores, candidates.expand_as(scores), budget)
-        lists.append(torch.where(chosen, ctx.key_pos, -1).topk(min(budget, kv_len), dim=-1).values)
+        index = top_indices(scores, chunk_candidates(ctx, rows, rule).expand_as(scores), budget)
+        key_pos = ctx.key_pos.expand(*index.shape[:-1], kv_len)
+        lists.append(torch.where(index >= 0, key_pos.gather(-1, index.clamp(min=0)), -1))
     return stack_lists(lists)
+
+
+def top_of_chunk(ctx: AttentionContext, rows: slice, scores: torch.Tensor, rule: PositionRule, budget: int) -> torch.Tensor:
+    """Bool [B, H, rows, kv]: the `budget` visible keys the rule does not keep with the largest `scores` (one query
+    chunk's [B, H, rows, kv]) for the queries of `rows`."""
+    return top_scoring(scores, chunk_candidates(ctx, rows, rule).expand_as(scores), budget)
+
+
+def chunk_candidates(ctx: AttentionContext, rows: slice, rule: PositionRule) -> torch.Tensor:
+    """Bool [B, 1, rows, kv]: the visible keys of the queries of `rows` that `rule` does not keep (what a top-k
+    chooses among)."""
+    return chunk_visible(ctx, rows) & ~rule.keep(ctx.query_pos[:, :, rows], ctx.key_pos)
+
+
+def chosen_positions(ctx: AttentionContext, chosen: torch.Tensor, budget: int) -> torch.Tensor:
+    """The real positions of the keys `chosen` (bool [B, H, rows, kv], at most `budget` per row) -> [B, H, rows,
+    min(budget, kv)] (largest first, -1 unused)."""
+    return torch.where(chosen, ctx.key_pos, -1).topk(min(budget, ctx.key_pos.shape[-1]), dim=-1).values
 
 
 def key_blocks(ctx: AttentionContext, block_size: int) -> torch.Tensor:
@@ -162,22 +197,6 @@ def chunk_seen_blocks(ctx: AttentionContext, rows: slice, num_blocks: int, block
     slot = torch.where(ctx.key_pos < 0, num_blocks, ctx.key_pos // block_size).expand_as(visible)
     counts = visible.new_zeros(*visible.shape[:-1], num_blocks + 1, dtype=torch.float32)
     return seen & (counts.scatter_add_(-1, slot, visible.float())[..., :num_blocks] > 0)
-
-
-def visible_blocks(ctx: AttentionContext, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """Whether a query sees any key of each block, [B, 1, q_len, num_blocks]."""
-    batch, _, q_len, kv_len = ctx.visible.shape
-    slot = torch.where(blocks < 0, num_blocks, blocks).expand(batch, 1, q_len, kv_len)
-    counts = torch.zeros(batch, 1, q_len, num_blocks + 1, device=slot.device)
-    counts.scatter_add_(-1, slot, ctx.visible.float())
-    return counts[..., :num_blocks] > 0
-
-
-def blocks_to_keys(block_keep: torch.Tensor, blocks: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    """Expand a per-block choice [B, H, q_len, num_blocks] to the visible keys of those blocks."""
-    batch, heads, q_len, _ = block_keep.shape
-    slot = blocks.clamp(min=0).expand(batch, heads, q_len, blocks.shape[-1])
-    return block_keep.gather(-1, slot) & ctx.visible
 
 
 def pooled_blocks(x: torch.Tensor, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:

@@ -97,10 +97,7 @@ def install_weights(planned: PlannedWeights) -> None:
     The weights take the device, dtype and requires_grad of the layer's output projection: a PEFT model's base
     weights are frozen, and so are the weights added to it."""
     for attention, owner, weights in planned:
-        if type(attention) in PATCH_OF:  # built before the patch mapping applied (or without from_pretrained)
-            attention.__class__ = PATCH_OF[type(attention)]
-            attention.attn_plus = None
-            install_state_hooks(attention)
+        _patch(attention)
         replaced = unwrapped(attention.attn_plus)
         if replaced is not None:
             logger.warning(
@@ -112,3 +109,18 @@ def install_weights(planned: PlannedWeights) -> None:
         with torch.no_grad(), guard_torch_init_functions():
             weights.apply(owner._initialize_weights)
         attention.attn_plus = weights.requires_grad_(like.requires_grad)
+
+
+def patch_attention_classes(model: nn.Module) -> None:
+    """Swap in the patched class (and its cache hooks) on attention modules built before the patch mapping applied
+    (a model constructed directly rather than by from_pretrained / from_config): side caches and eviction need the
+    hooks. The patched class computes exactly what the original does."""
+    for attention, _ in _attention_layers(model, None):
+        _patch(attention)
+
+
+def _patch(attention: nn.Module) -> None:
+    if type(attention) in PATCH_OF:
+        attention.__class__ = PATCH_OF[type(attention)]
+        attention.attn_plus = None
+        install_state_hooks(attention)

@@ -1,7 +1,8 @@
 """Per-layer side state derived from the cached keys (block summaries, an indexer's own key cache), kept in
 transformers' `DynamicCache` next to the keys it summarises, so a decode step folds in only the new keys.
 
-A mechanism asks for it with `Mechanism(side_cache=True)`. During cached inference the attention pre-hook
+A mechanism asks for it with `Mechanism(side_cache=True)` (one that evicts keys with `kept_keys` gets an
+`EvictingLayer` from the same hook instead: streaming_cache.py). During cached inference the attention pre-hook
 (recurrent_cache._before_attention) swaps the layer's `DynamicLayer` for a `SideCacheLayer`, a normal KV layer that
 also holds `side: dict[name, state]`, and the attention call sees it as `ctx.cache_layer`. The mechanism then calls
 `side_state(ctx, name, factory, key)`. Without a cache layer (no cache, training, a model class hf_attn_plus does not
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ..registry import PREFIX, get_mechanism
+from ..registry import PREFIX, get_mechanism, options_from_config
+from .streaming_cache import EvictingLayer
 
 
 class SideState(Protocol):
@@ -136,13 +138,18 @@ def side_state(ctx: Any, name: str, factory: Callable[[], State], key: torch.Ten
     return state
 
 
-def cache_layer_for(module: nn.Module, cache: Any) -> SideCacheLayer | None:
-    """The `SideCacheLayer` at `module.layer_idx` of `cache` when the module's active mechanism declares
-    `side_cache` and this is cached inference with a plain `DynamicCache` layer; else None (recompute path)."""
+def cache_layer_for(module: nn.Module, cache: Any) -> DynamicLayer | None:
+    """The cache layer at `module.layer_idx` a mechanism reads in cached inference, swapped in for the plain
+    `DynamicLayer` there: a `SideCacheLayer` when the active mechanism declares `side_cache`, an `EvictingLayer`
+    (streaming_cache.py) when its `kept_keys` asks for eviction; else None (recompute path, plain cache)."""
     implementation = getattr(module.config, "_attn_implementation", None)
-    if not (isinstance(implementation, str) and implementation.startswith(PREFIX)):
+    if not (isinstance(implementation, str) and implementation.startswith(PREFIX)) or module.training:
         return None
-    if module.training or not isinstance(cache, DynamicCache) or not get_mechanism(implementation).side_cache:
+    mechanism = get_mechanism(implementation)
+    kept = mechanism.kept_keys(options_from_config(mechanism, module.config)) if mechanism.kept_keys else None
+    if kept is not None:
+        return _evicting_layer(module, cache, *kept)
+    if not isinstance(cache, DynamicCache) or not mechanism.side_cache:
         return None
     layers, layer_idx = cache.layers, module.layer_idx
     while len(layers) <= layer_idx:
@@ -150,3 +157,26 @@ def cache_layer_for(module: nn.Module, cache: Any) -> SideCacheLayer | None:
     if type(layers[layer_idx]) is DynamicLayer:  # sliding-window, recurrent or quantized layers are left alone
         layers[layer_idx] = SideCacheLayer.replacing(layers[layer_idx])
     return layers[layer_idx] if isinstance(layers[layer_idx], SideCacheLayer) else None
+
+
+def _evicting_layer(module: nn.Module, cache: Any, sinks: int, window: int) -> EvictingLayer | None:
+    if cache is None:
+        return None
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(
+            f"hf_attn_plus eviction (evict=True) keeps its keys in transformers' DynamicCache; got {type(cache).__name__}"
+            " (use cache_implementation='dynamic', or evict=False)"
+        )
+    layers, layer_idx = cache.layers, module.layer_idx
+    while len(layers) <= layer_idx:
+        layers.append(DynamicLayer())
+    layer = layers[layer_idx]
+    if type(layer) is DynamicLayer:
+        layers[layer_idx] = layer = EvictingLayer.replacing(layer, sinks, window)
+    if not isinstance(layer, EvictingLayer) or (layer.sinks, layer.window) != (sinks, window):
+        held = type(layer).__name__ if not isinstance(layer, EvictingLayer) else f"sinks={layer.sinks}, window={layer.window}"
+        raise ValueError(
+            f"hf_attn_plus eviction: cache layer {layer_idx} is {held}; evicting sinks={sinks}, window={window} needs a "
+            "fresh DynamicCache (start generation again after changing the mechanism or its options)"
+        )
+    return layer

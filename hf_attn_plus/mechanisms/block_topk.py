@@ -29,11 +29,10 @@ from ..selection import (
     fixed_blocks,
     all_rows,
     key_blocks,
-    kept_indices,
     query_chunks,
     quest_block_scores,
     stack_lists,
-    top_scoring,
+    top_indices,
 )
 from ..structure import PositionRule, Selection
 
@@ -70,7 +69,7 @@ def chosen_blocks(
             scores = scores.unflatten(1, (-1, group)).amax(dim=2)
         fixed = fixed_blocks(ctx.query_pos[:, :, rows], num_blocks, opts.block_size, opts.sink_blocks, opts.local_blocks)
         candidates = chunk_seen_blocks(ctx, rows, num_blocks, opts.block_size) & ~fixed
-        chosen = kept_indices(top_scoring(scores, candidates.expand_as(scores), opts.budget), opts.budget)
+        chosen = top_indices(scores, candidates.expand_as(scores), opts.budget)
         lists.append(chosen.repeat_interleave(group, dim=1) if group > 1 else chosen)
     return stack_lists(lists)
 

@@ -10,6 +10,11 @@ distribution of query t summed over heads and L1-normalised (`attention_target`)
 The indexer reads detached inputs and the target is detached, so this loss trains only the indexer and the
 language-modelling loss never reaches it (the top-k is not differentiable either).
 
+The reference never holds a [q, kv] tensor: the selection is a `Selection` (sinks + window as a PositionRule, the
+chosen keys as token lists scored query chunk by query chunk when the chunked reference reaches them), and the
+training loss walks query chunks too (scores, target p_t and KL of one chunk at a time, recomputed in the backward by
+activation checkpointing), its value and gradients those of the dense formula.
+
 Here the indexer reads the main attention's own (detached) queries and keys: q^I and w from the query heads of
 token t, k^I from the KV heads of key s, so it works through the attention interface on every patched architecture.
 In cached inference the indexer keeps its own key cache (`IndexKeyCache`, index_dim numbers per token, a side state
@@ -31,27 +36,41 @@ kernel; training forwards keep the reference (differentiable) scores and selecti
 run the sparse kernel (with its backward) for the attention.
 
 On DeepSeek-V3.2 the mechanism reuses the model's own lightning indexer: its `indices` (config.index_topk keys per
-query, honoured by the core as a restriction of `ctx.visible`) are the selection, and this mechanism adds no weights;
+query, honoured by the core as the dense restriction `ctx.restrict`, which is the model's own and stays dense) are
+the selection, and this mechanism adds no weights;
 its selection options do not apply there and are refused if given. The model's indexer is trained by transformers'
 own code, not by this module's losses.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ..attention import attend_selected, use_kernel
+from ..attention import attend_selection, use_kernel
+from ..kernels.sparse_attention import sparse_attention
 from ..masking import AttentionContext
 from ..options import choice_option, int_option
 from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
 from ..patches.side_cache import SlotBuffer, side_state
 from ..reference import masked_probabilities
 from ..registry import Mechanism, OptionError, register
-from ..selection import indexer_scores, routed_indexer_heads, sinks_and_window, top_scoring
+from ..selection import (
+    chosen_positions,
+    chunk_visible,
+    indexer_scores,
+    query_chunks,
+    routed_indexer_heads,
+    stack_lists,
+    top_of_chunk,
+    top_positions,
+)
+from ..structure import DENSE, PositionRule, Selection, dense_keep
 
 # Options that change the shape of the weights: the model must run with the ones they were built for.
 WEIGHT_OPTIONS = ("index_heads", "index_dim")
@@ -60,10 +79,8 @@ OWN_INDEXER_MODELS = ("deepseek_v32",)
 SELECTION_OPTIONS = ("budget", "sinks", "window", "index_heads", "index_dim", "active_heads", "router_block", "stage")
 
 
-def select_by_scores(scores: torch.Tensor, ctx: AttentionContext, budget: int, sinks: int, window: int) -> torch.Tensor:
-    """Sinks + window + the `budget` other visible keys with the largest scores ([B, 1|Hq, q, kv]) -> keep mask."""
-    fixed = sinks_and_window(ctx, sinks, window)
-    return fixed | top_scoring(scores, (ctx.visible & ~fixed).expand_as(scores), budget)
+# (index queries [B, Hi, q, Di], index keys [B, kv, Di], head weights [B, Hi, q]): what IndexerWeights.forward gives.
+IndexInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def fp32_indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head_weights: torch.Tensor) -> torch.Tensor:
@@ -73,22 +90,94 @@ def fp32_indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head
     return indexer_scores(index_query.float(), index_key.float(), head_weights.float())
 
 
-def attention_target(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, scaling: float) -> torch.Tensor:
-    """p_t: dense attention probabilities summed over query heads, L1-normalised, detached: [B, 1, q, kv]."""
+def chunk_scores(index_inputs: IndexInputs, rows: slice) -> torch.Tensor:
+    """fp32 indexer scores [B, 1, rows, kv] of the queries of `rows`."""
+    index_query, index_key, head_weights = index_inputs
+    return fp32_indexer_scores(index_query[:, :, rows], index_key, head_weights[:, :, rows])
+
+
+def scored_selection(
+    ctx: AttentionContext, scores_of: Callable[[slice], torch.Tensor], heads: int, budget: int, sinks: int, window: int
+) -> Selection:
+    """Sinks + window as a rule, and per query chunk (when the reference reaches it) the `budget` other visible keys
+    with the largest `scores_of(chunk)` ([B, 1|Hq, chunk, kv]; `heads` sizes the chunks) as token lists."""
+    rule = PositionRule(sinks=sinks, window=window)
+    return Selection(rule, tokens=functools.partial(top_positions, ctx, scores_of, rule, budget, heads))
+
+
+def select_by_scores(scores: torch.Tensor, ctx: AttentionContext, budget: int, sinks: int, window: int) -> torch.Tensor:
+    """The selection of full scores [B, 1|Hq, q, kv] as a dense keep mask: the oracle the indexer kernel is checked
+    against (kernels/indexer_topk/reference.py) and tests; O(q * kv), never on the attention path."""
+    selection = scored_selection(ctx, lambda rows: scores[:, :, rows], scores.shape[1], budget, sinks, window)
+    return dense_keep(ctx, selection, scores.shape[1])
+
+
+def attention_target(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
+    """p_t of a query chunk (query [B, Hq, rows, D], its visibility [B, 1, rows, kv]): dense attention probabilities
+    summed over query heads, L1-normalised, detached: [B, 1, rows, kv]."""
     with torch.no_grad():
-        summed = masked_probabilities(query, key, ctx.visible, scaling).sum(dim=1, keepdim=True)
+        summed = masked_probabilities(query, key, visible, scaling).sum(dim=1, keepdim=True)
         return summed / summed.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(summed.dtype).tiny)
 
 
-def indexer_kl(scores: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean over queries that keep any key of KL(target_t || softmax(scores_t)), both restricted to and renormalised
-    over `keep` ([B, 1, q, kv]): `ctx.visible` in the warm-up, the selected keys in the sparse stage."""
+def indexer_kl_terms(scores: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over the rows of a query chunk that keep any key of KL(target_t || softmax(scores_t)), both restricted to
+    and renormalised over `keep` ([B, 1, rows, kv]); the number of those rows): the loss is the sum over chunks
+    divided by the rows counted."""
     target = target * keep
     target = target / target.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(target.dtype).tiny)
     log_predicted = torch.log_softmax(scores.float().masked_fill(~keep, torch.finfo(torch.float32).min), dim=-1)
     per_key = torch.xlogy(target, target) - target * log_predicted.masked_fill(~keep, 0.0)
     rows = keep.any(dim=-1)
-    return per_key.sum(dim=-1)[rows].mean() if rows.any() else scores.sum() * 0.0
+    return per_key.sum(dim=-1)[rows].sum(), rows.sum()
+
+
+class _ChunkLoss:
+    """One query chunk of the training loss: callable on its index inputs so activation checkpointing reruns it in
+    the backward (what autograd keeps between forward and backward is then O(q + kv), not O(q * kv))."""
+
+    def __init__(self, ctx, rows, rule, budget, query, key, scaling) -> None:
+        self.ctx, self.rows, self.rule, self.budget = ctx, rows, rule, budget
+        self.query, self.key, self.scaling = query[:, :, rows].detach(), key.detach(), scaling
+
+    def __call__(self, *index_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(KL sum, rows counted, the chosen positions [B, 1, rows, budget] (None in the warm-up))."""
+        ctx, rows = self.ctx, self.rows
+        scores = fp32_indexer_scores(*index_inputs)
+        with torch.no_grad():
+            visible = chunk_visible(ctx, rows)
+            target = attention_target(self.query, self.key, visible, self.scaling)
+            positions, keep = None, visible
+            if self.budget is not None:  # sparse stage: the KL over the selected keys
+                chosen = top_of_chunk(ctx, rows, scores, self.rule, self.budget)
+                keep = (visible & self.rule.keep(ctx.query_pos[:, :, rows], ctx.key_pos)) | chosen
+                positions = chosen_positions(ctx, chosen, self.budget)
+        return *indexer_kl_terms(scores, target, keep), positions
+
+
+def training_selection(
+    index_inputs: IndexInputs,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    ctx: AttentionContext,
+    opts: SimpleNamespace,
+    scaling: float,
+) -> tuple[torch.Tensor, Selection]:
+    """(the DSA KL loss, the selection to attend) of a training forward, query chunk by query chunk (scores, target
+    and KL of one chunk exist at once). Warm-up: KL over every visible key, dense attention; sparse stage: KL over
+    the selected keys, which are attended."""
+    rule = PositionRule(sinks=opts.sinks, window=opts.window)
+    warmup = opts.stage == "warmup"
+    index_query, index_key, head_weights = index_inputs
+    total, counted, lists = 0.0, 0, []
+    for rows in query_chunks(query.shape[0], query.shape[1], slice(0, query.shape[2]), key.shape[2]):
+        chunk = _ChunkLoss(ctx, rows, rule, None if warmup else opts.budget, query, key, scaling)
+        inputs = (index_query[:, :, rows], index_key, head_weights[:, :, rows])
+        kl, count, positions = checkpoint(chunk, *inputs, use_reentrant=False)
+        total, counted = total + kl, counted + count
+        lists.append(positions)
+    loss = total / counted.clamp(min=1)
+    return loss, Selection(DENSE) if warmup else Selection(rule, tokens=stack_lists(lists))
 
 
 @register_weights
@@ -172,7 +261,8 @@ def indexer_inputs(
 
 
 def attend_model_indexer(module, query, key, value, ctx, opts, scaling, dropout):
-    """DeepSeek-V3.2: exact attention over the keys the model's own indexer chose (already `ctx.visible`)."""
+    """DeepSeek-V3.2: exact attention over the keys the model's own indexer chose: its [B, q, topk] `indices`, the
+    dense restriction ctx.restrict (the model's, so it stays dense)."""
     given = sorted(set(getattr(module.config, "hf_attn_plus", None) or {}) & set(SELECTION_OPTIONS))
     if given:
         raise OptionError(
@@ -180,10 +270,8 @@ def attend_model_indexer(module, query, key, value, ctx, opts, scaling, dropout)
             f"(config.index_topk={module.config.index_topk}); option(s) {', '.join(map(repr, given))} do not apply there"
         )
     if use_kernel(MECHANISM, opts, query, dropout):
-        from ..kernels.sparse_attention import sparse_attention
-
         return sparse_attention(query, key, value, ctx.visible, scaling), None
-    return attend_selected(module, query, key, value, ctx.visible, opts, scaling, dropout)
+    return attend_selection(module, query, key, value, ctx, Selection(DENSE), opts, scaling, dropout), None
 
 
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
@@ -195,25 +283,20 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
     kernel = use_kernel(MECHANISM, opts, query, dropout)
     weights.loss = None
     if module.training:  # the KL losses need the differentiable scores: reference scoring and selection
-        scores = fp32_indexer_scores(*index_inputs)
-        with torch.no_grad():
-            selected = select_by_scores(scores, ctx, opts.budget, opts.sinks, opts.window)
-        warmup = opts.stage == "warmup"
-        weights.loss = indexer_kl(scores, attention_target(query, key, ctx, scaling), ctx.visible if warmup else selected)
-        if warmup:
-            selected = ctx.visible
+        weights.loss, selection = training_selection(index_inputs, query, key, ctx, opts, scaling)
     elif kernel:
         from ..kernels.indexer_topk.wrapper import indexer_topk_keep
 
-        selected = indexer_topk_keep(*index_inputs, ctx, opts.budget, opts.sinks, opts.window)
+        keep = indexer_topk_keep(*index_inputs, ctx, opts.budget, opts.sinks, opts.window)
+        return sparse_attention(query, key, value, keep, scaling), None
     else:
+        scores_of = functools.partial(chunk_scores, index_inputs)
+        selection = scored_selection(ctx, scores_of, index_inputs[0].shape[1], opts.budget, opts.sinks, opts.window)
+    if kernel:  # the sparse kernel reads a dense keep mask (kernels/sparse_attention.py)
         with torch.no_grad():
-            selected = select_by_scores(fp32_indexer_scores(*index_inputs), ctx, opts.budget, opts.sinks, opts.window)
-    if kernel:
-        from ..kernels.sparse_attention import sparse_attention
-
-        return sparse_attention(query, key, value, selected, scaling), None
-    return attend_selected(module, query, key, value, selected, opts, scaling, dropout)
+            keep = dense_keep(ctx, selection)
+        return sparse_attention(query, key, value, keep, scaling), None
+    return attend_selection(module, query, key, value, ctx, selection, opts, scaling, dropout), None
 
 
 def indexer_loss(model: nn.Module) -> torch.Tensor:

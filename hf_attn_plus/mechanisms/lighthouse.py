@@ -45,7 +45,9 @@ mean of its keys. Query t is represented by the mean of the queries of its fine 
 the `budget` best blocks (by pooled q.k) entirely before the query's block are chosen; at each finer level the
 children of the chosen blocks compete for `budget` places. The query's own block is never scored and always
 descended into; at the finest level the query's own block, `local_blocks` - 1 blocks before it and `sink_blocks`
-leading blocks are always attended. Exact softmax then runs over the keys of the chosen fine blocks.
+leading blocks are always attended. Exact softmax then runs over the keys of the chosen fine blocks: a `Selection`
+whose rule holds the sink, local and own blocks and whose block lists hold the others, descended per query chunk
+when the chunked reference reaches it (no [q, kv] tensor).
 
 At inference (module in eval mode, or single-token decode) the mechanism hands over to `inference`: 'dense' or
 another registered mechanism, run with `inference_options`.
@@ -58,11 +60,22 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ..attention import attend_selected, logit_scale, run_delegate
+from ..attention import attend_selection, length_beta, run_delegate
 from ..masking import AttentionContext
 from ..options import Option, choice_option, int_option
 from ..registry import Mechanism, mechanism_option, register
-from ..selection import blocks_to_keys, grouped_scores, key_blocks, pooled_blocks, top_scoring, visible_blocks
+from ..selection import (
+    all_rows,
+    chunk_seen_blocks,
+    grouped_scores,
+    kept_indices,
+    key_blocks,
+    pooled_blocks,
+    query_chunks,
+    stack_lists,
+    top_scoring,
+)
+from ..structure import PositionRule, Selection
 
 
 def real_token_order(ctx: AttentionContext, padded_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,10 +227,9 @@ def pyramid_attention(
     k = gather_entries(pyramid(key, opts.levels, opts.factor), entries)
     v = gather_entries(pyramid(value, opts.levels, opts.factor), entries)
     seq_len = entries.shape[-1]
-    # Entry j attends the j + 1 entries up to it (the causal mask is only built when logit_scale is on).
-    if opts.logit_scale != "none":
-        beta = logit_scale(module, torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril(), opts)
-        q = q * beta.to(q.dtype)  # logits * beta == (beta * q) . k
+    beta = length_beta(module, opts)
+    if beta is not None:  # entry j attends the j + 1 entries up to it; logits * beta == (beta * q) . k
+        q = q * beta(torch.arange(1, seq_len + 1, device=q.device, dtype=torch.float32)[:, None]).to(q.dtype)
     # Valid entries come first, so causal attention never lets a valid entry see an invalid one.
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout)
     with torch.no_grad():
@@ -243,17 +255,38 @@ def causal_block_queries(query: torch.Tensor, ctx: AttentionContext, block_size:
     return total / (offset + 1)
 
 
-def hierarchical_selection(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> torch.Tensor:
-    """Keep mask [B, Hq, q, kv] of the fine blocks chosen top-down from the coarsest level."""
+def hierarchical_selection(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> Selection:
+    """The fine blocks chosen top-down from the coarsest level: the sink, local and own blocks as a rule, the chosen
+    others as block lists built per query chunk when the reference reaches it."""
+    batch, _, q_len, _ = query.shape
     pooled_query = causal_block_queries(query, ctx, opts.block_size)
-    chosen = None
+    pooled_keys = []  # per level, coarsest first: mean keys [B, Hkv, blocks, D]
     for level in range(opts.levels, -1, -1):
         size = opts.block_size * opts.factor**level
-        blocks = key_blocks(ctx, size)
-        num_blocks = int(blocks.max()) + 1
-        index = torch.arange(num_blocks, device=query.device)
-        own = ctx.query_pos // size  # the block holding the query: never scored, always descended into
-        past = (index < own) & visible_blocks(ctx, blocks, num_blocks)
+        num_blocks = max(1, -(-int(ctx.key_count.max()) // size))
+        pooled_keys.append(pooled_blocks(key, key_blocks(ctx, size).reshape(batch, -1), num_blocks))
+
+    def blocks(rows: slice) -> torch.Tensor:
+        chunks = query_chunks(batch, query.shape[1], all_rows(rows, q_len), pooled_keys[-1].shape[2])
+        return stack_lists([chosen_fine_blocks(pooled_query[:, :, chunk], pooled_keys, ctx, chunk, opts) for chunk in chunks])
+
+    rule = PositionRule(sinks=opts.sink_blocks * opts.block_size, block_size=opts.block_size, local_blocks=opts.local_blocks)
+    return Selection(rule, block_size=opts.block_size, blocks=blocks)
+
+
+def chosen_fine_blocks(
+    pooled_query: torch.Tensor, pooled_keys: list[torch.Tensor], ctx: AttentionContext, rows: slice, opts: SimpleNamespace
+) -> torch.Tensor:
+    """The descent for the queries of `rows` (pooled queries [B, Hq, rows, D]): the chosen fine blocks other than the
+    sink, local and own ones, [B, Hq, rows, budget] block indices (-1 unused)."""
+    t = ctx.query_pos[:, :, rows]
+    chosen = None
+    for level, keys in zip(range(opts.levels, -1, -1), pooled_keys):
+        size = opts.block_size * opts.factor**level
+        num_blocks = keys.shape[2]
+        index = torch.arange(num_blocks, device=t.device)
+        own = t // size  # the block holding the query: never scored, always descended into
+        past = (index < own) & chunk_seen_blocks(ctx, rows, num_blocks, size)
         candidates = past
         if chosen is not None:
             candidates = past & chosen.gather(-1, (index // opts.factor).expand(*chosen.shape[:-1], -1))
@@ -261,9 +294,9 @@ def hierarchical_selection(query: torch.Tensor, key: torch.Tensor, ctx: Attentio
         if level == 0:
             fixed = fixed | (past & ((own - index < opts.local_blocks) | (index < opts.sink_blocks)))
             candidates = candidates & ~fixed
-        scores = grouped_scores(pooled_query, pooled_blocks(key, blocks.flatten(1), num_blocks))
-        chosen = fixed | top_scoring(scores, candidates.expand_as(scores), opts.budget)
-    return blocks_to_keys(chosen, key_blocks(ctx, opts.block_size), ctx)
+        top = top_scoring(grouped_scores(pooled_query, keys), candidates.expand(*pooled_query.shape[:3], -1), opts.budget)
+        chosen = fixed | top
+    return kept_indices(top, opts.budget)
 
 
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
@@ -271,8 +304,8 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
         if opts.form == "pyramid":
             return pyramid_attention(module, query, key, value, ctx, opts, scaling, dropout)
         with torch.no_grad():
-            keep = hierarchical_selection(query, key, ctx, opts)
-        return attend_selected(module, query, key, value, keep, opts, scaling, dropout)
+            selection = hierarchical_selection(query, key, ctx, opts)
+        return attend_selection(module, query, key, value, ctx, selection, opts, scaling, dropout), None
     return run_delegate(
         "lighthouse", opts.inference, opts.inference_options, opts, module, query, key, value, ctx, scaling, dropout
     )

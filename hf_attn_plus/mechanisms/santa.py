@@ -17,8 +17,10 @@ Draws come from a counter-based hash of (seed, layer, head, query position, draw
 batch-invariant and differ at every decode step.
 
 Only decode queries (q_len == 1) sample; prefill and multi-token steps run exact dense attention (with the kernel
-backend: the block-sparse kernel over the visible keys). The reference computes q·k for every key and expresses the
-estimator as log-weights log a_s inside one softmax. The kernel path (kernels/gathered_attention) makes the same
+backend: the block-sparse kernel over the visible keys). The reference expresses the estimator as a `Selection`
+(`estimate`): F as a PositionRule, each distinct drawn key listed once with its log-weight log a_s, run by the
+chunked reference as one softmax; per step its work is the proposal's q·k̃ over every key (inherent to π) plus
+O(samples), with no visibility mask beyond R. The kernel path (kernels/gathered_attention) makes the same
 draws in PyTorch (π still needs q·k̃ for every quantised key) and then reads the full-precision K/V rows of the
 sinks, the window and the drawn keys only, each draw listed with its importance log-weight.
 """
@@ -31,15 +33,15 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ..attention import attend_selection, logit_scale, use_kernel
+from ..attention import attend_selection, length_beta, use_kernel
+from ..chunked_attention import selected_attention
 from ..kernels.sparse_attention import sparse_attention
 from ..masking import AttentionContext
 from ..options import int_option
 from ..patches.side_cache import SlotBuffer, side_state
-from ..reference import masked_attention
 from ..registry import Mechanism, register
-from ..selection import counter_uniform, grouped_scores, sinks_and_window
-from ..structure import DENSE, Selection
+from ..selection import chunk_visible, counter_uniform, grouped_scores
+from ..structure import DENSE, PositionRule, Selection
 
 
 def quantize_codes(key: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,14 +90,19 @@ def quantized_keys(key: torch.Tensor, ctx: AttentionContext, bits: int) -> torch
     return side_state(ctx, f"santa:bits={bits}", lambda: QuantizedKeys(bits), key).dequantized()
 
 
+def exact_rule(opts: SimpleNamespace) -> PositionRule:
+    """F: the sinks and the window, read exactly."""
+    return PositionRule(sinks=opts.sinks, window=opts.window)
+
+
 def draws(
     query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace, scaling: float, layer: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sampling both paths share: (exact [B, 1, q, kv], rest R [B, 1, q, kv], sampled [B, 1, q, 1] (R larger than
-    the budget), drawn slots [B, Hq, q, samples], proposal π [B, Hq, q, kv] float64)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampling both paths share: (rest R [B, 1, q, kv], sampled [B, 1, q, 1] (R larger than the budget), drawn
+    slots [B, Hq, q, samples], proposal π [B, Hq, q, kv] float64). R comes from positions, alongside the proposal's
+    q·k̃ of every key (the one O(context) part of a step, inherent to the proposal)."""
     batch, q_heads, q_len, kv_len = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
-    exact = sinks_and_window(ctx, opts.sinks, opts.window)
-    rest = ctx.visible & ~exact
+    rest = chunk_visible(ctx, slice(None)) & ~exact_rule(opts).keep(ctx.query_pos, ctx.key_pos)
     sampled = rest.sum(-1, keepdim=True) > opts.samples
     proposal_logits = grouped_scores(query.float(), quantized_keys(key, ctx, opts.bits)) * scaling
     proposal = torch.softmax(proposal_logits.double().masked_fill(~rest, float("-inf")), dim=-1).nan_to_num(0.0)
@@ -104,18 +111,35 @@ def draws(
     indices = torch.arange(opts.samples, device=query.device)
     u = counter_uniform(opts.seed, layer, heads, ctx.query_pos, indices) * cdf[..., -1:]
     drawn = torch.searchsorted(cdf.contiguous(), u.expand(batch, q_heads, q_len, -1).contiguous(), right=True)
-    return exact, rest, sampled, drawn.clamp(max=kv_len - 1), proposal
+    return rest, sampled, drawn.clamp(max=kv_len - 1), proposal
 
 
-def importance_log_weights(
+def rest_slots(rest: torch.Tensor, samples: int) -> torch.Tensor:
+    """The slots of R [B, 1, q, kv] in order, [B, 1, q, samples] (-1 unused): what a row whose R fits the budget
+    reads exactly, with weight 1."""
+    kv_len = rest.shape[-1]
+    by_slot = torch.where(rest, torch.arange(kv_len, device=rest.device), kv_len)
+    by_slot = F.pad(by_slot, (0, max(0, samples - kv_len)), value=kv_len)
+    slots = by_slot.topk(samples, dim=-1, largest=False).values
+    return torch.where(slots < kv_len, slots, -1)
+
+
+def estimate(
     query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace, scaling: float, layer: int
-) -> torch.Tensor:
-    """log a_s [B, Hq, q, kv]: 0 on exactly read keys, log(c_s / (n π_s)) on drawn keys, -inf elsewhere."""
-    exact, rest, sampled, drawn, proposal = draws(query, key, ctx, opts, scaling, layer)
-    counts = torch.zeros_like(proposal).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=proposal.dtype))
-    weights = counts / (opts.samples * proposal)
-    weights = torch.where(rest & sampled, weights, (exact | rest).to(weights.dtype))
-    return weights.log().float()
+) -> Selection:
+    """The estimator as a selection: the rule reads F with weight 1; each distinct drawn key s is listed once with
+    log a_s = log(c_s / (n π_s)) (c_s: its draws); a row whose R fits the budget lists R with weight 1."""
+    rest, sampled, drawn, proposal = draws(query, key, ctx, opts, scaling, layer)
+    drawn = drawn.sort(dim=-1).values
+    first = drawn != F.pad(drawn[..., :-1], (1, 0), value=-1)  # the first of each run of equal draws
+    run = first.cumsum(-1) - 1
+    ones = torch.ones_like(drawn, dtype=proposal.dtype)
+    draw_counts = torch.zeros_like(ones).scatter_add_(-1, run, ones)
+    log_weights = torch.log(draw_counts.gather(-1, run) / (opts.samples * proposal.gather(-1, drawn)))
+    slots = torch.where(sampled, torch.where(first, drawn, -1), rest_slots(rest, opts.samples))
+    positions = ctx.key_pos.expand(*slots.shape[:3], -1).gather(-1, slots.clamp(min=0))
+    tokens = torch.where(slots >= 0, positions, -1)
+    return Selection(exact_rule(opts), tokens=tokens, log_weights=torch.where(sampled & first, log_weights, 0.0).float())
 
 
 def sampled_slots(
@@ -124,14 +148,19 @@ def sampled_slots(
     """The same estimate as listed keys for the gathered-attention kernel: (slots [B, Hq, q, samples] int32, -1
     unused; log-weights [B, Hq, q, samples]). Each draw is listed with log(1 / (n π_s)), so a key drawn c_s times
     adds up to the reference's c_s / (n π_s); a row whose R fits the budget lists R with weight 1."""
-    _, rest, sampled, drawn, proposal = draws(query, key, ctx, opts, scaling, layer)
-    kv_len = key.shape[2]
+    rest, sampled, drawn, proposal = draws(query, key, ctx, opts, scaling, layer)
     log_weights = -torch.log(opts.samples * proposal.gather(-1, drawn))
-    by_slot = torch.where(rest, torch.arange(kv_len, device=key.device), kv_len)
-    by_slot = F.pad(by_slot, (0, max(0, opts.samples - kv_len)), value=kv_len)
-    rest_slots = by_slot.topk(opts.samples, dim=-1, largest=False).values
-    slots = torch.where(sampled, drawn, torch.where(rest_slots < kv_len, rest_slots, -1))
+    slots = torch.where(sampled, drawn, rest_slots(rest, opts.samples))
     return slots.to(torch.int32), torch.where(sampled, log_weights, 0.0).float()
+
+
+def context_scaled(module: torch.nn.Module, query: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> torch.Tensor:
+    """The query with the `logit_scale` option's beta applied, beta counted over every key the query sees (the
+    estimate stands for dense attention over them), not over the keys read: logits * beta == (beta * q) . k."""
+    beta = length_beta(module, opts)
+    if beta is None:
+        return query
+    return query * beta(chunk_visible(ctx, slice(None)).sum(-1, keepdim=True).float()).to(query.dtype)
 
 
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
@@ -150,9 +179,8 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
             spans = fixed_spans(ctx, opts.sinks, opts.window)
         return gathered_attention(query, key, value, ctx.visible, spans, slots, scaling, log_weights), None
     with torch.no_grad():
-        log_weights = importance_log_weights(query, key, ctx, opts, scaling, layer)
-    beta = logit_scale(module, ctx.visible, opts)
-    return masked_attention(query, key, value, log_weights > float("-inf"), scaling, beta, dropout, log_weights)
+        selection = estimate(query, key, ctx, opts, scaling, layer)
+    return selected_attention(context_scaled(module, query, ctx, opts), key, value, ctx, selection, scaling, dropout=dropout), None
 
 
 MECHANISM = register(

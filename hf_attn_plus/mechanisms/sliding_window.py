@@ -1,6 +1,7 @@
 """sliding_window: local attention with attention sinks (StreamingLLM). Query t sees the first `sinks` tokens and
 the last `window` tokens (s > t - window): a position rule, so the reference reads one window of keys per query
-chunk and a decode step reads sinks + window, whatever the context."""
+chunk and a decode step reads sinks + window, whatever the context. With `evict=True` cached generation also keeps
+only those keys (StreamingLLM's constant-memory cache, patches/streaming_cache.py): same tokens, flat memory."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ import torch
 
 from ..kernels.sparse_attention import selection_kernel
 from ..masking import AttentionContext
-from ..options import int_option
+from ..options import bool_option, int_option
 from ..registry import Mechanism, register
 from ..structure import PositionRule, Selection
 
 
 def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> Selection:
     return Selection(PositionRule(sinks=opts.sinks, window=opts.window))
+
+
+def kept_keys(opts: SimpleNamespace) -> tuple[int, int] | None:
+    return (opts.sinks, opts.window) if opts.evict else None
 
 
 MECHANISM = register(
@@ -27,8 +32,14 @@ MECHANISM = register(
         options=(
             int_option("window", 1024, 1, "keys up to the query that are attended (s > t - window)"),
             int_option("sinks", 4, 0, "first real tokens always attended"),
+            bool_option(
+                "evict", False,
+                "cached generation drops keys no later query attends, keeping sinks + window (needs a DynamicCache and a "
+                "model class hf_attn_plus patches: Llama, Qwen2/3, DeepSeek-V3)",
+            ),
         ),
         select=select,
+        kept_keys=kept_keys,
         kernel=selection_kernel(select),
     )
 )

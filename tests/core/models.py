@@ -18,13 +18,12 @@ WINDOWED = {
 
 # Every architecture the model-level tests run: the patched ones, the other decoder families, windowed variants.
 MODEL_TYPES = ARCHITECTURES + FAMILIES + tuple(WINDOWED)
-# Those whose attention soft-caps logits (Gemma 2) or has learned sinks (gpt-oss): mechanisms computing their own
-# softmax (santa, lighthouse's training path) refuse them.
+# Those whose attention soft-caps logits (Gemma 2) or has learned sinks (gpt-oss): lighthouse (its pyramid computes
+# its own softmax) refuses them.
 WITH_LOGIT_OPTIONS = ("gemma2", "gemma2@window", "gpt_oss", "gpt_oss@window")
-PLAIN_LOGITS = tuple(m for m in MODEL_TYPES if m not in WITH_LOGIT_OPTIONS)
 # Those with the model's own sliding window in some layer: lighthouse's training path refuses them.
 WITH_MODEL_WINDOW = ("gemma3_text", "cohere2") + tuple(WINDOWED)
-PLAIN_WITHOUT_WINDOW = tuple(m for m in PLAIN_LOGITS if m not in WITH_MODEL_WINDOW)
+PLAIN_WITHOUT_WINDOW = tuple(m for m in MODEL_TYPES if m not in WITH_LOGIT_OPTIONS + WITH_MODEL_WINDOW)
 
 MECHANISMS = ("sliding_window", "topk", "block_topk", "dilated", "block_sparse")
 

@@ -73,7 +73,7 @@ def test_loading_without_the_plugin_fails_naming_it(tmp_path):
         ({"budget": "many"}, "option 'budget' got 'many'"),
         ({"window_size": 8}, "has no option 'window_size'; its options are: budget, sinks, window"),
         ({"logit_scale": "sqrt"}, "option 'logit_scale' got 'sqrt'; allowed: one of 'none', 'log'"),
-        ({"backend": "cuda"}, "option 'backend' got 'cuda'; allowed: one of 'auto', 'reference', 'kernel'"),
+        ({"backend": "cuda"}, "option 'backend' got 'cuda'; allowed: one of 'auto', 'reference', 'kernel', 'flex'"),
     ],
 )
 def test_bad_options_name_option_value_and_rule(options, fragment):

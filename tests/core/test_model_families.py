@@ -24,9 +24,9 @@ def test_softcap_and_sinks_change_the_output():
 @pytest.mark.parametrize("arch, feature", [("gemma2", "softcap"), ("gpt_oss", "s_aux")])
 def test_mechanisms_that_cannot_honour_them_refuse(arch, feature):
     ids = token_batch(1, 12)
-    model = with_mechanism(tiny_model(arch), "santa", dict(samples=2, window=2))
-    with pytest.raises(hf_attn_plus.UnsupportedModelError, match=rf"'santa' does not implement .*\({feature}\)"):
-        model.generate(ids, max_new_tokens=2, do_sample=False)
+    model = with_mechanism(tiny_model(arch), "lighthouse", {})
+    with pytest.raises(hf_attn_plus.UnsupportedModelError, match=rf"'lighthouse' does not implement .*\({feature}\)"):
+        model(ids)
     with_mechanism(model, "topk", dict(COVERING["topk"], backend="kernel"))
     refusal = rf"'topk': backend='kernel' does not implement .*\({feature}\) of layer 0"
     with pytest.raises(hf_attn_plus.OptionError, match=refusal):

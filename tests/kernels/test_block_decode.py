@@ -16,8 +16,8 @@ from hf_attn_plus.kernels.tile_lists import tiles_from_blocks, tiles_from_keep
 from hf_attn_plus.masking import build_context
 from hf_attn_plus.mechanisms import block_topk
 from hf_attn_plus.reference import masked_attention
-from hf_attn_plus.structure import dense_keep
-from hf_attn_plus.selection import blocks_to_keys, key_blocks, quest_block_scores
+from hf_attn_plus.structure import Selection, dense_keep
+from hf_attn_plus.selection import kept_indices, quest_block_scores
 from hf_attn_plus.tiny import tiny_config
 
 from kernel_cases import attention_inputs
@@ -36,11 +36,11 @@ def reference_choice(query, key, ctx, opts):
     """The chosen blocks [B, Hq, q, num_blocks], their key spans, and the token keep mask the reference expands."""
     summaries = BlockSummaries(opts.block_size)
     summaries.extend(key, ctx.key_pos)
-    blocks = key_blocks(ctx, opts.block_size)
     listed = block_topk.chosen_blocks(query, ctx, opts, summaries.bounds, quest_block_scores)
     chosen = block_topk.block_map(ctx, opts, listed, summaries.bounds[0].shape[2])
     keep = dense_keep(ctx, block_topk.select(query, key, ctx, opts), query.shape[1])
-    assert torch.equal(blocks_to_keys(chosen, blocks, ctx), keep)
+    as_lists = Selection(block_size=opts.block_size, blocks=kept_indices(chosen, chosen.shape[-1]))
+    assert torch.equal(dense_keep(ctx, as_lists, query.shape[1]), keep)
     return chosen, summaries.spans, keep
 
 

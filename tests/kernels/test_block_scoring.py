@@ -6,7 +6,7 @@ import torch
 from hf_attn_plus.kernels.block_scoring import BlockSummaries, quest_scores
 from hf_attn_plus.kernels.block_scoring.summaries import EMPTY_FIRST
 from hf_attn_plus.masking import build_context
-from hf_attn_plus.selection import block_key_bounds, key_blocks, quest_block_scores, top_scoring, visible_blocks
+from hf_attn_plus.selection import block_key_bounds, chunk_seen_blocks, key_blocks, quest_block_scores, top_scoring
 
 
 def padded_context(batch, kv_len, pads):
@@ -53,6 +53,6 @@ def test_quest_kernel_equals_reference(q_heads, kv_heads, q_len, head_dim, dtype
     expected = quest_block_scores(query.float(), kmin.float(), kmax.float())
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
     if dtype == torch.float32:
-        seen = visible_blocks(ctx, blocks, num_blocks)
+        seen = chunk_seen_blocks(ctx, slice(None), num_blocks, block_size)
         choose = lambda s: top_scoring(s, seen.expand_as(s), 3)  # noqa: E731
         assert torch.equal(choose(scores), choose(quest_block_scores(query, kmin, kmax)))

@@ -12,7 +12,8 @@ from hf_attn_plus.kernels.gathered_attention.function import gathered_attention
 from hf_attn_plus.kernels.gathered_attention.lists import fixed_spans, position_slots
 from hf_attn_plus.kernels.gathered_attention.reference import gathered_attention_reference
 from hf_attn_plus.masking import AttentionContext, build_context
-from hf_attn_plus.mechanisms.santa import importance_log_weights, sampled_slots
+from hf_attn_plus.chunked_attention import selected_attention
+from hf_attn_plus.mechanisms.santa import estimate, sampled_slots
 from hf_attn_plus.mechanisms.stochastic_routing import link_positions, routing_graph
 from hf_attn_plus.options import OptionError
 from hf_attn_plus.reference import masked_attention
@@ -141,8 +142,7 @@ def test_santa_kernel_estimate_equals_reference():
     ctx = padded_context(1, 40, "none", new=1)
     for seed, samples in ((0, 6), (1, 6), (2, 36)):  # 36 > the 35 other keys: R read exactly
         opts = SimpleNamespace(samples=samples, window=3, sinks=2, bits=4, seed=seed)
-        log_weights = importance_log_weights(query, key, ctx, opts, 0.25, layer=0)
-        reference = masked_attention(query, key, value, log_weights > float("-inf"), 0.25, log_weights=log_weights)[0]
+        reference = selected_attention(query, key, value, ctx, estimate(query, key, ctx, opts, 0.25, layer=0), 0.25)
         slots, listed_weights = sampled_slots(query, key, ctx, opts, 0.25, layer=0)
         spans = fixed_spans(ctx, opts.sinks, opts.window)
         out = gathered_attention(query, key, value, ctx.visible, spans, slots, 0.25, listed_weights)

@@ -1,12 +1,24 @@
+import functools
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+import hf_attn_plus
 from hf_attn_plus.masking import build_context
 from hf_attn_plus.mechanisms import topk
-from hf_attn_plus.mechanisms.indexer_topk import attention_target, indexer_kl, select_by_scores
-from hf_attn_plus.selection import grouped_scores, indexer_scores
+from hf_attn_plus.mechanisms.indexer_topk import (
+    attention_target,
+    chunk_scores,
+    fp32_indexer_scores,
+    indexer_kl_terms,
+    scored_selection,
+    select_by_scores,
+    training_selection,
+)
+from hf_attn_plus.reference import masked_probabilities
+from hf_attn_plus.selection import grouped_scores, indexer_scores, top_scoring
 from hf_attn_plus.structure import dense_keep
 
 from .selection_helpers import causal_context
@@ -35,31 +47,95 @@ def test_indexer_scores_follow_the_formula():
     torch.testing.assert_close(indexer_scores(index_query, index_key, weights), expected)
 
 
-def test_perfect_indexer_equals_core_topk():
+def _dense_select(scores, ctx, budget, sinks, window):
+    """The previous dense selection: sinks + window + the `budget` other visible keys with the largest scores."""
+    fixed = ctx.visible & ((ctx.key_pos < sinks) | (ctx.distance < window))
+    return fixed | top_scoring(scores, (ctx.visible & ~fixed).expand_as(scores), budget)
+
+
+def _dense_target(query, key, ctx, scaling):
+    """The previous dense p_t: attention probabilities summed over heads, L1-normalised, [B, 1, q, kv]."""
+    summed = masked_probabilities(query, key, ctx.visible, scaling).sum(dim=1, keepdim=True)
+    return summed / summed.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(summed.dtype).tiny)
+
+
+def _dense_kl(scores, target, keep):
+    """The previous dense loss: mean over rows keeping any key of the KL restricted to and renormalised over keep."""
+    target = target * keep
+    target = target / target.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(target.dtype).tiny)
+    log_predicted = torch.log_softmax(scores.float().masked_fill(~keep, torch.finfo(torch.float32).min), dim=-1)
+    per_key = torch.xlogy(target, target) - target * log_predicted.masked_fill(~keep, 0.0)
+    rows = keep.any(dim=-1)
+    return per_key.sum(dim=-1)[rows].mean()
+
+
+def _index_inputs(length=20, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((2, 3, length, 4), (2, length, 4), (2, 3, length))
+    return tuple(torch.randn(*shape, generator=g).requires_grad_() for shape in shapes)
+
+
+@pytest.fixture(params=[False, True], ids=["one-chunk", "row-chunks"])
+def chunking(request, monkeypatch):
+    if request.param:  # every query row its own chunk
+        monkeypatch.setattr(hf_attn_plus.selection, "SCORE_ELEMENTS", 1)
+
+
+def test_perfect_indexer_equals_core_topk(chunking):
     query, key = _qk()
     ctx = _left_padded_context()
     opts = SimpleNamespace(budget=3, sinks=1, window=2)
     expected = dense_keep(ctx, topk.select(query, key, ctx, opts), query.shape[1])
+    assert torch.equal(_dense_select(grouped_scores(query, key), ctx, 3, 1, 2), expected)
     assert torch.equal(select_by_scores(grouped_scores(query, key), ctx, 3, 1, 2), expected)
 
 
 def test_budget_covering_context_is_dense():
-    query, key = _qk()
     ctx = _left_padded_context()
     scores = torch.randn(2, 1, 20, 20)
     assert torch.equal(select_by_scores(scores, ctx, 20, 0, 0), ctx.visible)
 
 
+def test_selection_of_indexer_scores_equals_the_dense_selection(chunking):
+    ctx = _left_padded_context()
+    index_inputs = tuple(x.detach() for x in _index_inputs())
+    # Integer-valued inputs: many exact ties among the scores, broken toward the most recent keys.
+    index_inputs = tuple(x.round() for x in index_inputs)
+    scores_of = functools.partial(chunk_scores, index_inputs)
+    selection = scored_selection(ctx, scores_of, 3, 4, 1, 2)
+    expected = _dense_select(fp32_indexer_scores(*index_inputs), ctx, 4, 1, 2)
+    assert torch.equal(dense_keep(ctx, selection), expected)
+
+
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_chunked_training_loss_and_gradients_equal_the_dense_formula(stage, chunking):
+    query, key = _qk()
+    ctx = _left_padded_context()
+    opts = SimpleNamespace(budget=3, sinks=1, window=2, stage=stage)
+    index_inputs = _index_inputs()
+    loss, selection = training_selection(index_inputs, query, key, ctx, opts, 0.35)
+    scores = fp32_indexer_scores(*index_inputs)
+    selected = _dense_select(scores.detach(), ctx, 3, 1, 2)
+    keep = ctx.visible if stage == "warmup" else selected
+    expected = _dense_kl(scores, _dense_target(query, key, ctx, 0.35), keep)
+    torch.testing.assert_close(loss, expected)
+    assert torch.equal(dense_keep(ctx, selection), keep)
+    for grad, expected_grad in zip(torch.autograd.grad(loss, index_inputs), torch.autograd.grad(expected, index_inputs)):
+        torch.testing.assert_close(grad, expected_grad)
+
+
 def test_kl_is_zero_when_the_indexer_matches_and_equals_the_definition():
     query, key = _qk()
     ctx = _left_padded_context()
-    target = attention_target(query, key, ctx, 0.35)
+    target = attention_target(query, key, ctx.visible, 0.35)
+    torch.testing.assert_close(target, _dense_target(query, key, ctx, 0.35))
     rows = ctx.visible.any(-1)
     torch.testing.assert_close(target.sum(-1)[rows], torch.ones(int(rows.sum())))
     matched = target.clamp(min=1e-30).log()
-    assert indexer_kl(matched, target, ctx.visible).abs() < 1e-5
-    selected = select_by_scores(matched, ctx, 3, 1, 2)
-    assert indexer_kl(matched, target, selected).abs() < 1e-5
+    kl, count = indexer_kl_terms(matched, target, ctx.visible)
+    assert kl.abs() < 1e-5 and count == rows.sum()
+    selected = _dense_select(matched, ctx, 3, 1, 2)
+    assert indexer_kl_terms(matched, target, selected)[0].abs() < 1e-5
     scores = torch.randn(2, 1, 20, 20)
     per_row = [
         F.kl_div(torch.log_softmax(scores[b, 0, t][ctx.visible[b, 0, t]], -1), target[b, 0, t][ctx.visible[b, 0, t]], reduction="sum")
@@ -67,8 +143,8 @@ def test_kl_is_zero_when_the_indexer_matches_and_equals_the_definition():
         for t in range(20)
         if rows[b, 0, t]
     ]
-    torch.testing.assert_close(indexer_kl(scores, target, ctx.visible), torch.stack(per_row).mean())
-    assert indexer_kl(scores, target, selected) > 0
+    torch.testing.assert_close(indexer_kl_terms(scores, target, ctx.visible)[0], torch.stack(per_row).sum())
+    assert indexer_kl_terms(scores, target, selected)[0] > 0
 
 
 def test_loss_trains_only_the_indexer():
@@ -76,19 +152,15 @@ def test_loss_trains_only_the_indexer():
     index_q, index_k, index_w = torch.nn.Linear(8, 2 * 4), torch.nn.Linear(8, 4), torch.nn.Linear(8, 2)
     # The indexer reads detached copies of the main attention's inputs (here its first head's query and key).
     source_q, source_k = query[:, 0].detach(), key[:, 0].detach()
-    scores = indexer_scores(
-        index_q(source_q).unflatten(-1, (2, 4)).transpose(1, 2), index_k(source_k), index_w(source_q).transpose(1, 2)
-    )
-    ctx = causal_context(2, 20)
-    loss = indexer_kl(scores, attention_target(query, key, ctx, 0.35), ctx.visible)
+    index_inputs = (index_q(source_q).unflatten(-1, (2, 4)).transpose(1, 2), index_k(source_k), index_w(source_q).transpose(1, 2))
+    opts = SimpleNamespace(budget=3, sinks=1, window=2, stage="warmup")
+    loss, _ = training_selection(index_inputs, query, key, causal_context(2, 20), opts, 0.35)
     loss.backward()
     assert query.grad is None and key.grad is None
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for m in (index_q, index_k, index_w) for p in m.parameters())
 
 
 def test_top_scoring_breaks_exact_ties_toward_recent_keys():
-    from hf_attn_plus.selection import top_scoring
-
     scores = torch.tensor([[5.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0]])
     candidates = torch.tensor([[True, True, True, True, True, True, False]])
     # Two clear winners, then two of the four tied zeros among candidates: the latest ones (4 and 5).

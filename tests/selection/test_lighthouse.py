@@ -4,10 +4,12 @@ import pytest
 import torch
 
 import hf_attn_plus
-from hf_attn_plus.attention import attend_selected
+from hf_attn_plus import chunked_attention
+from hf_attn_plus.attention import attend_selection
 from hf_attn_plus.masking import build_context
 from hf_attn_plus.mechanisms.lighthouse import attend, compressed_sequence, real_token_order
 from hf_attn_plus.reference import masked_attention
+from hf_attn_plus.structure import DENSE, Selection
 from core.models import PLAIN_WITHOUT_WINDOW, token_batch
 
 from .selection_helpers import EXACT_INDEXER, assert_padding_invariant, causal_context, logits, tiny_model
@@ -142,7 +144,7 @@ def test_pyramid_with_a_budget_covering_every_entry_is_dense_causal_attention():
     # logit_scale counts the entries each one attends: at a covering budget, the keys of dense attention.
     scaled = dict(logit_scale="log", logit_scale_c=0.5, train_length=8)
     out, _ = attend(TRAINING, query, key, value, ctx, SimpleNamespace(**vars(_pyramid(budget=27)) | scaled), 0.4, 0.0)
-    expected, _ = attend_selected(TRAINING, query, key, value, ctx.visible, SimpleNamespace(**scaled), 0.4)
+    expected = attend_selection(TRAINING, query, key, value, ctx, Selection(DENSE), SimpleNamespace(**scaled), 0.4)
     torch.testing.assert_close(out, expected)
     assert not torch.allclose(out, dense, atol=1e-3)
 
@@ -195,7 +197,12 @@ def _loop_selection(query, key, block_size, levels, factor, budget, local_blocks
     return keep
 
 
-def test_blocks_form_forward_and_backward_equal_the_written_out_reference():
+@pytest.mark.parametrize("small_chunks", [False, True])
+def test_blocks_form_forward_and_backward_equal_the_written_out_reference(small_chunks, monkeypatch):
+    if small_chunks:  # block lists built for several query chunks, attended in several chunks
+        monkeypatch.setattr(hf_attn_plus.selection, "SCORE_ELEMENTS", 1)
+        monkeypatch.setattr(chunked_attention, "MAX_CHUNK", 4)
+        monkeypatch.setattr(chunked_attention, "CHUNK_ELEMENTS", 1)
     g = torch.Generator().manual_seed(0)
     length = 32
     query = torch.randn(1, 4, length, 8, generator=g, requires_grad=True)

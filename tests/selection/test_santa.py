@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import hf_attn_plus
+from hf_attn_plus.chunked_attention import selected_attention
 from hf_attn_plus.masking import build_context, visible_from_mask
-from hf_attn_plus.mechanisms.santa import importance_log_weights, quantize
+from hf_attn_plus.mechanisms.santa import estimate, quantize
 from hf_attn_plus.reference import masked_attention
-from core.models import PLAIN_LOGITS, token_batch
+from hf_attn_plus.structure import Selection, dense_keep
+from core.models import MODEL_TYPES, own_attention, token_batch
 
 from .selection_helpers import EXACT_INDEXER, assert_decode_padding_invariant, decode_logits, logits, tiny_model
 
@@ -28,13 +30,29 @@ def _problem(seed=0):
     return query, key, value, ctx
 
 
+def importance_weights(selection, ctx):
+    """a_s of every key [B, H, q, kv]: 1 where the rule reads exactly, the listed keys' exp(log-weight), 0 elsewhere
+    (the estimate as the dense weights of its definition)."""
+    exact = dense_keep(ctx, Selection(selection.rule)).double()
+    kv_len = exact.shape[-1]
+    slots = torch.where(selection.tokens >= 0, selection.tokens + ctx.key_start.view(-1, 1, 1, 1), kv_len)
+    listed = torch.zeros(*slots.shape[:3], kv_len + 1, dtype=torch.float64)
+    listed.scatter_add_(-1, slots, torch.where(selection.tokens >= 0, selection.log_weights.double().exp(), 0.0))
+    return exact + listed[..., :kv_len]
+
+
 def _estimates(samples, bits=4, seed=0):
     query, key, value, ctx = _problem()
     opts = SimpleNamespace(samples=samples, window=2, sinks=1, bits=bits, seed=seed)
-    log_weights = importance_log_weights(query, key, ctx, opts, SCALING, layer=0)
-    out, _ = masked_attention(query, key, value, log_weights > float("-inf"), SCALING, None, 0.0, log_weights)
+    selection = estimate(query, key, ctx, opts, SCALING, layer=0)
+    out = selected_attention(query, key, value, ctx, selection, SCALING)
+    weights = importance_weights(selection, ctx)
+    # The reference is the self-normalised estimator of its definition: masked softmax with log a_s.
+    log_weights = weights.log().float()
+    expected, _ = masked_attention(query, key, value, weights > 0, SCALING, None, 0.0, log_weights)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
     dense, _ = masked_attention(query[:, :1], key, value, ctx.visible, SCALING)
-    return log_weights[0, :, 0].exp().double(), out[0, :, 0], dense[0, 0, 0]
+    return weights[0, :, 0], out[0, :, 0], dense[0, 0, 0]
 
 
 def test_importance_weights_are_unbiased():
@@ -91,7 +109,7 @@ def test_prefill_is_exact_dense():
     torch.testing.assert_close(sampled, logits(model, ids), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", PLAIN_LOGITS)
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_tiny_model_decode(model_type):
     ids = token_batch(1, 30)
     small = dict(samples=2, window=2, sinks=1, seed=1)
@@ -100,7 +118,7 @@ def test_tiny_model_decode(model_type):
     assert_decode_padding_invariant(model)
     hf_attn_plus.set_attention(model, "santa", samples=64, window=2, sinks=1)
     covered = decode_logits(model, ids)
-    hf_attn_plus.set_attention(model, "sdpa")
+    hf_attn_plus.set_attention(model, own_attention(model.config))
     dense = decode_logits(model, ids)
     torch.testing.assert_close(covered, dense, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(sampled, dense, atol=1e-4), "2 samples out of ~27 keys must change the output"
@@ -137,3 +155,20 @@ def test_bits_beyond_int8_codes_are_refused():
     model = tiny_model("llama", "santa")
     with pytest.raises(hf_attn_plus.OptionError, match="'bits' got 9; allowed: an integer >= 2 and <= 8"):
         hf_attn_plus.set_attention(model, "santa", bits=9)
+
+
+def test_logit_scale_counts_every_visible_key():
+    """beta stands for dense attention over the context: it counts the keys the query sees, not the keys read."""
+    from hf_attn_plus.mechanisms import santa
+    from hf_attn_plus.reference import length_scale
+
+    query, key, value, ctx = _problem()
+    scaled = dict(logit_scale="log", logit_scale_c=0.5, train_length=8, backend="reference")
+    opts = SimpleNamespace(samples=8, window=2, sinks=1, bits=4, seed=0, **scaled)
+    out, _ = santa.attend(SimpleNamespace(layer_idx=0, config=None), query, key, value, ctx, opts, SCALING, 0.0)
+    weights = importance_weights(estimate(query, key, ctx, opts, SCALING, layer=0), ctx)
+    beta = length_scale(torch.tensor([[float(KV)]]), 8, 0.5)
+    expected, _ = masked_attention(query, key, value, weights > 0, SCALING, beta, 0.0, weights.log().float())
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+    unscaled, _ = masked_attention(query, key, value, weights > 0, SCALING, None, 0.0, weights.log().float())
+    assert not torch.allclose(out, unscaled, atol=1e-3)
