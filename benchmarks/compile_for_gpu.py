@@ -2,9 +2,10 @@
 
 The interpreter runs the kernels' arithmetic but checks nothing of the GPU compile: types, layouts, shared memory,
 register pressure. This lowers each kernel through ptxas with the tile sizes the wrappers use, per input dtype and
-mask mode, and prints the shared memory each needs. Minutes on two CPU cores the first time (Triton caches).
+key-set mode, and prints the shared memory each needs. Minutes on two CPU cores the first time (Triton caches).
 
-    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128] [--only linear|indexer|momentum|hybrid]
+    python benchmarks/compile_for_gpu.py [--arch 90] [--head-dim 128] [--index-dim 128]
+        [--only sparse|linear|indexer|momentum|hybrid]
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ def signature(fn, pointers: dict[str, str], constants: dict) -> dict[str, str]:
     }
 
 
+# The key-set arguments of the attention kernels (kernels/key_sets.py) and their modes: a rule alone (sliding window
+# with sinks; dilation), block lists (block_topk, block_sparse), token lists (topk), a model's dense restriction.
+KEY_POINTERS = dict(QPOS="*i32", KEY_START="*i32", KEY_COUNT="*i32", RESTRICT="*u8", BLOCKS="*i32", TOKENS="*i32")
+_RULE_ONLY = dict(
+    HAS_RESTRICT=False, HAS_BLOCKS=False, HAS_TOKENS=False, BLOCK_STEPS=0, TOKEN_STEPS=0, SINKS=0, WINDOW=0,
+    DILATION=0, RULE_BLOCK=1, LOCAL_BLOCKS=0, LIST_BLOCK=1,
+)
+KEY_MODES = {
+    "window": dict(_RULE_ONLY, SINKS=4, WINDOW=1024),
+    "dilated": dict(_RULE_ONLY, WINDOW=256, DILATION=16),
+    "blocks": dict(_RULE_ONLY, HAS_BLOCKS=True, BLOCK_STEPS=5, SINKS=64, RULE_BLOCK=64, LOCAL_BLOCKS=1, LIST_BLOCK=64),
+    "tokens": dict(_RULE_ONLY, HAS_TOKENS=True, TOKEN_STEPS=11, SINKS=4, WINDOW=64),
+    "restrict": dict(_RULE_ONLY, HAS_RESTRICT=True, WINDOW=2**30),
+}
+
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory per block on sm_90
 
 
@@ -55,6 +71,49 @@ def compile_and_report(fn, pointers: dict[str, str], constants: dict, target: GP
     )
 
 
+def compile_sparse(target: GPUTarget, head_dim: int) -> None:
+    """The sparse-attention kernels (tile forward and backward, gathered attention) in every key-set mode."""
+    import torch
+
+    for dt, torch_name in TORCH_DTYPES.items():
+        tile = tile_size(getattr(torch, torch_name))
+        x = f"*{dt}"
+        common = dict(Q=x, K=x, V=x, COUNTS="*i32", LSE="*fp32", **KEY_POINTERS)
+        kernels = [
+            (decode._forward_kernel, dict(common, TILES="*i32", O="*fp32")),
+            (prefill._backward_dq_kernel, dict(common, TILES="*i32", DO=x, DELTA="*fp32", DQ=x)),
+            (prefill._backward_dkdv_kernel, dict(common, ROW_BLOCKS="*i32", DO=x, DELTA="*fp32", DK=x, DV=x)),
+        ]
+        for fn, pointers in kernels:
+            for label, mode in KEY_MODES.items():
+                constants = dict(
+                    GROUP=4, UPCAST=False, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=head_dim, BLOCK_DV=head_dim,
+                    **mode,
+                )
+                compile_and_report(fn, pointers, constants, target, f"{dt} {fn.fn.__name__} {label} tile={tile}")
+        # Gathered attention: BLOCK_M 16 is a decode call (one query, a GQA group of rows), the tile size prefill.
+        gathered_common = dict(Q=x, K=x, V=x, SPANS="*i32", SLOTS="*i32", LOGW="*fp32", LSE="*fp32", **KEY_POINTERS)
+        gathered_kernels = [
+            # (HAS_WEIGHTS, BLOCK_M, HAS_RESTRICT): prefill, santa decode, DeepSeek-V3.2's restricted prefill
+            (
+                gathered._forward_kernel, dict(gathered_common, O=x),
+                ((False, tile, False), (True, 16, False), (False, tile, True)),
+            ),
+            (
+                gathered._backward_kernel, dict(gathered_common, DO=x, DELTA="*fp32", DQ=x, DK="*fp32", DV="*fp32"),
+                ((False, tile, False),),
+            ),
+        ]
+        for fn, pointers, variants in gathered_kernels:
+            for has_weights, block_m, has_restrict in variants:
+                constants = dict(
+                    HAS_RESTRICT=has_restrict, GROUP=4, HAS_WEIGHTS=has_weights, UPCAST=False, BLOCK_M=block_m,
+                    BLOCK_N=tile, BLOCK_D=head_dim, BLOCK_DV=head_dim,
+                )
+                label = f"{dt} {fn.fn.__name__} weights={has_weights} restrict={has_restrict} rows={block_m} tile={tile}"
+                compile_and_report(fn, pointers, constants, target, label)
+
+
 def main() -> None:
     import torch
 
@@ -62,7 +121,7 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--index-dim", type=int, default=128, help="indexer_topk index_dim (DeepSeek-V3.2: 128)")
-    parser.add_argument("--only", choices=["linear", "indexer", "momentum", "hybrid"], default=None,
+    parser.add_argument("--only", choices=["sparse", "linear", "indexer", "momentum", "hybrid"], default=None,
                         help="compile only this family's kernels")
     args = parser.parse_args()
     if args.only == "linear":
@@ -78,41 +137,10 @@ def main() -> None:
         compile_hybrid(GPUTarget("cuda", args.arch, 32), args.head_dim)
         return
     target = GPUTarget("cuda", args.arch, 32)
-    for dt, torch_name in TORCH_DTYPES.items():
-        tile = tile_size(getattr(torch, torch_name))
-        x = f"*{dt}"
-        common = dict(Q=x, K=x, V=x, KEEP="*u8", COUNTS="*i32", LSE="*fp32")
-        # Mask modes: (HAS_KEEP, BLOCK_MODE); block mode (block_topk decode) reads the visibility mask too.
-        decode_modes = [dict(HAS_KEEP=True, BLOCK_MODE=False), dict(HAS_KEEP=False, BLOCK_MODE=False),
-                        dict(HAS_KEEP=True, BLOCK_MODE=True)]
-        prefill_modes = [dict(HAS_KEEP=True), dict(HAS_KEEP=False)]
-        kernels = [
-            (decode._forward_kernel, dict(common, POS="*i64", CHOSEN="*u8", TILES="*i32", O="*fp32"), decode_modes),
-            (prefill._backward_dq_kernel, dict(common, TILES="*i32", DO=x, DELTA="*fp32", DQ=x), prefill_modes),
-            (prefill._backward_dkdv_kernel, dict(common, ROW_BLOCKS="*i32", DO=x, DELTA="*fp32", DK=x, DV=x), prefill_modes),
-        ]
-        for fn, pointers, modes in kernels:
-            for mode in modes:
-                constants = dict(
-                    GROUP=4, UPCAST=False, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
-                    **mode,
-                )
-                flags = " ".join(f"{name.lower()}={value}" for name, value in mode.items())
-                compile_and_report(fn, pointers, constants, target, f"{dt} {fn.fn.__name__} {flags} tile={tile}")
-        # Gathered attention: BLOCK_M 16 is a decode call (one query, a GQA group of rows), the tile size prefill.
-        gathered_common = dict(Q=x, K=x, V=x, VIS="*u8", SPANS="*i32", SLOTS="*i32", LOGW="*fp32", LSE="*fp32")
-        gathered_kernels = [
-            (gathered._forward_kernel, dict(gathered_common, O=x), ((False, tile), (True, 16))),
-            (gathered._backward_kernel, dict(gathered_common, DO=x, DELTA="*fp32", DQ=x, DK="*fp32", DV="*fp32"), ((False, tile),)),
-        ]
-        for fn, pointers, variants in gathered_kernels:
-            for has_weights, block_m in variants:
-                constants = dict(
-                    GROUP=4, HAS_WEIGHTS=has_weights, UPCAST=False, BLOCK_M=block_m, BLOCK_N=tile,
-                    BLOCK_D=args.head_dim, BLOCK_DV=args.head_dim,
-                )
-                label = f"{dt} {fn.fn.__name__} weights={has_weights} rows={block_m} tile={tile}"
-                compile_and_report(fn, pointers, constants, target, label)
+    if args.only == "sparse":
+        compile_sparse(target, args.head_dim)
+        return
+    compile_sparse(target, args.head_dim)
     compile_gated_delta(target, args.head_dim)
     compile_momentum_delta(target, args.head_dim)
     constants = dict(GROUP=4, BLOCK_M=16, BLOCK_B=64, BLOCK_D=args.head_dim)

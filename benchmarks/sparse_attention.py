@@ -1,11 +1,10 @@
 """Sparse attention benchmark: dense SDPA vs FlexAttention (same block mask) vs our Triton kernels, same inputs.
 
-Decode: one query token over a long cache. `ours` is the block-mode attention kernel alone over `budget` tokens of
-fixed blocks (the same blocks for FlexAttention), with bandwidth on the bytes it reads. `step` is a whole block_topk
+Decode: one query token over a long cache. `ours` is the decode attention kernel alone over `budget` tokens of
+fixed blocks given as block lists (the same blocks for FlexAttention), with bandwidth on the bytes it reads. `step` is a whole block_topk
 decode step as backend="kernel" runs it in a model with a cache: the new key folded into the layer's block
-summaries, Quest scores of every block, top blocks per query head, tiles of their union per KV group, block-mode
-attention; its bytes (`step_MB_read`: the listed K/V tiles with their positions/visibility/choice bytes, plus the
-summaries) are counted from the tiles actually read, since per-head choices read up to the GQA group size times the
+summaries, Quest scores of every block, top blocks per query head, tiles of their union per KV group, decode
+attention over the block lists; its bytes (`step_MB_read`: the listed K/V tiles, plus the summaries) are counted from the tiles actually read, since per-head choices read up to the GQA group size times the
 budget; `group_step` is the same with choose_per='group' (a KV group's heads share `budget` blocks). `recompute_step`
 is the per-head step without the side cache (bounds from every key). speedup_vs_sdpa = sdpa / step.
 Prefill: causal attention with a share of the causal key blocks skipped per (head, query block); reports time and
@@ -42,18 +41,20 @@ from hf_attn_plus.chunked_attention import selected_attention  # noqa: E402
 from hf_attn_plus.kernels.block_scoring import quest_scores  # noqa: E402
 from hf_attn_plus.kernels.block_sparse_prefill.function import block_sparse_attention  # noqa: E402
 from hf_attn_plus.kernels.gathered_attention.function import gathered_attention  # noqa: E402
-from hf_attn_plus.kernels.gathered_attention.lists import fixed_spans, position_slots  # noqa: E402
+from hf_attn_plus.kernel_inputs import fixed_spans, key_set, position_slots, sorted_lists, visibility  # noqa: E402
 from hf_attn_plus.kernels.indexer_topk import reference as indexer_reference  # noqa: E402
 from hf_attn_plus.kernels.indexer_topk.kernel import masked_scores_kernel  # noqa: E402
 from hf_attn_plus.kernels.indexer_topk.wrapper import indexer_topk_keep  # noqa: E402
-from hf_attn_plus.kernels.selected_decode.wrapper import decode_rows, default_splits, selected_block_decode  # noqa: E402
-from hf_attn_plus.kernels.tile_lists import tiles_from_blocks, tiles_from_usage  # noqa: E402
+from hf_attn_plus.kernels.key_sets import KeySet  # noqa: E402
+from hf_attn_plus.kernels.selected_decode.wrapper import decode_rows, default_splits, selected_decode  # noqa: E402
+from hf_attn_plus.kernels.tile_lists import tiles_for  # noqa: E402
 from hf_attn_plus.masking import AttentionContext, build_context  # noqa: E402
 from hf_attn_plus.mechanisms import block_topk, santa, stochastic_routing  # noqa: E402
 from hf_attn_plus.patches.side_cache import SideCacheLayer  # noqa: E402
 from hf_attn_plus.reference import masked_attention  # noqa: E402
 from hf_attn_plus.registry import get_mechanism  # noqa: E402
-from hf_attn_plus.selection import key_blocks  # noqa: E402
+from hf_attn_plus.selection import kept_indices  # noqa: E402
+from hf_attn_plus.structure import Selection, dense_keep  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PARTS = ("decode", "prefill", "stochastic", "indexer")
@@ -141,27 +142,24 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
     layer = SideCacheLayer()
     layer.update(key, value)
     ctx = build_context(torch.ones(1, 1, 1, context, dtype=torch.bool, device=device), cache_layer=layer)
-    key_pos = ctx.key_pos.flatten(1)
 
     # 1. Attention alone on a fixed choice shared by each KV group (sink, local and random blocks): the same blocks
-    # for SDPA (all), FlexAttention and our block-mode kernel.
+    # for SDPA (all), FlexAttention and our decode kernel (as block lists).
     picks = torch.rand(1, kv_heads, num_blocks, device=device, generator=g)
     picks[..., 0] = picks[..., -1] = 2.0
     chosen = torch.zeros(1, kv_heads, num_blocks, dtype=torch.bool, device=device)
     chosen.scatter_(-1, picks.topk(budget // block, dim=-1).indices, True)
     head_chosen = chosen.repeat_interleave(heads // kv_heads, 1).unsqueeze(2)  # [1, Hq, 1, blocks]
-    first = torch.arange(num_blocks, device=device)[None] * block  # no padding: block j holds slots j*block...
-    spans = first, (first + block - 1).clamp(max=context - 1)
+    blocks = sorted_lists(kept_indices(head_chosen, num_blocks), ctx)
+    keys = KeySet(visibility(ctx), blocks=blocks, block_size=block)
     splits = default_splits(kv_heads, device)
     tile = cfg["tile"]
-    ours = lambda: selected_block_decode(  # noqa: E731
-        query, key, value, ctx.visible, key_pos, head_chosen, spans, block, scaling, tile, splits
-    )
+    ours = lambda: selected_decode(query, key, value, keys, scaling, tile, splits)  # noqa: E731
     out = ours()
     row["ours_ms"] = milliseconds(ours, device)
     row["sdpa_ms"] = milliseconds(lambda: dense_sdpa(query, key, value, causal=False), device)
     row["sdpa_GBps"] = context * kv_bytes_per_token / row["sdpa_ms"] / 1e6
-    tiles = tiles_from_blocks(head_chosen, *spans, context, kv_heads, decode_rows(query, key), tile)
+    tiles = tiles_for(keys, heads, kv_heads, context, decode_rows(query, key), tile)
     row["ours_GBps"] = attention_bytes(tiles, dim, itemsize) / row["ours_ms"] / 1e6
     run_flex, BlockMask, _ = flex
     if run_flex is not None:
@@ -177,7 +175,7 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
 
     # 2. The whole block_topk decode step as backend="kernel" runs it in a model: fold the new key into the layer's
     # block summaries, Quest-score every block for every query head, top blocks (per query head, or shared by a KV
-    # group: choose_per='group', columns group_step_*), tiles of their union per KV group, block-mode attention. Per-
+    # group: choose_per='group', columns group_step_*), tiles of their union per KV group, decode attention. Per-
     # head choices read up to `group` times the budget: the bytes are counted from the tiles actually listed.
     mechanism = get_mechanism("block_topk")
     state_name = f"block_topk:block_size={block}"
@@ -194,12 +192,14 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
 
         stepped = decode_step()
         row[f"{prefix}_ms"] = milliseconds(decode_step, device)
-        selected = mechanism.select(query, key, build_context(ctx.visible), opts)
+        uncached = build_context(ctx.visible)
+        selected = dense_keep(uncached, mechanism.select(query, key, uncached, opts), heads)
         reference = masked_attention(query, key, value, selected, scaling)[0]
         row[f"{prefix}_max_abs_diff_vs_reference"] = (stepped.float() - reference.float()).abs().max().item()
         summaries = layer.side[state_name]
-        step_chosen = block_topk.chosen_blocks(query, ctx, opts, key_blocks(ctx, block), summaries.bounds, quest_scores)
-        step_tiles = tiles_from_blocks(step_chosen, *summaries.spans, context, kv_heads, decode_rows(query, key), tile)
+        step_chosen = block_topk.chosen_blocks(query, ctx, opts, summaries.bounds, quest_scores)
+        step_keys = key_set(ctx, Selection(block_topk.fixed_rule(opts), block_size=block, blocks=step_chosen))
+        step_tiles = tiles_for(step_keys, heads, kv_heads, context, decode_rows(query, key), tile)
         step_bytes = attention_bytes(step_tiles, dim, itemsize) + 2 * kv_heads * num_blocks * dim * itemsize
         row[f"{prefix}_tokens_read"] = int(step_tiles.counts.sum()) * tile // kv_heads
         row[f"{prefix}_MB_read"] = step_bytes / 1e6
@@ -214,9 +214,9 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
 
 
 def attention_bytes(tiles, dim: int, itemsize: int) -> int:
-    """Bytes the block-mode kernel reads: K and V of every listed tile per (batch, KV head, row block), plus each
-    tile's positions (int64), visibility and chosen-block bytes; the query, output and tile lists are negligible."""
-    per_tile = tiles.block_n * (2 * dim * itemsize + 8 + 1 + 1)
+    """Bytes the decode kernel reads: K and V of every listed tile per (batch, KV head, row block); positions (per
+    sequence), the rows' block lists, the query, the output and the tile lists are negligible."""
+    per_tile = tiles.block_n * 2 * dim * itemsize
     return int(tiles.counts.sum()) * per_tile
 
 
@@ -236,13 +236,14 @@ def prefill_case(cfg, length: int, skip: float, device, flex) -> dict:
     keep_share = max(0.0, 1 - skip * causal.sum().item() / max(droppable.sum().item(), 1))
     chosen = causal & ~(droppable & (torch.rand(1, heads, num_blocks, num_blocks, device=device, generator=g) >= keep_share))
     skipped = 1 - chosen.sum().item() / (heads * causal.sum().item())
-    # Our tiles: rows of a KV group are (head, query); each selection block splits into (block / tile)^2 tiles.
-    per = block // tile
-    usage = chosen.reshape(1, kv_heads, heads // kv_heads * num_blocks, num_blocks)
-    usage = usage.repeat_interleave(per, dim=2).repeat_interleave(per, dim=3)
-    tiles = tiles_from_usage(usage, tile, tile)
+    # Ours: each query lists the chosen blocks of its query block (the kernel applies causality from positions).
+    ctx = causal_positions(length, device)
+    per_block = kept_indices(chosen, num_blocks)  # [1, heads, query blocks, num_blocks]
+    query_block = torch.arange(length, device=device) // block
+    lists = sorted_lists(lambda rows: per_block[:, :, query_block[rows]], ctx)  # per query chunk
+    keys = KeySet(visibility(ctx), blocks=lists, block_size=block)
     scaling = dim**-0.5
-    ours = lambda: block_sparse_attention(query, key, value, None, scaling, tiles=tiles)  # noqa: E731
+    ours = lambda: block_sparse_attention(query, key, value, keys, scaling, tile, tile)  # noqa: E731
     flops_per_pair = 4 * block * block * dim  # QK^T and PV of one block pair
     diagonal = heads * num_blocks
     kept_flops = (chosen.sum().item() - diagonal / 2) * flops_per_pair
@@ -273,11 +274,9 @@ def prefill_case(cfg, length: int, skip: float, device, flex) -> dict:
 
 
 def causal_positions(length: int, device: torch.device) -> AttentionContext:
-    """Positions of one unpadded causal sequence. Visibility is an all-True stride-0 view: the ranges and links only
-    name causal keys, and a materialised [L, L] mask (17 GB at 128K) would not fit."""
+    """Positions of one unpadded causal sequence (no [L, L] mask: 17 GB at 128K would not fit)."""
     pos = torch.arange(length, device=device)
-    visible = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device).expand(1, 1, length, length)
-    return AttentionContext(visible=visible, key_pos=pos.view(1, 1, 1, -1), query_pos=pos.view(1, 1, -1, 1))
+    return AttentionContext(key_pos=pos.view(1, 1, 1, -1), query_pos=pos.view(1, 1, -1, 1))
 
 
 def routing_case(cfg, scfg, length: int, training: bool, device, flex) -> dict:
@@ -298,7 +297,7 @@ def routing_case(cfg, scfg, length: int, training: bool, device, flex) -> dict:
             return fixed_spans(ctx, opts.sinks, opts.window), position_slots(ctx, links), links
 
     spans, slots, links = lists()
-    ours = lambda: gathered_attention(*inputs, ctx.visible, spans, slots, scaling)  # noqa: E731
+    ours = lambda: gathered_attention(*inputs, visibility(ctx), spans, slots, scaling)  # noqa: E731
     dense = lambda: dense_sdpa(*inputs, causal=True)  # noqa: E731
 
     def step(fn):
@@ -360,7 +359,7 @@ def santa_case(cfg, scfg, context: int, device) -> dict:
     row = dict(mode="santa_decode", context=context, read=opts.sinks + opts.window + opts.samples)
     with torch.no_grad():
         def gather_only(spans=spans, slots=slots, log_weights=log_weights):
-            return gathered_attention(query, key, value, ctx.visible, spans, slots, scaling, log_weights)
+            return gathered_attention(query, key, value, visibility(ctx), spans, slots, scaling, log_weights)
 
         row["ours_kernel_ms"] = milliseconds(gather_only, device)
         row["ours_ms"] = milliseconds(lambda: gather_only(*lists()), device)

@@ -234,6 +234,13 @@ def run_mechanism(
     if mechanism.attend_has_kernel:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
     kernel = use_kernel(mechanism, opts, query, dropout)  # raises for backend='kernel' where there is no kernel
+    if kernel and ctx.key_gap is not None:  # the kernels number slots as key_start + position
+        if opts.backend == "kernel":
+            raise OptionError(
+                f"hf_attn_plus mechanism {mechanism.name!r}: backend='kernel' does not read an evicting cache "
+                "(evict=True); use backend='auto' (the reference reads sinks + window per step) or 'reference'"
+            )
+        kernel = False
     if mechanism.attend is not None:
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
     if kernel:

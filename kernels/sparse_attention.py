@@ -1,22 +1,16 @@
-"""The kernel path of every mechanism that is exact softmax over a selected key set (`Mechanism.select`).
+"""The kernel path of every mechanism that is exact softmax over a selected key set, on structured inputs.
 
-The selection stays the reference `select` (the semantic truth); the kernels only make the attention over it cheap:
-a few new queries go to selected_decode (split-KV, no gradient), everything else to block_sparse_prefill.
-Not yet moved to the structured contract: these kernels still read a dense [B, H, q, kv] keep mask, written here from
-the Selection (`structure.dense_keep`), so the GPU path is O(q * kv) in memory until they read rules and lists.
+A selection arrives as a key_sets.KeySet (per-sequence positions, the rule's integers, sorted block / token lists;
+hf_attn_plus.kernel_inputs builds it from a structure.Selection): no [q, kv] mask exists on this path. A few new
+queries go to selected_decode (split-KV, no gradient), everything else to block_sparse_prefill (with a backward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from types import SimpleNamespace
-from typing import Any
-
 import torch
 
-from ..masking import AttentionContext
-from ..structure import dense_keep
 from ._triton import require_triton
+from .key_sets import KeySet
 
 # Up to this many new queries (speculative / multi-token decode) a call is treated as decode.
 DECODE_MAX_QUERIES = 4
@@ -29,32 +23,15 @@ def decoding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
 
 
 def sparse_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: KeySet, scaling: float
 ) -> torch.Tensor:
-    """Equals hf_attn_plus.reference.masked_attention(query, key, value, keep, scaling)[0], with gradients."""
+    """Softmax of each query [B, Hq, q, D] over the keys `keys` keeps (key/value [B, Hkv, kv, D|Dv]) ->
+    [B, Hq, q, Dv]; rows keeping nothing output zeros. Differentiable w.r.t. query, key, value."""
     require_triton(query, key, value)
     if decoding(query, key, value):
         from .selected_decode.wrapper import selected_decode
 
-        return selected_decode(query, key, value, keep, scaling)
+        return selected_decode(query, key, value, keys, scaling)
     from .block_sparse_prefill.function import block_sparse_attention
 
-    return block_sparse_attention(query, key, value, keep, scaling)
-
-
-def selection_kernel(select: Callable[..., torch.Tensor], **select_kwargs: Any) -> Callable[..., torch.Tensor]:
-    """A Mechanism.kernel running the exact attention over what `select(..., **select_kwargs)` keeps."""
-
-    def kernel(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        ctx: AttentionContext,
-        opts: SimpleNamespace,
-        scaling: float,
-    ) -> torch.Tensor:
-        with torch.no_grad():
-            keep = dense_keep(ctx, select(query, key, ctx, opts, **select_kwargs), query.shape[1])
-        return sparse_attention(query, key, value, keep, scaling)
-
-    return kernel
+    return block_sparse_attention(query, key, value, keys, scaling)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..kernels.sparse_attention import selection_kernel
+from ..kernel_inputs import selection_kernel
 from ..masking import AttentionContext
 from ..options import float_option, int_option
 from ..reference import default_scaling

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from ..kernels.block_scoring import BlockSummaries, quest_scores
-from ..kernels.sparse_attention import decoding, selection_kernel
+from ..kernel_inputs import selection_kernel
 from ..masking import AttentionContext
 from ..options import choice_option, int_option
 from ..patches.side_cache import side_state
@@ -94,40 +94,9 @@ def select(
     return Selection(fixed_rule(opts), block_size=opts.block_size, blocks=blocks)
 
 
-_prefill_kernel = selection_kernel(select, block_scores=quest_scores)
-
-
-def block_map(ctx: AttentionContext, opts: SimpleNamespace, blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """The blocks each query attends as a bool map [B, Hq, q, num_blocks] (chosen, sink and local blocks it sees),
-    what the block-mode decode kernel reads (a few queries: O(q * num_blocks))."""
-    seen = chunk_seen_blocks(ctx, slice(None), num_blocks, opts.block_size)
-    fixed = fixed_blocks(ctx.query_pos, num_blocks, opts.block_size, opts.sink_blocks, opts.local_blocks) & seen
-    chosen = torch.zeros(*blocks.shape[:-1], num_blocks + 1, dtype=torch.bool, device=blocks.device)
-    chosen.scatter_(-1, torch.where(blocks < 0, num_blocks, blocks).long(), True)
-    return chosen[..., :num_blocks] | fixed
-
-
-def kernel(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    ctx: AttentionContext,
-    opts: SimpleNamespace,
-    scaling: float,
-) -> torch.Tensor:
-    """Decode: Quest scores from the block summaries, top blocks, then the block-mode decode kernel over the tiles
-    of the chosen blocks; prefill and training: the token selection through the block-sparse prefill kernel."""
-    if not decoding(query, key, value):
-        return _prefill_kernel(query, key, value, ctx, opts, scaling)
-    from ..kernels.selected_decode.wrapper import selected_block_decode
-
-    with torch.no_grad():
-        summaries = block_summaries(key, ctx, opts.block_size)
-        blocks = chosen_blocks(query, ctx, opts, summaries.bounds, quest_scores)
-        chosen = block_map(ctx, opts, blocks, summaries.bounds[0].shape[2])
-    return selected_block_decode(
-        query, key, value, ctx.visible, ctx.key_pos.flatten(1), chosen, summaries.spans, opts.block_size, scaling
-    )
+# Decode and prefill alike: Triton Quest scores, the chosen blocks as sorted lists, and the tile kernels reading only
+# the tiles those blocks (and the sink and local blocks of the rule) cover.
+kernel = selection_kernel(select, block_scores=quest_scores)
 
 
 MECHANISM = register(

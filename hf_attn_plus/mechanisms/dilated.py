@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..kernels.sparse_attention import selection_kernel
+from ..kernel_inputs import selection_kernel
 from ..masking import AttentionContext
 from ..options import int_option
 from ..registry import Mechanism, register

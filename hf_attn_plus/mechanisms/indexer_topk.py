@@ -53,7 +53,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import attend_selection, use_kernel
-from ..kernels.sparse_attention import sparse_attention
 from ..masking import AttentionContext
 from ..options import choice_option, int_option
 from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
@@ -270,7 +269,9 @@ def attend_model_indexer(module, query, key, value, ctx, opts, scaling, dropout)
             f"(config.index_topk={module.config.index_topk}); option(s) {', '.join(map(repr, given))} do not apply there"
         )
     if use_kernel(MECHANISM, opts, query, dropout):
-        return sparse_attention(query, key, value, ctx.visible, scaling), None
+        from ..kernel_inputs import attend_kernel
+
+        return attend_kernel(query, key, value, ctx, Selection(DENSE), scaling), None
     return attend_selection(module, query, key, value, ctx, Selection(DENSE), opts, scaling, dropout), None
 
 
@@ -287,15 +288,17 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
     elif kernel:
         from ..kernels.indexer_topk.wrapper import indexer_topk_keep
 
+        from ..kernel_inputs import masked_kernel_attention
+
         keep = indexer_topk_keep(*index_inputs, ctx, opts.budget, opts.sinks, opts.window)
-        return sparse_attention(query, key, value, keep, scaling), None
+        return masked_kernel_attention(query, key, value, ctx, keep, scaling), None
     else:
         scores_of = functools.partial(chunk_scores, index_inputs)
         selection = scored_selection(ctx, scores_of, index_inputs[0].shape[1], opts.budget, opts.sinks, opts.window)
-    if kernel:  # the sparse kernel reads a dense keep mask (kernels/sparse_attention.py)
-        with torch.no_grad():
-            keep = dense_keep(ctx, selection)
-        return sparse_attention(query, key, value, keep, scaling), None
+    if kernel:  # training: the selection's lists go to the block-sparse kernel
+        from ..kernel_inputs import attend_kernel
+
+        return attend_kernel(query, key, value, ctx, selection, scaling), None
     return attend_selection(module, query, key, value, ctx, selection, opts, scaling, dropout), None
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..attention import attend_selection, length_beta, use_kernel
 from ..chunked_attention import selected_attention
-from ..kernels.sparse_attention import sparse_attention
+from ..kernel_inputs import attend_kernel, fixed_spans, visibility
 from ..masking import AttentionContext
 from ..options import int_option
 from ..patches.side_cache import SlotBuffer, side_state
@@ -167,17 +167,16 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
     with_kernel = use_kernel(MECHANISM, opts, query, dropout)
     if query.shape[2] > 1:
         if with_kernel:
-            return sparse_attention(query, key, value, ctx.visible, scaling), None
+            return attend_kernel(query, key, value, ctx, Selection(DENSE), scaling), None
         return attend_selection(module, query, key, value, ctx, Selection(DENSE), opts, scaling, dropout), None
     layer = getattr(module, "layer_idx", 0)
     if with_kernel:
         from ..kernels.gathered_attention.function import gathered_attention
-        from ..kernels.gathered_attention.lists import fixed_spans
 
         with torch.no_grad():
             slots, log_weights = sampled_slots(query, key, ctx, opts, scaling, layer)
             spans = fixed_spans(ctx, opts.sinks, opts.window)
-        return gathered_attention(query, key, value, ctx.visible, spans, slots, scaling, log_weights), None
+        return gathered_attention(query, key, value, visibility(ctx), spans, slots, scaling, log_weights), None
     with torch.no_grad():
         selection = estimate(query, key, ctx, opts, scaling, layer)
     return selected_attention(context_scaled(module, query, ctx, opts), key, value, ctx, selection, scaling, dropout=dropout), None

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from ..attention import attend_selection, use_kernel
+from ..kernel_inputs import fixed_spans, position_slots, visibility
 from ..masking import AttentionContext
 from ..options import bool_option, int_option
 from ..registry import Mechanism, register
@@ -62,13 +63,11 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
     layer = getattr(module, "layer_idx", 0)
     if use_kernel(MECHANISM, opts, query, dropout):
         from ..kernels.gathered_attention.function import gathered_attention
-        from ..kernels.gathered_attention.lists import fixed_spans, position_slots, slot_table
 
         with torch.no_grad():
-            table = slot_table(ctx)
-            spans = fixed_spans(ctx, opts.sinks, opts.window, table)
-            slots = position_slots(ctx, link_positions(ctx, query.shape[1], opts, layer, step), table)
-        return gathered_attention(query, key, value, ctx.visible, spans, slots, scaling), None
+            spans = fixed_spans(ctx, opts.sinks, opts.window)
+            slots = position_slots(ctx, link_positions(ctx, query.shape[1], opts, layer, step))
+        return gathered_attention(query, key, value, visibility(ctx), spans, slots, scaling), None
     with torch.no_grad():
         graph = routing_graph(ctx, query.shape[1], opts, layer, step)
     return attend_selection(module, query, key, value, ctx, graph, opts, scaling, dropout), None

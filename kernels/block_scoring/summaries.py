@@ -1,4 +1,4 @@
-"""Per-block key min/max and cache-slot spans, extended as the KV cache grows instead of recomputed every step."""
+"""Per-block key min/max, extended as the KV cache grows instead of recomputed every step."""
 
 from __future__ import annotations
 
@@ -6,13 +6,10 @@ from collections.abc import Callable
 
 import torch
 
-EMPTY_FIRST = torch.iinfo(torch.long).max  # first slot of a block holding no key yet
-
-
 class BlockSummaries:
-    """After every `extend`, over all keys folded so far: `bounds` equals selection.block_key_bounds and `spans` holds
-    the first and last cache slot of each block (blocks of `block_size` real positions, numbered as
-    selection.key_blocks does; with left padding block j starts at slot pad + j * block_size).
+    """After every `extend`, over all keys folded so far: `bounds` equals selection.block_key_bounds (blocks of
+    `block_size` real positions, numbered as selection.key_blocks does). The slots a block spans need no state: real
+    keys are contiguous, so block j starts at slot key_start + j * block_size.
 
     A decode step updates the one block its new key falls in (or opens the next): O(new keys) work, amortised O(1)
     growth of the buffers. A side state of patches.side_cache (`covered`, `extend(keys, key_pos)`, `map_batch`).
@@ -22,23 +19,15 @@ class BlockSummaries:
         self.block_size = block_size
         self.covered = 0  # cache slots folded in
         self.num_blocks = 0
-        # [B, Hkv, capacity + 1, D] and [B, capacity + 1]; the last slot absorbs padding keys (block -1), never read.
+        # [B, Hkv, capacity + 1, D]; the last slot absorbs padding keys (block -1), never read.
         self._min: torch.Tensor | None = None
         self._max: torch.Tensor | None = None
-        self._first: torch.Tensor | None = None
-        self._last: torch.Tensor | None = None
 
     @property
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(kmin, kmax) [B, Hkv, num_blocks, D]; blocks with no key yet hold +inf / -inf."""
         self._check_filled()
         return self._min[:, :, : self.num_blocks], self._max[:, :, : self.num_blocks]
-
-    @property
-    def spans(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(first, last) cache slot of each block's keys, [B, num_blocks] long; a block with no key: (EMPTY_FIRST, -1)."""
-        self._check_filled()
-        return self._first[:, : self.num_blocks], self._last[:, : self.num_blocks]
 
     def extend(self, keys: torch.Tensor, key_pos: torch.Tensor) -> None:
         """Fold keys [B, Hkv, n, D] of cache slots covered..covered+n-1, real positions key_pos [B, 1, 1, n] (-1:
@@ -55,14 +44,11 @@ class BlockSummaries:
         per_dim = slot[:, None, :, None].expand(batch, kv_heads, n, dim)
         self._min.scatter_reduce_(2, per_dim, keys, "amin")
         self._max.scatter_reduce_(2, per_dim, keys, "amax")
-        cache_slots = torch.arange(self.covered, self.covered + n, device=keys.device).expand(batch, n)
-        self._first.scatter_reduce_(1, slot, cache_slots, "amin")
-        self._last.scatter_reduce_(1, slot, cache_slots, "amax")
         self.covered += n
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self._min is not None:
-            self._min, self._max, self._first, self._last = map(fn, (self._min, self._max, self._first, self._last))
+            self._min, self._max = fn(self._min), fn(self._max)
 
     def _check_filled(self) -> None:
         if self._min is None:
@@ -72,10 +58,7 @@ class BlockSummaries:
         batch, kv_heads, _, dim = like.shape
         new_min = like.new_full((batch, kv_heads, capacity + 1, dim), float("inf"))
         new_max = like.new_full((batch, kv_heads, capacity + 1, dim), float("-inf"))
-        new_first = torch.full((batch, capacity + 1), EMPTY_FIRST, dtype=torch.long, device=like.device)
-        new_last = torch.full((batch, capacity + 1), -1, dtype=torch.long, device=like.device)
         if self._min is not None:
             old = self._min.shape[2] - 1
             new_min[:, :, :old], new_max[:, :, :old] = self._min[:, :, :old], self._max[:, :, :old]
-            new_first[:, :old], new_last[:, :old] = self._first[:, :old], self._last[:, :old]
-        self._min, self._max, self._first, self._last = new_min, new_max, new_first, new_last
+        self._min, self._max = new_min, new_max

@@ -12,7 +12,9 @@ import triton
 import triton.language as tl
 
 from .._triton import interpreting, next_power_of_2
-from ..selected_decode.kernel import keep_tile, mask_strides, row_coordinates
+from ..keep_tile import kept_tile
+from ..key_sets import KeySet
+from ..selected_decode.kernel import row_coordinates
 from ..tile_lists import TileLists, transposed
 
 
@@ -26,15 +28,19 @@ def _probabilities(q, k, lse, keep, scaling):
 
 @triton.jit
 def _backward_dq_kernel(
-    Q, K, V, KEEP, TILES, COUNTS, DO, LSE, DELTA, DQ,
+    Q, K, V, TILES, COUNTS, DO, LSE, DELTA, DQ,
     sq_b, sq_h, sq_q, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
-    sm_b, sm_h, sm_q, sm_n,
     so_b, so_h, so_q, so_d,
     sl_b, sl_h, sl_q,
-    kv_heads, q_len, kv_len, rows, row_blocks, max_tiles, head_dim, v_dim, scaling,
-    GROUP: tl.constexpr, HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr,
+    kv_heads, q_len, kv_len, rows, row_blocks, list_width, head_dim, v_dim, scaling,
+    QPOS, KEY_START, KEY_COUNT, RESTRICT, sp_b, sp_q, sr_b, sr_h, sr_q, sr_n,
+    BLOCKS, TOKENS, sb_b, sb_h, sb_q, sb_j, st_b, st_h, st_q, st_j, n_blocks, n_tokens,
+    HAS_RESTRICT: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_TOKENS: tl.constexpr,
+    BLOCK_STEPS: tl.constexpr, TOKEN_STEPS: tl.constexpr, SINKS: tl.constexpr, WINDOW: tl.constexpr,
+    DILATION: tl.constexpr, RULE_BLOCK: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, LIST_BLOCK: tl.constexpr,
+    GROUP: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -62,7 +68,7 @@ def _backward_dq_kernel(
     v_base = V + b * sv_b + kv_head * sv_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(0, count):
-        tile = tl.load(TILES + list_at * max_tiles + t)
+        tile = tl.load(TILES + list_at * list_width + t)
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < kv_len
         k = tl.load(k_base + n[:, None] * sk_n + d[None, :] * sk_d, mask=n_ok[:, None] & (d < head_dim)[None, :], other=0.0)
@@ -70,7 +76,13 @@ def _backward_dq_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        keep = keep_tile(KEEP, b, head, qi, row_ok, n, kv_len, q_len, sm_b, sm_h, sm_q, sm_n, HAS_KEEP)
+        keep = kept_tile(
+            b, head, qi, row_ok, n, kv_len,
+            QPOS, KEY_START, KEY_COUNT, RESTRICT, sp_b, sp_q, sr_b, sr_h, sr_q, sr_n,
+            BLOCKS, TOKENS, sb_b, sb_h, sb_q, sb_j, st_b, st_h, st_q, st_j, n_blocks, n_tokens,
+            HAS_RESTRICT, HAS_BLOCKS, HAS_TOKENS, BLOCK_STEPS, TOKEN_STEPS, SINKS, WINDOW, DILATION, RULE_BLOCK,
+            LOCAL_BLOCKS, LIST_BLOCK,
+        )
         p = _probabilities(q, k, lse, keep, scaling)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
@@ -80,15 +92,19 @@ def _backward_dq_kernel(
 
 @triton.jit
 def _backward_dkdv_kernel(
-    Q, K, V, KEEP, ROW_BLOCKS, COUNTS, DO, LSE, DELTA, DK, DV,
+    Q, K, V, ROW_BLOCKS, COUNTS, DO, LSE, DELTA, DK, DV,
     sq_b, sq_h, sq_q, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
-    sm_b, sm_h, sm_q, sm_n,
     so_b, so_h, so_q, so_d,
     sl_b, sl_h, sl_q,
-    kv_heads, q_len, kv_len, rows, row_blocks, num_tiles, head_dim, v_dim, scaling,
-    GROUP: tl.constexpr, HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr,
+    kv_heads, q_len, kv_len, rows, list_width, num_tiles, head_dim, v_dim, scaling,
+    QPOS, KEY_START, KEY_COUNT, RESTRICT, sp_b, sp_q, sr_b, sr_h, sr_q, sr_n,
+    BLOCKS, TOKENS, sb_b, sb_h, sb_q, sb_j, st_b, st_h, st_q, st_j, n_blocks, n_tokens,
+    HAS_RESTRICT: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_TOKENS: tl.constexpr,
+    BLOCK_STEPS: tl.constexpr, TOKEN_STEPS: tl.constexpr, SINKS: tl.constexpr, WINDOW: tl.constexpr,
+    DILATION: tl.constexpr, RULE_BLOCK: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, LIST_BLOCK: tl.constexpr,
+    GROUP: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -113,7 +129,7 @@ def _backward_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for i in range(0, count):
-        row_block = tl.load(ROW_BLOCKS + list_at * row_blocks + i)
+        row_block = tl.load(ROW_BLOCKS + list_at * list_width + i)
         head, qi, row_ok = row_coordinates(kv_head, row_block, rows, q_len, GROUP, BLOCK_M)
         q = tl.load(
             Q + b * sq_b + head[:, None] * sq_h + qi[:, None] * sq_q + d[None, :] * sq_d,
@@ -128,7 +144,13 @@ def _backward_dkdv_kernel(
             do = do.to(tl.float32)
         lse = tl.load(LSE + b * sl_b + head * sl_h + qi * sl_q, mask=row_ok, other=float("-inf"))
         delta = tl.load(DELTA + b * sl_b + head * sl_h + qi * sl_q, mask=row_ok, other=0.0)
-        keep = keep_tile(KEEP, b, head, qi, row_ok, n, kv_len, q_len, sm_b, sm_h, sm_q, sm_n, HAS_KEEP)
+        keep = kept_tile(
+            b, head, qi, row_ok, n, kv_len,
+            QPOS, KEY_START, KEY_COUNT, RESTRICT, sp_b, sp_q, sr_b, sr_h, sr_q, sr_n,
+            BLOCKS, TOKENS, sb_b, sb_h, sb_q, sb_j, st_b, st_h, st_q, st_j, n_blocks, n_tokens,
+            HAS_RESTRICT, HAS_BLOCKS, HAS_TOKENS, BLOCK_STEPS, TOKEN_STEPS, SINKS, WINDOW, DILATION, RULE_BLOCK,
+            LOCAL_BLOCKS, LIST_BLOCK,
+        )
         p = _probabilities(q, k, lse, keep, scaling)
         dv_acc += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -143,7 +165,7 @@ def tile_attention_backward(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    keep: torch.Tensor | None,
+    keys: KeySet,
     tiles: TileLists,
     out: torch.Tensor,
     lse: torch.Tensor,
@@ -156,24 +178,24 @@ def tile_attention_backward(
     _, kv_heads, kv_len, _ = key.shape
     v_dim = value.shape[-1]
     group = q_heads // kv_heads
-    row_blocks, max_tiles = tiles.indices.shape[-2:]
+    row_blocks, list_width = tiles.indices.shape[-2:]
     grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1)
-    mask, keep_strides = mask_strides(keep, (batch, q_heads, q_len, kv_len))
-    mask = mask if mask is not None else query
     dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    key_arguments, key_constants = keys.arguments((batch, q_heads, q_len, kv_len))
     common = dict(
-        GROUP=group, HAS_KEEP=keep is not None, UPCAST=interpreting(), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        **key_constants, GROUP=group, UPCAST=interpreting(), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_D=next_power_of_2(head_dim), BLOCK_DV=next_power_of_2(v_dim),
     )
-    strides = (*query.stride(), *key.stride(), *value.stride(), *keep_strides, *grad_out.stride(), *lse.stride())
+    strides = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *lse.stride())
+    shape = (kv_heads, q_len, kv_len, group * q_len)
     _backward_dq_kernel[(batch * kv_heads, row_blocks)](
-        query, key, value, mask, tiles.indices, tiles.counts, grad_out, lse, delta, dq, *strides,
-        kv_heads, q_len, kv_len, group * q_len, row_blocks, max_tiles, head_dim, v_dim, scaling, **common,
+        query, key, value, tiles.indices, tiles.counts, grad_out, lse, delta, dq, *strides,
+        *shape, row_blocks, list_width, head_dim, v_dim, scaling, *key_arguments, **common,
     )
     row_lists, row_counts = transposed(tiles)
-    _backward_dkdv_kernel[(batch * kv_heads, max_tiles)](
-        query, key, value, mask, row_lists, row_counts, grad_out, lse, delta, dk, dv, *strides,
-        kv_heads, q_len, kv_len, group * q_len, row_blocks, max_tiles, head_dim, v_dim, scaling, **common,
+    _backward_dkdv_kernel[(batch * kv_heads, tiles.num_tiles)](
+        query, key, value, row_lists, row_counts, grad_out, lse, delta, dk, dv, *strides,
+        *shape, row_lists.shape[-1], tiles.num_tiles, head_dim, v_dim, scaling, *key_arguments, **common,
     )
     return dq, dk, dv

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..key_sets import Visibility
+
 
 def span_slots(spans: torch.Tensor) -> torch.Tensor:
     """Half-open slot ranges [..., 2] -> the slots they hold, [..., longest range] long (-1 past a range's end)."""
@@ -29,7 +31,7 @@ def gathered_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    visible: torch.Tensor,
+    visibility: Visibility,
     spans: torch.Tensor,
     slots: torch.Tensor,
     log_weights: torch.Tensor | None,
@@ -37,7 +39,7 @@ def gathered_attention_reference(
 ) -> torch.Tensor:
     """Softmax attention of each query over its two slot ranges and its listed slots, in fp32.
 
-    query [B, Hq, q, D], key/value [B, Hkv, kv, D|Dv], visible [B, 1, q, kv] bool (keys it hides are dropped
+    query [B, Hq, q, D], key/value [B, Hkv, kv, D|Dv], visibility (keys a query does not see are dropped
     wherever they appear), spans [B, q, 4] (sink start, end, window start, end; half-open, disjoint), slots
     [B, Hq, q, n] (-1: unused; disjoint from the ranges; a repeated slot counts once per entry), log_weights
     [B, Hq, q, n] added to the listed keys' logits (None: 0). Rows attending to nothing output zeros.
@@ -50,9 +52,20 @@ def gathered_attention_reference(
     if log_weights is not None:
         weights[..., ranges.shape[-1] :] = log_weights.float()
     index = listed.clamp(min=0)
-    ok = (listed >= 0) & visible.expand(batch, q_heads, q_len, -1).gather(-1, index)
+    ok = (listed >= 0) & seen(visibility, listed, q_heads, key.shape[2])
     keys, values = gather_rows(key.float(), index), gather_rows(value.float(), index)
     logits = (keys @ query.float().unsqueeze(-1)).squeeze(-1) * scaling + weights
     # A finite fill keeps rows attending to nothing NaN-free in forward and backward (as reference.masked_attention).
     probs = torch.softmax(logits.masked_fill(~ok, torch.finfo(logits.dtype).min), dim=-1) * ok
     return (probs.unsqueeze(-2) @ values).squeeze(-2).to(query.dtype)
+
+
+def seen(visibility: Visibility, slots: torch.Tensor, q_heads: int, kv_len: int) -> torch.Tensor:
+    """Whether each query sees each of its slots [B, Hq, q, n] (>= 0 where used)."""
+    s = slots - visibility.key_start.view(-1, 1, 1, 1)
+    t = visibility.query_pos[:, None, :, None]
+    ok = (t >= 0) & (s >= 0) & (s < visibility.key_count.view(-1, 1, 1, 1)) & (s <= t)
+    if visibility.restrict is not None:
+        restrict = visibility.restrict.expand(slots.shape[0], q_heads, slots.shape[2], kv_len)
+        ok = ok & restrict.gather(-1, slots.clamp(0, kv_len - 1))
+    return ok

@@ -1,13 +1,14 @@
-"""selected_decode(query, key, value, keep, scaling) == masked_attention(query, key, value, keep, scaling)[0];
-selected_block_decode(...) == the same over blocks_to_keys(chosen, blocks, ctx), without that per-token mask."""
+"""selected_decode(query, key, value, keys, scaling) == hf_attn_plus.chunked_attention.selected_attention over the
+same selection (key_sets.KeySet), split over the tiles the selection covers, without a per-token mask."""
 
 from __future__ import annotations
 
 import torch
 
 from .._triton import next_power_of_2, require_triton, tile_size
-from ..tile_lists import tiles_from_blocks, tiles_from_keep
-from .kernel import BlockChoice, tile_attention_forward
+from ..key_sets import KeySet
+from ..tile_lists import tiles_for
+from .kernel import tile_attention_forward
 
 # Splits per (batch, kv head): enough programs to fill a GPU at batch 1; the interpreter pays per program.
 _SPLITS_PER_SM = 2
@@ -30,42 +31,15 @@ def selected_decode(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    keep: torch.Tensor,
+    keys: KeySet,
     scaling: float,
     block_n: int | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """Attention of query [B, Hq, q, D] (q small) over the keys in `keep` ([B, Hq|1, q, kv] bool) -> [B, Hq, q, Dv]."""
+    """Attention of query [B, Hq, q, D] (q small) over the keys `keys` keeps -> [B, Hq, q, Dv]; reads only the
+    tiles the selection covers, so decode cost follows what is kept, not the context."""
     require_triton(query)
-    batch, q_heads = query.shape[:2]
-    tiles = tiles_from_keep(keep, batch, q_heads, key.shape[1], decode_rows(query, key), block_n or tile_size(query.dtype))
-    splits = splits or default_splits(batch * key.shape[1], query.device)
-    return tile_attention_forward(query, key, value, keep, tiles, scaling, splits)[0]
-
-
-def selected_block_decode(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    visible: torch.Tensor,
-    key_pos: torch.Tensor,
-    chosen: torch.Tensor,
-    spans: tuple[torch.Tensor, torch.Tensor],
-    block_size: int,
-    scaling: float,
-    block_n: int | None = None,
-    splits: int | None = None,
-) -> torch.Tensor:
-    """Attention of query [B, Hq, q, D] over the visible keys of the chosen blocks -> [B, Hq, q, Dv].
-
-    visible [B, 1, q, kv] bool (ctx.visible), key_pos [B, kv] (ctx.key_pos: real position, -1 padding), chosen
-    [B, Hq, q, num_blocks] bool (blocks of `block_size` real positions), spans: (first, last) cache slot of each
-    block [B, num_blocks] (BlockSummaries.spans). Reads only the tiles the chosen blocks cover: decode cost follows the
-    budget, and no [B, Hq, q, kv] mask is built.
-    """
-    require_triton(query)
-    block_m, block_n = decode_rows(query, key), block_n or tile_size(query.dtype)
-    tiles = tiles_from_blocks(chosen, *spans, key.shape[2], key.shape[1], block_m, block_n)
+    block_n = block_n or tile_size(query.dtype)
+    tiles = tiles_for(keys, query.shape[1], key.shape[1], key.shape[2], decode_rows(query, key), block_n)
     splits = splits or default_splits(query.shape[0] * key.shape[1], query.device)
-    blocks = BlockChoice(chosen, key_pos, block_size)
-    return tile_attention_forward(query, key, value, visible, tiles, scaling, splits, blocks)[0]
+    return tile_attention_forward(query, key, value, keys, tiles, scaling, splits)[0]

@@ -102,9 +102,12 @@ def test_importable_without_triton_and_a_kernel_request_explains():
 import sys
 sys.modules["triton"] = None  # as if not installed
 import torch, hf_attn_plus
-from hf_attn_plus.kernels.sparse_attention import sparse_attention
+from hf_attn_plus.kernel_inputs import attend_kernel
+from hf_attn_plus.masking import build_context
+from hf_attn_plus.structure import DENSE, Selection
+ctx = build_context(torch.ones(1, 1, 1, 2, dtype=torch.bool))
 try:
-    sparse_attention(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), torch.ones(1, 1, 1, 2, dtype=torch.bool), 1.0)
+    attend_kernel(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), ctx, Selection(DENSE), 1.0)
 except ImportError as error:
     print(error)
 """

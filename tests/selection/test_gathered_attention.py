@@ -9,8 +9,8 @@ import torch
 
 import hf_attn_plus
 from hf_attn_plus.kernels.gathered_attention.function import gathered_attention
-from hf_attn_plus.kernels.gathered_attention.lists import fixed_spans, position_slots
 from hf_attn_plus.kernels.gathered_attention.reference import gathered_attention_reference
+from hf_attn_plus.kernel_inputs import fixed_spans, position_slots, visibility
 from hf_attn_plus.masking import AttentionContext, build_context
 from hf_attn_plus.chunked_attention import selected_attention
 from hf_attn_plus.mechanisms.santa import estimate, sampled_slots
@@ -65,10 +65,10 @@ def test_kernel_equals_reference_and_masked_attention(group, dtype, dims, paddin
     spans = fixed_spans(ctx, opts.sinks, opts.window)
     slots = position_slots(ctx, link_positions(ctx, kv_heads * group, opts, layer=1))
     keep = graph_keep(ctx, kv_heads * group, opts, layer=1)
-    out = gathered_attention(query, key, value, ctx.visible, spans, slots, 0.3)
+    out = gathered_attention(query, key, value, visibility(ctx), spans, slots, 0.3)
     truth = masked_attention(query, key, value, keep, 0.3)[0]
     torch.testing.assert_close(out, truth, **TOLERANCE[dtype])
-    reference = gathered_attention_reference(query, key, value, ctx.visible, spans, slots, None, 0.3)
+    reference = gathered_attention_reference(query, key, value, visibility(ctx), spans, slots, None, 0.3)
     torch.testing.assert_close(out, reference, **TOLERANCE[dtype])
     grad = torch.randn_like(truth)
     for got, want in zip(torch.autograd.grad(out, (query, key, value), grad), torch.autograd.grad(truth, (query, key, value), grad)):
@@ -84,8 +84,8 @@ def test_log_weights_and_repeated_slots():
     positions = torch.tensor([3, 3, 5, -1]).expand(2, 4, 2, 4)
     slots = position_slots(ctx, positions)
     log_weights = torch.randn(2, 4, 2, 4)
-    out = gathered_attention(query, key, value, ctx.visible, spans, slots, 0.5, log_weights)
-    reference = gathered_attention_reference(query, key, value, ctx.visible, spans, slots, log_weights, 0.5)
+    out = gathered_attention(query, key, value, visibility(ctx), spans, slots, 0.5, log_weights)
+    reference = gathered_attention_reference(query, key, value, visibility(ctx), spans, slots, log_weights, 0.5)
     torch.testing.assert_close(out, reference)
     grad = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, inputs, grad, retain_graph=True), torch.autograd.grad(reference, inputs, grad)):
@@ -145,7 +145,7 @@ def test_santa_kernel_estimate_equals_reference():
         reference = selected_attention(query, key, value, ctx, estimate(query, key, ctx, opts, 0.25, layer=0), 0.25)
         slots, listed_weights = sampled_slots(query, key, ctx, opts, 0.25, layer=0)
         spans = fixed_spans(ctx, opts.sinks, opts.window)
-        out = gathered_attention(query, key, value, ctx.visible, spans, slots, 0.25, listed_weights)
+        out = gathered_attention(query, key, value, visibility(ctx), spans, slots, 0.25, listed_weights)
         torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
 
 
