@@ -5,7 +5,7 @@
 """
 
 from . import mechanisms as _mechanisms  # noqa: F401  (importing registers them)
-from .attention import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from .attention import UnsupportedModelError
 from .integration import register_with_transformers, set_attention
 from .options import OptionError
 from .patches.convert import MechanismWeightsError
@@ -17,7 +17,6 @@ __version__ = "0.1.0"
 __all__ = [
     "PREFIX",
     "MechanismWeightsError",
-    "SUPPORTED_MODEL_TYPES",
     "OptionError",
     "UnsupportedModelError",
     "get_mechanism",

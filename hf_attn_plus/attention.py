@@ -6,45 +6,54 @@ AttentionContext, asks the mechanism which keys each query keeps, and runs the k
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-from transformers.masking_utils import causal_mask_function, sdpa_mask
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mask, sliding_window_overlay
 
 from .chunked_attention import selected_attention
 from .flex_attention import check_flex, flex_selected_attention
 from .kernels.sparse_attention import decoding
 from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
+from .patches.attn_plus import weights_class
 from .reference import default_scaling, length_scale
-from .registry import Mechanism, OptionError, delegate, options_from_config
+from .registry import Mechanism, OptionError, all_mechanisms, delegate, options_from_config
 from .structure import DENSE, Selection
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "deepseek_v3", "deepseek_v32")
-
-# Keyword arguments that change attention semantics in ways no mechanism here implements; ignoring them would
-# silently compute something else.
-_UNSUPPORTED_KWARGS = {
-    "s_aux": "learned attention sinks (gpt-oss style)",
-    "softcap": "logit soft-capping",
-}
-
-
-_SLIDING_REFUSAL = (
-    "hf_attn_plus does not yet support layers with the model's own sliding window "
-    "(sliding_window={window} in {where}); use a config without it"
-)
+# The model's logit options (attention kwargs -> AttentionContext fields): the chunked reference applies them; a
+# mechanism not computing through it refuses rather than silently leaving them out.
+_LOGIT_OPTIONS = {"softcap": "softcap", "s_aux": "sinks"}
+# `attend` mechanisms whose reference runs the chunked reference or hands over through run_mechanism (which checks
+# the mechanism it hands over to); the others compute their own softmax.
+_ATTEND_HONOURING_LOGIT_OPTIONS = ("head_budget", "santa", "stochastic_routing")
+# `attend` mechanisms whose training path selects over the whole sequence, beyond the model's own sliding window.
+_TRAINING_BEYOND_MODEL_WINDOW = ("lighthouse",)
 
 
 class UnsupportedModelError(ValueError):
     """The model or layer asks for attention semantics hf_attn_plus does not implement."""
 
 
-def check_model_supported(config: Any) -> None:
+def check_model_supported(config: Any, model: torch.nn.Module | None = None) -> None:
+    """Refuse what the mechanisms cannot honour: they replace the attention function of a decoder-only causal LM
+    whose attention goes through transformers' AttentionInterface (`model`, when known, must declare it)."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
-            f"hf_attn_plus does not support model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"hf_attn_plus supports decoder-only causal LMs; model_type {model_type!r} is an encoder-decoder"
+        )
+    if not getattr(config, "is_causal", True):
+        raise UnsupportedModelError(
+            f"hf_attn_plus mechanisms are causal; this {model_type!r} config sets is_causal=False (bidirectional)"
+        )
+    if model is not None and not model.is_backend_compatible():  # a PeftModel forwards this to its base model
+        raise UnsupportedModelError(
+            f"hf_attn_plus replaces the attention function of transformers' AttentionInterface; {type(model).__name__} "
+            f"(model_type {model_type!r}) does not compute its attention through it"
         )
 
 
@@ -76,29 +85,35 @@ def mask_function(
             batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
             allow_is_causal_skip=False, device=device,
         )
-    if mask_function is not causal_mask_function:
-        window = getattr(config, "sliding_window", None)
-        if window is not None:
-            raise UnsupportedModelError(_SLIDING_REFUSAL.format(window=window, where=type(config).__name__))
-        # Packed sequences, sliding-window layers and image-token overlays change who sees whom beyond causality
-        # and padding, which positions alone cannot express.
+    window = sliding_window_of(mask_function)
+    if mask_function is not causal_mask_function and window is None:
+        # Packed sequences, chunked attention and image-token overlays change who sees whom beyond causality,
+        # padding and a window, which positions alone cannot express.
         raise UnsupportedModelError(
-            f"hf_attn_plus supports causal attention with padding only; this call asks for the mask {mask_function!r} "
-            "(packed sequences without an attention_mask, sliding-window layers or overlays)"
+            f"hf_attn_plus supports causal attention with padding and the model's own sliding window only; this "
+            f"{getattr(config, 'model_type', None)!r} model asks for the mask {mask_function!r} (packed sequences "
+            "without an attention_mask, chunked attention or overlays)"
         )
-    return TokenPositions.from_padding(attention_mask, batch_size, q_length, kv_length, q_offset, kv_offset, device)
+    return TokenPositions.from_padding(
+        attention_mask, batch_size, q_length, kv_length, q_offset, kv_offset, device, window
+    )
+
+
+def sliding_window_of(mask_function: Callable) -> int | None:
+    """w when `mask_function` is exactly transformers' `sliding_window_causal_mask_function(w)` (its window overlay
+    and causality, no packing or overlay on top); else None."""
+    if getattr(mask_function, "__qualname__", None) != and_masks(causal_mask_function).__qualname__:
+        return None
+    parts = mask_function.__closure__[0].cell_contents
+    overlay = sliding_window_overlay(1)
+    if len(parts) != 2 or parts[1] is not causal_mask_function or parts[0].__code__ is not overlay.__code__:
+        return None
+    return parts[0].__closure__[0].cell_contents
 
 
 def _check_call(module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
     if not getattr(module, "is_causal", True):
         raise UnsupportedModelError(f"hf_attn_plus mechanisms are causal; {type(module).__name__} is not causal")
-    for name, what in _UNSUPPORTED_KWARGS.items():
-        if kwargs.get(name) is not None:
-            raise UnsupportedModelError(f"hf_attn_plus does not implement {what} (`{name}` passed by {type(module).__name__})")
-    if kwargs.get("sliding_window") is not None:
-        # The model's own sliding-window cache drops old keys, which would renumber the positions that sinks,
-        # windows and blocks are defined on.
-        raise UnsupportedModelError(_SLIDING_REFUSAL.format(window=kwargs["sliding_window"], where=type(module).__name__))
 
 
 def attention_forward(
@@ -130,14 +145,65 @@ def attention_forward(
         )
     if isinstance(attention_mask, TokenPositions):
         ctx = context_from_positions(attention_mask, cache_layer)
+        window = kwargs.get("sliding_window")
+        if window is not None and window != ctx.window:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} (layer {module.layer_idx}) passes sliding_window={window} but its mask has "
+                f"window {ctx.window}; hf_attn_plus applies the mask's window and refuses to guess"
+            )
     else:  # a dense mask (DeepSeek-V3.2, a caller's own) or None (plain causal)
         visible = visible_from_mask(attention_mask, batch, q_len, kv_len, query.device)
         indices = kwargs.get("indices")
         restrict = None if indices is None else indices_to_mask(indices, kv_len)
         ctx = build_context(visible, restrict, cache_layer)
+    logit_options = {field: kwargs[name] for name, field in _LOGIT_OPTIONS.items() if kwargs.get(name) is not None}
+    if logit_options:
+        ctx = dataclasses.replace(ctx, **logit_options)
 
+    if not runs_in_layer(mechanism, opts, module, ctx):
+        return own_attention(module, query, key, value, ctx, scaling, dropout)
     out, probs = run_mechanism(mechanism, opts, module, query, key, value, ctx, scaling, dropout)
     return out.transpose(1, 2).contiguous(), probs
+
+
+def runs_in_layer(mechanism: Mechanism, opts: Any, module: torch.nn.Module, ctx: AttentionContext) -> bool:
+    """Whether the common `layers` option puts `mechanism` in this layer (a layer is 'sliding_attention' when its
+    mask has the model's own window)."""
+    layers = opts.layers
+    if layers == "all":
+        return True
+    if weights_class(mechanism.name) is not None:
+        raise OptionError(
+            f"hf_attn_plus mechanism {mechanism.name!r} adds weights to every layer; option 'layers' got {layers!r}; "
+            "allowed for it: 'all'"
+        )
+    if isinstance(layers, str):
+        return layers == ("full_attention" if ctx.window is None else "sliding_attention")
+    count = module.config.num_hidden_layers
+    if max(layers, default=0) >= count:
+        raise OptionError(
+            f"hf_attn_plus mechanism {mechanism.name!r}: option 'layers' got {layers!r}; "
+            f"allowed: layer indices < {count}"
+        )
+    return module.layer_idx in layers
+
+
+def own_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ctx: AttentionContext,
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own exact attention on a layer the mechanism does not run in -> (output [B, q, Hq, Dv], None):
+    transformers' SDPA over the layer's visibility, or the chunked reference where the layer soft-caps its logits or
+    has sinks (SDPA has neither)."""
+    if ctx.softcap is None and ctx.sinks is None:
+        return sdpa_attention_forward(module, query, key, value, ctx.visible, scaling=scaling, dropout=dropout)
+    out = selected_attention(query, key, value, ctx, Selection(DENSE), scaling, dropout=dropout)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def run_mechanism(
@@ -153,6 +219,8 @@ def run_mechanism(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One mechanism on a built context -> (output [B, Hq, q, Dv], probabilities or None); wrappers that hand over
     to another mechanism (lighthouse at inference) call this with that mechanism's options."""
+    if ctx.softcap is not None or ctx.sinks is not None or ctx.window is not None:
+        opts = _reference_for_model_features(mechanism, opts, module, ctx)
     if opts.apply_to == "decode":
         if mechanism.select is None:
             raise OptionError(
@@ -180,6 +248,36 @@ def run_mechanism(
     with torch.no_grad():
         selection = mechanism.select(query, key, ctx, opts)
     return attend_selection(module, query, key, value, ctx, selection, opts, scaling, dropout), None
+
+
+def _reference_for_model_features(
+    mechanism: Mechanism, opts: Any, module: torch.nn.Module, ctx: AttentionContext
+) -> Any:
+    """`opts` with backend='reference' for a layer with logit soft-capping, sinks or the model's own sliding window
+    (the kernels implement none of them: untested with a window); raises where the call cannot honour them."""
+    asked = (("logit soft-capping (softcap)", ctx.softcap), ("learned attention sinks (s_aux)", ctx.sinks))
+    logit_features = [what for what, value in asked if value is not None]
+    honouring = [m.name for m in all_mechanisms() if m.select is not None or m.name in _ATTEND_HONOURING_LOGIT_OPTIONS]
+    if logit_features and mechanism.name not in honouring:
+        raise UnsupportedModelError(
+            f"hf_attn_plus mechanism {mechanism.name!r} does not implement the model's {' and '.join(logit_features)}; "
+            f"mechanisms that do: {', '.join(honouring)}"
+        )
+    if ctx.window is not None and module.training and mechanism.name in _TRAINING_BEYOND_MODEL_WINDOW:
+        raise UnsupportedModelError(
+            f"hf_attn_plus mechanism {mechanism.name!r} trains on a selection over the whole sequence, beyond the "
+            f"model's own sliding window (window {ctx.window} in layer {module.layer_idx}); "
+            "set option layers='full_attention' to keep it out of windowed layers"
+        )
+    features = logit_features + ([] if ctx.window is None else [f"the model's own sliding window ({ctx.window})"])
+    if opts.backend == "flex" or (opts.backend == "kernel" and mechanism.has_kernel):
+        raise OptionError(
+            f"hf_attn_plus mechanism {mechanism.name!r}: backend={opts.backend!r} does not implement "
+            f"{' and '.join(features)} "
+            f"of layer {module.layer_idx}; use backend='auto' or 'reference' (or option 'layers' to keep the mechanism "
+            "out of such layers)"
+        )
+    return SimpleNamespace(**{**vars(opts), "backend": "reference"})
 
 
 def flex_attention_call(

@@ -1,14 +1,18 @@
 """Exact softmax attention over a `Selection`, walking query chunks: the plain-PyTorch truth of the sparse family.
 
-No [q, kv] tensor is built. Per sequence the real keys are a contiguous run of slots (slot = key_start + position,
-less an evicting cache's gap), so the keys a chunk of queries may keep are a short list of positions:
+No [q, kv] tensor is built. Per sequence the real keys are a contiguous run of slots (slot = key_start + position -
+key_first, less an evicting cache's gap; key_first > 0 only when the model's sliding cache dropped older keys), so the
+keys a chunk of queries may keep are a short list of positions (within the model's own window, in a sliding-window
+layer):
 - the near run [near_start(t_min), t_max] (window, local blocks) and the sinks [0, sinks);
 - the union of the blocks and of the tokens the chunk's rows list;
 - for dilated rules, per residue class of t mod dilation, every dilation-th key before the near run (the rows of one
   class share them).
 One call of torch's scaled_dot_product_attention (the maintained fused kernel, GQA without repeated keys) runs each
 group of rows over its keys with the exact keep mask of the rows, so work and memory per chunk follow the keys the
-chunk may keep. In training each chunk is recomputed in the backward (activation checkpointing): what autograd keeps
+chunk may keep. The model's logit soft-capping (Gemma 2) and learned sink logits (gpt-oss) need the logits between the
+product and the softmax, which SDPA does not expose: chunks of such a layer spell SDPA's computation out (same
+keys, same masks). In training each chunk is recomputed in the backward (activation checkpointing): what autograd keeps
 is O(q + kv), not O(q * kept).
 """
 
@@ -22,7 +26,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .masking import AttentionContext
-from .structure import EVERY, ListsFor, Selection, listed, lists_for
+from .reference import grouped_weighted_sum
+from .selection import grouped_scores
+from .structure import EVERY, ListsFor, Selection, edge_block, listed, lists_for
 
 # Upper bound on the elements of one chunk's keep mask: the chunk length adapts to the keys a row may read.
 CHUNK_ELEMENTS = 2**22
@@ -55,10 +61,11 @@ def selected_attention(
     `count` keys ([.., 1] float) (the common `logit_scale` option); rows that keep nothing output zeros.
     """
     batch, q_heads, q_len, _ = query.shape
-    starts, counts = ctx.key_start.tolist(), ctx.key_count.tolist()
+    starts, counts, firsts = ctx.key_start.tolist(), ctx.key_count.tolist(), ctx.key_first.tolist()
     query_pos = ctx.batch_query_pos
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     gap_slot, gap = ctx.key_gap or (0, 0)
+    sinks = None if ctx.sinks is None else ctx.sinks.index_select(0, ctx.head_index(q_heads, query.device).flatten())
     outputs = []
     for b in range(batch):
         held = slice(starts[b], starts[b] + counts[b] - gap)
@@ -69,7 +76,8 @@ def selected_attention(
         step = _chunk_rows(selection, q_heads, counts[b], q_len - first)
         for lo in range(first, q_len, step):
             rows = slice(lo, min(lo + step, q_len))
-            run = _Chunk(ctx, selection, b, rows, starts[b], (gap_slot - starts[b], gap), scaling, beta, dropout)
+            gaps = (gap_slot - starts[b], gap)
+            run = _Chunk(ctx, selection, b, rows, starts[b], firsts[b], gaps, scaling, beta, dropout, sinks)
             if train:
                 pieces.append(checkpoint(run, query[b : b + 1, :, rows], keys, values, use_reentrant=False))
             else:
@@ -126,12 +134,13 @@ def _token_weights(lists: torch.Tensor, log_weights: torch.Tensor, q_heads: int,
 class _Chunk:
     """One query chunk of one sequence: callable on (query, keys, values) so activation checkpointing can rerun it."""
 
-    def __init__(self, ctx, selection, b, rows, start, gap, scaling, beta, dropout) -> None:
+    def __init__(self, ctx, selection, b, rows, start, first, gap, scaling, beta, dropout, sinks) -> None:
         self.t = ctx.batch_query_pos[b, rows]
         self.restrict = None if ctx.restrict is None else ctx.restrict[b : b + 1, :, rows, start:]
-        self.selection, self.b, self.rows = selection, b, rows
+        self.selection, self.b, self.rows, self.first, self.window = selection, b, rows, first, ctx.window
         self.gap_position, self.gap = gap  # an evicting cache's gap: keys from gap_position on sit `gap` slots earlier
         self.scaling, self.beta, self.dropout = scaling, beta, dropout
+        self.softcap, self.sinks = ctx.softcap, sinks  # sinks [Hq] of the call's query heads
 
     def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         sel = self.selection
@@ -142,16 +151,19 @@ class _Chunk:
         )
         kv_heads = keys.shape[1]
         if kv_heads == 1 or not lists.per_head:
-            return self.attend(query, keys, values, lists)
+            return self.attend(query, keys, values, lists, self.sinks)
         # Per-head choices: each KV head reads the union of its own query heads' lists, not of every head's.
         group = query.shape[1] // kv_heads
         return torch.cat([
             self.attend(query[:, g * group : (g + 1) * group], keys[:, g : g + 1], values[:, g : g + 1],
-                        lists.heads(slice(g * group, (g + 1) * group)))
+                        lists.heads(slice(g * group, (g + 1) * group)),
+                        None if self.sinks is None else self.sinks[g * group : (g + 1) * group])
             for g in range(kv_heads)
         ], dim=1)
 
-    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lists: _Lists) -> torch.Tensor:
+    def attend(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lists: _Lists, sinks: torch.Tensor | None
+    ) -> torch.Tensor:
         out = query.new_zeros(*query.shape[:3], values.shape[-1])
         for group in self.groups(query.shape[1], lists):
             if group.positions.numel() == 0:
@@ -166,12 +178,16 @@ class _Chunk:
             if bool(empty.any()):
                 dummy = empty & (torch.arange(mask.shape[-1], device=mask.device) == 0)
                 mask = mask | dummy if mask.dtype == torch.bool else mask.masked_fill(dummy, 0.0)
-            slots = group.positions - self.gap * (group.positions >= self.gap_position) if self.gap else group.positions
-            result = F.scaled_dot_product_attention(
-                q, keys.index_select(2, slots), values.index_select(2, slots),
-                attn_mask=mask.to(q.dtype) if mask.dtype != torch.bool else mask, dropout_p=self.dropout,
-                scale=self.scaling, enable_gqa=True,
-            )
+            slots = group.positions - self.first
+            slots = slots - self.gap * (slots >= self.gap_position) if self.gap else slots
+            k, v = keys.index_select(2, slots), values.index_select(2, slots)
+            if self.softcap is None and sinks is None:
+                result = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask.to(q.dtype) if mask.dtype != torch.bool else mask, dropout_p=self.dropout,
+                    scale=self.scaling, enable_gqa=True,
+                )
+            else:
+                result = spelled_out_attention(q, k, v, mask, self.scaling, self.softcap, sinks, self.dropout)
             result = result.masked_fill(empty, 0.0)
             if group.rows is None:
                 out = result
@@ -184,12 +200,17 @@ class _Chunk:
         rule = sel.rule
         t_min, t_max = int(t[0]), int(t[-1])  # queries come in slot order: positions never decrease
         device = t.device
+        # Keys before `lowest` are seen by no row of the chunk (dropped from a sliding cache, or beyond the window).
+        lowest = self.first if self.window is None else max(self.first, t_min - self.window + 1)
         near = max(0, rule.near_start(t_min))
         sink_end = min(rule.sinks, near)
         shared = [torch.arange(sink_end, device=device), torch.arange(near, t_max + 1, device=device)]
         block_lists, token_lists = lists.blocks, lists.tokens
         if block_lists is not None:
             blocks = _distinct(block_lists, t_max // sel.block_size + 1)
+            if self.window is not None:  # the blocks across the window's start, kept whole (structure.edge_block)
+                edges = edge_block(t, self.window, sel.block_size)
+                blocks = torch.cat((blocks, _distinct(edges, t_max // sel.block_size + 1)))
             shared.append((blocks[:, None] * sel.block_size + torch.arange(sel.block_size, device=device)).flatten())
         if token_lists is not None:
             shared.append(token_lists.flatten())
@@ -197,9 +218,13 @@ class _Chunk:
         # The near run and the sinks already hold the listed keys that fall in them.
         far = (positions < near) & (positions >= sink_end) & (positions <= t_max)
         positions = torch.cat((positions[: shared[0].numel() + shared[1].numel()], _distinct(positions[far], t_max + 1)))
+        positions = positions[positions >= lowest]
         chosen = None
         if block_lists is not None:
             chosen = listed(block_lists, positions // sel.block_size, t_max // sel.block_size + 1)
+            if self.window is not None:
+                edge = edge_block(t, self.window, sel.block_size).view(1, 1, -1, 1)
+                chosen = chosen | (positions // sel.block_size == edge)
         if token_lists is not None:
             tokens = listed(token_lists, positions, t_max + 1)
             chosen = tokens if chosen is None else chosen | tokens
@@ -219,6 +244,7 @@ class _Chunk:
                 keep = keep | chosen[:, :, rows]
             first = sink_end + (residue - sink_end) % d
             strided = torch.arange(first, max(first, near), d, device=device)
+            strided = strided[strided >= lowest]
             both = torch.cat((positions, strided))
             keep = torch.cat((keep, keep.new_ones(1, 1, rows.numel(), strided.numel())), -1)
             row_weights = None
@@ -234,9 +260,11 @@ class _Chunk:
         """The keep mask with causality and the model's restriction applied; as log-weights when there are any."""
         t = self.t if rows is None else self.t[rows]
         keep = keep & (positions <= t.view(1, 1, -1, 1))
+        if self.window is not None:
+            keep = keep & (t.view(1, 1, -1, 1) - positions < self.window)
         if self.restrict is not None:
             restrict = self.restrict if rows is None else self.restrict[:, :, rows]
-            keep = keep & restrict.index_select(-1, positions)
+            keep = keep & restrict.index_select(-1, positions - self.first)
         if weights is None:
             return keep
         return weights.masked_fill(~keep, float("-inf"))
@@ -248,3 +276,29 @@ def _distinct(values: torch.Tensor, width: int) -> torch.Tensor:
     hit = torch.zeros(width + 1, dtype=torch.bool, device=values.device)
     hit.index_fill_(0, torch.where((values < 0) | (values >= width), width, values).flatten(), True)
     return hit[:width].nonzero().flatten()
+
+
+def spelled_out_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """What SDPA computes (mask: bool keep or additive float, broadcast to [B, Hq, q, m]; GQA keys), in float32, with
+    the logits soft-capped to softcap * tanh(logits / softcap) and one sink logit per query head (`sinks` [Hq]) added
+    to the softmax denominator (a virtual key of value zero) -> [B, Hq, q, Dv]."""
+    logits = grouped_scores(query.float(), key.float()) * scaling
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+    if sinks is not None:
+        logits = torch.cat((logits, sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:3], 1)), dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return grouped_weighted_sum(probs.to(value.dtype), value).to(query.dtype)

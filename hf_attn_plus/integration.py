@@ -68,7 +68,7 @@ def set_attention(model: torch.nn.Module, name: str, **options: Any) -> None:
         config.hf_attn_plus = None
         return
     mechanism = get_mechanism(name)
-    check_model_supported(config)
+    check_model_supported(config, model)
     planned = plan_weights(model, mechanism.name, mechanism.resolve_options(options))  # raise before any change
     config.hf_attn_plus = dict(options)
     model.set_attn_implementation(mechanism.attn_implementation)

@@ -2,8 +2,10 @@
 
 Positions are counted over real (non-padding) keys, so a window, a sink or a block means the same thing for a
 left-padded, right-padded or unpadded copy of a sequence, and for a cached decode step as for a full recompute.
-Query t sees key s exactly when both are real positions and s <= t; every selection rule is a function of (t, s)
-evaluated where it is needed (per query chunk, per tile), so the context itself is O(B * (q + kv)).
+Query t sees key s exactly when both are real positions and s <= t (and t - s < the model's own window in a
+sliding-window layer); every selection rule is a function of (t, s) evaluated where it is needed (per query chunk,
+per tile), so the context itself is O(B * (q + kv)). A sliding-window cache layer drops old keys: the call's first
+real key then has position `key_first` > 0, never renumbered.
 
 The mask function registered for `hf_attn_plus:*` (attention.mask_function) returns a `TokenPositions`, built once
 per forward from the 2-D padding mask and shared by every layer. A 4-D mask handed in directly (DeepSeek-V3.2, whose
@@ -25,15 +27,27 @@ class TokenPositions:
 
     key_pos: torch.Tensor  # [B, kv] long: position of the key among the sequence's real keys (-1: padding)
     query_pos: torch.Tensor  # [B, q] long: position of the query (-1: a query that sees nothing)
-    key_start: torch.Tensor  # [B] long: slot of real position 0 (real keys are contiguous)
+    key_start: torch.Tensor  # [B] long: slot of the first real key (real keys are contiguous)
     key_count: torch.Tensor  # [B] long: real keys
+    key_first: torch.Tensor  # [B] long: position of the first real key (0 unless a sliding cache dropped keys)
+    window: int | None = None  # the model's own sliding window of these layers: t - s < window; None: none
 
     @classmethod
     def from_padding(
-        cls, padding: torch.Tensor | None, batch: int, q_len: int, kv_len: int, q_offset: Any, kv_offset: int, device
+        cls,
+        padding: torch.Tensor | None,
+        batch: int,
+        q_len: int,
+        kv_len: int,
+        q_offset: Any,
+        kv_offset: int,
+        device,
+        window: int | None = None,
     ) -> TokenPositions:
         """Positions of the keys in slots kv_offset.. kv_offset+kv_len and of the queries in slots q_offset.. from a
-        2-D padding mask [B, seen + q] (True/1 = real token; None: no padding). Real tokens must be contiguous."""
+        2-D padding mask [B, seen + q] (True/1 = real token; None: no padding). Real tokens must be contiguous.
+        Slots count every token the sequence has seen (a sliding cache's kv_offset skips the dropped ones), so
+        positions are the real ones."""
         total = max(kv_offset + kv_len, int(q_offset) + q_len)
         if padding is None:
             real = torch.ones(batch, total, dtype=torch.bool, device=device)
@@ -51,8 +65,8 @@ class TokenPositions:
         count = real.long().cumsum(-1)
         key_pos = torch.where(real, count - 1, -1)[:, kv_offset : kv_offset + kv_len]
         q_slots = torch.arange(q_len, device=device) + q_offset
-        start, key_count = _run_of_real(key_pos)
-        return cls(key_pos=key_pos, query_pos=count[:, q_slots] - 1, key_start=start, key_count=key_count)
+        start, key_count, first = _run_of_real(key_pos)
+        return cls(key_pos, count[:, q_slots] - 1, start, key_count, first, window)
 
     # generate() prepares the mask up front for compilable caches and calls .contiguous() on it; the model's mask
     # creation then sees a 4-D mask already made and hands it back to the mask function, which passes it through.
@@ -64,7 +78,7 @@ class TokenPositions:
     def dense_mask(self) -> torch.Tensor:
         """transformers' [B, 1, q, kv] bool mask of the same visibility, for a dense implementation run on these
         positions (a distillation teacher); O(q * kv)."""
-        return sees(self.query_pos[:, None, :, None], self.key_pos[:, None, None, :])
+        return sees(self.query_pos[:, None, :, None], self.key_pos[:, None, None, :], self.window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,19 +95,30 @@ class AttentionContext:
     # None without a cache, in training, or on a model class hf_attn_plus does not patch. Side states describe the
     # call's full key tensor: a wrapper handing its delegate other keys (a head subset) must not pass it on.
     cache_layer: Any = None
-    # [B] long: slot of real position 0 (real keys are contiguous: slot = key_start + position) and real keys per
-    # sequence; read off key_pos when not given (a context built from a dense mask).
+    # [B] long: slot of the first real key, real keys per sequence and the first one's position (real keys are
+    # contiguous: slot = key_start + position - key_first); read off key_pos when not given (a dense mask).
     key_start: torch.Tensor | None = None
     key_count: torch.Tensor | None = None
+    key_first: torch.Tensor | None = None
     # (first slot, slots) of keys an evicting cache dropped (patches/streaming_cache.py): slots at or after the first
     # hold position key_start + slots later, and key_count still counts the dropped keys. None: no gap.
     key_gap: tuple[int, int] | None = None
+    # The model's own sliding window of this layer (query t sees s only when t - s < window); None: none.
+    window: int | None = None
+    # The model's logit soft-capping (logits -> softcap * tanh(logits / softcap), Gemma 2) and learned sink logits
+    # [Hq] (one per model query head, added to the softmax denominator, gpt-oss `s_aux`); None: none.
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.key_start is None:
-            start, count = _run_of_real(self.batch_key_pos)
-            object.__setattr__(self, "key_start", start)
-            object.__setattr__(self, "key_count", count)
+            for name, value in zip(("key_start", "key_count", "key_first"), _run_of_real(self.batch_key_pos)):
+                object.__setattr__(self, name, value)
+
+    @property
+    def key_end(self) -> torch.Tensor:
+        """[B] long: one past the last real key's position."""
+        return self.key_first + self.key_count
 
     def head_index(self, q_heads: int, device: torch.device) -> torch.Tensor:
         """The model's index of each of the `q_heads` query heads of this call, [1, q_heads, 1, 1] long."""
@@ -116,7 +141,7 @@ class AttentionContext:
     def visible(self) -> torch.Tensor:
         """Dense [B, 1, q_len, kv_len] visibility: the oracle of tests and of the mechanisms whose reference is still
         dense (O(q * kv); the sparse family never builds it)."""
-        visible = sees(self.query_pos, self.key_pos)
+        visible = sees(self.query_pos, self.key_pos, self.window)
         return visible if self.restrict is None else visible & self.restrict
 
     @property
@@ -125,15 +150,18 @@ class AttentionContext:
         return self.query_pos - self.key_pos
 
 
-def sees(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-    """Causal visibility of real positions (broadcast): both real and key_pos <= query_pos."""
-    return (key_pos >= 0) & (query_pos >= 0) & (key_pos <= query_pos)
+def sees(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Causal visibility of real positions (broadcast): both real and key_pos <= query_pos, and within the model's
+    own sliding `window` (query_pos - key_pos < window) when there is one."""
+    visible = (key_pos >= 0) & (query_pos >= 0) & (key_pos <= query_pos)
+    return visible if window is None else visible & (query_pos - key_pos < window)
 
 
-def _run_of_real(key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slot of position 0, number of real keys) per sequence of key_pos [B, kv]."""
+def _run_of_real(key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot of the first real key, number of real keys, its position) per sequence of key_pos [B, kv]."""
     real = key_pos >= 0
-    return torch.where(real.any(-1), real.long().argmax(-1), 0), real.sum(-1)
+    start = torch.where(real.any(-1), real.long().argmax(-1), 0)
+    return start, real.sum(-1), key_pos.gather(-1, start[:, None])[:, 0].clamp(min=0)
 
 
 def context_from_positions(positions: TokenPositions, cache_layer: Any = None) -> AttentionContext:
@@ -151,6 +179,8 @@ def context_from_positions(positions: TokenPositions, cache_layer: Any = None) -
         cache_layer=cache_layer,
         key_start=positions.key_start,
         key_count=positions.key_count,
+        key_first=positions.key_first,
+        window=positions.window,
     )
 
 

@@ -63,6 +63,19 @@ def choice_option(name: str, default: str, choices: Sequence[str], doc: str = ""
     return Option(name, default, "one of " + ", ".join(repr(c) for c in choices), lambda v: v in choices, doc)
 
 
+def layers_option(name: str, kinds: Sequence[str], doc: str = "") -> Option:
+    """'all', one of the layer `kinds`, or a list of layer indices."""
+    kinds = ("all",) + tuple(kinds)
+    return Option(
+        name,
+        "all",
+        "one of " + ", ".join(repr(k) for k in kinds) + " or a list of layer indices (integers >= 0)",
+        lambda v: (isinstance(v, str) and v in kinds)
+        or (isinstance(v, (list, tuple)) and all(_is_int(i) and i >= 0 for i in v)),
+        doc,
+    )
+
+
 def validate(mechanism: str, schema: Sequence[Option], given: Mapping[str, Any] | None) -> dict[str, Any]:
     """Return the full option dict (defaults filled in) or raise OptionError naming the first bad entry."""
     given = dict(given or {})

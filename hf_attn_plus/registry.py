@@ -9,7 +9,7 @@ from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
 
-from .options import Option, OptionError, choice_option, float_option, int_option, validate
+from .options import Option, OptionError, choice_option, float_option, int_option, layers_option, validate
 
 PREFIX = "hf_attn_plus:"
 
@@ -37,6 +37,12 @@ COMMON_OPTIONS: tuple[Option, ...] = (
         ("auto", "reference", "kernel", "flex"),
         "'auto': a Triton kernel when one exists for this mechanism and the tensors are on a GPU, else the reference; "
         "'flex': torch's FlexAttention over the mechanism's selection (rules and block lists; no CPU backward)",
+    ),
+    layers_option(
+        "layers",
+        ("full_attention", "sliding_attention"),
+        "the layers the mechanism runs in (the others run the model's own attention): 'full_attention' / "
+        "'sliding_attention' are those without / with the model's own sliding window",
     ),
 )
 

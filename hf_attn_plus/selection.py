@@ -38,7 +38,7 @@ def all_rows(rows: slice, q_len: int) -> slice:
 
 def chunk_visible(ctx: AttentionContext, rows: slice) -> torch.Tensor:
     """Visibility [B, 1, rows, kv] of one query chunk (with the model's restriction, if any)."""
-    visible = sees(ctx.query_pos[:, :, rows], ctx.key_pos)
+    visible = sees(ctx.query_pos[:, :, rows], ctx.key_pos, ctx.window)
     return visible if ctx.restrict is None else visible & ctx.restrict[:, :, rows]
 
 
@@ -183,9 +183,14 @@ def fixed_blocks(query_pos: torch.Tensor, num_blocks: int, block_size: int, sink
 
 def chunk_seen_blocks(ctx: AttentionContext, rows: slice, num_blocks: int, block_size: int) -> torch.Tensor:
     """Whether each query of a chunk sees any key of each block, [B, 1, rows, num_blocks]: by position alone
-    (block j is seen from t when j * block_size <= t), or through the model's restriction when there is one."""
+    (block j is seen from t when j * block_size <= t), or through the model's restriction when there is one.
+    Under the model's own sliding window only blocks whole inside it count: a block across the window's start would
+    be scored on keys the query does not see (and a sliding cache has dropped)."""
     t = ctx.query_pos[:, :, rows]
-    seen = (torch.arange(num_blocks, device=t.device) <= t // block_size) & (t >= 0)
+    index = torch.arange(num_blocks, device=t.device)
+    seen = (index <= t // block_size) & (t >= 0)
+    if ctx.window is not None:
+        seen = seen & (index * block_size > t - ctx.window)
     if ctx.restrict is None:
         return seen
     visible = chunk_visible(ctx, rows)

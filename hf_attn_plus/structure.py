@@ -6,7 +6,9 @@ Query t (a real position) keeps key s (s <= t, visible) when any of three parts 
 - `blocks`: block indices [B, H, q, n] (block = position // block_size, -1 unused) per query and head;
 - `tokens`: real positions [B, H, q, n] (-1 unused) per query and head, optionally with log-weights (sampled
   estimators' importance weights).
-The parts are disjoint by contract (a mechanism lists in `blocks` / `tokens` only keys its rule does not keep), so
+Under the model's own sliding window, block selections also keep the block across the window's start
+(`edge_block`), within the window, instead of scoring it on keys the query does not see. The parts are disjoint by
+contract (a mechanism lists in `blocks` / `tokens` only keys its rule does not keep), so
 every kept key is counted once. A model-side restriction (ctx.restrict) applies on top. `dense_keep` writes the
 whole [B, H, q, kv] mask: the brute-force oracle of tests, never used on the attention path.
 """
@@ -83,6 +85,14 @@ class Selection:
             raise ValueError("Selection: log_weights weight listed tokens; no tokens were given")
 
 
+def edge_block(t: torch.Tensor, window: int, block_size: int) -> torch.Tensor:
+    """The block holding query t's first key inside the model's window (t - window + 1) when it also holds keys
+    before it, else -1: block selections keep it (within the window) rather than score it, so a sliding cache that
+    dropped its older keys chooses as a full recompute does."""
+    start = t - window + 1
+    return torch.where((start > 0) & (start % block_size != 0), start // block_size, -1)
+
+
 def dense_keep(ctx: AttentionContext, selection: Selection, heads: int = 1) -> torch.Tensor:
     """The selection as a bool [B, H, q, kv] keep mask (H = max(heads, the lists' heads)): the test oracle."""
     t, s = ctx.query_pos, ctx.key_pos
@@ -91,6 +101,8 @@ def dense_keep(ctx: AttentionContext, selection: Selection, heads: int = 1) -> t
     if selection.blocks is not None:
         blocks = torch.where(s >= 0, s // selection.block_size, -1)
         keep = keep | listed(lists_for(selection.blocks, slice(None)), blocks, kv_len)
+        if ctx.window is not None:
+            keep = keep | (blocks == edge_block(t, ctx.window, selection.block_size))
     if selection.tokens is not None:
         keep = keep | listed(lists_for(selection.tokens, slice(None)), s, kv_len)
     keep = keep & ctx.visible

@@ -30,13 +30,67 @@ _TINY: dict[str, dict[str, Any]] = {
 }
 _TINY["deepseek_v32"] = dict(_TINY["deepseek_v3"], index_n_heads=2, index_head_dim=8, index_topk=12)
 
+# The architectures hf_attn_plus was first written for.
 ARCHITECTURES: tuple[str, ...] = tuple(_TINY)
+
+# Other decoder families. Granite passes its attention multiplier as `scaling`; Phi3 has a fused qkv projection;
+# Mixtral and the MoE Qwens route experts; OLMo2 normalises q and k. Their own windows are off here (tested apart).
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=None),
+    "mixtral": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=None, num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "phi3": dict(num_attention_heads=4, num_key_value_heads=2),
+    "olmo2": dict(num_attention_heads=4, num_key_value_heads=2),
+    "qwen2_moe": dict(
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+    ),
+    "qwen3_moe": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16,
+    ),
+    "granite": dict(
+        num_attention_heads=4, num_key_value_heads=2, attention_multiplier=0.3, embedding_multiplier=2.0,
+        residual_multiplier=0.5, logits_scaling=2.0,
+    ),
+    # Logit soft-capping on full-attention layers; weights large enough (initializer_range) that the cap and the
+    # sinks below change the output.
+    "gemma2": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
+        layer_types=["full_attention"] * 2, initializer_range=0.2,
+    ),
+    # Learned sink logits (`s_aux`) on full-attention layers; plain RoPE (its YaRN defaults assume 4k positions).
+    "gpt_oss": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["full_attention"] * 2, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        initializer_range=0.2,
+    ),
+    # Families with the model's own sliding window: a sliding layer (window 10, shorter than the tests' contexts)
+    # and a full one.
+    "gemma3_text": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=10,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "cohere2": dict(
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=10,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+}
+_TINY.update(_FAMILIES)
+FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
+
+# Those whose attention classes patches/attn_plus.py patches: mechanisms with weights run on these.
+PATCHED_ARCHITECTURES: tuple[str, ...] = (
+    "llama", "qwen2", "qwen3", "deepseek_v3", "mistral", "mixtral", "phi3", "olmo2", "qwen2_moe", "qwen3_moe", "granite",
+)
 
 
 def tiny_config(model_type: str, **overrides: Any) -> PreTrainedConfig:
     """A two-layer config of `model_type` with hidden size 32 and vocabulary 128, CPU-friendly in fp32."""
     if model_type not in _TINY:
-        raise ValueError(f"no tiny config for {model_type!r}; available: {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"no tiny config for {model_type!r}; available: {', '.join(_TINY)}")
     kwargs: dict[str, Any] = dict(
         vocab_size=128,
         hidden_size=32,

@@ -22,9 +22,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+from transformers.models.granite.modeling_granite import GraniteAttention
 from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.models.mistral.modeling_mistral import MistralAttention
+from transformers.models.mixtral.modeling_mixtral import MixtralAttention
+from transformers.models.olmo2.modeling_olmo2 import Olmo2Attention
+from transformers.models.phi3.modeling_phi3 import Phi3Attention
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeAttention
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
 from transformers.monkey_patching import get_patch_mapping, register_patch_mapping
 
 from ..registry import PREFIX, get_mechanism, options_from_config
@@ -137,7 +144,7 @@ def mechanism_weights(attention: nn.Module, mechanism: str) -> MechanismWeights:
         raise ValueError(
             f"hf_attn_plus {mechanism!r} needs its weights in `{type(attention).__name__}.attn_plus`, which this layer "
             f"does not have. Import hf_attn_plus before loading the model with attn_implementation='{PREFIX}{mechanism}' "
-            "(supported: Llama, Qwen2, Qwen3, DeepSeek-V3), or switch the loaded model with "
+            f"(patched classes: {', '.join(PATCHED)}), or switch the loaded model with "
             f"hf_attn_plus.set_attention(model, {mechanism!r}, **options), which adds them"
         )
     return weights
@@ -178,6 +185,11 @@ PATCHED = {
         (Qwen2Attention, _gqa_shape),
         (Qwen3Attention, _gqa_shape),
         (DeepseekV3Attention, _mla_shape),
+        # Plain causal GQA families (no logit options; the linear family refuses the model's own window anyway).
+        *((cls, _gqa_shape) for cls in (
+            MistralAttention, MixtralAttention, Phi3Attention, Olmo2Attention, Qwen2MoeAttention, Qwen3MoeAttention,
+            GraniteAttention,
+        )),
     )
 }
 # Original class -> patched class: set_attention patches in place modules built before the mapping applied.

@@ -37,7 +37,7 @@ from ..structure import PositionRule, Selection
 def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> Selection:
     batch, q_heads, q_len, _ = query.shape
     size = opts.block_size
-    num_blocks = max(1, -(-int(ctx.key_count.max()) // size))
+    num_blocks = max(1, -(-int(ctx.key_end.max()) // size))
     mean_keys = pooled_blocks(key, key_blocks(ctx, size).reshape(batch, -1), num_blocks)
     rule = PositionRule(sinks=opts.sink_blocks * size, block_size=size, local_blocks=opts.local_blocks)
 

@@ -77,7 +77,7 @@ def chosen_blocks(
 def key_bounds(key: torch.Tensor, ctx: AttentionContext, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     if ctx.cache_layer is not None:
         return block_summaries(key, ctx, block_size).bounds
-    num_blocks = max(1, -(-int(ctx.key_count.max()) // block_size))
+    num_blocks = max(1, -(-int(ctx.key_end.max()) // block_size))
     return block_key_bounds(key, key_blocks(ctx, block_size), num_blocks)
 
 

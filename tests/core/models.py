@@ -4,7 +4,26 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_attn_plus
-from hf_attn_plus.tiny import tiny_config
+from hf_attn_plus.tiny import ARCHITECTURES, FAMILIES, tiny_config
+
+# Families whose tiny configs leave the model's own sliding window out, with it (shorter than the tests' contexts, so
+# cached generation runs past it): every layer windowed (Mistral: 16, wide enough that the SPARSE settings drop keys
+# inside it), or a windowed layer (10) and a full one.
+WINDOWED = {
+    "mistral@window": ("mistral", dict(sliding_window=16)),
+    "qwen2@window": ("qwen2", dict(use_sliding_window=True, sliding_window=10, max_window_layers=1)),
+    "gemma2@window": ("gemma2", dict(sliding_window=10, layer_types=["sliding_attention", "full_attention"])),
+    "gpt_oss@window": ("gpt_oss", dict(sliding_window=10, layer_types=["sliding_attention", "full_attention"])),
+}
+
+# Every architecture the model-level tests run: the patched ones, the other decoder families, windowed variants.
+MODEL_TYPES = ARCHITECTURES + FAMILIES + tuple(WINDOWED)
+# Those whose attention soft-caps logits (Gemma 2) or has learned sinks (gpt-oss): lighthouse (its pyramid computes
+# its own softmax) refuses them.
+WITH_LOGIT_OPTIONS = ("gemma2", "gemma2@window", "gpt_oss", "gpt_oss@window")
+# Those with the model's own sliding window in some layer: lighthouse's training path refuses them.
+WITH_MODEL_WINDOW = ("gemma3_text", "cohere2") + tuple(WINDOWED)
+PLAIN_WITHOUT_WINDOW = tuple(m for m in MODEL_TYPES if m not in WITH_LOGIT_OPTIONS + WITH_MODEL_WINDOW)
 
 MECHANISMS = ("sliding_window", "topk", "block_topk", "dilated", "block_sparse")
 
@@ -27,9 +46,16 @@ SPARSE = {
 }
 
 
+def own_attention(config) -> str:
+    """The model's own attention to compare against: SDPA, or eager where the model has no SDPA path."""
+    return "sdpa" if AutoModelForCausalLM._model_mapping[type(config)]._supports_sdpa else "eager"
+
+
 def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation="sdpa").eval()
+    model_type, windowed = WINDOWED.get(arch, (arch, {}))
+    config = tiny_config(model_type, **windowed, **overrides)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=own_attention(config)).eval()
 
 
 def with_mechanism(model, name, options):

@@ -10,7 +10,7 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
 import hf_attn_plus
-from hf_attn_plus.attention import attention_forward
+from hf_attn_plus.attention import attention_forward, check_model_supported
 from hf_attn_plus.tiny import tiny_config
 
 from .models import COVERING, MECHANISMS, SPARSE, tiny_model, token_batch, with_mechanism
@@ -97,20 +97,18 @@ def test_unknown_mechanism_lists_the_available_ones():
         hf_attn_plus.set_attention(tiny_model("llama"), "topp")
 
 
-def test_unsupported_model_type_is_refused():
-    config = AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2, vocab_size=64)
-    model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(hf_attn_plus.UnsupportedModelError, match="model_type 'gpt2'.*supported: llama"):
-        hf_attn_plus.set_attention(model, "topk")
-    with pytest.raises(hf_attn_plus.UnsupportedModelError, match="model_type 'gpt2'"):
-        AutoModelForCausalLM.from_config(config, attn_implementation="hf_attn_plus:topk")(torch.tensor([[1, 2]]))
+def test_model_without_the_attention_interface_is_refused():
+    config = AutoConfig.for_model("mamba", num_hidden_layers=1, hidden_size=16, vocab_size=64, state_size=4)
+    refusal = r"AttentionInterface; MambaForCausalLM \(model_type 'mamba'\) does not"
+    with pytest.raises(hf_attn_plus.UnsupportedModelError, match=refusal):
+        hf_attn_plus.set_attention(AutoModelForCausalLM.from_config(config), "topk")
 
 
-def test_model_sliding_window_layers_are_refused_not_ignored():
-    config = tiny_config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="hf_attn_plus:topk")
-    with pytest.raises(hf_attn_plus.UnsupportedModelError, match="sliding_window=8"):
-        model(token_batch(1, 12))
+def test_encoder_decoder_and_bidirectional_configs_are_refused():
+    with pytest.raises(hf_attn_plus.UnsupportedModelError, match="model_type 't5' is an encoder-decoder"):
+        check_model_supported(AutoConfig.for_model("t5"))
+    with pytest.raises(hf_attn_plus.UnsupportedModelError, match="'llama' config sets is_causal=False"):
+        check_model_supported(tiny_config("llama", is_causal=False))
 
 
 def test_kernel_backend_without_a_kernel_is_an_error():

@@ -1,16 +1,17 @@
-"""Model-level properties on tiny random-init Llama, Qwen2, Qwen3, DeepSeek-V3 (MLA) and DeepSeek-V3.2 (indexer)."""
+"""Model-level properties on tiny random-init Llama, Qwen2, Qwen3, DeepSeek-V3 (MLA), DeepSeek-V3.2 (indexer) and
+the other decoder families of `hf_attn_plus.tiny.FAMILIES` (Mistral, Mixtral, Phi3, OLMo2, Qwen MoE, Granite)."""
 
 import pytest
 import torch
 
-from hf_attn_plus.tiny import ARCHITECTURES
-
-from .models import COVERING, MECHANISMS, SPARSE, left_pad, right_pad, tiny_model, token_batch, with_mechanism
+from .models import (
+    COVERING, MECHANISMS, MODEL_TYPES, SPARSE, left_pad, right_pad, tiny_model, token_batch, with_mechanism,
+)
 
 ATOL = 2e-5
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", MODEL_TYPES)
 @pytest.mark.parametrize("name", MECHANISMS)
 def test_covering_budget_equals_sdpa(arch, name):
     model = tiny_model(arch)
@@ -22,7 +23,7 @@ def test_covering_budget_equals_sdpa(arch, name):
     assert torch.equal(model.generate(ids[:, :11], max_new_tokens=8, do_sample=False), dense_tokens)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", MODEL_TYPES)
 @pytest.mark.parametrize("name", MECHANISMS)
 def test_sparse_budget_changes_output(arch, name):
     """The sparse settings used below really drop keys; otherwise the other tests would prove nothing."""
@@ -33,7 +34,7 @@ def test_sparse_budget_changes_output(arch, name):
     assert (sparse_logits - dense_logits)[:, 12:].abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", MODEL_TYPES)
 @pytest.mark.parametrize("name", MECHANISMS)
 @pytest.mark.parametrize("pad", [left_pad, right_pad])
 def test_padded_equals_unpadded(arch, name, pad):
@@ -48,7 +49,7 @@ def test_padded_equals_unpadded(arch, name, pad):
         torch.testing.assert_close(logits[row][real], alone, atol=ATOL, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", MODEL_TYPES)
 @pytest.mark.parametrize("name", MECHANISMS)
 def test_cached_generation_equals_recompute(arch, name):
     """Each decode step with the KV cache gives the logits a full uncached forward gives at that position."""
@@ -61,7 +62,8 @@ def test_cached_generation_equals_recompute(arch, name):
     out = model.generate(
         ids, attention_mask=mask, max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True
     )
-    full_mask = torch.cat([mask, torch.ones(2, 10, dtype=mask.dtype)], dim=1)
+    generated = out.sequences.shape[1] - ids.shape[1]  # fewer than 10 when every row ended (random-init EOS)
+    full_mask = torch.cat([mask, torch.ones(2, generated, dtype=mask.dtype)], dim=1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
     recomputed = model(out.sequences, attention_mask=full_mask, position_ids=positions, use_cache=False).logits
     width = ids.shape[1]
@@ -81,7 +83,7 @@ def test_sampling_with_cache_equals_without(arch, name):
     assert torch.equal(runs[0], runs[1])
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", MODEL_TYPES)
 def test_covering_budget_gradients_equal_sdpa(arch):
     ids = token_batch(2, 21, seed=6)
     grads = []
@@ -96,7 +98,7 @@ def test_covering_budget_gradients_equal_sdpa(arch):
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", MODEL_TYPES)
 @pytest.mark.parametrize("name", MECHANISMS)
 def test_sparse_training_step_with_padding(arch, name):
     model = with_mechanism(tiny_model(arch), name, SPARSE[name]).train()

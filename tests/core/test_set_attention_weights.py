@@ -10,11 +10,11 @@ from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, LlamaForCa
 import hf_attn_plus
 from hf_attn_plus import PREFIX, MechanismWeightsError
 from hf_attn_plus.patches.attn_plus import PATCH_OF
-from hf_attn_plus.tiny import tiny_config
+from hf_attn_plus.tiny import PATCHED_ARCHITECTURES, tiny_config
 
 from .models import token_batch
 
-ARCHS = ("llama", "qwen2", "qwen3", "deepseek_v3")
+ARCHS = PATCHED_ARCHITECTURES
 INDEXER = dict(budget=4, sinks=1, window=2)
 CASES = {
     "linear": ("linear", {}),  # hedgehog maps (identity init)

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_attn_plus  # noqa: F401  (registers mechanisms and patches)
-from hf_attn_plus.tiny import tiny_config
+from hf_attn_plus.tiny import PATCHED_ARCHITECTURES, tiny_config
 
-ARCHS = ("llama", "qwen2", "qwen3", "deepseek_v3")
+ARCHS = PATCHED_ARCHITECTURES
 
 
 def build(arch: str, mechanism: str, **options) -> torch.nn.Module:

@@ -21,6 +21,14 @@ CASES = [
     ("qwen3", "gated_delta", {"chunk_size": 4}),
     ("deepseek_v3", "gated_delta", {}),
     ("llama", "momentum_delta", {"chunk_size": 3}),
+    # The other patched decoder families (Granite's multiplier as `scaling`, Phi3's fused qkv, MoE, q/k norms).
+    ("mistral", "linear", {"feature_map": "hedgehog", "chunk_size": 4}),
+    ("phi3", "hybrid", {"feature_map": "elu", "window": 3}),
+    ("granite", "gated_delta", {"chunk_size": 4}),
+    ("qwen3_moe", "momentum_delta", {"chunk_size": 3}),
+    ("olmo2", "linear", {"feature_map": "elu", "chunk_size": 3}),
+    ("mixtral", "hybrid", {"feature_map": "hedgehog", "window": 2}),
+    ("qwen2_moe", "gated_delta", {}),
 ]
 
 

@@ -35,7 +35,7 @@ def test_gates_are_monotone_in_budget_and_one_at_full_budget():
         assert not active[0].all(), "random steepness must switch some head off at budget 0"
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3", "mistral", "phi3", "granite", "qwen3_moe"])
 def test_full_budget_equals_the_ungated_mechanism_and_lower_budgets_gate(arch):
     model = gated_model(arch)
     ids = token_batch(2, 16)

@@ -12,7 +12,7 @@ from hf_attn_plus.tiny import tiny_config
 
 from .selection_helpers import assert_cached_equals_uncached, assert_padding_invariant, decode_logits, logits
 
-ARCHS = ("llama", "qwen2", "qwen3", "deepseek_v3")
+ARCHS = ("llama", "qwen2", "qwen3", "deepseek_v3", "mistral", "phi3", "granite", "qwen2_moe")
 SMALL = dict(index_heads=2, index_dim=4)
 
 

@@ -10,8 +10,7 @@ from hf_attn_plus.masking import build_context
 from hf_attn_plus.mechanisms.lighthouse import attend, compressed_sequence, real_token_order
 from hf_attn_plus.reference import masked_attention
 from hf_attn_plus.structure import DENSE, Selection
-from hf_attn_plus.tiny import ARCHITECTURES
-from core.models import token_batch
+from core.models import PLAIN_WITHOUT_WINDOW, token_batch
 
 from .selection_helpers import EXACT_INDEXER, assert_padding_invariant, causal_context, logits, tiny_model
 
@@ -235,7 +234,7 @@ def test_pyramid_model_with_a_covering_budget_equals_dense_training():
     torch.testing.assert_close(out, logits(model, ids), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", PLAIN_WITHOUT_WINDOW)
 def test_pyramid_training_is_padding_invariant(model_type):
     assert_padding_invariant(_training_model(model_type, **PYRAMID), length=30, pad=7)
 
@@ -257,7 +256,7 @@ def test_pyramid_training_steps_stay_finite(model_type, scatter):
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", PLAIN_WITHOUT_WINDOW)
 def test_blocks_form_is_causal_padding_invariant_and_trains(model_type):
     model = _training_model(model_type, form="blocks", **BLOCKS)
     ids = token_batch(1, 40)

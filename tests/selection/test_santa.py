@@ -15,8 +15,7 @@ from hf_attn_plus.masking import build_context, visible_from_mask
 from hf_attn_plus.mechanisms.santa import estimate, quantize
 from hf_attn_plus.reference import masked_attention
 from hf_attn_plus.structure import Selection, dense_keep
-from hf_attn_plus.tiny import ARCHITECTURES
-from core.models import token_batch
+from core.models import MODEL_TYPES, own_attention, token_batch
 
 from .selection_helpers import EXACT_INDEXER, assert_decode_padding_invariant, decode_logits, logits, tiny_model
 
@@ -110,7 +109,7 @@ def test_prefill_is_exact_dense():
     torch.testing.assert_close(sampled, logits(model, ids), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_tiny_model_decode(model_type):
     ids = token_batch(1, 30)
     small = dict(samples=2, window=2, sinks=1, seed=1)
@@ -119,7 +118,7 @@ def test_tiny_model_decode(model_type):
     assert_decode_padding_invariant(model)
     hf_attn_plus.set_attention(model, "santa", samples=64, window=2, sinks=1)
     covered = decode_logits(model, ids)
-    hf_attn_plus.set_attention(model, "sdpa")
+    hf_attn_plus.set_attention(model, own_attention(model.config))
     dense = decode_logits(model, ids)
     torch.testing.assert_close(covered, dense, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(sampled, dense, atol=1e-4), "2 samples out of ~27 keys must change the output"

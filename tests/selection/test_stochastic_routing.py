@@ -6,9 +6,8 @@ import torch
 import hf_attn_plus
 from hf_attn_plus.mechanisms.stochastic_routing import routing_graph, set_step
 from hf_attn_plus.options import OptionError
-from hf_attn_plus.tiny import ARCHITECTURES
 from hf_attn_plus.structure import dense_keep
-from core.models import token_batch
+from core.models import MODEL_TYPES, token_batch
 
 from .selection_helpers import (
     EXACT_INDEXER,
@@ -75,7 +74,7 @@ def test_budget_covering_context_is_dense():
     assert torch.equal(graph_keep(ctx, 2, _opts(window=3, links=12), 0), ctx.visible.expand(-1, 2, -1, -1))
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_tiny_models_cached_and_padding_invariant(model_type):
     options = dict(window=3, links=2, seed=5)
     model = tiny_model(model_type, "stochastic_routing", EXACT_INDEXER.get(model_type), **options)
