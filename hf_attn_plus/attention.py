@@ -140,8 +140,8 @@ def attention_forward(
     cache_layer = getattr(module, "attn_plus_cache_layer", None)
     if mechanism.kept_keys and mechanism.kept_keys(opts) and not hasattr(module, "attn_plus_cache_layer"):
         raise UnsupportedModelError(
-            f"hf_attn_plus {mechanism.name!r} with evict=True needs an attention class hf_attn_plus patches (Llama, Qwen2/3, "
-            f"DeepSeek-V3, built after `import hf_attn_plus`); {type(module).__name__} is not, so its cache cannot evict"
+            f"hf_attn_plus {mechanism.name!r} with evict=True needs an attention class hf_attn_plus patches (README: "
+            f"Supported models); {type(module).__name__} is not, so its cache cannot evict"
         )
     if isinstance(attention_mask, TokenPositions):
         ctx = context_from_positions(attention_mask, cache_layer)

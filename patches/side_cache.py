@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..registry import PREFIX, get_mechanism, options_from_config
 from .streaming_cache import EvictingLayer
@@ -146,9 +146,10 @@ def cache_layer_for(module: nn.Module, cache: Any) -> DynamicLayer | None:
     if not (isinstance(implementation, str) and implementation.startswith(PREFIX)) or module.training:
         return None
     mechanism = get_mechanism(implementation)
-    kept = mechanism.kept_keys(options_from_config(mechanism, module.config)) if mechanism.kept_keys else None
+    opts = options_from_config(mechanism, module.config)
+    kept = mechanism.kept_keys(opts) if mechanism.kept_keys else None
     if kept is not None:
-        return _evicting_layer(module, cache, *kept)
+        return _evicting_layer(module, cache, opts.layers, *kept)
     if not isinstance(cache, DynamicCache) or not mechanism.side_cache:
         return None
     layers, layer_idx = cache.layers, module.layer_idx
@@ -159,8 +160,10 @@ def cache_layer_for(module: nn.Module, cache: Any) -> DynamicLayer | None:
     return layers[layer_idx] if isinstance(layers[layer_idx], SideCacheLayer) else None
 
 
-def _evicting_layer(module: nn.Module, cache: Any, sinks: int, window: int) -> EvictingLayer | None:
-    if cache is None:
+def _evicting_layer(module: nn.Module, cache: Any, layers_option: Any, sinks: int, window: int) -> EvictingLayer | None:
+    """The layer's EvictingLayer; None without a cache, in a layer the `layers` option keeps the mechanism out of
+    (it attends every key there), or in a layer with the model's own window (its cache already drops old keys)."""
+    if cache is None or (isinstance(layers_option, list) and module.layer_idx not in layers_option):
         return None
     if not isinstance(cache, DynamicCache):
         raise ValueError(
@@ -171,6 +174,8 @@ def _evicting_layer(module: nn.Module, cache: Any, sinks: int, window: int) -> E
     while len(layers) <= layer_idx:
         layers.append(DynamicLayer())
     layer = layers[layer_idx]
+    if isinstance(layer, DynamicSlidingWindowLayer) or (layers_option == "sliding_attention"):
+        return None
     if type(layer) is DynamicLayer:
         layers[layer_idx] = layer = EvictingLayer.replacing(layer, sinks, window)
     if not isinstance(layer, EvictingLayer) or (layer.sinks, layer.window) != (sinks, window):

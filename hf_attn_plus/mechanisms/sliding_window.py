@@ -35,7 +35,8 @@ MECHANISM = register(
             bool_option(
                 "evict", False,
                 "cached generation drops keys no later query attends, keeping sinks + window (needs a DynamicCache and a "
-                "model class hf_attn_plus patches: Llama, Qwen2/3, DeepSeek-V3)",
+                "model class hf_attn_plus patches, see README: Supported models; layers with the model's own window keep their "
+                "own cache, which already drops old keys)",
             ),
         ),
         select=select,

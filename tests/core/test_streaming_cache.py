@@ -120,3 +120,17 @@ def test_set_attention_patches_a_directly_built_model():
     hf_attn_plus.set_attention(model, "sliding_window", window=WINDOW, sinks=SINKS, evict=True)
     out = model.generate(token_batch(1, 8), max_new_tokens=2 * WINDOW, do_sample=False, return_dict_in_generate=True)
     assert all(isinstance(layer, EvictingLayer) and layer.evicted > 0 for layer in out.past_key_values.layers)
+
+
+def test_layers_kept_dense_keep_every_key():
+    """With option layers=[1], layer 0 attends densely: its cache keeps every key; layer 1 evicts."""
+    ids, mask = padded_prompts()
+    runs = []
+    for evict in (False, True):
+        model = with_mechanism(tiny_model("llama"), "sliding_window", dict(window=WINDOW, sinks=SINKS, evict=evict, layers=[1]))
+        runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=3 * WINDOW, do_sample=False,
+                                   return_dict_in_generate=True))
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    first, second = runs[1].past_key_values.layers
+    assert type(first).__name__ == "DynamicLayer" and first.keys.shape[2] == runs[1].sequences.shape[1] - 1
+    assert isinstance(second, EvictingLayer) and second.evicted > 0
