@@ -66,13 +66,15 @@ def selected_attention(
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     gap_slot, gap = ctx.key_gap or (0, 0)
     sinks = None if ctx.sinks is None else ctx.sinks.index_select(0, ctx.head_index(q_heads, query.device).flatten())
+    # Inference writes each chunk into one output buffer; training keeps the chunks autograd saw and joins them.
+    out = None if train else query.new_zeros(batch, q_heads, q_len, value.shape[-1])
     outputs = []
     for b in range(batch):
         held = slice(starts[b], starts[b] + counts[b] - gap)
         keys, values = key[b : b + 1, :, held], value[b : b + 1, :, held]
         t_all = query_pos[b]
         first = int((t_all < 0).sum())  # queries before any real token (left padding) see nothing
-        pieces = [query.new_zeros(1, q_heads, first, value.shape[-1])]
+        pieces = [query.new_zeros(1, q_heads, first, value.shape[-1])] if train else None
         step = _chunk_rows(selection, q_heads, counts[b], q_len - first)
         for lo in range(first, q_len, step):
             rows = slice(lo, min(lo + step, q_len))
@@ -81,9 +83,12 @@ def selected_attention(
             if train:
                 pieces.append(checkpoint(run, query[b : b + 1, :, rows], keys, values, use_reentrant=False))
             else:
-                pieces.append(run(query[b : b + 1, :, rows], keys, values))
-        outputs.append(torch.cat(pieces, dim=2))
-    return torch.cat(outputs, dim=0)
+                out[b : b + 1, :, rows] = run(query[b : b + 1, :, rows], keys, values)
+        if train:
+            outputs.append(torch.cat(pieces, dim=2))
+    if not train:
+        return out
+    return outputs[0] if batch == 1 else torch.cat(outputs, dim=0)
 
 
 def _chunk_rows(selection: Selection, q_heads: int, num_keys: int, q_len: int) -> int:
