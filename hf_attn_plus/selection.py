@@ -93,17 +93,18 @@ def top_scoring(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> 
 
 def top_indices(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> torch.Tensor:
     """The indices [..., budget] of the candidates top_scoring(scores, candidates, budget) chooses, in no particular
-    order (-1 unused), from one top-k. Exact ties crossing the cut go through `top_scoring`."""
+    order (-1 unused), from one top-k. Exact ties crossing the cut go through `top_scoring`. `scores` is
+    overwritten (non-candidates set to -inf): one chunk's scores are the largest tensor a selection holds."""
     k = min(budget, scores.shape[-1])
     if k == 0:
         return scores.new_zeros(*scores.shape[:-1], 0, dtype=torch.long)
-    masked = scores.masked_fill(~candidates, float("-inf"))
+    masked = scores.masked_fill_(~candidates, float("-inf"))
     values, index = masked.topk(k, dim=-1, sorted=False)
     cut = values.amin(-1, keepdim=True)
     # Unambiguous unless keys tied at a finite cut outnumber the places left for them.
     ambiguous = (cut > float("-inf")) & ((masked == cut).sum(-1, keepdim=True) > (values == cut).sum(-1, keepdim=True))
     if bool(ambiguous.any()):
-        return kept_indices(top_scoring(scores, candidates, budget), budget)
+        return kept_indices(top_scoring(masked, candidates, budget), budget)
     return torch.where(values > float("-inf"), index, -1)
 
 
