@@ -1,6 +1,7 @@
 import json
 
 import hf_attn_plus
+from hf_attn_plus.registry import COMMON_OPTIONS
 from hf_attn_plus.cli import main
 
 
@@ -11,7 +12,8 @@ def test_list_shows_every_mechanism_with_options(capsys):
         row = next(line for line in out.splitlines() if line.startswith(f"| {m['name']} "))
         assert m["family"] in row
         assert ("yes" if m["training_free"] else "no") in row
-        own = [k for k in m["options"] if k not in ("logit_scale", "logit_scale_c", "train_length", "backend")]
+        common = {o.name for o in COMMON_OPTIONS}
+        own = [k for k in m["options"] if k not in common]
         for option in own:
             assert f"{option}={m['options'][option]['default']}" in row
     assert "logit_scale=none" in out
