@@ -131,6 +131,8 @@ def _listed(ctx: AttentionContext, selection: Selection, q_heads: int) -> tuple[
     last_slot = _slot_of_position(ctx, torch.clamp((torch.arange(num_blocks, device=k_pos.device) + 1) * size - 1,
                                                    max=int(k_pos.max()) if k_pos.numel() else 0))
     key_tiles = -(-k_pos.shape[1] // TILE)
+    first_tile, last_tile = (first_slot // TILE)[:, None], (last_slot // TILE)[:, None]  # [B, 1, blocks]
+    span_tiles = int((last_tile - first_tile).max()) + 1 if num_blocks else 0
     tiles, bits = [], []
     for lo in range(0, q_len, TILE):
         rows = slice(lo, min(lo + TILE, q_len))
@@ -144,11 +146,13 @@ def _listed(ctx: AttentionContext, selection: Selection, q_heads: int) -> tuple[
         packed = (hit[..., :-1].unflatten(-1, (words, BIT_WORD)).long() * weights).sum(-1)
         bits.append(torch.where(packed >= 2**31, packed - 2**32, packed).int())
         chosen = hit[..., :num_blocks].any(2)  # [B, H, blocks]: blocks any row of the tile lists
-        span_first = first_slot[:, None] // TILE  # [B, 1, blocks]
-        span_last = last_slot[:, None] // TILE
-        tile_ids = torch.arange(key_tiles, device=lists.device)
-        covers = (tile_ids[:, None] >= span_first[..., None, :]) & (tile_ids[:, None] <= span_last[..., None, :])
-        tiles.append((covers & chosen[:, :, None, :]).any(-1))  # [B, H, key tiles]
+        # Each chosen block marks the few key tiles its slots span: O(blocks) per query tile, not O(blocks * tiles).
+        visited = torch.zeros(batch, heads, key_tiles + 1, dtype=torch.bool, device=lists.device)
+        for offset in range(span_tiles):
+            tile = first_tile + offset
+            hit_tile = chosen & (tile <= last_tile) & (tile < key_tiles)
+            visited.scatter_(-1, torch.where(hit_tile, tile, key_tiles).expand_as(chosen), True)
+        tiles.append(visited[..., :key_tiles])  # [B, H, key tiles]
     return torch.stack(tiles, dim=2), torch.cat(bits, dim=2)
 
 
