@@ -157,6 +157,8 @@ class _Chunk:
         kv_heads = keys.shape[1]
         if kv_heads == 1 or not lists.per_head:
             return self.attend(query, keys, values, lists, self.sinks)
+        if self.one_row_of_plain_lists(query, kv_heads, lists):
+            return self.attend_row(query, keys, values, lists)
         # Per-head choices: each KV head reads the union of its own query heads' lists, not of every head's.
         group = query.shape[1] // kv_heads
         return torch.cat([
@@ -174,31 +176,92 @@ class _Chunk:
             if group.positions.numel() == 0:
                 continue
             rows = slice(None) if group.rows is None else group.rows
-            q = query[:, :, rows]
-            mask = group.mask
-            keep = mask if mask.dtype == torch.bool else mask > float("-inf")
-            if self.beta is not None:  # beta scales a row's logits: scale its query
-                q = q * self.beta(keep.sum(-1, keepdim=True).float()).to(q.dtype)
-            empty = ~keep.any(-1, keepdim=True)  # rows keeping nothing output zeros (a dummy key keeps them finite)
-            if bool(empty.any()):
-                dummy = empty & (torch.arange(mask.shape[-1], device=mask.device) == 0)
-                mask = mask | dummy if mask.dtype == torch.bool else mask.masked_fill(dummy, 0.0)
-            slots = group.positions - self.first
-            slots = slots - self.gap * (slots >= self.gap_position) if self.gap else slots
+            slots = self.slots(group.positions)
             k, v = keys.index_select(2, slots), values.index_select(2, slots)
-            if self.softcap is None and sinks is None:
-                result = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask.to(q.dtype) if mask.dtype != torch.bool else mask, dropout_p=self.dropout,
-                    scale=self.scaling, enable_gqa=True,
-                )
-            else:
-                result = spelled_out_attention(q, k, v, mask, self.scaling, self.softcap, sinks, self.dropout)
-            result = result.masked_fill(empty, 0.0)
+            result = self.softmax(query[:, :, rows], k, v, group.mask, sinks)
             if group.rows is None:
                 out = result
             else:
                 out = out.index_copy(2, group.rows, result)
         return out
+
+    def softmax(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention of q over the gathered keys k/v (GQA or per query head) under `mask` (bool keep or log-weights),
+        with the common beta, the model's soft-capping and sinks; rows keeping nothing output zeros."""
+        keep = mask if mask.dtype == torch.bool else mask > float("-inf")
+        if self.beta is not None:  # beta scales a row's logits: scale its query
+            q = q * self.beta(keep.sum(-1, keepdim=True).float()).to(q.dtype)
+        empty = ~keep.any(-1, keepdim=True)  # a dummy key keeps rows that keep nothing finite
+        if bool(empty.any()):
+            dummy = empty & (torch.arange(mask.shape[-1], device=mask.device) == 0)
+            mask = mask | dummy if mask.dtype == torch.bool else mask.masked_fill(dummy, 0.0)
+        if self.softcap is None and sinks is None:
+            result = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.to(q.dtype) if mask.dtype != torch.bool else mask, dropout_p=self.dropout,
+                scale=self.scaling, enable_gqa=k.shape[1] != q.shape[1],
+            )
+        else:
+            result = spelled_out_attention(q, k, v, mask, self.scaling, self.softcap, sinks, self.dropout)
+        return result.masked_fill(empty, 0.0)
+
+    def one_row_of_plain_lists(self, query: torch.Tensor, kv_heads: int, lists: _Lists) -> bool:
+        """A decode row whose KV groups' heads list the same keys (`choose_per='group'` choices), for `attend_row`.
+        Where each head chooses for itself the pass per KV head (`attend`) reads the union of its heads' lists."""
+        if not (
+            query.shape[2] == 1 and lists.log_weights is None and not self.selection.rule.dilation
+            and self.restrict is None and self.softcap is None and self.sinks is None
+        ):
+            return False
+        for part in (lists.blocks, lists.tokens):
+            if part is not None and part.shape[1] > 1:
+                by_group = part.reshape(kv_heads, -1, part.shape[-1])
+                if not bool((by_group == by_group[:, :1]).all()):
+                    return False
+        return True
+
+    def attend_row(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lists: _Lists) -> torch.Tensor:
+        """A decode row whose KV groups share their lists: each KV head reads the rule's contiguous keys and its
+        group's listed keys, with the group's heads as the rows of one attention; positions and masks of every KV
+        head are built at once (a few ops per step instead of a pass of `groups` per KV head)."""
+        sel, rule = self.selection, self.selection.rule
+        t, device = int(self.t[0]), query.device
+        q_heads, kv_heads = query.shape[1], keys.shape[1]
+        group = q_heads // kv_heads
+        lowest = self.first if self.window is None else max(self.first, t - self.window + 1)
+        near = max(0, rule.near_start(t))
+        sink_end = min(rule.sinks, near)
+        shared = torch.cat((torch.arange(sink_end, device=device), torch.arange(near, t + 1, device=device)))
+        shared = shared[shared >= lowest]
+
+        def by_kv_head(part: torch.Tensor) -> torch.Tensor:  # [1, H|1, 1, n] -> [Hkv, n]: the group's first head
+            return part[0, ::group, 0] if part.shape[1] > 1 else part[0, :, 0].expand(kv_heads, -1)
+
+        listed_positions = []
+        if lists.blocks is not None:
+            blocks = by_kv_head(lists.blocks)
+            if self.window is not None:  # the block across the window's start, kept whole (structure.edge_block)
+                edge = edge_block(self.t[:1], self.window, sel.block_size)
+                blocks = torch.cat((blocks, edge.view(1, 1).expand(kv_heads, 1)), dim=-1)
+            spans = blocks[..., None] * sel.block_size + torch.arange(sel.block_size, device=device)
+            listed_positions.append(torch.where(blocks[..., None] < 0, -1, spans).flatten(1))
+        if lists.tokens is not None:
+            listed_positions.append(by_kv_head(lists.tokens))
+        positions = _distinct_rows(torch.cat(listed_positions, dim=-1), t + 1)  # a key listed twice counts once
+        # The rule's keys hold the listed keys that fall in them.
+        far = (positions >= max(lowest, sink_end)) & (positions < near)
+        positions = torch.cat((shared.expand(kv_heads, -1), torch.where(far, positions, -1)), dim=-1)
+        keep = (positions >= 0)[:, None, None].expand(kv_heads, 1, group, -1)
+        slots = self.slots(positions.clamp(min=self.first))
+        k, v = _rows_per_head(keys, slots)[:, None], _rows_per_head(values, slots)[:, None]
+        out = self.softmax(query.view(kv_heads, 1, group, query.shape[-1]), k, v, keep, None)
+        return out.view(1, q_heads, 1, values.shape[-1])
+
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Cache slots of real key positions (of this sequence's held keys)."""
+        slots = positions - self.first
+        return slots - self.gap * (slots >= self.gap_position) if self.gap else slots
 
     def groups(self, q_heads: int, lists: _Lists) -> list[_Group]:
         sel, t = self.selection, self.t
@@ -273,6 +336,27 @@ class _Chunk:
         if weights is None:
             return keep
         return weights.masked_fill(~keep, float("-inf"))
+
+
+def _rows_per_head(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """x[0, h, slots[h]] for every head h of x [1, H, S, D] -> [H, M, D]: one index_select over the flattened slots
+    when x is contiguous (faster than advanced indexing), which a strided view of the cache would copy whole."""
+    if not x.is_contiguous():
+        return x[0, torch.arange(x.shape[1], device=x.device)[:, None], slots]
+    flat = slots + torch.arange(x.shape[1], device=x.device)[:, None] * x.shape[2]
+    return x.reshape(-1, x.shape[-1]).index_select(0, flat.flatten()).view(x.shape[1], -1, x.shape[-1])
+
+
+def _distinct_rows(values: torch.Tensor, width: int) -> torch.Tensor:
+    """The distinct values in [0, width) of each row of `values` [R, n], ascending, padded with -1 to the longest
+    row -> [R, m]: one hit vector per row."""
+    hit = torch.zeros(values.shape[0], width + 1, dtype=torch.bool, device=values.device)
+    hit.scatter_(1, torch.where((values < 0) | (values >= width), width, values), True)
+    rows, found = hit[:, :width].nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=values.shape[0])
+    out = values.new_full((values.shape[0], max(1, int(counts.max()))), -1)
+    out[rows, torch.arange(rows.numel(), device=values.device) - (counts.cumsum(0) - counts)[rows]] = found
+    return out
 
 
 def _distinct(values: torch.Tensor, width: int) -> torch.Tensor:

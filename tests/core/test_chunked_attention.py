@@ -89,3 +89,26 @@ def test_rows_that_see_nothing_are_zero_with_finite_gradients():
     assert torch.equal(out[0, :, :5], torch.zeros_like(out[0, :, :5]))  # row 0 is left-padded by 5
     out.sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+@pytest.mark.parametrize("per", ["head", "group"])
+@pytest.mark.parametrize("parts", ["blocks", "tokens", "both"])
+def test_decode_row_reads_each_kv_heads_union_of_its_heads_lists(parts, per):
+    """A decode row with per-head lists reads, per KV head, the union of its heads' lists (one batched pass over every
+    KV head where a group's heads list the same keys): lists that repeat keys, overlap each other and the rule's keys,
+    or list nothing for a head count each key once."""
+    query, key, value, ctx = inputs(29, 1, seed=7)
+    g = torch.Generator().manual_seed(8)
+    heads = Q_HEADS if per == "head" else KV_HEADS
+    blocks = torch.randint(-1, 8, (BATCH, heads, 1, 3), generator=g)
+    blocks[:, 0] = -1  # a head (group) that lists no block
+    tokens = torch.randint(-1, 29, (BATCH, heads, 1, 5), generator=g)
+    if per == "group":
+        blocks, tokens = (x.repeat_interleave(Q_HEADS // KV_HEADS, dim=1) for x in (blocks, tokens))
+    selection = Selection(
+        PositionRule(sinks=2, window=3), block_size=4,
+        blocks=blocks if parts != "tokens" else None, tokens=tokens if parts != "blocks" else None,
+    )
+    beta = lambda count: length_scale(count, 4, 0.5)  # noqa: E731
+    for row_beta in (None, beta):
+        assert_matches_dense(query, key, value, ctx, selection, row_beta)
