@@ -12,9 +12,11 @@ checkpoint is read and its saved weights load like any other. A model built with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import types
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -312,6 +314,31 @@ def _register_patches() -> None:
     register_patch_mapping({key: patched for key, patched in mapping.items() if key not in existing})
 
 
+def _make_patch_context_exception_safe() -> None:
+    # transformers' `apply_patches` (around every from_pretrained / from_config model construction) puts the original
+    # classes back only when its block exits normally: a construction that raises (weights refusing a layer's model
+    # feature, in `attach`) would leave every patched class in transformers' modules for good, so that classes built
+    # directly afterwards are patched too. Same context, its restore run on any exit.
+    import transformers.modeling_utils as modeling_utils
+    from transformers import monkey_patching
+
+    original = monkey_patching.apply_patches
+    if getattr(original, "_hf_attn_plus", False):
+        return
+
+    @contextlib.contextmanager
+    def apply_patches(*args: Any, **kwargs: Any) -> Iterator[None]:
+        steps = original.__wrapped__(*args, **kwargs)
+        next(steps)
+        try:
+            yield
+        finally:
+            next(steps, None)  # resumes it after its `yield`: the restore, whether the block raised or not
+
+    apply_patches._hf_attn_plus = True
+    monkey_patching.apply_patches = modeling_utils.apply_patches = apply_patches
+
+
 def _teach_transformers_to_initialise_mechanism_weights() -> None:
     # from_pretrained builds modules on the meta device and initialises missing keys with the model's `_init_weights`,
     # which knows nothing of these modules: without this they would hold uninitialised memory.
@@ -378,6 +405,7 @@ def _make_lazy_module_listing_linear() -> None:
 
 
 _register_patches()
+_make_patch_context_exception_safe()
 _make_alias_module_listings_safe()
 _make_lazy_module_listing_linear()
 _teach_transformers_to_initialise_mechanism_weights()

@@ -273,6 +273,8 @@ def test_weights_that_cannot_honour_a_layer_are_refused_by_set_attention_and_loa
     assert not mechanism_tensors(model)
     with pytest.raises(MechanismWeightsError, match=refusal):
         load(checkpoint(arch), name, **options)
+    # The refused construction left transformers' own classes in place: a model built by its class is unpatched.
+    assert type(LlamaForCausalLM(tiny_config("llama")).model.layers[0].self_attn) in PATCH_OF
 
 
 def test_layers_option_puts_weights_only_in_the_layers_it_selects(checkpoint):
