@@ -323,8 +323,8 @@ def _make_patch_context_exception_safe() -> None:
     from transformers import monkey_patching
 
     original = monkey_patching.apply_patches
-    if getattr(original, "_hf_attn_plus", False):
-        return
+    if getattr(original, "_hf_attn_plus", False) or not hasattr(original, "__wrapped__"):
+        return  # done already, or not the generator context this wraps (nothing known to restore)
 
     @contextlib.contextmanager
     def apply_patches(*args: Any, **kwargs: Any) -> Iterator[None]:
