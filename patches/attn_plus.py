@@ -204,16 +204,17 @@ def check_honoured(attention: nn.Module, weights: MechanismWeights) -> None:
         return
     inner = "" if computing is weights else f" (its inner mechanism {computing.mechanism!r})"
     logit = [feature for feature in refused if feature != WINDOW]
-    if logit:  # every layer of these families has them: no choice of layers helps
-        able = [name for name, cls in _WEIGHTS.items() if set(logit) <= cls.honours]
-        allowed = (
-            f"mechanisms with weights that implement it: {', '.join(able) or 'none'} (with an inner mechanism "
-            "without weights), or any mechanism without weights"
-        )
-    else:
+    layer_types = getattr(attention.config, "layer_types", None) or ()
+    if not logit and any(kind != "sliding_attention" for kind in layer_types):
         allowed = (
             "set option layers='full_attention' to run it only in the layers without the model's own window (the "
             "others keep the model's own attention)"
+        )
+    else:  # in every layer (logit options; one window for all layers): no choice of layers helps
+        able = sorted(name for name, cls in _WEIGHTS.items() if set(refused) <= cls.honours)
+        allowed = (
+            f"every layer has it; mechanisms with weights that implement it: {', '.join(able) or 'none'} (a wrapper "
+            "such as head_budget: with an inner mechanism that does too), or any mechanism without weights"
         )
     raise MechanismWeightsError(
         f"hf_attn_plus {weights.mechanism!r}{inner} does not implement "

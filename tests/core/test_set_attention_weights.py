@@ -17,7 +17,7 @@ from hf_attn_plus.tiny import (
     tiny_config,
 )
 
-from .models import own_attention, token_batch
+from .models import tiny_model, token_batch
 
 ARCHS = PATCHED_ARCHITECTURES
 INDEXER = dict(budget=4, sinks=1, window=2)
@@ -62,11 +62,8 @@ def checkpoint(tmp_path_factory):
 
     def path(arch: str):
         if arch not in saved:
-            torch.manual_seed(0)
-            saved[arch] = tmp_path_factory.mktemp(arch)
-            config = tiny_config(arch)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=own_attention(config))
-            model.save_pretrained(saved[arch])
+            saved[arch] = tmp_path_factory.mktemp(arch.replace("@", "_"))
+            tiny_model(arch).save_pretrained(saved[arch])  # seed 0, the model's own attention
         return saved[arch]
 
     return path
@@ -247,7 +244,7 @@ def test_weights_adapted_by_peft_are_not_replaced(checkpoint):
 
 # Weights that cannot reproduce a model feature of a layer they would go in: refused by name, where, and what runs.
 LAYERS_ADVICE = r"; set option layers='full_attention' to run it only in the layers without the model's own window"
-LOGIT_ADVICE = r"; mechanisms with weights that implement it: head_budget \(with an inner mechanism without weights\)"
+LOGIT_ADVICE = r"; every layer has it; mechanisms with weights that implement it: head_budget \(a wrapper"
 REFUSALS = [
     ("gemma3_text", "linear", r"'linear' does not implement the model's own sliding window \(10\) of layer 0 "
      r"\(HfAttnPlusGemma3Attention, model_type 'gemma3_text'\)" + LAYERS_ADVICE),
@@ -259,6 +256,10 @@ REFUSALS = [
      r"\(HfAttnPlusGptOssAttention, model_type 'gpt_oss'\)" + LOGIT_ADVICE),
     ("gemma2", "head_budget_indexer", r"'head_budget' \(its inner mechanism 'indexer_topk'\) does not implement logit "
      r"soft-capping"),
+    # One window for every layer (config.sliding_window, no layer_types): no layers='full_attention' to suggest.
+    ("mistral@window", "hybrid", r"'hybrid' does not implement the model's own sliding window \(16\) of layer 0 "
+     r"\(HfAttnPlusMistralAttention, model_type 'mistral'\); every layer has it; mechanisms with weights that "
+     r"implement it: head_budget, indexer_topk \(a wrapper"),
 ]
 
 
