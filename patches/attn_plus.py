@@ -213,8 +213,8 @@ def check_honoured(attention: nn.Module, weights: MechanismWeights) -> None:
     else:  # in every layer (logit options; one window for all layers): no choice of layers helps
         able = sorted(name for name, cls in _WEIGHTS.items() if set(refused) <= cls.honours)
         allowed = (
-            f"every layer has it; mechanisms with weights that implement it: {', '.join(able) or 'none'} (a wrapper "
-            "such as head_budget: with an inner mechanism that does too), or any mechanism without weights"
+            f"every layer has it; mechanisms with weights that implement it: {', '.join(able) or 'none'} (a wrapper's "
+            "inner mechanism must implement it too), or any mechanism without weights"
         )
     raise MechanismWeightsError(
         f"hf_attn_plus {weights.mechanism!r}{inner} does not implement "
