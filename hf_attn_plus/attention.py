@@ -19,7 +19,7 @@ from .chunked_attention import selected_attention
 from .flex_attention import check_flex, flex_selected_attention
 from .kernels.sparse_attention import decoding
 from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
-from .patches.attn_plus import weights_class
+from .patches.attn_plus import runs_in, weights_class
 from .reference import default_scaling, length_scale
 from .registry import Mechanism, OptionError, all_mechanisms, delegate, options_from_config
 from .structure import DENSE, Selection
@@ -172,12 +172,11 @@ def runs_in_layer(mechanism: Mechanism, opts: Any, module: torch.nn.Module, ctx:
     layers = opts.layers
     if layers == "all":
         return True
-    if weights_class(mechanism.name) is not None:
-        raise OptionError(
-            f"hf_attn_plus mechanism {mechanism.name!r} adds weights to every layer; option 'layers' got {layers!r}; "
-            "allowed for it: 'all'"
-        )
     if isinstance(layers, str):
+        if weights_class(mechanism.name) is not None:
+            # Its weights were built in the layers of this type by the config, before any mask existed: the same
+            # choice here (a window the config does not declare is refused where the weights cannot honour it).
+            return runs_in(layers, module)
         return layers == ("full_attention" if ctx.window is None else "sliding_attention")
     count = module.config.num_hidden_layers
     if max(layers, default=0) >= count:
@@ -262,6 +261,13 @@ def _reference_for_model_features(
         raise UnsupportedModelError(
             f"hf_attn_plus mechanism {mechanism.name!r} does not implement the model's {' and '.join(logit_features)}; "
             f"mechanisms that do: {', '.join(honouring)}"
+        )
+    if ctx.window is not None and mechanism.family == "linear":
+        # Its state sums every earlier key; past the window it would silently attend keys the model does not.
+        raise UnsupportedModelError(
+            f"hf_attn_plus mechanism {mechanism.name!r} keeps a state over every earlier key and does not implement "
+            f"the model's own sliding window (window {ctx.window} in layer {module.layer_idx}); "
+            "set option layers='full_attention' to keep it out of windowed layers"
         )
     if ctx.window is not None and module.training and mechanism.name in _TRAINING_BEYOND_MODEL_WINDOW:
         raise UnsupportedModelError(

@@ -42,7 +42,8 @@ COMMON_OPTIONS: tuple[Option, ...] = (
         "layers",
         ("full_attention", "sliding_attention"),
         "the layers the mechanism runs in (the others run the model's own attention): 'full_attention' / "
-        "'sliding_attention' are those without / with the model's own sliding window",
+        "'sliding_attention' are those without / with the model's own sliding window; a mechanism with weights gets "
+        "them in these layers only",
     ),
 )
 

@@ -81,10 +81,18 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 _TINY.update(_FAMILIES)
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 
-# Those whose attention classes patches/attn_plus.py patches: mechanisms with weights run on these.
+# Those whose attention classes patches/attn_plus.py patches: mechanisms with weights run on these, in the layers
+# whose model features their weights honour (see below).
 PATCHED_ARCHITECTURES: tuple[str, ...] = (
     "llama", "qwen2", "qwen3", "deepseek_v3", "mistral", "mixtral", "phi3", "olmo2", "qwen2_moe", "qwen3_moe", "granite",
+    "gemma3_text", "cohere2", "gemma2", "gpt_oss",
 )
+# Patched ones with a layer of the model's own sliding window in their tiny config: the linear family's weights go
+# only in the other layers (option layers='full_attention'); indexer_topk's honour the window.
+PATCHED_WITH_WINDOW_LAYERS: tuple[str, ...] = ("gemma3_text", "cohere2")
+# Patched ones whose every layer soft-caps logits (Gemma 2) or has learned sinks (gpt-oss): only head_budget's gates
+# (around a mechanism without weights) honour them.
+PATCHED_WITH_LOGIT_OPTIONS: tuple[str, ...] = ("gemma2", "gpt_oss")
 
 
 def tiny_config(model_type: str, **overrides: Any) -> PreTrainedConfig:

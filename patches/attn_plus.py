@@ -12,16 +12,22 @@ checkpoint is read and its saved weights load like any other. A model built with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import types
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.models.cohere2.modeling_cohere2 import Cohere2Attention
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention
+from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention
 from transformers.models.granite.modeling_granite import GraniteAttention
 from transformers.models.llama.modeling_llama import LlamaAttention
 from transformers.models.mistral.modeling_mistral import MistralAttention
@@ -35,6 +41,16 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
 from transformers.monkey_patching import get_patch_mapping, register_patch_mapping
 
 from ..registry import PREFIX, get_mechanism, options_from_config
+
+# The model features a layer's attention may add to causal softmax attention, by the key mechanism weights declare
+# them under (`MechanismWeights.honours`).
+WINDOW, SOFTCAP, SINKS = "window", "softcap", "sinks"
+MODEL_FEATURES = (WINDOW, SOFTCAP, SINKS)
+
+
+class MechanismWeightsError(ValueError):
+    """A model cannot get the weights its mechanism needs, or they cannot honour what the model's layer computes
+    (raised by set_attention before anything changes, or while the model is built)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +77,10 @@ class MechanismWeights(nn.Module):
     weight_options: tuple[str, ...] = ()
     # Model types whose attention brings these weights itself: the mechanism adds none there.
     models_bringing_own: tuple[str, ...] = ()
+    # The model features (MODEL_FEATURES) the computation with these weights reproduces; in a layer with any other,
+    # the weights are refused when built rather than computing something else than the model (a linear state over
+    # every earlier key knows no window, no soft-capped logits and no sink logit).
+    honours: frozenset[str] = frozenset()
 
     def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
         super().__init__()
@@ -114,13 +134,93 @@ def _mechanism_name(config: Any) -> str | None:
 
 
 def attach(attention: nn.Module, config: Any) -> None:
-    """Give `attention` (a patched attention module) the `attn_plus` weights its config's mechanism asks for."""
+    """Give `attention` (a patched attention module) the `attn_plus` weights its config's mechanism asks for: in the
+    layers its `layers` option selects; raises MechanismWeightsError where they cannot honour the layer."""
     name = _mechanism_name(config)
-    if name not in _WEIGHTS:
+    opts = options_from_config(get_mechanism(name), config) if name in _WEIGHTS else None
+    if opts is None or not runs_in(opts.layers, attention):
         attention.attn_plus = None
         return
-    opts = options_from_config(get_mechanism(name), config)
-    attention.attn_plus = _WEIGHTS[name](attention.attn_plus_shape(), opts, attention.layer_idx)
+    weights = _WEIGHTS[name](attention.attn_plus_shape(), opts, attention.layer_idx)
+    check_honoured(attention, weights)
+    attention.attn_plus = weights
+
+
+def own_window(attention: nn.Module) -> int | None:
+    """The model's own sliding window in `attention`'s layer, read from the config as the model's mask reads it:
+    per layer through `layer_types` where the config has them, else one `sliding_window` for every layer (Mistral,
+    Mixtral, Phi3); None: no window. Known when the weights are built, before any mask exists."""
+    config = attention.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return config.sliding_window if layer_types[attention.layer_idx] == "sliding_attention" else None
+    return getattr(config, "sliding_window", None)
+
+
+def layer_kind(attention: nn.Module) -> str:
+    """'sliding_attention' or 'full_attention': the layer's type as the common `layers` option names it."""
+    return "full_attention" if own_window(attention) is None else "sliding_attention"
+
+
+def runs_in(layers: Any, attention: nn.Module) -> bool:
+    """Whether the common `layers` option (validated: 'all', a layer type or a list of indices) selects this layer."""
+    if layers == "all":
+        return True
+    if isinstance(layers, str):
+        return layers == layer_kind(attention)
+    return attention.layer_idx in layers
+
+
+# Logit options a family's attention passes to the attention function, by feature: what it is in a given layer
+# (None where this layer or config leaves it off).
+_LOGIT_FEATURES = {
+    SOFTCAP: lambda attention: None if attention.attn_logit_softcapping is None
+    else f"logit soft-capping (softcap={attention.attn_logit_softcapping})",
+    SINKS: lambda attention: "learned attention sinks (s_aux)",
+}
+
+
+def layer_features(attention: nn.Module) -> dict[str, str]:
+    """The model features of `attention`'s layer (patched or patchable class) beyond causal softmax attention, each
+    described for an error message."""
+    features = {}
+    window = own_window(attention)
+    if window is not None:
+        features[WINDOW] = f"the model's own sliding window ({window})"
+    for feature in PATCH_OF.get(type(attention), type(attention)).attn_plus_logit_features:
+        described = _LOGIT_FEATURES[feature](attention)
+        if described is not None:
+            features[feature] = described
+    return features
+
+
+def check_honoured(attention: nn.Module, weights: MechanismWeights) -> None:
+    """Raise MechanismWeightsError when `weights` (or a wrapper's inner weights) cannot reproduce a model feature of
+    `attention`'s layer: saying which, where, and what is allowed instead."""
+    computing = weights.hooked()
+    features = layer_features(attention)
+    refused = [feature for feature in features if feature not in computing.honours]
+    if not refused:
+        return
+    inner = "" if computing is weights else f" (its inner mechanism {computing.mechanism!r})"
+    logit = [feature for feature in refused if feature != WINDOW]
+    layer_types = getattr(attention.config, "layer_types", None) or ()
+    if not logit and any(kind != "sliding_attention" for kind in layer_types):
+        allowed = (
+            "set option layers='full_attention' to run it only in the layers without the model's own window (the "
+            "others keep the model's own attention)"
+        )
+    else:  # in every layer (logit options; one window for all layers): no choice of layers helps
+        able = sorted(name for name, cls in _WEIGHTS.items() if set(refused) <= cls.honours)
+        allowed = (
+            f"every layer has it; mechanisms with weights that implement it: {', '.join(able) or 'none'} (a wrapper's "
+            "inner mechanism must implement it too), or any mechanism without weights"
+        )
+    raise MechanismWeightsError(
+        f"hf_attn_plus {weights.mechanism!r}{inner} does not implement "
+        f"{' and '.join(features[feature] for feature in refused)} of layer {attention.layer_idx} "
+        f"({type(attention).__name__}, model_type {attention.config.model_type!r}); {allowed}"
+    )
 
 
 def unwrapped(weights: nn.Module | None) -> nn.Module | None:
@@ -154,7 +254,9 @@ def mechanism_weights(attention: nn.Module, mechanism: str) -> MechanismWeights:
 # Per-architecture classes
 
 
-def _patched(base: type[nn.Module], shape: Any) -> type[nn.Module]:
+def _patched(base: type[nn.Module], shape: Any, logit_features: tuple[str, ...] = ()) -> type[nn.Module]:
+    """`base` with `attn_plus` weights: `shape(self)` gives their AttentionShape; `logit_features` (keys of
+    _LOGIT_FEATURES) are the logit options `base` passes to the attention function."""
     from .recurrent_cache import install_state_hooks  # imports this module's MechanismWeights
 
     def __init__(self: nn.Module, config: Any, layer_idx: int) -> None:
@@ -162,7 +264,8 @@ def _patched(base: type[nn.Module], shape: Any) -> type[nn.Module]:
         attach(self, config)
         install_state_hooks(self)
 
-    return type(f"HfAttnPlus{base.__name__}", (base,), {"__init__": __init__, "attn_plus_shape": shape})
+    attributes = {"__init__": __init__, "attn_plus_shape": shape, "attn_plus_logit_features": logit_features}
+    return type(f"HfAttnPlus{base.__name__}", (base,), attributes)
 
 
 def _gqa_shape(self: nn.Module) -> AttentionShape:
@@ -179,17 +282,22 @@ def _mla_shape(self: nn.Module) -> AttentionShape:
 
 
 PATCHED = {
-    base.__name__: _patched(base, shape)
-    for base, shape in (
-        (LlamaAttention, _gqa_shape),
-        (Qwen2Attention, _gqa_shape),
-        (Qwen3Attention, _gqa_shape),
-        (DeepseekV3Attention, _mla_shape),
-        # Plain causal GQA families (no logit options; the linear family refuses the model's own window anyway).
-        *((cls, _gqa_shape) for cls in (
+    base.__name__: _patched(base, shape, logit_features)
+    for base, shape, logit_features in (
+        (LlamaAttention, _gqa_shape, ()),
+        (Qwen2Attention, _gqa_shape, ()),
+        (Qwen3Attention, _gqa_shape, ()),
+        (DeepseekV3Attention, _mla_shape, ()),
+        # GQA families without logit options. Mechanisms receive q and k after the model's own q/k norms (OLMo2,
+        # Gemma 3) and RoPE, and the model's `scaling` (Granite's multiplier, Gemma's query_pre_attn_scalar); layers
+        # with the model's own sliding window (`layer_types`) are refused by weights that cannot honour it.
+        *((cls, _gqa_shape, ()) for cls in (
             MistralAttention, MixtralAttention, Phi3Attention, Olmo2Attention, Qwen2MoeAttention, Qwen3MoeAttention,
-            GraniteAttention,
+            GraniteAttention, Gemma3Attention, Cohere2Attention,
         )),
+        # Logit soft-capping (Gemma 2) and learned sink logits (gpt-oss): only weights that honour them build there.
+        (Gemma2Attention, _gqa_shape, (SOFTCAP,)),
+        (GptOssAttention, _gqa_shape, (SINKS,)),
     )
 }
 # Original class -> patched class: set_attention patches in place modules built before the mapping applied.
@@ -205,6 +313,31 @@ def _register_patches() -> None:
         if existing.get(key) not in (None, patched):
             raise RuntimeError(f"hf_attn_plus cannot patch {key}: {existing[key].__name__} is registered for it")
     register_patch_mapping({key: patched for key, patched in mapping.items() if key not in existing})
+
+
+def _make_patch_context_exception_safe() -> None:
+    # transformers' `apply_patches` (around every from_pretrained / from_config model construction) puts the original
+    # classes back only when its block exits normally: a construction that raises (weights refusing a layer's model
+    # feature, in `attach`) would leave every patched class in transformers' modules for good, so that classes built
+    # directly afterwards are patched too. Same context, its restore run on any exit.
+    import transformers.modeling_utils as modeling_utils
+    from transformers import monkey_patching
+
+    original = monkey_patching.apply_patches
+    if getattr(original, "_hf_attn_plus", False) or not hasattr(original, "__wrapped__"):
+        return  # done already, or not the generator context this wraps (nothing known to restore)
+
+    @contextlib.contextmanager
+    def apply_patches(*args: Any, **kwargs: Any) -> Iterator[None]:
+        steps = original.__wrapped__(*args, **kwargs)
+        next(steps)
+        try:
+            yield
+        finally:
+            next(steps, None)  # resumes it after its `yield`: the restore, whether the block raised or not
+
+    apply_patches._hf_attn_plus = True
+    monkey_patching.apply_patches = modeling_utils.apply_patches = apply_patches
 
 
 def _teach_transformers_to_initialise_mechanism_weights() -> None:
@@ -273,6 +406,7 @@ def _make_lazy_module_listing_linear() -> None:
 
 
 _register_patches()
+_make_patch_context_exception_safe()
 _make_alias_module_listings_safe()
 _make_lazy_module_listing_linear()
 _teach_transformers_to_initialise_mechanism_weights()

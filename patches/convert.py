@@ -21,16 +21,13 @@ from transformers.initialization import guard_torch_init_functions
 from transformers.utils import logging
 
 from ..registry import all_mechanisms
-from .attn_plus import PATCH_OF, MechanismWeights, unwrapped, weights_class
+from .attn_plus import PATCH_OF, MechanismWeights, MechanismWeightsError, check_honoured, runs_in, unwrapped, weights_class
 from .recurrent_cache import install_state_hooks
 
 logger = logging.get_logger(__name__)
 
 _PATCHED_CLASSES = tuple(PATCH_OF.values())
-
-
-class MechanismWeightsError(ValueError):
-    """`set_attention` cannot give the model the weights its mechanism needs (raised before anything changes)."""
+__all__ = ["MechanismWeightsError", "install_weights", "patch_attention_classes", "plan_weights"]
 
 
 PlannedWeights = list[tuple[nn.Module, PreTrainedModel, MechanismWeights]]
@@ -59,8 +56,9 @@ def _without_weights() -> str:
 
 
 def plan_weights(model: nn.Module, mechanism: str, opts: SimpleNamespace) -> PlannedWeights:
-    """New weights, on the meta device, for every attention layer of `model` whose weights do not fit `mechanism`
-    with `opts`. Changes nothing; raises MechanismWeightsError when a layer cannot get them."""
+    """New weights, on the meta device, for every attention layer of `model` that `opts.layers` selects and whose
+    weights do not fit `mechanism` with `opts` (layers left out keep theirs, unused). Changes nothing; raises
+    MechanismWeightsError when a layer cannot get them or they cannot honour the layer's model features."""
     built = weights_class(mechanism)
     model_type = model.config.model_type
     if built is None or model_type in built.models_bringing_own:
@@ -75,6 +73,8 @@ def plan_weights(model: nn.Module, mechanism: str, opts: SimpleNamespace) -> Pla
         )
     planned = []
     for attention, owner in layers:
+        if not runs_in(opts.layers, attention):
+            continue
         slot = getattr(attention, "attn_plus", None)
         current = unwrapped(slot)
         if current is not None and current.mechanism == mechanism and current.fits(opts):
@@ -87,7 +87,9 @@ def plan_weights(model: nn.Module, mechanism: str, opts: SimpleNamespace) -> Pla
             )
         shape = PATCH_OF.get(type(attention), type(attention)).attn_plus_shape(attention)
         with torch.device("meta"):
-            planned.append((attention, owner, built(shape, opts, attention.layer_idx)))
+            weights = built(shape, opts, attention.layer_idx)
+        check_honoured(attention, weights)
+        planned.append((attention, owner, weights))
     return planned
 
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ..registry import PREFIX
-from .attn_plus import MechanismWeights, unwrapped
+from ..registry import PREFIX, get_mechanism, options_from_config
+from .attn_plus import MechanismWeights, runs_in, unwrapped
 from .side_cache import cache_layer_for
 
 
@@ -124,7 +124,11 @@ def _before_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
         served.hidden_states = kwargs.get("hidden_states", args[0] if args else None)
     if not served.recurrent:
         return
-    active = module.config._attn_implementation == PREFIX + weights.mechanism
+    # Weights of the running mechanism in a layer its `layers` option leaves out (kept from an earlier choice) stay
+    # unused: that layer runs the model's own attention and keeps its own cache layer.
+    active = module.config._attn_implementation == PREFIX + weights.mechanism and runs_in(
+        options_from_config(get_mechanism(weights.mechanism), module.config).layers, module
+    )
     served.state_layer = _state_layer(cache, module.layer_idx, served.cache_window) if active and cache is not None else None
 
 

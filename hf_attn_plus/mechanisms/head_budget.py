@@ -33,6 +33,7 @@ from torch import nn
 from ..attention import run_delegate
 from ..options import Option, float_option
 from ..patches.attn_plus import (
+    MODEL_FEATURES,
     AttentionShape,
     MechanismWeights,
     mechanism_weights,
@@ -48,6 +49,8 @@ class HeadGateWeights(MechanismWeights):
     """One layer's gate steepness theta_h per query head, and the inner mechanism's own weights if it has any."""
 
     mechanism = "head_budget"
+    # The gates scale whatever the inner mechanism computes; inner weights, when there are any, decide (`hooked`).
+    honours = frozenset(MODEL_FEATURES)
 
     def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
         super().__init__(shape, opts, layer_idx)

@@ -55,7 +55,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import attend_selection, use_kernel
 from ..masking import AttentionContext
 from ..options import choice_option, int_option
-from ..patches.attn_plus import AttentionShape, MechanismWeights, mechanism_weights, register_weights
+from ..patches.attn_plus import WINDOW, AttentionShape, MechanismWeights, mechanism_weights, register_weights
 from ..patches.side_cache import SlotBuffer, side_state
 from ..reference import masked_probabilities
 from ..registry import Mechanism, OptionError, register
@@ -187,6 +187,9 @@ class IndexerWeights(MechanismWeights):
     mechanism = "indexer_topk"
     weight_options = WEIGHT_OPTIONS
     models_bringing_own = OWN_INDEXER_MODELS
+    # It selects among the keys the layer's mask shows (within the model's window); its own softmax over the
+    # selection implements neither soft-capping nor sinks.
+    honours = frozenset({WINDOW})
 
     def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
         super().__init__(shape, opts, layer_idx)

@@ -3,6 +3,7 @@ refusals name the mechanism and the feature. The shared model-level properties r
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import hf_attn_plus
 
@@ -79,11 +80,33 @@ def test_layers_option_errors_name_the_value():
         hf_attn_plus.set_attention(model, "topk", layers="global")
 
 
-def test_layers_option_is_refused_for_mechanisms_with_weights():
+def test_layers_option_gives_weights_only_to_the_layers_it_selects():
     model = with_mechanism(tiny_model("llama"), "linear", dict(layers=[0]))
-    refusal = r"'linear' adds weights to every layer; option 'layers' got \[0\]"
-    with pytest.raises(hf_attn_plus.OptionError, match=refusal):
-        model(token_batch(1, 5))
+    assert [layer.self_attn.attn_plus is None for layer in model.model.layers] == [False, True]
+    ids = token_batch(2, 12)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :5], past_key_values=cache).logits]
+        steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(5, ids.shape[1])]
+    # Layer 1 runs the model's own attention on its own cache layer, which keeps every key.
+    assert [type(layer).__name__ for layer in cache.layers] == ["RecurrentStateLayer", "DynamicLayer"]
+    assert cache.layers[1].keys.shape[2] == ids.shape[1]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+    with_mechanism(model, "linear", dict(layers=[0, 2]))
+    with pytest.raises(hf_attn_plus.OptionError, match=r"option 'layers' got \[0, 2\]; allowed: layer indices < 2"):
+        model(ids)
+
+
+def test_linear_family_refuses_a_window_the_config_did_not_declare_when_built():
+    """Weights are checked against the config's layer types when built; a window appearing later (the config edited
+    afterwards) is refused by the attention call rather than attended past."""
+    model = with_mechanism(tiny_model("mistral"), "linear", {})  # built without a window
+    model.config.sliding_window = 10  # Mistral's mask reads it on every forward
+    refusal = (r"'linear' keeps a state over every earlier key and does not implement the model's own sliding window "
+               r"\(window 10 in layer 0\); set option layers='full_attention'")
+    with pytest.raises(hf_attn_plus.UnsupportedModelError, match=refusal):
+        model(token_batch(1, 12))
 
 
 def test_lighthouse_training_in_a_windowed_layer_is_refused():

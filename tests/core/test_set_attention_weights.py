@@ -10,9 +10,14 @@ from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, LlamaForCa
 import hf_attn_plus
 from hf_attn_plus import PREFIX, MechanismWeightsError
 from hf_attn_plus.patches.attn_plus import PATCH_OF
-from hf_attn_plus.tiny import PATCHED_ARCHITECTURES, tiny_config
+from hf_attn_plus.tiny import (
+    PATCHED_ARCHITECTURES,
+    PATCHED_WITH_LOGIT_OPTIONS,
+    PATCHED_WITH_WINDOW_LAYERS,
+    tiny_config,
+)
 
-from .models import token_batch
+from .models import tiny_model, token_batch
 
 ARCHS = PATCHED_ARCHITECTURES
 INDEXER = dict(budget=4, sinks=1, window=2)
@@ -23,10 +28,31 @@ CASES = {
     "gated_delta": ("gated_delta", {}),  # random projections: the RNG order must match from_pretrained's
     "momentum_delta": ("momentum_delta", {}),
     "indexer_topk": ("indexer_topk", dict(INDEXER, index_heads=2, index_dim=8)),
+    "head_budget": ("head_budget", dict(budget=0.75)),  # gates only, around dense attention
     "head_budget_linear": ("head_budget", dict(budget=0.75, inner="linear")),
     "head_budget_indexer": ("head_budget", dict(budget=0.75, inner="indexer_topk", inner_options=INDEXER)),
 }
+# Cases whose weights honour the model's own window (the others run with layers='full_attention' on models with a
+# windowed layer), and those honouring soft-capping and sinks (the others are refused on such models).
+HONOURING_WINDOW = ("indexer_topk", "head_budget", "head_budget_indexer")
+HONOURING_LOGIT_OPTIONS = ("head_budget",)
 SEED = 7
+
+
+def weight_cases() -> list[tuple[str, str]]:
+    """(arch, case) for every case whose weights can run on arch."""
+    return [
+        (arch, case) for arch in ARCHS for case in CASES
+        if arch not in PATCHED_WITH_LOGIT_OPTIONS or case in HONOURING_LOGIT_OPTIONS
+    ]
+
+
+def case_options(arch: str, case: str) -> tuple[str, dict]:
+    """The mechanism and options of `case` on `arch`: out of its windowed layers where the weights need it."""
+    name, options = CASES[case]
+    if arch in PATCHED_WITH_WINDOW_LAYERS and case not in HONOURING_WINDOW:
+        options = dict(options, layers="full_attention")
+    return name, options
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +62,8 @@ def checkpoint(tmp_path_factory):
 
     def path(arch: str):
         if arch not in saved:
-            torch.manual_seed(0)
-            saved[arch] = tmp_path_factory.mktemp(arch)
-            AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation="sdpa").save_pretrained(saved[arch])
+            saved[arch] = tmp_path_factory.mktemp(arch.replace("@", "_"))
+            tiny_model(arch).save_pretrained(saved[arch])  # seed 0, the model's own attention
         return saved[arch]
 
     return path
@@ -79,10 +104,9 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model(token_batch(2, 12)).logits
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch, case", weight_cases())
 def test_set_attention_adds_weights_as_from_pretrained_and_they_survive_a_reload(arch, case, checkpoint, tmp_path):
-    name, options = CASES[case]
+    name, options = case_options(arch, case)
     model = convert(load(checkpoint(arch)), name, **options)
     reference = load(checkpoint(arch), name, **options)
     assert_same_weights(model, reference)
@@ -124,10 +148,12 @@ LORA = dict(r=2, target_modules=["o_proj"], init_lora_weights=False)  # random B
 
 
 @pytest.mark.parametrize(
-    "arch, case", [("llama", "gated_delta"), ("deepseek_v3", "hybrid"), ("qwen3", "head_budget_indexer")]
+    "arch, case",
+    [("llama", "gated_delta"), ("deepseek_v3", "hybrid"), ("qwen3", "head_budget_indexer"), ("gemma3_text", "hybrid"),
+     ("gemma2", "head_budget")],
 )
 def test_peft_model_gets_frozen_weights_that_merge_and_reload(arch, case, checkpoint, tmp_path):
-    name, options = CASES[case]
+    name, options = case_options(arch, case)
     base = load(checkpoint(arch))
     torch.manual_seed(1)
     adapted = get_peft_model(base, LoraConfig(**LORA))
@@ -214,3 +240,63 @@ def test_weights_adapted_by_peft_are_not_replaced(checkpoint):
     hf_attn_plus.set_attention(adapted, name, window=2)  # weights that fit stay, adapter and all
     assert adapted.base_model.model.model.layers[0].self_attn.attn_plus is wrapper
     assert logits(adapted).isfinite().all()
+
+
+# Weights that cannot reproduce a model feature of a layer they would go in: refused by name, where, and what runs.
+LAYERS_ADVICE = r"; set option layers='full_attention' to run it only in the layers without the model's own window"
+LOGIT_ADVICE = r"; every layer has it; mechanisms with weights that implement it: head_budget \(a wrapper"
+REFUSALS = [
+    ("gemma3_text", "linear", r"'linear' does not implement the model's own sliding window \(10\) of layer 0 "
+     r"\(HfAttnPlusGemma3Attention, model_type 'gemma3_text'\)" + LAYERS_ADVICE),
+    ("cohere2", "head_budget_linear", r"'head_budget' \(its inner mechanism 'linear'\) does not implement the model's "
+     r"own sliding window \(10\) of layer 0 \(HfAttnPlusCohere2Attention, model_type 'cohere2'\)" + LAYERS_ADVICE),
+    ("gemma2", "gated_delta", r"'gated_delta' does not implement logit soft-capping \(softcap=2.0\) of layer 0 "
+     r"\(HfAttnPlusGemma2Attention, model_type 'gemma2'\)" + LOGIT_ADVICE),
+    ("gpt_oss", "indexer_topk", r"'indexer_topk' does not implement learned attention sinks \(s_aux\) of layer 0 "
+     r"\(HfAttnPlusGptOssAttention, model_type 'gpt_oss'\)" + LOGIT_ADVICE),
+    ("gemma2", "head_budget_indexer", r"'head_budget' \(its inner mechanism 'indexer_topk'\) does not implement logit "
+     r"soft-capping"),
+    # One window for every layer (config.sliding_window, no layer_types): no layers='full_attention' to suggest.
+    ("mistral@window", "hybrid", r"'hybrid' does not implement the model's own sliding window \(16\) of layer 0 "
+     r"\(HfAttnPlusMistralAttention, model_type 'mistral'\); every layer has it; mechanisms with weights that "
+     r"implement it: head_budget, indexer_topk \(a wrapper"),
+]
+
+
+@pytest.mark.parametrize("arch, case, refusal", REFUSALS)
+def test_weights_that_cannot_honour_a_layer_are_refused_by_set_attention_and_loading(arch, case, refusal, checkpoint):
+    name, options = CASES[case]
+    model = load(checkpoint(arch))
+    implementation = model.config._attn_implementation
+    with pytest.raises(MechanismWeightsError, match=refusal):
+        hf_attn_plus.set_attention(model, name, **options)
+    assert model.config._attn_implementation == implementation and model.config.hf_attn_plus is None
+    assert not mechanism_tensors(model)
+    with pytest.raises(MechanismWeightsError, match=refusal):
+        load(checkpoint(arch), name, **options)
+    # The refused construction left transformers' own classes in place: a model built by its class is unpatched.
+    assert type(LlamaForCausalLM(tiny_config("llama")).model.layers[0].self_attn) in PATCH_OF
+
+
+def test_layers_option_puts_weights_only_in_the_layers_it_selects(checkpoint):
+    """Gemma 3's layer 0 is windowed: with layers='full_attention' only layer 1 gets weights and runs the mechanism,
+    layer 0 keeps the model's own attention and its own sliding cache layer."""
+    name, options = case_options("gemma3_text", "gated_delta")
+    model = convert(load(checkpoint("gemma3_text")), name, **options)
+    assert [layer.self_attn.attn_plus is None for layer in model.model.layers] == [True, False]
+    dense = load(checkpoint("gemma3_text"))
+    ids = token_batch(1, 14)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        hidden_dense = dense(ids, output_hidden_states=True).hidden_states
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    assert [type(layer).__name__ for layer in out.past_key_values.layers] == [
+        "DynamicSlidingWindowLayer", "RecurrentStateLayer"
+    ]
+    # Layer 0 (hidden state 1) is the model's own; layer 1's mechanism changes what follows it.
+    torch.testing.assert_close(hidden[1], hidden_dense[1], atol=1e-6, rtol=1e-5)
+    assert (hidden[2] - hidden_dense[2]).abs().max() > 1e-3
+    # Switching to every layer builds the missing weights, and is refused where they cannot go.
+    with pytest.raises(MechanismWeightsError, match=r"sliding window \(10\) of layer 0"):
+        hf_attn_plus.set_attention(model, name)
+    assert model.config.hf_attn_plus == options

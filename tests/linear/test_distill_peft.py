@@ -60,3 +60,35 @@ def test_lora_on_mechanism_weights_round_trips_and_missing_modules_raise(tmp_pat
         check_adapter(plain, str(tmp_path))
     with pytest.raises(AdapterMismatchError, match="attn_plus.q_map"):
         check_adapter(build("llama", "hybrid", feature_map="elu", window=3), str(tmp_path))
+
+
+@pytest.mark.parametrize("arch, options", [
+    ("llama", dict(feature_map="hedgehog", window=3)),
+    # Layer 0 is windowed: only layer 1 has weights, and the adapter reaches them there.
+    ("gemma3_text", dict(feature_map="hedgehog", window=3, layers="full_attention")),
+])
+def test_lora_training_steps_train_the_adapter_on_mechanism_weights_only(arch, options):
+    from peft import LoraConfig, get_peft_model
+
+    ids = torch.randint(3, 128, (2, 14), generator=torch.Generator().manual_seed(0))  # past Gemma 3's window (10)
+    config = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["attn_plus.q_map", "attn_plus.k_map"],
+                        init_lora_weights=False)
+    tuned = get_peft_model(build(arch, "hybrid", **options), config).train()
+    trainable = {name: p for name, p in tuned.named_parameters() if p.requires_grad}
+    on_weights = [name for name in trainable if ".attn_plus." in name]
+    layers_with_weights = sum(layer.self_attn.attn_plus is not None for layer in tuned.get_base_model().model.layers)
+    assert len(on_weights) == 2 * 2 * layers_with_weights  # lora_A and lora_B of q_map and k_map per layer
+    frozen = {name: p.detach().clone() for name, p in tuned.named_parameters() if not p.requires_grad}
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    optimizer = torch.optim.SGD(trainable.values(), lr=0.05)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = tuned(ids, labels=ids).loss
+        loss.backward()
+        assert all(trainable[name].grad is not None and trainable[name].grad.abs().sum() > 0 for name in on_weights)
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(not torch.equal(before[name], trainable[name]) for name in on_weights)
+    assert all(torch.equal(frozen[name], p) for name, p in tuned.named_parameters() if name in frozen)
+    assert losses[-1] < losses[0]
