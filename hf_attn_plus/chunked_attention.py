@@ -38,11 +38,33 @@ MAX_CHUNK = 64
 @dataclasses.dataclass
 class _Group:
     """Rows of a chunk (None: all) that attend one list of key positions [m] under `mask` [1, 1|Hq, R, m] (bool
-    keep, or float log-weights with -inf where not kept)."""
+    keep, or float log-weights with -inf where not kept). `pieces` spell `positions` out in order: runs of positions
+    (the sinks, the near run, a residue class's dilated keys) as slices, which read keys as views, and listed
+    positions as tensors, which read them by index."""
 
-    positions: torch.Tensor
+    pieces: list[slice | torch.Tensor]
     mask: torch.Tensor
     rows: torch.Tensor | None = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return _spelled_out(self.pieces, self.mask.device)
+
+
+def _spelled_out(pieces: list[slice | torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The positions that runs (slices) and listed positions (tensors) name, in order -> [m]."""
+    spelled = [
+        torch.arange(piece.start, piece.stop, piece.step or 1, device=device) if isinstance(piece, slice) else piece
+        for piece in pieces
+    ]
+    return torch.cat(spelled) if spelled else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _run(start: int, stop: int, lowest: int, step: int = 1) -> list[slice]:
+    """The run of positions start, start + step, ... < stop from `lowest` on, as a slice ([] when empty)."""
+    if start < lowest:
+        start += -(-(lowest - start) // step) * step
+    return [slice(start, stop, step)] if start < stop else []
 
 
 def selected_attention(
@@ -173,11 +195,10 @@ class _Chunk:
     ) -> torch.Tensor:
         out = query.new_zeros(*query.shape[:3], values.shape[-1])
         for group in self.groups(query.shape[1], lists):
-            if group.positions.numel() == 0:
+            if group.mask.shape[-1] == 0:
                 continue
             rows = slice(None) if group.rows is None else group.rows
-            slots = self.slots(group.positions)
-            k, v = keys.index_select(2, slots), values.index_select(2, slots)
+            k, v = self.gather(keys, group), self.gather(values, group)
             result = self.softmax(query[:, :, rows], k, v, group.mask, sinks)
             if group.rows is None:
                 out = result
@@ -258,6 +279,18 @@ class _Chunk:
         out = self.softmax(query.view(kv_heads, 1, group, query.shape[-1]), k, v, keep, None)
         return out.view(1, q_heads, 1, values.shape[-1])
 
+    def gather(self, x: torch.Tensor, group: _Group) -> torch.Tensor:
+        """The keys (or values) of the group's positions, [1, H, m, D]: runs as views of the held keys (joined by one
+        copy; a strided view reads a residue class without an index), listed positions by index."""
+        if self.gap:  # an evicting cache's slots are not one run per run of positions
+            return x.index_select(2, self.slots(group.positions))
+        parts = [
+            x[:, :, piece.start - self.first : piece.stop - self.first : piece.step] if isinstance(piece, slice)
+            else x.index_select(2, piece - self.first)
+            for piece in group.pieces
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
     def slots(self, positions: torch.Tensor) -> torch.Tensor:
         """Cache slots of real key positions (of this sequence's held keys)."""
         slots = positions - self.first
@@ -272,21 +305,23 @@ class _Chunk:
         lowest = self.first if self.window is None else max(self.first, t_min - self.window + 1)
         near = max(0, rule.near_start(t_min))
         sink_end = min(rule.sinks, near)
-        shared = [torch.arange(sink_end, device=device), torch.arange(near, t_max + 1, device=device)]
+        pieces: list[slice | torch.Tensor] = [*_run(0, sink_end, lowest), *_run(near, t_max + 1, lowest)]
         block_lists, token_lists = lists.blocks, lists.tokens
+        listed_positions = []
         if block_lists is not None:
             blocks = _distinct(block_lists, t_max // sel.block_size + 1)
             if self.window is not None:  # the blocks across the window's start, kept whole (structure.edge_block)
                 edges = edge_block(t, self.window, sel.block_size)
                 blocks = torch.cat((blocks, _distinct(edges, t_max // sel.block_size + 1)))
-            shared.append((blocks[:, None] * sel.block_size + torch.arange(sel.block_size, device=device)).flatten())
+            listed_positions.append((blocks[:, None] * sel.block_size + torch.arange(sel.block_size, device=device)).flatten())
         if token_lists is not None:
-            shared.append(token_lists.flatten())
-        positions = torch.cat(shared)
-        # The near run and the sinks already hold the listed keys that fall in them.
-        far = (positions < near) & (positions >= sink_end) & (positions <= t_max)
-        positions = torch.cat((positions[: shared[0].numel() + shared[1].numel()], _distinct(positions[far], t_max + 1)))
-        positions = positions[positions >= lowest]
+            listed_positions.append(token_lists.flatten())
+        if listed_positions:
+            listed_positions = torch.cat(listed_positions)
+            # The near run and the sinks already hold the listed keys that fall in them.
+            far = (listed_positions < near) & (listed_positions >= max(sink_end, lowest)) & (listed_positions <= t_max)
+            pieces.append(_distinct(listed_positions[far], t_max + 1))
+        positions = _spelled_out(pieces, device)
         chosen = None
         if block_lists is not None:
             chosen = listed(block_lists, positions // sel.block_size, t_max // sel.block_size + 1)
@@ -300,7 +335,7 @@ class _Chunk:
         if not rule.dilation:
             keep = rule.keep(t.view(1, 1, -1, 1), positions)
             keep = keep if chosen is None else keep | chosen
-            return [_Group(positions, self.finish(keep, positions, weights))]
+            return [_Group(pieces, self.finish(keep, positions, weights))]
         groups = []
         d = rule.dilation
         for residue in range(d):
@@ -310,15 +345,14 @@ class _Chunk:
             keep = rule.keep(t[rows].view(1, 1, -1, 1), positions)
             if chosen is not None:
                 keep = keep | chosen[:, :, rows]
-            first = sink_end + (residue - sink_end) % d
-            strided = torch.arange(first, max(first, near), d, device=device)
-            strided = strided[strided >= lowest]
-            both = torch.cat((positions, strided))
-            keep = torch.cat((keep, keep.new_ones(1, 1, rows.numel(), strided.numel())), -1)
+            strided = _run(sink_end + (residue - sink_end) % d, near, lowest, d)
+            both = _spelled_out([*pieces, *strided], device)
+            added = both.numel() - positions.numel()
+            keep = torch.cat((keep, keep.new_ones(1, 1, rows.numel(), added)), -1)
             row_weights = None
             if weights is not None:
-                row_weights = torch.cat((weights[:, :, rows], weights.new_zeros(*weights.shape[:2], rows.numel(), strided.numel())), -1)
-            groups.append(_Group(both, self.finish(keep, both, row_weights, rows=rows), rows))
+                row_weights = torch.cat((weights[:, :, rows], weights.new_zeros(*weights.shape[:2], rows.numel(), added)), -1)
+            groups.append(_Group([*pieces, *strided], self.finish(keep, both, row_weights, rows=rows), rows))
         return groups
 
     def rows_of(self, lists: torch.Tensor | ListsFor) -> torch.Tensor:
