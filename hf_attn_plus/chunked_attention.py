@@ -33,6 +33,8 @@ from .structure import EVERY, ListsFor, Selection, edge_block, listed, lists_for
 # Upper bound on the elements of one chunk's keep mask: the chunk length adapts to the keys a row may read.
 CHUNK_ELEMENTS = 2**22
 MAX_CHUNK = 64
+# Query rows per chunk of a selection of blocks alone (`_reads_block_pairs`).
+PAIR_ROWS = 512
 
 
 @dataclasses.dataclass
@@ -91,17 +93,18 @@ def selected_attention(
     # Inference writes each chunk into one output buffer; training keeps the chunks autograd saw and joins them.
     out = None if train else query.new_zeros(batch, q_heads, q_len, value.shape[-1])
     outputs = []
+    block_pairs = _reads_block_pairs(selection, ctx)
     for b in range(batch):
         held = slice(starts[b], starts[b] + counts[b] - gap)
         keys, values = key[b : b + 1, :, held], value[b : b + 1, :, held]
         t_all = query_pos[b]
         first = int((t_all < 0).sum())  # queries before any real token (left padding) see nothing
         pieces = [query.new_zeros(1, q_heads, first, value.shape[-1])] if train else None
-        step = _chunk_rows(selection, q_heads, counts[b], q_len - first)
+        step = _chunk_rows(selection, q_heads, counts[b], q_len - first, block_pairs)
         for lo in range(first, q_len, step):
             rows = slice(lo, min(lo + step, q_len))
             gaps = (gap_slot - starts[b], gap)
-            run = _Chunk(ctx, selection, b, rows, starts[b], firsts[b], gaps, scaling, beta, dropout, sinks)
+            run = _Chunk(ctx, selection, b, rows, starts[b], firsts[b], gaps, scaling, beta, dropout, sinks, block_pairs)
             if train:
                 pieces.append(checkpoint(run, query[b : b + 1, :, rows], keys, values, use_reentrant=False))
             else:
@@ -113,7 +116,22 @@ def selected_attention(
     return outputs[0] if batch == 1 else torch.cat(outputs, dim=0)
 
 
-def _chunk_rows(selection: Selection, q_heads: int, num_keys: int, q_len: int) -> int:
+def _reads_block_pairs(selection: Selection, ctx: AttentionContext) -> bool:
+    """Whether the selection is blocks alone (the rule's sinks and local blocks are whole blocks too, no listed
+    tokens), in a layer without the model's window, restriction, logit options or an evicting cache's gap: then
+    `_Chunk.attend_block_pairs` runs each (row, head, block) pair once, whatever the union of a chunk's lists."""
+    rule = selection.rule
+    return (
+        selection.blocks is not None and selection.tokens is None and rule.window == 0 and not rule.dilation
+        and rule.sinks % selection.block_size == 0 and (rule.local_blocks == 0 or rule.block_size == selection.block_size)
+        and ctx.window is None and ctx.restrict is None and ctx.softcap is None and ctx.sinks is None
+        and ctx.key_gap is None and not bool(ctx.key_first.any())
+    )
+
+
+def _chunk_rows(selection: Selection, q_heads: int, num_keys: int, q_len: int, block_pairs: bool = False) -> int:
+    if block_pairs:  # its buffers hold rows x heads x listed keys: bounded by the rows (lists are short)
+        return min(q_len, PAIR_ROWS)
     rule = selection.rule
     per_row = min(rule.window, EVERY) + rule.sinks + rule.local_blocks * rule.block_size
     if rule.dilation:
@@ -161,13 +179,14 @@ def _token_weights(lists: torch.Tensor, log_weights: torch.Tensor, q_heads: int,
 class _Chunk:
     """One query chunk of one sequence: callable on (query, keys, values) so activation checkpointing can rerun it."""
 
-    def __init__(self, ctx, selection, b, rows, start, first, gap, scaling, beta, dropout, sinks) -> None:
+    def __init__(self, ctx, selection, b, rows, start, first, gap, scaling, beta, dropout, sinks, block_pairs=False) -> None:
         self.t = ctx.batch_query_pos[b, rows]
         self.restrict = None if ctx.restrict is None else ctx.restrict[b : b + 1, :, rows, start:]
         self.selection, self.b, self.rows, self.first, self.window = selection, b, rows, first, ctx.window
         self.gap_position, self.gap = gap  # an evicting cache's gap: keys from gap_position on sit `gap` slots earlier
         self.scaling, self.beta, self.dropout = scaling, beta, dropout
         self.softcap, self.sinks = ctx.softcap, sinks  # sinks [Hq] of the call's query heads
+        self.block_pairs = block_pairs  # attend_block_pairs for rows > 1 (_reads_block_pairs)
 
     def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         sel = self.selection
@@ -177,6 +196,8 @@ class _Chunk:
             None if sel.log_weights is None else sel.log_weights[self.b : self.b + 1, :, self.rows].float(),
         )
         kv_heads = keys.shape[1]
+        if self.block_pairs and query.shape[2] > 1:
+            return self.attend_block_pairs(query, keys, values, lists.blocks)
         if kv_heads == 1 or not lists.per_head:
             return self.attend(query, keys, values, lists, self.sinks)
         if self.one_row_of_plain_lists(query, kv_heads, lists):
@@ -226,6 +247,75 @@ class _Chunk:
         else:
             result = spelled_out_attention(q, k, v, mask, self.scaling, self.softcap, sinks, self.dropout)
         return result.masked_fill(empty, 0.0)
+
+    def attend_block_pairs(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_lists: torch.Tensor
+    ) -> torch.Tensor:
+        """Every row attends its own blocks (listed, sinks, local), computed pair by pair grouped by key block: the
+        rows that chose block j are one matmul against j's keys (a view: no key is gathered or read for a row that
+        did not choose it), the logits of each row's blocks are one softmax. Work and memory follow rows x heads x
+        kept blocks, where a chunk-wide union of per-query choices reaches every earlier block (Quest's per-query
+        choice in prefill). The pairs are sorted by block once; results go back to row order with one gather."""
+        rule, size = self.selection.rule, self.selection.block_size
+        t = self.t
+        num_rows, q_heads, kv_heads = t.numel(), query.shape[1], keys.shape[1]
+        group, dim_v = q_heads // kv_heads, values.shape[-1]
+        # Each row's blocks: listed, the sink blocks and the local blocks ending at its own; each once, none after it.
+        fixed = [t.new_full((num_rows,), j) for j in range(rule.sinks // size)]
+        fixed += [t // size - i for i in range(rule.local_blocks)]
+        blocks = block_lists[0].expand(q_heads, num_rows, -1)
+        if fixed:
+            blocks = torch.cat((blocks, torch.stack(fixed, -1).expand(q_heads, -1, -1)), dim=-1)
+        blocks = blocks.sort(dim=-1).values
+        repeat = torch.cat((torch.zeros_like(blocks[..., :1], dtype=torch.bool), blocks[..., 1:] == blocks[..., :-1]), -1)
+        blocks = torch.where(repeat | (blocks * size > t[:, None]), -1, blocks)
+        width = blocks.shape[-1]
+        offsets = torch.arange(size, device=t.device)
+        outputs = []
+        for g in range(kv_heads):
+            heads = slice(g * group, (g + 1) * group)
+            pair_blocks = blocks[heads].reshape(-1)  # pair p: row p // width of the group's [heads x rows]
+            row_t = t.repeat(group)  # position of each of the group's rows
+            q = query[0, heads].reshape(group * num_rows, -1) * self.scaling
+            row_blocks = blocks[heads].reshape(group * num_rows, width)
+            if self.beta is not None:  # beta scales a row's logits by its kept-key count: scale its query
+                kept = torch.where(row_blocks >= 0, (row_t[:, None] - row_blocks * size + 1).clamp(max=size), 0)
+                q = q * self.beta(kept.sum(-1, keepdim=True).float()).to(q.dtype)
+            order = pair_blocks.argsort(stable=True)[int((pair_blocks < 0).sum()):]  # valid pairs by block
+            if order.numel() == 0:  # no row keeps a key
+                outputs.append(query.new_zeros(1, group, num_rows, dim_v))
+                continue
+            by_block, counts = torch.unique_consecutive(pair_blocks[order], return_counts=True)
+            spans = list(zip(by_block.tolist(), torch.cumsum(counts, 0).tolist(), counts.tolist()))
+            pair_rows = order // width
+            q_sorted = q.index_select(0, pair_rows)
+            k_g, v_g = keys[0, g], values[0, g]
+            train = torch.is_grad_enabled() and any(x.requires_grad for x in (q_sorted, k_g, v_g))
+            logits = _by_block(
+                spans, size, train, float("-inf"),
+                lambda block, pairs: (q_sorted[pairs], k_g[block * size : (block + 1) * size].transpose(0, 1)),
+            )
+            # Causality inside the row's own block, the only one holding keys after the row (a few pairs per row).
+            own = (pair_blocks[order] == row_t[pair_rows] // size).nonzero().flatten()
+            future = offsets > (row_t[pair_rows[own]] % size)[:, None]
+            logits.index_copy_(0, own, logits.index_select(0, own).masked_fill(future, float("-inf")))
+            # Each row's softmax over its pairs, in block order: its largest logit and its sum by scatter over rows,
+            # so no pass brings the logits back to row order.
+            row_max = logits.detach().amax(-1).float()
+            row_max = row_max.new_full((group * num_rows,), float("-inf")).scatter_reduce(0, pair_rows, row_max, "amax")
+            shift = row_max.index_select(0, pair_rows)[:, None]
+            weights = logits.float().sub_(shift).exp_() if not train else (logits.float() - shift).exp()
+            total = weights.new_zeros(group * num_rows).index_add(0, pair_rows, weights.sum(-1))
+            weights = F.dropout(weights, p=self.dropout, training=self.dropout > 0).to(values.dtype)
+            mixed = _by_block(
+                spans, dim_v, train, 0.0,
+                lambda block, pairs: (weights[pairs, : min(size, v_g.shape[0] - block * size)], v_g[block * size : (block + 1) * size]),
+            )
+            # Rows keeping no key (no pairs) sum nothing and output zeros.
+            mixed = mixed.new_zeros(group * num_rows, dim_v).index_add(0, pair_rows, mixed)
+            out = mixed / total.clamp(min=torch.finfo(total.dtype).tiny)[:, None].to(mixed.dtype)
+            outputs.append(out.view(1, group, num_rows, dim_v))
+        return torch.cat(outputs, dim=1).to(query.dtype)
 
     def one_row_of_plain_lists(self, query: torch.Tensor, kv_heads: int, lists: _Lists) -> bool:
         """A decode row whose KV groups' heads list the same keys (`choose_per='group'` choices), for `attend_row`.
@@ -370,6 +460,31 @@ class _Chunk:
         if weights is None:
             return keep
         return weights.masked_fill(~keep, float("-inf"))
+
+
+def _by_block(
+    spans: list[tuple[int, int, int]],
+    columns: int,
+    train: bool,
+    pad: float,
+    operands: Callable[[int, slice], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """a @ b for the operands (a, b) of each (block, end, count) span of block-sorted pairs, stacked -> [pairs,
+    columns]; a product narrower than `columns` (the last block of the held keys) is padded with `pad`. Inference
+    multiplies into one buffer; training joins the products, as autograd needs each piece."""
+    if train:
+        products = [a @ b for a, b in (operands(block, slice(end - count, end)) for block, end, count in spans)]
+        return torch.cat([F.pad(x, (0, columns - x.shape[1]), value=pad) for x in products])
+    out = None
+    for block, end, count in spans:
+        a, b = operands(block, slice(end - count, end))
+        if out is None:
+            out = a.new_empty(spans[-1][1], columns)
+        if b.shape[1] == columns:
+            torch.mm(a, b, out=out[end - count : end])
+        else:
+            out[end - count : end] = F.pad(a @ b, (0, columns - b.shape[1]), value=pad)
+    return out
 
 
 def _rows_per_head(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ def assert_matches_dense(query, key, value, ctx, selection, beta=None):
 def chunking(request, monkeypatch):
     if request.param:  # several query chunks per sequence, and chunked selection scoring
         monkeypatch.setattr(chunked_attention, "MAX_CHUNK", 4)
+        monkeypatch.setattr(chunked_attention, "PAIR_ROWS", 4)
         monkeypatch.setattr(chunked_attention, "CHUNK_ELEMENTS", 1)
         monkeypatch.setattr(hf_attn_plus.selection, "SCORE_ELEMENTS", 1)
 
