@@ -18,6 +18,7 @@ is O(q + kv), not O(q * kept).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 
@@ -33,8 +34,12 @@ from .structure import EVERY, ListsFor, Selection, edge_block, listed, lists_for
 # Upper bound on the elements of one chunk's keep mask: the chunk length adapts to the keys a row may read.
 CHUNK_ELEMENTS = 2**22
 MAX_CHUNK = 64
-# Query rows per chunk of a selection of blocks alone (`_reads_block_pairs`).
+# Query rows per chunk of a selection of blocks alone (`_reads_block_pairs`), and the most (row, head, block) logits
+# one KV head's pass holds: a chunk whose rows keep many blocks runs in slices of rows.
 PAIR_ROWS = 512
+PAIR_ELEMENTS = 2**22
+# Pairs run where a row keeps at most 1 / PAIRS_SHARE of the blocks its chunk reaches (`_Chunk.pairs_pay`).
+PAIRS_SHARE = 3
 
 
 @dataclasses.dataclass
@@ -159,6 +164,9 @@ class _Lists:
     def per_head(self) -> bool:
         return any(part is not None and part.shape[1] > 1 for part in (self.blocks, self.tokens, self.log_weights))
 
+    def of_rows(self, lo: int, hi: int) -> _Lists:
+        return _Lists(*(t if t is None else t[:, :, lo:hi] for t in (self.blocks, self.tokens, self.log_weights)))
+
     def heads(self, heads: slice) -> _Lists:
         """The lists of query heads `heads` (lists shared by every head stay as they are)."""
         parts = (self.blocks, self.tokens, self.log_weights)
@@ -195,9 +203,25 @@ class _Chunk:
             None if sel.tokens is None else self.rows_of(sel.tokens),
             None if sel.log_weights is None else sel.log_weights[self.b : self.b + 1, :, self.rows].float(),
         )
-        kv_heads = keys.shape[1]
         if self.block_pairs and query.shape[2] > 1:
-            return self.attend_block_pairs(query, keys, values, lists.blocks)
+            if self.pairs_pay(lists.blocks):
+                return self.attend_block_pairs(query, keys, values, lists.blocks)
+            # A union as wide as this chunk would hold its rows x every reached key: slices of the usual chunk size.
+            step = _chunk_rows(sel, query.shape[1], keys.shape[2], query.shape[2])
+            return torch.cat([
+                self.of_rows(lo, lo + step).attend_lists(query[:, :, lo : lo + step], keys, values, lists.of_rows(lo, lo + step))
+                for lo in range(0, query.shape[2], step)
+            ], dim=2)
+        return self.attend_lists(query, keys, values, lists)
+
+    def of_rows(self, lo: int, hi: int) -> _Chunk:
+        """This chunk's rows lo:hi as a chunk of their own (block-pairs chunks: no restriction to slice)."""
+        part = copy.copy(self)
+        part.t, part.rows = self.t[lo:hi], slice(self.rows.start + lo, min(self.rows.start + hi, self.rows.stop))
+        return part
+
+    def attend_lists(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lists: _Lists) -> torch.Tensor:
+        kv_heads = keys.shape[1]
         if kv_heads == 1 or not lists.per_head:
             return self.attend(query, keys, values, lists, self.sinks)
         if self.one_row_of_plain_lists(query, kv_heads, lists):
@@ -248,6 +272,14 @@ class _Chunk:
             result = spelled_out_attention(q, k, v, mask, self.scaling, self.softcap, sinks, self.dropout)
         return result.masked_fill(empty, 0.0)
 
+    def pairs_pay(self, block_lists: torch.Tensor) -> bool:
+        """Whether a row keeps at most 1 / PAIRS_SHARE of the blocks its chunk reaches: then pairs (small matmuls)
+        beat one pass over the chunk's union (large matmuls, every reached block); above, as with `block_sparse`'s
+        mass threshold, the union is as fast and holds less (measured on CPU at 4k-32k)."""
+        rule, size = self.selection.rule, self.selection.block_size
+        per_row = block_lists.shape[-1] + rule.sinks // size + rule.local_blocks
+        return PAIRS_SHARE * per_row <= int(self.t.max()) // size + 1
+
     def attend_block_pairs(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_lists: torch.Tensor
     ) -> torch.Tensor:
@@ -255,11 +287,10 @@ class _Chunk:
         rows that chose block j are one matmul against j's keys (a view: no key is gathered or read for a row that
         did not choose it), the logits of each row's blocks are one softmax. Work and memory follow rows x heads x
         kept blocks, where a chunk-wide union of per-query choices reaches every earlier block (Quest's per-query
-        choice in prefill). The pairs are sorted by block once; results go back to row order with one gather."""
+        choice in prefill). Rows run in slices whose pairs' logits stay within PAIR_ELEMENTS."""
         rule, size = self.selection.rule, self.selection.block_size
         t = self.t
-        num_rows, q_heads, kv_heads = t.numel(), query.shape[1], keys.shape[1]
-        group, dim_v = q_heads // kv_heads, values.shape[-1]
+        num_rows, q_heads = t.numel(), query.shape[1]
         # Each row's blocks: listed, the sink blocks and the local blocks ending at its own; each once, none after it.
         fixed = [t.new_full((num_rows,), j) for j in range(rule.sinks // size)]
         fixed += [t // size - i for i in range(rule.local_blocks)]
@@ -269,7 +300,22 @@ class _Chunk:
         blocks = blocks.sort(dim=-1).values
         repeat = torch.cat((torch.zeros_like(blocks[..., :1], dtype=torch.bool), blocks[..., 1:] == blocks[..., :-1]), -1)
         blocks = torch.where(repeat | (blocks * size > t[:, None]), -1, blocks)
-        width = blocks.shape[-1]
+        group = q_heads // keys.shape[1]
+        step = max(1, PAIR_ELEMENTS // (group * blocks.shape[-1] * size))
+        pieces = [
+            self.block_pairs_of_rows(query[:, :, lo : lo + step], keys, values, blocks[:, lo : lo + step], t[lo : lo + step])
+            for lo in range(0, num_rows, step)
+        ]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+    def block_pairs_of_rows(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocks: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """`attend_block_pairs` for rows at positions t whose blocks [Hq, rows, width] are sorted, each once (-1
+        unused). The pairs are sorted by block once; results go back to row order by one index_add."""
+        size = self.selection.block_size
+        num_rows, q_heads, kv_heads = t.numel(), query.shape[1], keys.shape[1]
+        group, dim_v, width = q_heads // kv_heads, values.shape[-1], blocks.shape[-1]
         offsets = torch.arange(size, device=t.device)
         outputs = []
         for g in range(kv_heads):

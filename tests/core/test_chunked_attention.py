@@ -43,13 +43,16 @@ def assert_matches_dense(query, key, value, ctx, selection, beta=None):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
 
 
-@pytest.fixture(params=[False, True], ids=["one-chunk", "small-chunks"])
+@pytest.fixture(params=["one-chunk", "small-chunks", "block-pairs"])
 def chunking(request, monkeypatch):
-    if request.param:  # several query chunks per sequence, and chunked selection scoring
+    if request.param != "one-chunk":  # several query chunks per sequence, and chunked selection scoring
         monkeypatch.setattr(chunked_attention, "MAX_CHUNK", 4)
         monkeypatch.setattr(chunked_attention, "PAIR_ROWS", 4)
+        monkeypatch.setattr(chunked_attention, "PAIR_ELEMENTS", 1)  # one row per slice
         monkeypatch.setattr(chunked_attention, "CHUNK_ELEMENTS", 1)
         monkeypatch.setattr(hf_attn_plus.selection, "SCORE_ELEMENTS", 1)
+    if request.param == "block-pairs":  # every chunk of a selection of blocks alone runs as pairs (short contexts
+        monkeypatch.setattr(chunked_attention, "PAIRS_SHARE", 0)  # would otherwise take the union)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
