@@ -62,16 +62,19 @@ def test_lora_on_mechanism_weights_round_trips_and_missing_modules_raise(tmp_pat
         check_adapter(build("llama", "hybrid", feature_map="elu", window=3), str(tmp_path))
 
 
-@pytest.mark.parametrize("arch, options", [
-    ("llama", dict(feature_map="hedgehog", window=3)),
+@pytest.mark.parametrize("arch, options, projection", [
+    ("llama", dict(feature_map="hedgehog", window=3), "q_proj"),
+    ("mistral", dict(feature_map="hedgehog", window=2), "q_proj"),
+    ("phi3", dict(feature_map="hedgehog", window=3), "qkv_proj"),  # fused q/k/v
+    ("olmo2", dict(feature_map="hedgehog", window=3), "q_proj"),  # q/k norms
     # Layer 0 is windowed: only layer 1 has weights, and the adapter reaches them there.
-    ("gemma3_text", dict(feature_map="hedgehog", window=3, layers="full_attention")),
+    ("gemma3_text", dict(feature_map="hedgehog", window=3, layers="full_attention"), "q_proj"),
 ])
-def test_lora_training_steps_train_the_adapter_on_mechanism_weights_only(arch, options):
+def test_lora_training_steps_train_the_adapter_on_mechanism_weights_only(arch, options, projection):
     from peft import LoraConfig, get_peft_model
 
     ids = torch.randint(3, 128, (2, 14), generator=torch.Generator().manual_seed(0))  # past Gemma 3's window (10)
-    config = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["attn_plus.q_map", "attn_plus.k_map"],
+    config = LoraConfig(r=2, target_modules=[projection], target_parameters=["attn_plus.q_map", "attn_plus.k_map"],
                         init_lora_weights=False)
     tuned = get_peft_model(build(arch, "hybrid", **options), config).train()
     trainable = {name: p for name, p in tuned.named_parameters() if p.requires_grad}

@@ -112,6 +112,9 @@ def test_decode_memory_is_constant_in_generated_length(mechanism, options):
     ("deepseek_v3", "hybrid", {"feature_map": "gaussian_rf", "window": 2, "chunk_size": 3}),
     ("llama", "momentum_delta", {"chunk_size": 3}),
     ("gemma3_text", "gated_delta", {"chunk_size": 4, "layers": "full_attention"}),
+    ("mistral", "linear", {"feature_map": "hedgehog", "chunk_size": 4}),
+    ("phi3", "hybrid", {"feature_map": "elu", "window": 3}),
+    ("olmo2", "linear", {"feature_map": "hedgehog", "chunk_size": 3}),
 ])
 def test_save_load_round_trip_is_bit_exact(arch, mechanism, options, tmp_path):
     model = shared(arch, mechanism, **options)

@@ -37,7 +37,8 @@ def test_gates_are_monotone_in_budget_and_one_at_full_budget():
 
 # Gemma 2's soft-capping, gpt-oss's sinks and Gemma 3's windowed layer: the gates scale what the inner mechanism computes.
 @pytest.mark.parametrize(
-    "arch", ["llama", "deepseek_v3", "mistral", "phi3", "granite", "qwen3_moe", "gemma2", "gpt_oss", "gemma3_text"]
+    "arch",
+    ["llama", "deepseek_v3", "mistral", "phi3", "olmo2", "granite", "qwen3_moe", "gemma2", "gpt_oss", "gemma3_text", "cohere2"],
 )
 def test_full_budget_equals_the_ungated_mechanism_and_lower_budgets_gate(arch):
     model = gated_model(arch)

@@ -13,7 +13,9 @@ from hf_attn_plus.tiny import tiny_config
 from .selection_helpers import assert_cached_equals_uncached, assert_padding_invariant, decode_logits, logits
 
 # Gemma 3 and Cohere2 with their own window in layer 0: the selection stays inside it (the contexts run past it).
-ARCHS = ("llama", "qwen2", "qwen3", "deepseek_v3", "mistral", "phi3", "granite", "qwen2_moe", "gemma3_text", "cohere2")
+ARCHS = (
+    "llama", "qwen2", "qwen3", "deepseek_v3", "mistral", "phi3", "olmo2", "granite", "qwen2_moe", "gemma3_text", "cohere2"
+)
 SMALL = dict(index_heads=2, index_dim=4)
 
 
