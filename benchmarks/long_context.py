@@ -2,9 +2,9 @@
 
 Shapes are SmolLM2-135M's attention (9 query / 3 KV heads, head dim 64), batch 1, fp32, random inputs.
 - prefill: the registered attention function as transformers calls it (query/key/value in, output out; the q/k/v
-  projections are the same for every row and left out), at each length; time and peak tensor memory the call
-  allocates, from one traced call up to `--memory-up-to` (the tracer adds microseconds per op), timed alone beyond (hf_attn_plus.measure.TensorMemoryPeak: storage created and alive during the
-  call; for SDPA that is its output, its internal tiles are not seen);
+  projections are the same for every row and left out), at each length; time (untraced calls) and peak tensor
+  memory the call allocates (one more, traced call, up to `--memory-up-to`; hf_attn_plus.measure.TensorMemoryPeak:
+  storage created and alive during the call; for SDPA that is its output, its internal tiles are not seen);
 - decode: ms per generated token of a one-layer SmolLM2-shaped model (vocabulary 256) with a DynamicCache holding
   `context` tokens, prefilled with SDPA then switched to the mechanism (the side caches build on the first step);
 - decode_call: one attention call of a new query over the cached keys alone (no model, no cache append);
@@ -41,10 +41,17 @@ SETTINGS = {
     "sliding_window": dict(window=1024, sinks=4),
     "dilated": dict(window=1024, dilation=16),
     "block_topk": dict(block_size=64, budget=30, sink_blocks=1, local_blocks=1),  # 32 blocks = 2048 keys
+    # the heads of a GQA group share their blocks: one KV read of 2048 keys serves the group's 3 query heads
+    "block_topk/group": dict(block_size=64, budget=30, sink_blocks=1, local_blocks=1, choose_per="group"),
     "topk": dict(budget=1024, window=64, sinks=4),
     "block_sparse": dict(block_size=64, threshold=0.9),
 }
 PARTS = ("prefill", "decode", "decode_call", "train")
+
+
+def mechanism_of(setting: str) -> str:
+    """'block_topk/group' -> 'block_topk': a setting is a mechanism, or one with a variant of its options."""
+    return setting.split("/")[0]
 
 
 def machine() -> str:
@@ -72,18 +79,16 @@ class _Module(torch.nn.Module):
         self.num_key_value_groups = Q_HEADS // KV_HEADS
 
 
-def attention_call(name: str, length: int, q_len: int | None = None, cached: bool = False):
+def attention_call(name: str, length: int, cached: bool = False):
     """(function of (q, k, v) -> output, the module) for `name` ('sdpa' or a mechanism). `cached`: the call sees a
     cache layer holding k and v, as a decode step does, so side states (block summaries) persist across calls."""
     config = layer_config(max(length, 8192))
     if name == "sdpa":
         module = _Module(config, {})
         return lambda q, k, v: sdpa_attention_forward(module, q, k, v, None, scaling=HEAD_DIM**-0.5)[0]
-    fn = AttentionInterface()[hf_attn_plus.get_mechanism(name).attn_implementation]
+    mechanism = hf_attn_plus.get_mechanism(mechanism_of(name))
+    fn = AttentionInterface()[mechanism.attn_implementation]
     module = _Module(config, dict(SETTINGS[name], backend=BACKEND))
-    q_len = length if q_len is None else q_len
-
-    mechanism = hf_attn_plus.get_mechanism(name)
 
     def run(q, k, v):
         if cached and mechanism.side_cache and getattr(module, "attn_plus_cache_layer", None) is None:
@@ -125,13 +130,6 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def traced(fn) -> tuple[int, float]:
-    """(peak bytes, seconds) of one call."""
-    start = time.perf_counter()
-    memory = peak_bytes(fn)
-    return memory, time.perf_counter() - start
-
-
 def peak_bytes(fn) -> int:
     """Peak bytes allocated during fn beyond what was live before (CUDA: the allocator's own count)."""
     if DEVICE.type == "cuda":
@@ -157,10 +155,9 @@ def prefill(names: list[str], lengths: list[int], repeat: int, memory_up_to: int
                 with torch.no_grad():
                     if BACKEND == "flex" and name != "sdpa":  # the first call of a shape compiles
                         compile_s = timed(lambda: call(q, k, v), 1)
-                    if length <= memory_up_to:  # one traced call gives both (the tracer costs microseconds per op)
-                        memory, seconds = traced(lambda: call(q, k, v))
-                    else:
-                        memory, seconds = None, timed(lambda: call(q, k, v), repeat if length <= 16384 else 1)
+                    seconds = timed(lambda: call(q, k, v), repeat if length <= 16384 else 1)
+                    # a call of its own: the tracer costs microseconds per op, which would count against many ops
+                    memory = peak_bytes(lambda: call(q, k, v)) if length <= memory_up_to else None
             except torch.OutOfMemoryError as error:  # recorded, and the other rows still run
                 rows.append(dict(part="prefill", mechanism=name, length=length, error=str(error).splitlines()[0]))
                 _report(rows[-1])
@@ -185,7 +182,7 @@ def decode(names: list[str], contexts: list[int], steps: int) -> list[dict]:
                 out = model(input_ids=ids, use_cache=True)
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
                 if name != "sdpa":
-                    hf_attn_plus.set_attention(model, name, **SETTINGS[name])
+                    hf_attn_plus.set_attention(model, mechanism_of(name), **SETTINGS[name])
                 token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)  # builds side states
                 _sync()
                 start = time.perf_counter()
@@ -208,7 +205,7 @@ def decode_call(names: list[str], contexts: list[int], steps: int) -> list[dict]
         q, k, v = inputs(context + 1)
         q = q[:, :, -1:]
         for name in ["sdpa", *names]:
-            call = attention_call(name, context + 1, q_len=1, cached=True)
+            call = attention_call(name, context + 1, cached=True)
             with torch.no_grad():
                 call(q, k, v)
                 ms = timed(lambda: call(q, k, v), steps) * 1e3
@@ -226,7 +223,10 @@ def train(names: list[str], length: int) -> list[dict]:
         def step():
             call(q, k, v).float().square().mean().backward()
 
-        memory, seconds = traced(step)
+        seconds = timed(step, 1)
+        for x in (q, k, v):
+            x.grad = None  # the traced step allocates its gradients as the timed one did
+        memory = peak_bytes(step)  # traced apart from the timed step, as in prefill
         rows.append(dict(part="train", mechanism=name, length=length, seconds=seconds, peak_MB=_mb(memory)))
         _report(rows[-1])
     return _with_ratios(rows, "length")
