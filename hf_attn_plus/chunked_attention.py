@@ -135,7 +135,7 @@ def _reads_block_pairs(selection: Selection, ctx: AttentionContext) -> bool:
 
 
 def _chunk_rows(selection: Selection, q_heads: int, num_keys: int, q_len: int, block_pairs: bool = False) -> int:
-    if block_pairs:  # its buffers hold rows x heads x listed keys: bounded by the rows (lists are short)
+    if block_pairs:  # wide chunks amortise the sort by block; PAIR_ELEMENTS bounds the pairs, `_Chunk` the union
         return min(q_len, PAIR_ROWS)
     rule = selection.rule
     per_row = min(rule.window, EVERY) + rule.sinks + rule.local_blocks * rule.block_size
@@ -324,8 +324,8 @@ class _Chunk:
             pair_blocks = blocks[heads].reshape(-1)  # pair p: row p // width of the group's [heads x rows]
             row_t = t.repeat(group)  # position of each of the group's rows
             q = query[0, heads].reshape(group * num_rows, -1) * self.scaling
-            row_blocks = blocks[heads].reshape(group * num_rows, width)
             if self.beta is not None:  # beta scales a row's logits by its kept-key count: scale its query
+                row_blocks = blocks[heads].reshape(group * num_rows, width)
                 kept = torch.where(row_blocks >= 0, (row_t[:, None] - row_blocks * size + 1).clamp(max=size), 0)
                 q = q * self.beta(kept.sum(-1, keepdim=True).float()).to(q.dtype)
             order = pair_blocks.argsort(stable=True)[int((pair_blocks < 0).sum()):]  # valid pairs by block
