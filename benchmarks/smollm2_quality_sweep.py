@@ -17,28 +17,31 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 SHARES = (0.05, 0.10, 0.25)
 THRESHOLDS = (0.9,)
 
 
-def settings(length: int) -> list[str]:
+def settings(length: int, shares: Sequence[float], thresholds: Sequence[float], block_size: int) -> list[str]:
     specs = []
-    for share in SHARES:
+    for share in shares:
         keys = int(share * length)
         half = keys // 2
         specs += [
             f"sliding_window:window={keys - 4},sinks=4",
             f"topk:budget={keys - 68},window=64,sinks=4",
-            f"block_topk:block_size=64,budget={max(1, keys // 64 - 2)},sink_blocks=1,local_blocks=1",
+            f"block_topk:block_size={block_size},budget={max(1, keys // block_size - 2)},sink_blocks=1,local_blocks=1",
             f"dilated:window={half},dilation={max(1, math.ceil((length - half) / half))}",
         ]
-    specs += [f"block_sparse:block_size=64,threshold={t}" for t in THRESHOLDS]
-    keys = int(0.10 * length)
-    specs += [
-        f"topk:budget={keys - 68},window=64,sinks=4,apply_to=decode",
-        f"block_topk:block_size=64,budget={keys // 64 - 2},sink_blocks=1,local_blocks=1,apply_to=decode",
-    ]
+    specs += [f"block_sparse:block_size=64,threshold={t}" for t in thresholds]
+    if 0.10 in shares:
+        keys = int(0.10 * length)
+        specs += [
+            f"topk:budget={keys - 68},window=64,sinks=4,apply_to=decode",
+            f"block_topk:block_size={block_size},budget={keys // block_size - 2},sink_blocks=1,local_blocks=1,"
+            "apply_to=decode",
+        ]
     return specs
 
 
@@ -47,12 +50,15 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shares", type=float, nargs="+", default=SHARES, help="shares of the keys a query at the end reads")
+    parser.add_argument("--thresholds", type=float, nargs="*", default=THRESHOLDS, help="block_sparse mass thresholds")
+    parser.add_argument("--block-size", type=int, default=16, help="block_topk's block size (tokens)")
     parser.add_argument("--out", type=Path, required=True, help="path stem: writes .json, .png and the table as .md")
     args = parser.parse_args()
     command = [
         sys.executable, "-m", "hf_attn_plus", "compare", "smollm2", "--lengths", str(args.length),
         "--samples", str(args.samples), "--threads", str(args.threads), "--json", f"{args.out}.json",
-        "--plot", f"{args.out}.png", "--mechanisms", *settings(args.length),
+        "--plot", f"{args.out}.png", "--mechanisms", *settings(args.length, args.shares, args.thresholds, args.block_size),
     ]
     print(" ".join(command), flush=True)
     table = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout

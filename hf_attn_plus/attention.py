@@ -21,7 +21,7 @@ from .kernels.sparse_attention import decoding
 from .masking import AttentionContext, TokenPositions, build_context, context_from_positions, indices_to_mask, visible_from_mask
 from .patches.attn_plus import runs_in, weights_class
 from .reference import default_scaling, length_scale
-from .registry import Mechanism, OptionError, all_mechanisms, delegate, options_from_config
+from .registry import Mechanism, OptionError, all_mechanisms, delegate, in_dense_ends, options_from_config
 from .structure import DENSE, Selection
 
 # The model's logit options (attention kwargs -> AttentionContext fields): the chunked reference applies them; a
@@ -144,6 +144,8 @@ def attention_forward(
             f"Supported models); {type(module).__name__} is not, so its cache cannot evict"
         )
     if isinstance(attention_mask, TokenPositions):
+        if attention_mask.key_pos.shape[-1] != kv_len and not hasattr(cache_layer, "key_gap"):
+            attention_mask = attention_mask.trailing_keys(kv_len)
         ctx = context_from_positions(attention_mask, cache_layer)
         window = kwargs.get("sliding_window")
         if window is not None and window != ctx.window:
@@ -168,7 +170,9 @@ def attention_forward(
 
 def runs_in_layer(mechanism: Mechanism, opts: Any, module: torch.nn.Module, ctx: AttentionContext) -> bool:
     """Whether the common `layers` option puts `mechanism` in this layer (a layer is 'sliding_attention' when its
-    mask has the model's own window)."""
+    mask has the model's own window) and `dense_first` / `dense_last` leave it to the mechanism."""
+    if in_dense_ends(opts, module):
+        return False
     layers = opts.layers
     if layers == "all":
         return True
@@ -176,7 +180,7 @@ def runs_in_layer(mechanism: Mechanism, opts: Any, module: torch.nn.Module, ctx:
         if weights_class(mechanism.name) is not None:
             # Its weights were built in the layers of this type by the config, before any mask existed: the same
             # choice here (a window the config does not declare is refused where the weights cannot honour it).
-            return runs_in(layers, module)
+            return runs_in(opts, module)
         return layers == ("full_attention" if ctx.window is None else "sliding_attention")
     count = module.config.num_hidden_layers
     if max(layers, default=0) >= count:

@@ -104,21 +104,26 @@ def apply(model: torch.nn.Module, spec: Spec) -> None:
         set_attention(model, spec.name, **spec.options)
 
 
-def kept_fraction(spec: Spec, length: int) -> float | None:
+def kept_fraction(spec: Spec, length: int, num_layers: int | None = None) -> float | None:
     """Share of the causally visible (query, key) pairs a mechanism attends at `length`, i.e. of dense attention's
     work; None if it is not a key selection. Measured on random queries and keys: for score-based selection this
-    counts how many keys are kept, not which."""
+    counts how many keys are kept, not which. With `num_layers`, the layers `dense_first` / `dense_last` keep dense
+    count whole (averaged over the layers)."""
     if spec.name == DENSE:
         return 1.0
     mechanism = get_mechanism(spec.name)
     if mechanism.select is None:
         return None
+    opts = mechanism.resolve_options(spec.options)
     generator = torch.Generator().manual_seed(0)
     query, key = torch.randn(2, 1, 1, length, 16, generator=generator)
     visible = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
     ctx = build_context(visible)
-    keep = dense_keep(ctx, mechanism.select(query, key, ctx, mechanism.resolve_options(spec.options)))
-    return float(keep.sum() / visible.sum())
+    share = float(dense_keep(ctx, mechanism.select(query, key, ctx, opts)).sum() / visible.sum())
+    if num_layers is None:
+        return share
+    dense = opts.dense_first + opts.dense_last
+    return (dense + (num_layers - dense) * share) / num_layers
 
 
 # ---------------------------------------------------------------------------------------------------------- quality
@@ -294,7 +299,7 @@ def compare(
                 "label": spec.label,
                 "mechanism": spec.name,
                 "options": spec.options,
-                "kept_fraction": kept_fraction(spec, quality_length),
+                "kept_fraction": kept_fraction(spec, quality_length, model.config.num_hidden_layers),
                 "perplexity": _perplexity(logits, windows),
                 "agreement": float((logits.argmax(-1) == dense_logits.argmax(-1)).float().mean()),
                 # Decode steps only (the first prediction comes from the prefill): mechanisms that differ from dense

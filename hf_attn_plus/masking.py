@@ -31,6 +31,8 @@ class TokenPositions:
     key_count: torch.Tensor  # [B] long: real keys
     key_first: torch.Tensor  # [B] long: position of the first real key (0 unless a sliding cache dropped keys)
     window: int | None = None  # the model's own sliding window of these layers: t - s < window; None: none
+    # [B, slots] long: the position of every slot the sequences have seen (-1: padding), for `trailing_keys`.
+    slot_pos: torch.Tensor | None = None
 
     @classmethod
     def from_padding(
@@ -66,7 +68,22 @@ class TokenPositions:
         key_pos = torch.where(real, count - 1, -1)[:, kv_offset : kv_offset + kv_len]
         q_slots = torch.arange(q_len, device=device) + q_offset
         start, key_count, first = _run_of_real(key_pos)
-        return cls(key_pos, count[:, q_slots] - 1, start, key_count, first, window)
+        slot_pos = torch.where(real, count - 1, -1)
+        return cls(key_pos, count[:, q_slots] - 1, start, key_count, first, window, slot_pos)
+
+    def trailing_keys(self, kv_len: int) -> TokenPositions:
+        """These positions for a layer whose keys are the last `kv_len` slots seen: transformers sizes the mask by
+        the first layer of each type, so a recurrent layer (holding a window of slots) after a dense one, or a dense
+        layer after a recurrent one, holds another number of keys than the mask describes."""
+        if self.slot_pos is None or self.slot_pos.shape[-1] < kv_len:
+            seen = None if self.slot_pos is None else self.slot_pos.shape[-1]
+            raise ValueError(
+                f"hf_attn_plus: a layer holds {kv_len} keys, the mask describes {self.key_pos.shape[-1]} of {seen} "
+                "slots seen; layers of one type must keep the same keys or the last ones"
+            )
+        key_pos = self.slot_pos[:, self.slot_pos.shape[-1] - kv_len :]
+        start, key_count, first = _run_of_real(key_pos)
+        return dataclasses.replace(self, key_pos=key_pos, key_start=start, key_count=key_count, key_first=first)
 
     # generate() prepares the mask up front for compilable caches and calls .contiguous() on it; the model's mask
     # creation then sees a 4-D mask already made and hands it back to the mask function, which passes it through.

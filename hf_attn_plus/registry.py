@@ -38,6 +38,9 @@ COMMON_OPTIONS: tuple[Option, ...] = (
         "'auto': a Triton kernel when one exists for this mechanism and the tensors are on a GPU, else the reference; "
         "'flex': torch's FlexAttention over the mechanism's selection (rules and block lists; no CPU backward)",
     ),
+    # Quest and most training-free KV-sparsity methods leave the first layers dense: their attention is broad.
+    int_option("dense_first", 0, 0, "the first n layers run the model's own attention, whatever `layers` selects"),
+    int_option("dense_last", 0, 0, "the last n layers run the model's own attention, whatever `layers` selects"),
     layers_option(
         "layers",
         ("full_attention", "sliding_attention"),
@@ -159,6 +162,18 @@ def delegate(owner: str, name: str, options: Mapping[str, Any]) -> tuple[Mechani
 @lru_cache(maxsize=256)
 def _resolve_cached(name: str, options_json: str) -> SimpleNamespace:
     return get_mechanism(name).resolve_options(json.loads(options_json))
+
+
+def in_dense_ends(opts: Any, attention: Any) -> bool:
+    """Whether the common `dense_first` / `dense_last` options keep this layer on the model's own attention; refuses
+    counts that leave no layer to the mechanism (that would be dense attention under a sparse name)."""
+    first, last, count = opts.dense_first, opts.dense_last, attention.config.num_hidden_layers
+    if first + last >= count:
+        raise OptionError(
+            f"hf_attn_plus options dense_first={first} and dense_last={last} leave none of the model's {count} layers "
+            f"to the mechanism; allowed: dense_first + dense_last < {count}"
+        )
+    return attention.layer_idx < first or attention.layer_idx >= count - last
 
 
 def options_from_config(mechanism: Mechanism, config: Any) -> SimpleNamespace:

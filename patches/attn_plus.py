@@ -40,7 +40,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
 from transformers.monkey_patching import get_patch_mapping, register_patch_mapping
 
-from ..registry import PREFIX, get_mechanism, options_from_config
+from ..registry import PREFIX, get_mechanism, in_dense_ends, options_from_config
 
 # The model features a layer's attention may add to causal softmax attention, by the key mechanism weights declare
 # them under (`MechanismWeights.honours`).
@@ -138,7 +138,7 @@ def attach(attention: nn.Module, config: Any) -> None:
     layers its `layers` option selects; raises MechanismWeightsError where they cannot honour the layer."""
     name = _mechanism_name(config)
     opts = options_from_config(get_mechanism(name), config) if name in _WEIGHTS else None
-    if opts is None or not runs_in(opts.layers, attention):
+    if opts is None or not runs_in(opts, attention):
         attention.attn_plus = None
         return
     weights = _WEIGHTS[name](attention.attn_plus_shape(), opts, attention.layer_idx)
@@ -162,8 +162,12 @@ def layer_kind(attention: nn.Module) -> str:
     return "full_attention" if own_window(attention) is None else "sliding_attention"
 
 
-def runs_in(layers: Any, attention: nn.Module) -> bool:
-    """Whether the common `layers` option (validated: 'all', a layer type or a list of indices) selects this layer."""
+def runs_in(opts: Any, attention: nn.Module) -> bool:
+    """Whether the common `layers` option (validated: 'all', a layer type or a list of indices) selects this layer
+    and `dense_first` / `dense_last` leave it to the mechanism."""
+    if in_dense_ends(opts, attention):
+        return False
+    layers = opts.layers
     if layers == "all":
         return True
     if isinstance(layers, str):

@@ -73,7 +73,7 @@ def plan_weights(model: nn.Module, mechanism: str, opts: SimpleNamespace) -> Pla
         )
     planned = []
     for attention, owner in layers:
-        if not runs_in(opts.layers, attention):
+        if not runs_in(opts, attention):
             continue
         slot = getattr(attention, "attn_plus", None)
         current = unwrapped(slot)

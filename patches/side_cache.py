@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from ..registry import PREFIX, get_mechanism, options_from_config
+from ..registry import PREFIX, get_mechanism, in_dense_ends, options_from_config
 from .streaming_cache import EvictingLayer
 
 
@@ -149,7 +149,7 @@ def cache_layer_for(module: nn.Module, cache: Any) -> DynamicLayer | None:
     opts = options_from_config(mechanism, module.config)
     kept = mechanism.kept_keys(opts) if mechanism.kept_keys else None
     if kept is not None:
-        return _evicting_layer(module, cache, opts.layers, *kept)
+        return _evicting_layer(module, cache, opts, *kept)
     if not isinstance(cache, DynamicCache) or not mechanism.side_cache:
         return None
     layers, layer_idx = cache.layers, module.layer_idx
@@ -160,10 +160,13 @@ def cache_layer_for(module: nn.Module, cache: Any) -> DynamicLayer | None:
     return layers[layer_idx] if isinstance(layers[layer_idx], SideCacheLayer) else None
 
 
-def _evicting_layer(module: nn.Module, cache: Any, layers_option: Any, sinks: int, window: int) -> EvictingLayer | None:
-    """The layer's EvictingLayer; None without a cache, in a layer the `layers` option keeps the mechanism out of
-    (it attends every key there), or in a layer with the model's own window (its cache already drops old keys)."""
+def _evicting_layer(module: nn.Module, cache: Any, opts: Any, sinks: int, window: int) -> EvictingLayer | None:
+    """The layer's EvictingLayer; None without a cache, in a layer the `layers` / `dense_*` options keep the mechanism
+    out of (it attends every key there), or in a layer with the model's own window (its cache already drops old keys)."""
+    layers_option = opts.layers
     if cache is None or (isinstance(layers_option, list) and module.layer_idx not in layers_option):
+        return None
+    if in_dense_ends(opts, module):
         return None
     if not isinstance(cache, DynamicCache):
         raise ValueError(

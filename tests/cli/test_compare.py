@@ -46,6 +46,9 @@ def test_kept_fraction_counts_the_window(length):
     spec = Spec("sliding_window", {"window": window, "sinks": sinks})
     assert kept_fraction(spec, length) == pytest.approx(kept / (length * (length + 1) / 2))
     assert kept_fraction(Spec("dense"), length) == 1.0
+    share = kept / (length * (length + 1) / 2)
+    ends = Spec("sliding_window", {"window": window, "sinks": sinks, "dense_first": 1, "dense_last": 2})
+    assert kept_fraction(ends, length, num_layers=6) == pytest.approx((3 + 3 * share) / 6)
 
 
 def test_needle_batch_places_needle_and_answer():

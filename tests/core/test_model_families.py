@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 import hf_attn_plus
 
-from .models import COVERING, tiny_model, token_batch, with_mechanism
+from .models import COVERING, left_pad, tiny_model, token_batch, with_mechanism
 
 
 def test_softcap_and_sinks_change_the_output():
@@ -78,6 +78,42 @@ def test_layers_option_errors_name_the_value():
         model(token_batch(1, 5))
     with pytest.raises(hf_attn_plus.OptionError, match=r"option 'layers' got 'global'; allowed: one of 'all', 'full_"):
         hf_attn_plus.set_attention(model, "topk", layers="global")
+
+
+def test_dense_first_and_last_keep_those_layers_on_the_models_own_attention():
+    """dense_first / dense_last take layers out of whatever `layers` selects: dense_first=1 on two layers equals
+    layers=[1], dense_last=1 equals layers=[0]; counts leaving no layer are refused, naming both values."""
+    ids = token_batch(2, 29)
+    model = tiny_model("gemma3_text")
+    sparse = dict(budget=4, sinks=1, window=3)
+    outputs = {}
+    for name, extra in [("first", dict(dense_first=1)), ("[1]", dict(layers=[1])), ("last", dict(dense_last=1)),
+                        ("[0]", dict(layers=[0])), ("all", {}), ("full+first", dict(layers="full_attention", dense_first=1))]:
+        outputs[name] = with_mechanism(model, "topk", dict(sparse, **extra))(ids).logits
+    assert torch.equal(outputs["first"], outputs["[1]"]) and torch.equal(outputs["last"], outputs["[0]"])
+    assert torch.equal(outputs["full+first"], outputs["[1]"])  # layer 0 is windowed and first: dense either way
+    assert (outputs["first"] - outputs["all"]).abs().max() > 1e-3 and (outputs["last"] - outputs["all"]).abs().max() > 1e-3
+    with_mechanism(model, "topk", dict(sparse, dense_first=1, dense_last=1))
+    refusal = r"dense_first=1 and dense_last=1 leave none of the model's 2 layers to the mechanism; allowed: dense_first \+ dense_last < 2"
+    with pytest.raises(hf_attn_plus.OptionError, match=refusal):
+        model(ids)
+
+
+def test_dense_first_gives_weights_and_recurrent_state_only_to_the_other_layers():
+    """The mask is sized by layer 0 (every key); the recurrent layer 1 holds only the new one: its positions are the
+    trailing slots', so left-padded cached decode equals the full forward."""
+    model = with_mechanism(tiny_model("llama"), "linear", dict(dense_first=1))
+    assert [layer.self_attn.attn_plus is None for layer in model.model.layers] == [True, False]
+    ids, mask, _ = left_pad([token_batch(1, 12, seed=1)[0], token_batch(1, 9, seed=2)[0]])
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache).logits]
+        steps += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits
+                  for t in range(5, ids.shape[1])]
+    assert [type(layer).__name__ for layer in cache.layers] == ["DynamicLayer", "RecurrentStateLayer"]
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], atol=1e-5, rtol=1e-4)
 
 
 def test_layers_option_gives_weights_only_to_the_layers_it_selects():

@@ -122,12 +122,13 @@ def test_set_attention_patches_a_directly_built_model():
     assert all(isinstance(layer, EvictingLayer) and layer.evicted > 0 for layer in out.past_key_values.layers)
 
 
-def test_layers_kept_dense_keep_every_key():
-    """With option layers=[1], layer 0 attends densely: its cache keeps every key; layer 1 evicts."""
+@pytest.mark.parametrize("dense", [dict(layers=[1]), dict(dense_first=1)], ids=["layers", "dense_first"])
+def test_layers_kept_dense_keep_every_key(dense):
+    """With option layers=[1] (or dense_first=1), layer 0 attends densely: its cache keeps every key; layer 1 evicts."""
     ids, mask = padded_prompts()
     runs = []
     for evict in (False, True):
-        model = with_mechanism(tiny_model("llama"), "sliding_window", dict(window=WINDOW, sinks=SINKS, evict=evict, layers=[1]))
+        model = with_mechanism(tiny_model("llama"), "sliding_window", dict(window=WINDOW, sinks=SINKS, evict=evict, **dense))
         runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=3 * WINDOW, do_sample=False,
                                    return_dict_in_generate=True))
     assert torch.equal(runs[0].sequences, runs[1].sequences)
