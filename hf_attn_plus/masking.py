@@ -65,10 +65,10 @@ class TokenPositions:
                 "before (left padding) or after (right padding) a sequence"
             )
         count = real.long().cumsum(-1)
-        key_pos = torch.where(real, count - 1, -1)[:, kv_offset : kv_offset + kv_len]
+        slot_pos = torch.where(real, count - 1, -1)
+        key_pos = slot_pos[:, kv_offset : kv_offset + kv_len]
         q_slots = torch.arange(q_len, device=device) + q_offset
         start, key_count, first = _run_of_real(key_pos)
-        slot_pos = torch.where(real, count - 1, -1)
         return cls(key_pos, count[:, q_slots] - 1, start, key_count, first, window, slot_pos)
 
     def trailing_keys(self, kv_len: int) -> TokenPositions:

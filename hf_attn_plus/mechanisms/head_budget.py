@@ -142,15 +142,20 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
 
 
 def expected_cost(model: nn.Module, budget: float) -> torch.Tensor:
-    """Mean gate over heads and layers at `budget` (differentiable): the share of heads' attention still computed.
-    Gates are read through each layer's `attn_plus`, so an adapter's trained copy (modules_to_save) is the one used."""
+    """Mean gate over heads and layers at `budget` (differentiable): the share of heads' attention still computed."""
+    return head_gates(model, budget).mean()
+
+
+def head_gates(model: nn.Module, budget: float) -> torch.Tensor:
+    """Every layer's gates at `budget`, concatenated. Gates are read through each layer's `attn_plus`, so an
+    adapter's trained copy (modules_to_save) is the one used."""
     gates = [
         m.attn_plus(budget) for m in model.modules()
         if isinstance(unwrapped(getattr(m, "attn_plus", None)), HeadGateWeights)
     ]
     if not gates:
         raise ValueError("the model has no head_budget gates: load it with attn_implementation 'hf_attn_plus:head_budget'")
-    return torch.cat(gates).mean()
+    return torch.cat(gates)
 
 
 MECHANISM = register(

@@ -51,7 +51,7 @@ def test_recipe_runs_on_the_real_architecture(script, config, reloads, smollm2_s
 
 def test_evaluate_sweeps_a_budget_over_a_trained_adapter(smollm2_slice: Path, tmp_path: Path) -> None:
     """recipes/evaluate.py on the head_budget recipe's adapter: one row per budget, the dense row is the base model's
-    own SDPA perplexity, and the share of heads kept grows with the budget up to every head at budget 1."""
+    own SDPA perplexity, and the mean gate and the share of heads computed grow with the budget up to 1 at budget 1."""
     import json
     import os
     import subprocess
@@ -72,8 +72,10 @@ def test_evaluate_sweeps_a_budget_over_a_trained_adapter(smollm2_slice: Path, tm
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(out.read_text())
     assert [row["options"]["budget"] for row in report["results"]] == [0.25, 0.5, 1.0]
-    kept = [row["heads kept"] for row in report["results"]]
-    assert kept == sorted(kept) and kept[-1] == pytest.approx(1.0)
+    for column in ("mean gate", "heads computed"):
+        kept = [row[column] for row in report["results"]]
+        assert kept == sorted(kept) and kept[-1] == pytest.approx(1.0), column
+    assert all(row["heads computed"] >= row["mean gate"] for row in report["results"])
     assert all(0.0 <= row["needle@64"] <= 1.0 for row in report["results"])
 
     from accelerate import Accelerator
