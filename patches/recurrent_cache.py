@@ -124,8 +124,8 @@ def _before_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
         served.hidden_states = kwargs.get("hidden_states", args[0] if args else None)
     if not served.recurrent:
         return
-    # Weights of the running mechanism in a layer its `layers` / `dense_*` options leave out (kept from an earlier choice) stay
-    # unused: that layer runs the model's own attention and keeps its own cache layer.
+    # Weights of the running mechanism in a layer its `layers` / `dense_*` options leave out (kept from an earlier
+    # choice) stay unused: that layer runs the model's own attention and keeps its own cache layer.
     active = module.config._attn_implementation == PREFIX + weights.mechanism and runs_in(
         options_from_config(get_mechanism(weights.mechanism), module.config), module
     )

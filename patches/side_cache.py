@@ -164,9 +164,8 @@ def _evicting_layer(module: nn.Module, cache: Any, opts: Any, sinks: int, window
     """The layer's EvictingLayer; None without a cache, in a layer the `layers` / `dense_*` options keep the mechanism
     out of (it attends every key there), or in a layer with the model's own window (its cache already drops old keys)."""
     layers_option = opts.layers
-    if cache is None or (isinstance(layers_option, list) and module.layer_idx not in layers_option):
-        return None
-    if in_dense_ends(opts, module):
+    left_out = isinstance(layers_option, list) and module.layer_idx not in layers_option
+    if cache is None or left_out or in_dense_ends(opts, module):
         return None
     if not isinstance(cache, DynamicCache):
         raise ValueError(
