@@ -3,9 +3,9 @@ through `hf-attn-plus compare` (perplexity on held-out stdlib text, needle retri
 agreement with dense, per-layer error, speed), plus Quest's regime (prefill dense, `apply_to='decode'`) at 10%.
 
 A budget of n keys means what a query at the end of the context reads: sinks, window and chosen keys together
-(`compare` also reports the share of all causal (query, key) pairs each setting attends). `block_sparse` has no
-budget: its mass threshold 0.9 is measured instead. `santa` is left out: its prefill is exact (it samples only in
-decode), so its perplexity is dense's. One length per run (quality, needle depths and speed at that length).
+(`compare` also reports the share of all causal (query, key) pairs each setting attends, counted on the text).
+`block_sparse` has no budget: its mass thresholds are swept instead. `santa` is left out: its prefill is exact (it
+samples only in decode), so its perplexity is dense's. One length per run (quality, needle depths and speed there).
 
     python benchmarks/smollm2_quality_sweep.py --length 2048 --out docs/sweep_smollm2_2k
 """
@@ -23,19 +23,22 @@ SHARES = (0.05, 0.10, 0.25)
 THRESHOLDS = (0.9,)
 
 
-def settings(length: int, shares: Sequence[float], thresholds: Sequence[float], block_size: int) -> list[str]:
-    specs = []
+def settings(
+    length: int, shares: Sequence[float], thresholds: Sequence[float], block_size: int, pools: int, decode_regime: bool
+) -> list[str]:
+    # Most informative first: a sweep stopped early (compare writes its JSON after every setting) keeps these.
+    specs, dilated = [], []
     for share in shares:
         keys = int(share * length)
         half = keys // 2
         specs += [
-            f"sliding_window:window={keys - 4},sinks=4",
             f"topk:budget={keys - 68},window=64,sinks=4",
             f"block_topk:block_size={block_size},budget={max(1, keys // block_size - 2)},sink_blocks=1,local_blocks=1",
-            f"dilated:window={half},dilation={max(1, math.ceil((length - half) / half))}",
+            f"sliding_window:window={keys - 4},sinks=4",
         ]
-    specs += [f"block_sparse:block_size=64,threshold={t}" for t in thresholds]
-    if 0.10 in shares:
+        dilated.append(f"dilated:window={half},dilation={max(1, math.ceil((length - half) / half))}")
+    specs += [f"block_sparse:block_size=64,threshold={t},pools_per_block={pools}" for t in thresholds] + dilated
+    if 0.10 in shares and decode_regime:
         keys = int(0.10 * length)
         specs += [
             f"topk:budget={keys - 68},window=64,sinks=4,apply_to=decode",
@@ -53,12 +56,17 @@ def main() -> None:
     parser.add_argument("--shares", type=float, nargs="+", default=SHARES, help="shares of the keys a query at the end reads")
     parser.add_argument("--thresholds", type=float, nargs="*", default=THRESHOLDS, help="block_sparse mass thresholds")
     parser.add_argument("--block-size", type=int, default=16, help="block_topk's block size (tokens)")
+    parser.add_argument("--pools", type=int, default=1, help="block_sparse's pools_per_block (mass estimate)")
+    parser.add_argument(
+        "--no-decode-regime", dest="decode_regime", action="store_false",
+        help="leave out the apply_to='decode' settings (prefill dense) at 10 %%",
+    )
     parser.add_argument("--out", type=Path, required=True, help="path stem: writes .json, .png and the table as .md")
     args = parser.parse_args()
     command = [
         sys.executable, "-m", "hf_attn_plus", "compare", "smollm2", "--lengths", str(args.length),
         "--samples", str(args.samples), "--threads", str(args.threads), "--json", f"{args.out}.json",
-        "--plot", f"{args.out}.png", "--mechanisms", *settings(args.length, args.shares, args.thresholds, args.block_size),
+        "--plot", f"{args.out}.png", "--mechanisms", *settings(args.length, args.shares, args.thresholds, args.block_size, args.pools, args.decode_regime),
     ]
     print(" ".join(command), flush=True)
     table = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout

@@ -6,8 +6,9 @@ AttentionContext, asks the mechanism which keys each query keeps, and runs the k
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,6 +33,30 @@ _LOGIT_OPTIONS = {"softcap": "softcap", "s_aux": "sinks"}
 _ATTEND_HONOURING_LOGIT_OPTIONS = ("head_budget", "santa", "stochastic_routing")
 # `attend` mechanisms whose training path selects over the whole sequence, beyond the model's own sliding window.
 _TRAINING_BEYOND_MODEL_WINDOW = ("lighthouse",)
+
+
+# Called with (ctx, selection, query heads) after every selection the reference or FlexAttention runs: how
+# `compare` counts what a data-dependent selection keeps on a model's real queries and keys (`observing_selections`).
+_SELECTION_OBSERVERS: list[Callable[[AttentionContext, Selection, int], None]] = []
+
+
+@contextlib.contextmanager
+def observing_selections(observer: Callable[[AttentionContext, Selection, int], None]) -> Iterator[None]:
+    """Calls `observer(ctx, selection, query_heads)` for each selection made inside the block (reference and flex
+    backends; the Triton kernels select internally and are not observed)."""
+    _SELECTION_OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _SELECTION_OBSERVERS.remove(observer)
+
+
+def _selected(mechanism: Mechanism, query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: Any) -> Selection:
+    with torch.no_grad():
+        selection = mechanism.select(query, key, ctx, opts)
+        for observer in _SELECTION_OBSERVERS:
+            observer(ctx, selection, query.shape[1])
+    return selection
 
 
 class UnsupportedModelError(ValueError):
@@ -248,8 +273,7 @@ def run_mechanism(
         return mechanism.attend(module, query, key, value, ctx, opts, scaling, dropout)
     if kernel:
         return mechanism.kernel(query, key, value, ctx, opts, scaling), None
-    with torch.no_grad():
-        selection = mechanism.select(query, key, ctx, opts)
+    selection = _selected(mechanism, query, key, ctx, opts)
     return attend_selection(module, query, key, value, ctx, selection, opts, scaling, dropout), None
 
 
@@ -301,8 +325,7 @@ def flex_attention_call(
             "dilated, block_topk, block_sparse, ...); this one computes its own attention: use 'auto', 'reference' or "
             "'kernel'"
         )
-    with torch.no_grad():
-        selection = mechanism.select(query, key, ctx, opts)
+    selection = _selected(mechanism, query, key, ctx, opts)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     check_flex(selection, ctx, needs_grad, query.device, **{
         f"logit_scale={opts.logit_scale!r}": opts.logit_scale != "none", f"attention dropout={dropout}": dropout > 0,

@@ -73,6 +73,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         repeats=_given(args.repeats, sized.repeats),
         device=args.device,
         progress=not args.no_progress,
+        on_result=(lambda partial: Path(args.json).write_text(json.dumps(partial, indent=2))) if args.json else None,
     )
     env = report["environment"]
     print(f"{report['model']} on {env['device']} ({env['threads']} threads), torch {env['torch']}, "

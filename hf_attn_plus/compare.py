@@ -2,18 +2,21 @@
 
 Quality is measured on `samples` windows of the longest context length: perplexity, next-token agreement with
 dense (in the prefill, and over cached decode steps fed dense's greedy tokens), and each attention layer's output
-error when fed the dense model's inputs (so errors do not compound and each layer is judged on its own). Retrieval is a needle-in-a-haystack copy task over the context lengths. Speed and
-peak memory are measured for prefill and for cached decode at every length.
+error when fed the dense model's inputs (so errors do not compound and each layer is judged on its own). "Keys kept"
+is the share of the causal (query, key) pairs the selections keep, counted on the model's own queries and keys over
+the quality windows (a mass threshold keeps what the text makes it keep). Retrieval is a needle-in-a-haystack copy
+task over the context lengths. Speed and peak memory are measured for prefill and for cached decode at every length.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import platform
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,8 +24,9 @@ import transformers
 
 from .demo import Subject
 from .integration import set_attention
-from .masking import build_context
-from .structure import dense_keep
+from .attention import observing_selections
+from .masking import AttentionContext, build_context
+from .structure import Selection, dense_keep, kept_pairs
 from .measure import speed
 from .options import OptionError
 from .registry import PREFIX, all_mechanisms, get_mechanism
@@ -102,6 +106,20 @@ def apply(model: torch.nn.Module, spec: Spec) -> None:
         set_attention(model, "sdpa")
     else:
         set_attention(model, spec.name, **spec.options)
+
+
+def _count_kept(counts: list[int], ctx: AttentionContext, selection: Selection, heads: int) -> None:
+    kept, visible = kept_pairs(ctx, selection, heads)
+    counts[0] += kept
+    counts[1] += visible
+
+
+def measured_fraction(spec: Spec, counts: Sequence[int], num_layers: int) -> float:
+    """Kept share of visible pairs from counts over the selecting layers, with `dense_first` / `dense_last`
+    layers (which do not select) counted whole."""
+    opts = get_mechanism(spec.name).resolve_options(spec.options)
+    dense = opts.dense_first + opts.dense_last
+    return (dense + (num_layers - dense) * counts[0] / counts[1]) / num_layers
 
 
 def kept_fraction(spec: Spec, length: int, num_layers: int | None = None) -> float | None:
@@ -256,8 +274,11 @@ def compare(
     repeats: int = 2,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every spec on the same windows of `subject.text`; returns the JSON-ready report (see module docstring)."""
+    """Run every spec on the same windows of `subject.text`; returns the JSON-ready report (see module docstring).
+    `on_result(report)` gets the report of the specs measured so far after each one (hours-long sweeps keep what
+    finished)."""
     from tqdm.auto import tqdm
 
     if decode_tokens < 2:
@@ -278,6 +299,15 @@ def compare(
     needles = {n: needle_batch(subject.tokenizer, haystack, n, seed=n) for n in lengths}
     specs = [Spec(DENSE), *(s for s in specs if s.name != DENSE)]  # dense first: the others are measured against it
 
+    settings = {
+        "lengths": lengths,
+        "quality_length": quality_length,
+        "samples": samples,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "needle_depths": list(NEEDLE_DEPTHS),
+        "text_tokens": int(stream.numel()),
+    }
     original = model.config._attn_implementation, model.config.hf_attn_plus
     results = []
     steps = len(specs) * (2 + 2 * len(lengths))
@@ -286,7 +316,9 @@ def compare(
         for spec in specs:
             bar.set_postfix_str(spec.label)
             apply(model, spec)
-            logits = _logits(model, windows)
+            counts = [0, 0]  # kept, visible (query, key) pairs over every layer's selection on this text
+            with observing_selections(functools.partial(_count_kept, counts)):
+                logits = _logits(model, windows)
             if spec.name == DENSE:
                 dense_logits, dense_io = logits, _dense_attention_io(model, windows)
                 dense_tokens = cached_decode(model, windows, decode_tokens)
@@ -299,7 +331,13 @@ def compare(
                 "label": spec.label,
                 "mechanism": spec.name,
                 "options": spec.options,
-                "kept_fraction": kept_fraction(spec, quality_length, model.config.num_hidden_layers),
+                # What the selections kept on this text in the prefill (data-dependent for block_sparse's threshold);
+                # settings that do not select in the prefill (apply_to='decode') report their decode-time share.
+                "kept_fraction": (
+                    measured_fraction(spec, counts, model.config.num_hidden_layers)
+                    if counts[1] else kept_fraction(spec, quality_length, model.config.num_hidden_layers)
+                ),
+                "kept_measured": bool(counts[1]),
                 "perplexity": _perplexity(logits, windows),
                 "agreement": float((logits.argmax(-1) == dense_logits.argmax(-1)).float().mean()),
                 # Decode steps only (the first prediction comes from the prefill): mechanisms that differ from dense
@@ -316,27 +354,20 @@ def compare(
                 row["speed"][str(n)] = speed(model, stream[:n][None].to(device), decode_tokens, repeats)
                 bar.update(1)
             results.append(row)
+            if on_result is not None:
+                on_result(_report(subject, device, settings, results))
     finally:
         bar.close()
         model.set_attn_implementation(original[0])
         model.config.hf_attn_plus = original[1]
+    return _report(subject, device, settings, results)
+
+
+def _report(subject: Subject, device: torch.device, settings: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     dense_ppl = results[0]["perplexity"]
     for row in results:
         row["perplexity_delta"] = row["perplexity"] - dense_ppl
-    return {
-        "model": subject.name,
-        "environment": environment(device),
-        "settings": {
-            "lengths": lengths,
-            "quality_length": quality_length,
-            "samples": samples,
-            "decode_tokens": decode_tokens,
-            "repeats": repeats,
-            "needle_depths": list(NEEDLE_DEPTHS),
-            "text_tokens": int(stream.numel()),
-        },
-        "results": results,
-    }
+    return {"model": subject.name, "environment": environment(device), "settings": settings, "results": results}
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from .masking import AttentionContext
+from .masking import AttentionContext, sees
 
 # A window at least this long covers any context: `PositionRule(window=EVERY)` is dense causal attention.
 EVERY = 2**62
@@ -93,20 +93,39 @@ def edge_block(t: torch.Tensor, window: int, block_size: int) -> torch.Tensor:
     return torch.where((start > 0) & (start % block_size != 0), start // block_size, -1)
 
 
-def dense_keep(ctx: AttentionContext, selection: Selection, heads: int = 1) -> torch.Tensor:
-    """The selection as a bool [B, H, q, kv] keep mask (H = max(heads, the lists' heads)): the test oracle."""
-    t, s = ctx.query_pos, ctx.key_pos
+def dense_keep(ctx: AttentionContext, selection: Selection, heads: int = 1, rows: slice = slice(None)) -> torch.Tensor:
+    """The selection as a bool [B, H, rows, kv] keep mask (H = max(heads, the lists' heads)) for the query rows
+    `rows`: the test oracle, and `kept_pairs`' count chunk by chunk."""
+    t, s = ctx.query_pos[:, :, rows], ctx.key_pos
     keep = selection.rule.keep(t, s)
-    batch, _, q_len, kv_len = ctx.visible.shape
     if selection.blocks is not None:
         blocks = torch.where(s >= 0, s // selection.block_size, -1)
-        keep = keep | listed(lists_for(selection.blocks, slice(None)), blocks, kv_len)
+        keep = keep | listed(lists_for(selection.blocks, rows), blocks, s.shape[-1])
         if ctx.window is not None:
             keep = keep | (blocks == edge_block(t, ctx.window, selection.block_size))
     if selection.tokens is not None:
-        keep = keep | listed(lists_for(selection.tokens, slice(None)), s, kv_len)
-    keep = keep & ctx.visible
-    return keep.expand(batch, max(heads, keep.shape[1]), q_len, kv_len)
+        keep = keep | listed(lists_for(selection.tokens, rows), s, s.shape[-1])
+    visible = sees(t, s, ctx.window)
+    keep = keep & (visible if ctx.restrict is None else visible & ctx.restrict[:, :, rows])
+    return keep.expand(keep.shape[0], max(heads, keep.shape[1]), *keep.shape[2:])
+
+
+# Mask elements per query chunk when `kept_pairs` counts a selection.
+COUNT_ELEMENTS = 2**24
+
+
+def kept_pairs(ctx: AttentionContext, selection: Selection, heads: int) -> tuple[int, int]:
+    """(kept, visible) (query, key) pairs summed over batch and `heads` query heads, counted query chunk by query
+    chunk so no [q, kv] mask exists at once: what a data-dependent selection (block_sparse's threshold) really
+    keeps on a model's activations."""
+    q_len, kv_len = ctx.query_pos.shape[2], ctx.key_pos.shape[-1]
+    step = max(1, COUNT_ELEMENTS // max(1, ctx.query_pos.shape[0] * heads * kv_len))
+    kept = visible = 0
+    for lo in range(0, q_len, step):
+        rows = slice(lo, min(lo + step, q_len))
+        kept += int(dense_keep(ctx, selection, heads, rows).sum())
+        visible += int(dense_keep(ctx, Selection(DENSE), 1, rows).sum()) * heads
+    return kept, visible
 
 
 def listed(lists: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:

@@ -1,8 +1,14 @@
 """block_sparse (MInference / XAttention / FlexPrefill-style estimation, S2O-style early stop): keys form blocks of
 `block_size` by position; `sink_blocks` leading blocks and the `local_blocks` ending at the query's block are always
-attended; the other blocks the query sees are ranked by an estimate of their attention mass (softmax of the query
-against each block's mean key) and kept in that order until the kept share of the estimated mass reaches
-`threshold`. The kept count adapts to how concentrated attention is; threshold=1.0 is dense causal attention.
+attended; the other blocks the query sees are ranked by an estimate of their attention mass and kept in that order
+until the kept share of the estimated mass reaches `threshold`. The kept count adapts to how concentrated attention
+is; threshold=1.0 is dense causal attention.
+
+The estimate pools each block's keys into `pools_per_block` runs of consecutive keys and scores the query against
+each run's mean key: a block's estimated logit is the logsumexp of its runs' logits. One run per block is MInference's
+pooled estimate (one q·k per block); `pools_per_block = block_size` is the exact block mass (one q·k per key, topk's
+scoring cost). A mean over many keys flattens the logits, so the estimate both under-ranks a block holding one
+strong key (a passkey) and spreads mass evenly, which makes a threshold keep most blocks; finer runs sharpen both.
 
 Ranked blocks lie wholly before the query (its own block is always local), so their mean keys are final: the
 choice depends on nothing after the query, is the same in a cached decode step as in a full recompute, and is
@@ -16,7 +22,7 @@ import torch
 
 from ..kernel_inputs import selection_kernel
 from ..masking import AttentionContext
-from ..options import float_option, int_option
+from ..options import OptionError, float_option, int_option
 from ..reference import default_scaling
 from ..registry import Mechanism, register
 from ..selection import (
@@ -36,9 +42,14 @@ from ..structure import PositionRule, Selection
 
 def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: SimpleNamespace) -> Selection:
     batch, q_heads, q_len, _ = query.shape
-    size = opts.block_size
+    size, runs = opts.block_size, opts.pools_per_block
+    if size % runs:
+        raise OptionError(
+            f"hf_attn_plus mechanism 'block_sparse': option 'pools_per_block' got {runs}, which does not divide "
+            f"block_size={size}; allowed: a divisor of block_size"
+        )
     num_blocks = max(1, -(-int(ctx.key_end.max()) // size))
-    mean_keys = pooled_blocks(key, key_blocks(ctx, size).reshape(batch, -1), num_blocks)
+    mean_keys = pooled_blocks(key, key_blocks(ctx, size // runs).reshape(batch, -1), num_blocks * runs)
     rule = PositionRule(sinks=opts.sink_blocks * size, block_size=size, local_blocks=opts.local_blocks)
 
     def blocks(rows: slice) -> torch.Tensor:  # per query chunk, when the reference reaches it
@@ -54,10 +65,15 @@ def ranked_blocks(
     mean_keys: torch.Tensor,
     rows: slice,
 ) -> torch.Tensor:
-    """Blocks kept by estimated mass for the queries of `rows`: [B, Hq, rows, n] block indices (-1 unused)."""
-    size, num_blocks, lists = opts.block_size, mean_keys.shape[2], []
+    """Blocks kept by estimated mass for the queries of `rows`: [B, Hq, rows, n] block indices (-1 unused).
+    `mean_keys` [B, Hkv, blocks * pools_per_block, D]: the mean key of every run, block by block."""
+    size, runs, lists = opts.block_size, opts.pools_per_block, []
+    num_blocks = mean_keys.shape[2] // runs
     for rows in query_chunks(query.shape[0], query.shape[1], rows, mean_keys.shape[2]):
-        logits = grouped_scores(query[:, :, rows], mean_keys) * default_scaling(query)
+        # Ranked blocks lie wholly before the query, so each of their runs holds the same number of keys: the
+        # logsumexp of run logits is the block's estimated log-mass up to one shared constant.
+        run_logits = grouped_scores(query[:, :, rows], mean_keys) * default_scaling(query)
+        logits = run_logits.unflatten(-1, (num_blocks, runs)).logsumexp(-1)
         fixed = fixed_blocks(ctx.query_pos[:, :, rows], num_blocks, size, opts.sink_blocks, opts.local_blocks)
         candidates = (chunk_seen_blocks(ctx, rows, num_blocks, size) & ~fixed).expand_as(logits)
         chosen = mass_ranked_blocks(logits, candidates, opts.threshold)
@@ -73,6 +89,11 @@ MECHANISM = register(
         options=(
             int_option("block_size", 64, 1, "keys per block"),
             float_option("threshold", 0.9, 0.0, "share of the ranked blocks' estimated attention mass to keep; 1.0 = dense", 1.0),
+            int_option(
+                "pools_per_block", 1, 1,
+                "mean keys per block in the mass estimate (a divisor of block_size): 1 = one pooled key per block "
+                "(MInference), block_size = every key (exact mass)",
+            ),
             int_option("sink_blocks", 1, 0, "leading blocks always attended"),
             # >= 1: the query's own block is incomplete (it holds keys after the query in prefill), so it is never ranked.
             int_option("local_blocks", 1, 1, "the query's block and the ones before it, always attended"),

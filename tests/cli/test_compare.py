@@ -94,6 +94,20 @@ def test_compare_embedded_tiny_model_table_json_and_plot(tmp_path, capsys):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_keys_kept_is_counted_on_the_models_own_selections(tmp_path):
+    """A position rule keeps on the text what it keeps on random data; a mass threshold keeps what the model's
+    queries and keys make it keep (all of it at threshold 1), and the row says it was measured."""
+    out_json = tmp_path / "r.json"
+    sparse = "block_sparse:block_size=8,threshold=0.3,sink_blocks=0"
+    main(["compare", "tiny", "--mechanisms", NARROW, "block_sparse:block_size=8,threshold=1.0", sparse,
+          "--json", str(out_json), *FAST])
+    _, narrow, whole, thresholded = json.loads(out_json.read_text())["results"]
+    assert narrow["kept_measured"] and whole["kept_measured"] and thresholded["kept_measured"]
+    assert narrow["kept_fraction"] == pytest.approx(kept_fraction(parse_spec(NARROW), 96))
+    assert whole["kept_fraction"] == 1.0
+    assert 0.0 < thresholded["kept_fraction"] < 1.0
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "deepseek_v3"])
 def test_compare_local_model_dir(model_type, tiny_dir, tmp_path):
     path, _ = tiny_dir(model_type)

@@ -126,3 +126,22 @@ def test_selection_is_sparse_when_budget_is_small():
         mechanism = hf_attn_plus.get_mechanism(name.split("/")[0])
         keep = dense_keep(ctx, mechanism.select(query, key, ctx, mechanism.resolve_options(opts)), Q_HEADS)
         assert keep.expand(BATCH, Q_HEADS, 23, 23)[2, :, -1].sum(-1).max() < 23 * 0.7, name
+
+
+def test_kept_pairs_counts_the_dense_oracle_chunk_by_chunk(monkeypatch):
+    import hf_attn_plus.structure as structure
+    from hf_attn_plus.masking import build_context, visible_from_mask
+    from hf_attn_plus.registry import get_mechanism
+
+    g = torch.Generator().manual_seed(5)
+    query, key = torch.randn(2, 4, 29, 8, generator=g), torch.randn(2, 2, 29, 8, generator=g)
+    visible = visible_from_mask(None, 2, 29, 29, "cpu").clone()
+    visible[1, ..., :5] = False
+    visible[1, :, :5, :] = False
+    ctx = build_context(visible)
+    mechanism = get_mechanism("block_sparse")
+    selection = mechanism.select(query, key, ctx, mechanism.resolve_options(dict(block_size=4, threshold=0.5)))
+    monkeypatch.setattr(structure, "COUNT_ELEMENTS", 2 * 4 * 29 * 3)  # three query rows per chunk
+    expected = (int(structure.dense_keep(ctx, selection, 4).sum()), int(visible.sum()) * 4)
+    assert structure.kept_pairs(ctx, selection, 4) == expected
+    assert expected[0] < expected[1]

@@ -72,3 +72,79 @@ def test_choice_ignores_later_tokens_and_padding():
     padded_ctx = build_context(right_padded)
     padded = dense_keep(padded_ctx, MECHANISM.select(query, key, padded_ctx, opts), query.shape[1])
     assert torch.equal(padded[..., :25, :25], prefix)
+
+
+def brute_force_blocks(query, key, ctx, opts):
+    """Kept ranked blocks per (batch, head, query) by loops: mean key of each run of block_size / pools_per_block
+    positions, a block's logit the logsumexp of its runs', softmax over the blocks the query ranks, then the
+    smallest prefix by mass that reaches the threshold."""
+    size, runs = opts.block_size, opts.pools_per_block
+    run_len, group = size // runs, query.shape[1] // key.shape[1]
+    kept = set()
+    for b in range(query.shape[0]):
+        pos = ctx.key_pos[b, 0, 0]
+        for h in range(query.shape[1]):
+            for i, t in enumerate(ctx.query_pos[b, 0, :, 0].tolist()):
+                if t < 0:
+                    continue
+                ranked = [j for j in range(opts.sink_blocks, t // size - opts.local_blocks + 1)]
+                if not ranked:
+                    continue
+                logits = []
+                for j in ranked:
+                    means = [key[b, h // group, (pos // run_len == j * runs + r)].mean(0) for r in range(runs)]
+                    logits.append(torch.logsumexp(torch.stack([query[b, h, i] @ m for m in means]) * query.shape[-1] ** -0.5, 0))
+                mass = torch.softmax(torch.stack(logits), 0)
+                order = mass.argsort(descending=True).tolist()
+                total = 0.0
+                for n in order:
+                    if total >= opts.threshold:
+                        break
+                    kept.add((b, h, i, ranked[n]))
+                    total += float(mass[n])
+    return kept
+
+
+def ranked_kept(ctx, selection, opts, heads):
+    """The (batch, head, query, block) of every kept block outside the sink and local ones, from the dense oracle."""
+    keep = dense_keep(ctx, selection, heads)
+    kept = set()
+    for b, h, i, s in keep.nonzero().tolist():
+        t, j = int(ctx.query_pos[b, 0, i, 0]), int(ctx.key_pos[b, 0, 0, s]) // opts.block_size
+        if opts.sink_blocks <= j <= t // opts.block_size - opts.local_blocks:
+            kept.add((b, h, i, j))
+    return kept
+
+
+@pytest.mark.parametrize("runs", [1, 2, 4])
+def test_choice_equals_brute_force_over_pooled_runs(runs):
+    query, key, ctx = padded_problem(seed=3)
+    opts = MECHANISM.resolve_options(dict(block_size=4, threshold=0.7, pools_per_block=runs))
+    chosen = ranked_kept(ctx, MECHANISM.select(query, key, ctx, opts), opts, query.shape[1])
+    assert chosen == brute_force_blocks(query, key, ctx, opts)
+    assert chosen  # something was ranked in
+
+
+def test_one_run_per_key_keeps_the_exact_mass_prefix():
+    """pools_per_block = block_size ranks blocks by their exact attention mass among the ranked blocks."""
+    query, key, ctx = padded_problem(seed=4)
+    opts = MECHANISM.resolve_options(dict(block_size=4, threshold=0.8, pools_per_block=4, sink_blocks=0))
+    keep = dense_keep(ctx, MECHANISM.select(query, key, ctx, opts), query.shape[1])
+    probs = torch.softmax((query @ key.repeat_interleave(2, 1).transpose(-1, -2) / 4).masked_fill(~ctx.visible, -torch.inf), -1)
+    blocks = torch.where(ctx.key_pos >= 0, ctx.key_pos // 4, -1)
+    for b, h, i in [(0, 0, 36), (0, 3, 30), (1, 1, 36), (1, 2, 22)]:
+        t = int(ctx.query_pos[b, 0, i, 0])
+        ranked = list(range(0, t // 4))
+        mass = torch.stack([probs[b, h, i][blocks[b, 0, 0] == j].sum() for j in ranked])
+        share = mass / mass.sum()
+        kept = torch.tensor([bool(keep[b, h, i][blocks[b, 0, 0] == j].all()) for j in ranked])
+        assert share[kept].sum() >= 0.8 - 1e-6
+        assert share[kept].sum() - share[kept].min() < 0.8  # the smallest prefix: no kept block could go
+        assert share[kept].min() >= share[~kept].max()  # kept in order of exact mass
+
+
+def test_pools_must_divide_the_block():
+    query, key, ctx = padded_problem()
+    opts = MECHANISM.resolve_options(dict(block_size=4, pools_per_block=3))
+    with pytest.raises(OptionError, match="pools_per_block.*got 3.*divide block_size=4"):
+        MECHANISM.select(query, key, ctx, opts)
