@@ -24,7 +24,7 @@ THRESHOLDS = (0.9,)
 
 
 def settings(
-    length: int, shares: Sequence[float], thresholds: Sequence[float], block_size: int, pools: int, decode_regime: bool
+    length: int, shares: Sequence[float], thresholds: Sequence[float], block_size: int, pool: int, decode_regime: bool
 ) -> list[str]:
     # Most informative first: a sweep stopped early (compare writes its JSON after every setting) keeps these.
     specs, dilated = [], []
@@ -37,7 +37,7 @@ def settings(
             f"sliding_window:window={keys - 4},sinks=4",
         ]
         dilated.append(f"dilated:window={half},dilation={max(1, math.ceil((length - half) / half))}")
-    specs += [f"block_sparse:block_size=64,threshold={t},pools_per_block={pools}" for t in thresholds] + dilated
+    specs += [f"block_sparse:block_size=64,threshold={t},pool_size={pool}" for t in thresholds] + dilated
     if 0.10 in shares and decode_regime:
         keys = int(0.10 * length)
         specs += [
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--shares", type=float, nargs="+", default=SHARES, help="shares of the keys a query at the end reads")
     parser.add_argument("--thresholds", type=float, nargs="*", default=THRESHOLDS, help="block_sparse mass thresholds")
     parser.add_argument("--block-size", type=int, default=16, help="block_topk's block size (tokens)")
-    parser.add_argument("--pools", type=int, default=1, help="block_sparse's pools_per_block (mass estimate)")
+    parser.add_argument("--pool-size", type=int, default=8, help="block_sparse's pool_size (keys per mean key)")
     parser.add_argument(
         "--no-decode-regime", dest="decode_regime", action="store_false",
         help="leave out the apply_to='decode' settings (prefill dense) at 10 %%",
@@ -66,7 +66,8 @@ def main() -> None:
     command = [
         sys.executable, "-m", "hf_attn_plus", "compare", "smollm2", "--lengths", str(args.length),
         "--samples", str(args.samples), "--threads", str(args.threads), "--json", f"{args.out}.json",
-        "--plot", f"{args.out}.png", "--mechanisms", *settings(args.length, args.shares, args.thresholds, args.block_size, args.pools, args.decode_regime),
+        "--plot", f"{args.out}.png", "--mechanisms",
+        *settings(args.length, args.shares, args.thresholds, args.block_size, args.pool_size, args.decode_regime),
     ]
     print(" ".join(command), flush=True)
     table = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout

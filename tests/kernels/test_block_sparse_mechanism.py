@@ -75,11 +75,11 @@ def test_choice_ignores_later_tokens_and_padding():
 
 
 def brute_force_blocks(query, key, ctx, opts):
-    """Kept ranked blocks per (batch, head, query) by loops: mean key of each run of block_size / pools_per_block
+    """Kept ranked blocks per (batch, head, query) by loops: mean key of each run of min(pool_size, block_size)
     positions, a block's logit the logsumexp of its runs', softmax over the blocks the query ranks, then the
     smallest prefix by mass that reaches the threshold."""
-    size, runs = opts.block_size, opts.pools_per_block
-    run_len, group = size // runs, query.shape[1] // key.shape[1]
+    size, run_len = opts.block_size, min(opts.pool_size, opts.block_size)
+    runs, group = size // run_len, query.shape[1] // key.shape[1]
     kept = set()
     for b in range(query.shape[0]):
         pos = ctx.key_pos[b, 0, 0]
@@ -116,19 +116,19 @@ def ranked_kept(ctx, selection, opts, heads):
     return kept
 
 
-@pytest.mark.parametrize("runs", [1, 2, 4])
-def test_choice_equals_brute_force_over_pooled_runs(runs):
+@pytest.mark.parametrize("pool", [1, 2, 4, 8])
+def test_choice_equals_brute_force_over_pooled_runs(pool):
     query, key, ctx = padded_problem(seed=3)
-    opts = MECHANISM.resolve_options(dict(block_size=4, threshold=0.7, pools_per_block=runs))
+    opts = MECHANISM.resolve_options(dict(block_size=4, threshold=0.7, pool_size=pool))
     chosen = ranked_kept(ctx, MECHANISM.select(query, key, ctx, opts), opts, query.shape[1])
     assert chosen == brute_force_blocks(query, key, ctx, opts)
     assert chosen  # something was ranked in
 
 
 def test_one_run_per_key_keeps_the_exact_mass_prefix():
-    """pools_per_block = block_size ranks blocks by their exact attention mass among the ranked blocks."""
+    """pool_size=1 ranks blocks by their exact attention mass among the ranked blocks."""
     query, key, ctx = padded_problem(seed=4)
-    opts = MECHANISM.resolve_options(dict(block_size=4, threshold=0.8, pools_per_block=4, sink_blocks=0))
+    opts = MECHANISM.resolve_options(dict(block_size=4, threshold=0.8, pool_size=1, sink_blocks=0))
     keep = dense_keep(ctx, MECHANISM.select(query, key, ctx, opts), query.shape[1])
     probs = torch.softmax((query @ key.repeat_interleave(2, 1).transpose(-1, -2) / 4).masked_fill(~ctx.visible, -torch.inf), -1)
     blocks = torch.where(ctx.key_pos >= 0, ctx.key_pos // 4, -1)
@@ -145,6 +145,6 @@ def test_one_run_per_key_keeps_the_exact_mass_prefix():
 
 def test_pools_must_divide_the_block():
     query, key, ctx = padded_problem()
-    opts = MECHANISM.resolve_options(dict(block_size=4, pools_per_block=3))
-    with pytest.raises(OptionError, match="pools_per_block.*got 3.*divide block_size=4"):
+    opts = MECHANISM.resolve_options(dict(block_size=6, pool_size=4))
+    with pytest.raises(OptionError, match="pool_size.*got 4.*divide block_size=6"):
         MECHANISM.select(query, key, ctx, opts)
