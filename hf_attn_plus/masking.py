@@ -174,6 +174,12 @@ def sees(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None = No
     return visible if window is None else visible & (query_pos - key_pos < window)
 
 
+def chunk_visible(ctx: AttentionContext, rows: slice) -> torch.Tensor:
+    """Visibility [B, 1, rows, kv] of one query chunk (with the model's restriction, if any)."""
+    visible = sees(ctx.query_pos[:, :, rows], ctx.key_pos, ctx.window)
+    return visible if ctx.restrict is None else visible & ctx.restrict[:, :, rows]
+
+
 def _run_of_real(key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(slot of the first real key, number of real keys, its position) per sequence of key_pos [B, kv]."""
     real = key_pos >= 0

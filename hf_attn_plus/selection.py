@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .masking import AttentionContext, sees
+from .masking import AttentionContext, chunk_visible
 from .structure import PositionRule
 
 
@@ -34,12 +34,6 @@ def all_rows(rows: slice, q_len: int) -> slice:
     """`rows` with its start and stop made explicit for q_len queries."""
     start, stop, _ = rows.indices(q_len)
     return slice(start, stop)
-
-
-def chunk_visible(ctx: AttentionContext, rows: slice) -> torch.Tensor:
-    """Visibility [B, 1, rows, kv] of one query chunk (with the model's restriction, if any)."""
-    visible = sees(ctx.query_pos[:, :, rows], ctx.key_pos, ctx.window)
-    return visible if ctx.restrict is None else visible & ctx.restrict[:, :, rows]
 
 
 def kept_indices(keep: torch.Tensor, width: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from .masking import AttentionContext, sees
+from .masking import AttentionContext, chunk_visible
 
 # A window at least this long covers any context: `PositionRule(window=EVERY)` is dense causal attention.
 EVERY = 2**62
@@ -105,8 +105,7 @@ def dense_keep(ctx: AttentionContext, selection: Selection, heads: int = 1, rows
             keep = keep | (blocks == edge_block(t, ctx.window, selection.block_size))
     if selection.tokens is not None:
         keep = keep | listed(lists_for(selection.tokens, rows), s, s.shape[-1])
-    visible = sees(t, s, ctx.window)
-    keep = keep & (visible if ctx.restrict is None else visible & ctx.restrict[:, :, rows])
+    keep = keep & chunk_visible(ctx, rows)
     return keep.expand(keep.shape[0], max(heads, keep.shape[1]), *keep.shape[2:])
 
 
@@ -124,7 +123,7 @@ def kept_pairs(ctx: AttentionContext, selection: Selection, heads: int) -> tuple
     for lo in range(0, q_len, step):
         rows = slice(lo, min(lo + step, q_len))
         kept += int(dense_keep(ctx, selection, heads, rows).sum())
-        visible += int(dense_keep(ctx, Selection(DENSE), 1, rows).sum()) * heads
+        visible += int(chunk_visible(ctx, rows).sum()) * heads
     return kept, visible
 
 
