@@ -73,6 +73,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         repeats=_given(args.repeats, sized.repeats),
         device=args.device,
         progress=not args.no_progress,
+        speed_lengths=args.speed_lengths,
         on_result=(lambda partial: Path(args.json).write_text(json.dumps(partial, indent=2))) if args.json else None,
     )
     env = report["environment"]
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", nargs="+", type=int,
                    help="context lengths for retrieval and speed; quality uses the longest (default: smollm2: 512; "
                         "else 128 256 512)")
+    p.add_argument("--speed-lengths", nargs="*", type=int, metavar="N",
+                   help="context lengths at which to time prefill and decode (default: --lengths; none given: no "
+                        "timing, for quality sweeps)")
     p.add_argument("--samples", type=int, help="windows of the longest length for quality (default 2)")
     p.add_argument("--decode-tokens", type=int,
                    help="cached decode steps (>= 2) for speed and decode agreement (default: smollm2: 8; else 16)")

@@ -5,7 +5,8 @@ dense (in the prefill, and over cached decode steps fed dense's greedy tokens), 
 error when fed the dense model's inputs (so errors do not compound and each layer is judged on its own). "Keys kept"
 is the share of the causal (query, key) pairs the selections keep, counted on the model's own queries and keys over
 the quality windows (a mass threshold keeps what the text makes it keep). Retrieval is a needle-in-a-haystack copy
-task over the context lengths. Speed and peak memory are measured for prefill and for cached decode at every length.
+task over the context lengths. Speed and peak memory are measured for prefill and for cached decode at every length
+(or at `speed_lengths`).
 """
 
 from __future__ import annotations
@@ -117,9 +118,13 @@ def _count_kept(counts: list[int], ctx: AttentionContext, selection: Selection, 
 def measured_fraction(spec: Spec, counts: Sequence[int], num_layers: int) -> float:
     """Kept share of visible pairs from counts over the selecting layers, with `dense_first` / `dense_last`
     layers (which do not select) counted whole."""
-    opts = get_mechanism(spec.name).resolve_options(spec.options)
+    return _with_dense_layers(get_mechanism(spec.name).resolve_options(spec.options), counts[0] / counts[1], num_layers)
+
+
+def _with_dense_layers(opts: Any, share: float, num_layers: int) -> float:
+    """The share over all layers when the `dense_first` + `dense_last` layers keep every pair and the rest `share`."""
     dense = opts.dense_first + opts.dense_last
-    return (dense + (num_layers - dense) * counts[0] / counts[1]) / num_layers
+    return (dense + (num_layers - dense) * share) / num_layers
 
 
 def kept_fraction(spec: Spec, length: int, num_layers: int | None = None) -> float | None:
@@ -138,10 +143,7 @@ def kept_fraction(spec: Spec, length: int, num_layers: int | None = None) -> flo
     visible = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
     ctx = build_context(visible)
     share = float(dense_keep(ctx, mechanism.select(query, key, ctx, opts)).sum() / visible.sum())
-    if num_layers is None:
-        return share
-    dense = opts.dense_first + opts.dense_last
-    return (dense + (num_layers - dense) * share) / num_layers
+    return share if num_layers is None else _with_dense_layers(opts, share, num_layers)
 
 
 # ---------------------------------------------------------------------------------------------------------- quality
@@ -275,10 +277,12 @@ def compare(
     device: str | torch.device = "cpu",
     progress: bool | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    speed_lengths: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Run every spec on the same windows of `subject.text`; returns the JSON-ready report (see module docstring).
     `on_result(report)` gets the report of the specs measured so far after each one (hours-long sweeps keep what
-    finished)."""
+    finished). `speed_lengths`: where to time prefill and decode (default `lengths`; empty: quality only, for
+    sweeps whose timing at full length would cost more than their quality passes)."""
     from tqdm.auto import tqdm
 
     if decode_tokens < 2:
@@ -286,6 +290,7 @@ def compare(
     device = torch.device(device)
     model = subject.model.to(device)
     lengths = sorted(set(lengths))
+    speed_lengths = lengths if speed_lengths is None else sorted(set(speed_lengths))
     quality_length = lengths[-1]
     stream = torch.tensor(subject.tokenizer(subject.text, add_special_tokens=False)["input_ids"])
     needed = (samples + 1) * quality_length
@@ -301,6 +306,7 @@ def compare(
 
     settings = {
         "lengths": lengths,
+        "speed_lengths": speed_lengths,
         "quality_length": quality_length,
         "samples": samples,
         "decode_tokens": decode_tokens,
@@ -310,7 +316,7 @@ def compare(
     }
     original = model.config._attn_implementation, model.config.hf_attn_plus
     results = []
-    steps = len(specs) * (2 + 2 * len(lengths))
+    steps = len(specs) * (2 + len(lengths) + len(speed_lengths))
     bar = tqdm(total=steps, desc="compare", disable=None if progress is None else not progress)  # None: on a tty
     try:
         for spec in specs:
@@ -351,6 +357,7 @@ def compare(
                 ids, answer = needles[n]
                 row["needle"][str(n)] = needle_score(model, ids.to(device), answer.to(device))
                 bar.update(1)
+            for n in speed_lengths:
                 row["speed"][str(n)] = speed(model, stream[:n][None].to(device), decode_tokens, repeats)
                 bar.update(1)
             results.append(row)
@@ -382,9 +389,10 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """A Markdown table: one row per spec, quality at the longest length, speed at the longest length."""
+    """A Markdown table: one row per spec, quality at the longest length, speed at the longest timed length (no
+    speed columns when nothing was timed)."""
     settings = report["settings"]
-    n = settings["quality_length"]
+    timed = settings.get("speed_lengths", settings["lengths"])  # reports written before speed_lengths existed
     head = [
         "attention",
         "keys kept",
@@ -394,13 +402,12 @@ def format_table(report: dict[str, Any]) -> str:
         "decode agree",
         "attn err (mean/max)",
         "needle " + "/".join(str(x) for x in settings["lengths"]),
-        f"prefill ms @{n}",
-        f"decode ms/tok @{n}",
-        f"prefill MB @{n}",
     ]
+    if timed:
+        n = timed[-1]
+        head += [f"prefill ms @{n}", f"decode ms/tok @{n}", f"prefill MB @{n}"]
     rows = []
     for r in report["results"]:
-        s = r["speed"][str(n)]
         errors = r["layer_error"]
         rows.append(
             [
@@ -412,11 +419,11 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r['decode_agreement']:.1%}",
                 f"{statistics.mean(errors):.3f}/{max(errors):.3f}",
                 "/".join(f"{r['needle'][str(x)]:.2f}" for x in settings["lengths"]),
-                f"{s['prefill_ms']:.1f}",
-                f"{s['decode_ms_per_token']:.2f}",
-                f"{s['prefill_peak_mb']:.1f}",
             ]
         )
+        if timed:
+            s = r["speed"][str(n)]
+            rows[-1] += [f"{s['prefill_ms']:.1f}", f"{s['decode_ms_per_token']:.2f}", f"{s['prefill_peak_mb']:.1f}"]
     return markdown_table(head, rows)
 
 

@@ -19,7 +19,7 @@ def plot_report(report: dict[str, Any], out: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     results = report["results"]
-    lengths = report["settings"]["lengths"]
+    timed = report["settings"].get("speed_lengths", report["settings"]["lengths"])
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     by_mechanism: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in results:
@@ -50,8 +50,8 @@ def plot_report(report: dict[str, Any], out: str | Path) -> Path:
         for mechanism, rows in sorted(by_mechanism.items()):
             for i, row in enumerate(rows):
                 ax.plot(
-                    lengths,
-                    [row["speed"][str(n)][key] for n in lengths],
+                    timed,
+                    [row["speed"][str(n)][key] for n in timed],
                     color=colour[mechanism],
                     linestyle=dashes[i % len(dashes)],
                     linewidth=2.5 if mechanism == "dense" else 1.5,

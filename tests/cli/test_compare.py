@@ -94,6 +94,22 @@ def test_compare_embedded_tiny_model_table_json_and_plot(tmp_path, capsys):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_speed_lengths_time_only_where_asked(tmp_path, capsys):
+    """Quality and needles at every length; timing only at --speed-lengths (none: no speed columns, no plot lines)."""
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    main(["compare", "tiny", "--mechanisms", NARROW, "--json", str(out_json), "--plot", str(out_png), *FAST,
+          "--speed-lengths"])
+    table = capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    assert report["settings"]["speed_lengths"] == []
+    assert all(r["speed"] == {} and set(r["needle"]) == {"64", "96"} for r in report["results"])
+    assert "needle 64/96" in table and "prefill ms" not in table
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    main(["compare", "tiny", "--mechanisms", NARROW, "--json", str(out_json), *FAST, "--speed-lengths", "32"])
+    assert "prefill ms @32" in capsys.readouterr().out
+    assert all(set(r["speed"]) == {"32"} for r in json.loads(out_json.read_text())["results"])
+
+
 def test_keys_kept_is_counted_on_the_models_own_selections(tmp_path):
     """A position rule keeps on the text what it keeps on random data; a mass threshold keeps what the model's
     queries and keys make it keep (all of it at threshold 1), and the row says it was measured."""
