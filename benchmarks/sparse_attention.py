@@ -197,7 +197,10 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
         reference = masked_attention(query, key, value, selected, scaling)[0]
         row[f"{prefix}_max_abs_diff_vs_reference"] = (stepped.float() - reference.float()).abs().max().item()
         summaries = layer.side[state_name]
-        step_chosen = block_topk.chosen_blocks(query, ctx, opts, summaries.bounds, quest_scores)
+        kmin, kmax = summaries.bounds
+        step_chosen = block_topk.chosen_blocks(
+            query, ctx, opts, kmin.shape[2], kv_heads, lambda queries: quest_scores(queries, kmin, kmax), kmin.shape[2]
+        )
         step_keys = key_set(ctx, Selection(block_topk.fixed_rule(opts), block_size=block, blocks=step_chosen))
         step_tiles = tiles_for(step_keys, heads, kv_heads, context, decode_rows(query, key), tile)
         step_bytes = attention_bytes(step_tiles, dim, itemsize) + 2 * kv_heads * num_blocks * dim * itemsize

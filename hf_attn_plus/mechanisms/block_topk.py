@@ -4,7 +4,12 @@ min and max of its keys, scored against the query by the upper bound sum_d max(q
 chooses for itself (`choose_per='head'`, Quest), or the heads of a GQA group share the blocks whose largest bound over
 the group's heads is best (`choose_per='group'`): one KV read of `budget` blocks then serves the whole group.
 
-Cached decode keeps the summaries as the layer's side state (patches/side_cache.py), so a step folds in only its new
+`score='mass'` ranks blocks by block_sparse's pooled estimate of their attention mass instead (mean keys of
+`pool_size`-key runs, hf_attn_plus/mass_estimate.py): the Quest bound answers "could this block hold a large
+logit", the mass estimate "how much attention does it draw", which is what the softmax over the kept blocks loses.
+With 16-token blocks and pool_size=8 it scores two vectors per block, as the bound does.
+
+Cached decode keeps the summaries (or the run means) as the layer's side state (patches/side_cache.py), so a step folds in only its new
 keys, and the kernel goes from the chosen blocks straight to the tiles they cover (no per-token mask): the work
 besides scoring the block summaries follows the budget, not the context.
 """
@@ -20,6 +25,7 @@ import torch
 from ..kernels.block_scoring import BlockSummaries, quest_scores
 from ..kernel_inputs import selection_kernel
 from ..masking import AttentionContext
+from ..mass_estimate import block_log_mass, pool_size_option, run_mean_keys, runs_per_block
 from ..options import choice_option, int_option
 from ..patches.side_cache import side_state
 from ..registry import Mechanism, register
@@ -52,20 +58,21 @@ def chosen_blocks(
     query: torch.Tensor,
     ctx: AttentionContext,
     opts: SimpleNamespace,
-    bounds: tuple[torch.Tensor, torch.Tensor],
-    block_scores: Callable[..., torch.Tensor],
+    num_blocks: int,
+    kv_heads: int,
+    chunk_scores: Callable[[torch.Tensor], torch.Tensor],
+    scored: int,
     rows: slice = slice(None),
 ) -> torch.Tensor:
     """The `budget` best-scoring seen blocks besides the sink and local ones for the queries of `rows`,
-    [B, Hq, rows, budget] block indices (-1 unused), scored chunk by chunk over queries."""
-    kmin, kmax = bounds
+    [B, Hq, rows, budget] block indices (-1 unused), scored chunk by chunk over queries: `chunk_scores(queries)`
+    [B, Hq, r, D] -> [B, Hq, r, num_blocks], scoring each query against `scored` vectors (which sizes the chunks)."""
     batch, q_heads, q_len, _ = query.shape
-    num_blocks = kmin.shape[2]
-    group = q_heads // kmin.shape[1] if opts.choose_per == "group" else 1
+    group = q_heads // kv_heads if opts.choose_per == "group" else 1
     lists = []
-    for rows in query_chunks(batch, q_heads, all_rows(rows, q_len), num_blocks):
-        scores = block_scores(query[:, :, rows], kmin, kmax)
-        if group > 1:  # one choice per KV group, by the largest bound any of its heads gives
+    for rows in query_chunks(batch, q_heads, all_rows(rows, q_len), scored):
+        scores = chunk_scores(query[:, :, rows])
+        if group > 1:  # one choice per KV group, by the largest score any of its heads gives
             scores = scores.unflatten(1, (-1, group)).amax(dim=2)
         fixed = fixed_blocks(ctx.query_pos[:, :, rows], num_blocks, opts.block_size, opts.sink_blocks, opts.local_blocks)
         candidates = chunk_seen_blocks(ctx, rows, num_blocks, opts.block_size) & ~fixed
@@ -89,13 +96,22 @@ def select(
     block_scores: Callable[..., torch.Tensor] = quest_block_scores,
 ) -> Selection:
     """`block_scores(query, kmin, kmax)`: the reference bound, or the Triton kernel computing the same bound."""
-    bounds = key_bounds(key, ctx, opts.block_size)
-    blocks = functools.partial(chosen_blocks, query, ctx, opts, bounds, block_scores)  # per query chunk, on demand
+    if opts.score == "mass":
+        runs = runs_per_block("block_topk", opts.block_size, opts.pool_size)
+        num_blocks = max(1, -(-int(ctx.key_end.max()) // opts.block_size))
+        mean_keys = run_mean_keys(key, ctx, opts.block_size, runs, num_blocks)
+        chunk_scores, scored = (lambda queries: block_log_mass(queries, mean_keys, runs)), num_blocks * runs
+    else:
+        kmin, kmax = key_bounds(key, ctx, opts.block_size)
+        num_blocks = kmin.shape[2]
+        chunk_scores, scored = (lambda queries: block_scores(queries, kmin, kmax)), num_blocks
+    # per query chunk, on demand
+    blocks = functools.partial(chosen_blocks, query, ctx, opts, num_blocks, key.shape[1], chunk_scores, scored)
     return Selection(fixed_rule(opts), block_size=opts.block_size, blocks=blocks)
 
 
-# Decode and prefill alike: Triton Quest scores, the chosen blocks as sorted lists, and the tile kernels reading only
-# the tiles those blocks (and the sink and local blocks of the rule) cover.
+# Decode and prefill alike: Triton Quest scores (score='mass': the estimate's matmul), the chosen blocks as sorted
+# lists, and the tile kernels reading only the tiles those blocks (and the sink and local blocks of the rule) cover.
 kernel = selection_kernel(select, block_scores=quest_scores)
 
 
@@ -112,6 +128,12 @@ MECHANISM = register(
             int_option("sink_blocks", 1, 0, "leading blocks always attended"),
             # >= 1: the query's own block holds keys from its future during prefill, so its bound must never decide.
             int_option("local_blocks", 1, 1, "the query's block and the ones before it, always attended"),
+            choice_option(
+                "score", "bound", ("bound", "mass"),
+                "how blocks are ranked: 'bound' = Quest's min/max upper bound of q·k, 'mass' = the pooled estimate "
+                "of the block's attention mass (block_sparse's, see pool_size)",
+            ),
+            pool_size_option(8),
             choice_option(
                 "choose_per", "head", ("head", "group"),
                 "'group': the query heads of a KV group share one choice (the max of their bounds), so a decode step "

@@ -1,11 +1,12 @@
-"""Block scoring for Quest-style selection: per-block key min/max summaries grown incrementally with the cache
-(summaries.py, plain PyTorch: a decode step touches only the new keys' blocks) and a Triton kernel scoring every
+"""Block scoring for Quest-style selection: per-block key min/max summaries and per-run mean keys (for the pooled
+mass estimate), grown incrementally with the cache (summaries.py, plain PyTorch: a decode step touches only the new
+keys' blocks) and a Triton kernel scoring every
 block for the query by the Quest bound (kernel.py). References: hf_attn_plus.selection.block_key_bounds and
 quest_block_scores; block_topk.chosen_blocks picks the best-scoring blocks from these scores."""
 
 import torch
 
-from .summaries import BlockSummaries
+from .summaries import BlockSummaries, RunMeans
 
 
 def quest_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
@@ -15,4 +16,4 @@ def quest_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) ->
     return quest_scores_kernel(query, kmin, kmax)
 
 
-__all__ = ["BlockSummaries", "quest_scores"]
+__all__ = ["BlockSummaries", "RunMeans", "quest_scores"]

@@ -1,5 +1,6 @@
-"""block_topk's block summaries persist in the KV cache (SideCacheLayer): decode folds only new keys, and beam
-search, sampling, batch edits, crop and reset give what an uncached recompute gives."""
+"""block_topk's block summaries (and the run means of the pooled mass estimate: block_sparse, block_topk
+score='mass') persist in the KV cache (SideCacheLayer): decode folds only new keys, and beam search, sampling, batch
+edits, crop and reset give what an uncached recompute gives."""
 
 import pytest
 import torch
@@ -8,12 +9,17 @@ from transformers import DynamicCache
 from hf_attn_plus.kernels.block_scoring import summaries as summaries_module
 from hf_attn_plus.mechanisms import block_topk
 from hf_attn_plus.patches.side_cache import SideCacheLayer
-from hf_attn_plus.selection import block_key_bounds
+from hf_attn_plus.selection import block_key_bounds, pooled_blocks
 
 from .models import SPARSE, left_pad, tiny_model, token_batch, with_mechanism
 
 OPTIONS = SPARSE["block_topk"]
 STATE = f"block_topk:block_size={OPTIONS['block_size']}"
+# Settings ranking blocks by the pooled mass estimate: two runs of 2 keys per 4-key block.
+MASS = {
+    "block_topk": {**OPTIONS, "score": "mass", "pool_size": 2},
+    "block_sparse": dict(block_size=4, threshold=0.6, pool_size=2),
+}
 
 
 def sparse_model(arch="llama", **extra):
@@ -79,6 +85,46 @@ def test_decode_folds_only_new_keys(monkeypatch):
     layers = model.config.num_hidden_layers
     assert folded == [ids.shape[1]] * layers + [1] * (5 * layers)
     assert_states_equal_recompute(out.past_key_values, torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], 1))
+
+
+@pytest.mark.parametrize("name", sorted(MASS))
+def test_run_means_fold_only_new_keys_and_equal_recompute(name, monkeypatch):
+    """Would fail if a decode step re-pooled every key, or if the folded means drifted from a recompute's."""
+    folded = []
+    extend = summaries_module.RunMeans.extend
+
+    def counted_extend(self, keys, key_pos):
+        folded.append(keys.shape[2])
+        extend(self, keys, key_pos)
+
+    monkeypatch.setattr(summaries_module.RunMeans, "extend", counted_extend)
+    model = with_mechanism(tiny_model("llama"), name, MASS[name])
+    ids, mask = padded_prompts()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    layers = model.config.num_hidden_layers
+    assert folded == [ids.shape[1]] * layers + [1] * (5 * layers)
+    mask = torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], 1)
+    runs = torch.where(mask.bool(), (mask.cumsum(-1) - 1) // 2, -1)
+    for layer in out.past_key_values.layers:
+        state = layer.side["run_means:run_size=2"]
+        num_runs = int(runs.max()) + 1
+        assert torch.equal(state.means(num_runs), pooled_blocks(layer.keys, runs, num_runs))
+    uncached = model.generate(ids, attention_mask=mask[:, : ids.shape[1]], max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(out.sequences, uncached)
+
+
+@pytest.mark.parametrize("name", sorted(MASS))
+def test_beam_search_with_run_means_equals_uncached(name):
+    model = with_mechanism(tiny_model("qwen3"), name, MASS[name])
+    ids, mask = padded_prompts()
+    runs = [
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=2, do_sample=False, use_cache=use_cache,
+                       output_scores=True, return_dict_in_generate=True)
+        for use_cache in (True, False)
+    ]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for cached, uncached in zip(runs[0].scores, runs[1].scores):
+        torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
 
 
 def test_batch_edits_map_side_states():
