@@ -104,22 +104,26 @@ def top_indices(scores: torch.Tensor, candidates: torch.Tensor, budget: int) -> 
 
 def top_positions(
     ctx: AttentionContext,
-    scores_of: Callable[[slice], torch.Tensor],
+    scores_of: Callable[[slice, slice], torch.Tensor],
     rule: PositionRule,
     budget: int,
     heads: int,
     rows: slice = slice(None),
 ) -> torch.Tensor:
     """Per query of `rows` and head, the real positions [B, H, rows, budget] (any order, -1 unused) of the `budget` visible keys
-    the rule does not keep that score highest (ties: most recent, as `top_scoring`); `scores_of(chunk)` gives one
-    query chunk's scores [B, H, chunk, kv] (`heads` sizes the chunks). Built chunk by chunk: at most one chunk's
-    scores exist at once."""
+    the rule does not keep that score highest (ties: most recent, as `top_scoring`); `scores_of(chunk, keys)` gives
+    one query chunk's scores [B, H, chunk, keys] against the key slots `keys` (`heads` sizes the chunks). Built chunk
+    by chunk: at most one chunk's scores exist at once, and only against the slots up to the chunk's last candidate
+    (a causal prefill chunk's future is never scored: half the scoring and top-k work on average)."""
     lists = []
     q_len, kv_len = ctx.query_pos.shape[2], ctx.key_pos.shape[-1]
     for rows in query_chunks(ctx.key_pos.shape[0], heads, all_rows(rows, q_len), kv_len):
-        scores = scores_of(rows)
-        index = top_indices(scores, chunk_candidates(ctx, rows, rule).expand_as(scores), budget)
-        key_pos = ctx.key_pos.expand(*index.shape[:-1], kv_len)
+        candidates = chunk_candidates(ctx, rows, rule)
+        seen = candidates.flatten(0, -2).any(0).nonzero()
+        keys = slice(0, int(seen.max()) + 1 if seen.numel() else 0)
+        scores = scores_of(rows, keys)
+        index = top_indices(scores, candidates[..., keys].expand_as(scores), budget)
+        key_pos = ctx.key_pos[..., keys].expand(*index.shape[:-1], keys.stop)
         lists.append(torch.where(index >= 0, key_pos.gather(-1, index.clamp(min=0)), -1))
     return stack_lists(lists)
 

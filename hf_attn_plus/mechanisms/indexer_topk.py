@@ -89,17 +89,17 @@ def fp32_indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head
     return indexer_scores(index_query.float(), index_key.float(), head_weights.float())
 
 
-def chunk_scores(index_inputs: IndexInputs, rows: slice) -> torch.Tensor:
-    """fp32 indexer scores [B, 1, rows, kv] of the queries of `rows`."""
+def chunk_scores(index_inputs: IndexInputs, rows: slice, keys: slice) -> torch.Tensor:
+    """fp32 indexer scores [B, 1, rows, keys] of the queries of `rows` against the key slots `keys`."""
     index_query, index_key, head_weights = index_inputs
-    return fp32_indexer_scores(index_query[:, :, rows], index_key, head_weights[:, :, rows])
+    return fp32_indexer_scores(index_query[:, :, rows], index_key[:, keys], head_weights[:, :, rows])
 
 
 def scored_selection(
-    ctx: AttentionContext, scores_of: Callable[[slice], torch.Tensor], heads: int, budget: int, sinks: int, window: int
+    ctx: AttentionContext, scores_of: Callable[[slice, slice], torch.Tensor], heads: int, budget: int, sinks: int, window: int
 ) -> Selection:
     """Sinks + window as a rule, and per query chunk (when the reference reaches it) the `budget` other visible keys
-    with the largest `scores_of(chunk)` ([B, 1|Hq, chunk, kv]; `heads` sizes the chunks) as token lists."""
+    with the largest `scores_of(chunk, keys)` ([B, 1|Hq, chunk, keys]; `heads` sizes the chunks) as token lists."""
     rule = PositionRule(sinks=sinks, window=window)
     return Selection(rule, tokens=functools.partial(top_positions, ctx, scores_of, rule, budget, heads))
 
@@ -107,7 +107,7 @@ def scored_selection(
 def select_by_scores(scores: torch.Tensor, ctx: AttentionContext, budget: int, sinks: int, window: int) -> torch.Tensor:
     """The selection of full scores [B, 1|Hq, q, kv] as a dense keep mask: the oracle the indexer kernel is checked
     against (kernels/indexer_topk/reference.py) and tests; O(q * kv), never on the attention path."""
-    selection = scored_selection(ctx, lambda rows: scores[:, :, rows], scores.shape[1], budget, sinks, window)
+    selection = scored_selection(ctx, lambda rows, keys: scores[:, :, rows, keys], scores.shape[1], budget, sinks, window)
     return dense_keep(ctx, selection, scores.shape[1])
 
 

@@ -21,7 +21,10 @@ def select(query: torch.Tensor, key: torch.Tensor, ctx: AttentionContext, opts: 
     rule = PositionRule(sinks=opts.sinks, window=opts.window)
 
     def tokens(rows: slice) -> torch.Tensor:  # per query chunk, when the reference reaches it
-        return top_positions(ctx, lambda chunk: grouped_scores(query[:, :, chunk], key), rule, opts.budget, query.shape[1], rows)
+        def scores_of(chunk: slice, keys: slice) -> torch.Tensor:
+            return grouped_scores(query[:, :, chunk], key[:, :, keys])
+
+        return top_positions(ctx, scores_of, rule, opts.budget, query.shape[1], rows)
 
     return Selection(rule, tokens=tokens)
 
