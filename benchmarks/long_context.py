@@ -40,9 +40,12 @@ Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 SETTINGS = {
     "sliding_window": dict(window=1024, sinks=4),
     "dilated": dict(window=1024, dilation=16),
-    "block_topk": dict(block_size=64, budget=30, sink_blocks=1, local_blocks=1),  # 32 blocks = 2048 keys
+    # Quest's bound (one min/max pair per block): 32 blocks = 2048 keys
+    "block_topk": dict(block_size=64, budget=30, sink_blocks=1, local_blocks=1, score="bound"),
     # the heads of a GQA group share their blocks: one KV read of 2048 keys serves the group's 3 query heads
-    "block_topk/group": dict(block_size=64, budget=30, sink_blocks=1, local_blocks=1, choose_per="group"),
+    "block_topk/group": dict(block_size=64, budget=30, sink_blocks=1, local_blocks=1, choose_per="group", score="bound"),
+    # the default score, the pooled mass estimate over 4-key runs (16 mean keys per 64-token block)
+    "block_topk/mass": dict(block_size=64, budget=30, sink_blocks=1, local_blocks=1, score="mass", pool_size=4),
     "topk": dict(budget=1024, window=64, sinks=4),
     "block_sparse": dict(block_size=64, threshold=0.9),
 }

@@ -21,7 +21,7 @@ from pathlib import Path
 SETTINGS = {
     "sdpa": {},
     "sliding_window": dict(window=1024, sinks=4),
-    "block_topk": dict(block_size=64, budget=14, sink_blocks=1, local_blocks=1),  # 16 blocks = 1024 keys
+    "block_topk": dict(block_size=64, budget=14, sink_blocks=1, local_blocks=1, score="bound"),  # 16 blocks = 1024 keys
     "topk": dict(budget=512, window=256, sinks=4),
 }
 

@@ -29,16 +29,19 @@ THRESHOLDS = (0.9,)
 
 
 def settings(
-    length: int, shares: Sequence[float], thresholds: Sequence[float], block_size: int, pool: int, decode_regime: bool
+    length: int, shares: Sequence[float], thresholds: Sequence[float], block_size: int, pool: int, decode_regime: bool,
+    block_score: str = "mass", block_pool: int = 4,
 ) -> list[str]:
     # Most informative first: a sweep stopped early (compare writes its JSON after every setting) keeps these.
     specs, dilated = [], []
+    scored = f",score=mass,pool_size={block_pool}" if block_score == "mass" else ",score=bound"
     for share in shares:
         keys = int(share * length)
         half = keys // 2
         specs += [
             f"topk:budget={keys - 68},window=64,sinks=4",
-            f"block_topk:block_size={block_size},budget={max(1, keys // block_size - 2)},sink_blocks=1,local_blocks=1",
+            f"block_topk:block_size={block_size},budget={max(1, keys // block_size - 2)},sink_blocks=1,local_blocks=1"
+            + scored,
             f"sliding_window:window={keys - 4},sinks=4",
         ]
         dilated.append(f"dilated:window={half},dilation={max(1, math.ceil((length - half) / half))}")
@@ -47,8 +50,8 @@ def settings(
         keys = int(0.10 * length)
         specs += [
             f"topk:budget={keys - 68},window=64,sinks=4,apply_to=decode",
-            f"block_topk:block_size={block_size},budget={keys // block_size - 2},sink_blocks=1,local_blocks=1,"
-            "apply_to=decode",
+            f"block_topk:block_size={block_size},budget={keys // block_size - 2},sink_blocks=1,local_blocks=1"
+            + scored + ",apply_to=decode",
         ]
     return specs
 
@@ -82,6 +85,8 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="*", default=THRESHOLDS, help="block_sparse mass thresholds")
     parser.add_argument("--block-size", type=int, default=16, help="block_topk's block size (tokens)")
     parser.add_argument("--pool-size", type=int, default=8, help="block_sparse's pool_size (keys per mean key)")
+    parser.add_argument("--block-score", default="mass", choices=("mass", "bound"), help="block_topk's score")
+    parser.add_argument("--block-pool", type=int, default=4, help="block_topk's pool_size with --block-score mass")
     parser.add_argument(
         "--no-decode-regime", dest="decode_regime", action="store_false",
         help="leave out the apply_to='decode' settings (prefill dense) at 10 %%",
@@ -94,7 +99,10 @@ def main() -> None:
     if args.merge:
         print(merge(args.merge, args.out))
         return
-    specs = settings(args.length, args.shares, args.thresholds, args.block_size, args.pool_size, args.decode_regime)
+    specs = settings(
+        args.length, args.shares, args.thresholds, args.block_size, args.pool_size, args.decode_regime,
+        args.block_score, args.block_pool,
+    )
     if args.only:
         specs = [s for s in specs if s.split(":")[0] in args.only]
         if not specs:

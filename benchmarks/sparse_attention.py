@@ -181,7 +181,7 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
     state_name = f"block_topk:block_size={block}"
     for choose_per, prefix in (("head", "step"), ("group", "group_step")):
         opts = mechanism.resolve_options(
-            dict(block_size=block, budget=max(1, budget // block - 2), backend="kernel", choose_per=choose_per)
+            dict(block_size=block, budget=max(1, budget // block - 2), backend="kernel", choose_per=choose_per, score="bound")
         )
 
         def decode_step():
@@ -209,7 +209,7 @@ def decode_case(cfg, context: int, budget: int, device, flex) -> dict:
         row[f"{prefix}_GBps"] = step_bytes / row[f"{prefix}_ms"] / 1e6
     # The per-head step without the side cache: block bounds recomputed from every key (the recompute path).
     recompute_ctx = build_context(ctx.visible)
-    opts = mechanism.resolve_options(dict(block_size=block, budget=max(1, budget // block - 2), backend="kernel"))
+    opts = mechanism.resolve_options(dict(block_size=block, budget=max(1, budget // block - 2), backend="kernel", score="bound"))
     row["recompute_step_ms"] = milliseconds(lambda: mechanism.kernel(query, key, value, recompute_ctx, opts, scaling), device)
     row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["step_ms"]
     row["group_speedup_vs_sdpa"] = row["sdpa_ms"] / row["group_step_ms"]

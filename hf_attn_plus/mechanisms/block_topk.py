@@ -1,17 +1,21 @@
-"""block_topk (Quest): keys form blocks of `block_size` by position; each block is summarised by the elementwise
-min and max of its keys, scored against the query by the upper bound sum_d max(q_d*min_d, q_d*max_d), and the top
-`budget` blocks (besides `sink_blocks` leading and `local_blocks` trailing ones) are attended exactly. Each query head
-chooses for itself (`choose_per='head'`, Quest), or the heads of a GQA group share the blocks whose largest bound over
-the group's heads is best (`choose_per='group'`): one KV read of `budget` blocks then serves the whole group.
+"""block_topk (Quest-style block selection): keys form blocks of `block_size` by position; every block the query
+sees is scored, and the top `budget` blocks (besides `sink_blocks` leading and `local_blocks` trailing ones) are
+attended exactly. Each query head chooses for itself (`choose_per='head'`, Quest), or the heads of a GQA group share
+the blocks whose largest score over the group's heads is best (`choose_per='group'`): one KV read of `budget` blocks
+then serves the whole group.
 
-`score='mass'` ranks blocks by block_sparse's pooled estimate of their attention mass instead (mean keys of
-`pool_size`-key runs, hf_attn_plus/mass_estimate.py): the Quest bound answers "could this block hold a large
-logit", the mass estimate "how much attention does it draw", which is what the softmax over the kept blocks loses.
-With 16-token blocks and pool_size=8 it scores two vectors per block, as the bound does.
+The score: `score='mass'` (default) is block_sparse's pooled estimate of the block's attention mass (mean keys of
+`pool_size`-key runs, hf_attn_plus/mass_estimate.py); `score='bound'` is Quest's: each block summarised by the
+elementwise min and max of its keys and scored by the upper bound sum_d max(q_d*min_d, q_d*max_d). The bound asks
+"could this block hold one large logit", the estimate "how much attention does it draw", which is what dropping a
+block loses. SmolLM2 at 4k, 10 % of the keys in 16-token blocks (docs/block_topk_score_4k.md): the bound +5.2 %
+perplexity and the needle lost at some depths; 8-key runs (two vectors per block, the bound's scoring cost) +3.1 %;
+4-key runs (the default) +1.7 % with every needle, for 28 % more prefill time than the bound at 2k on CPU; exact
+mass (pool_size=1) +1.0 %.
 
-Cached decode keeps the summaries (or the run means) as the layer's side state (patches/side_cache.py), so a step folds in only its new
-keys, and the kernel goes from the chosen blocks straight to the tiles they cover (no per-token mask): the work
-besides scoring the block summaries follows the budget, not the context.
+Cached decode keeps the summaries (or the run means) as the layer's side state (patches/side_cache.py), so a step
+folds in only its new keys, and the kernel goes from the chosen blocks straight to the tiles they cover (no
+per-token mask): the work besides scoring the blocks follows the budget, not the context.
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ MECHANISM = register(
     Mechanism(
         name="block_topk",
         family="sparse",
-        summary="Quest: top blocks by min/max key bound + sink and local blocks",
+        summary="top blocks by estimated attention mass (or Quest's min/max bound) + sink and local blocks",
         options=(
             # Quest's 16-token pages: on SmolLM2 at 2k-4k, 64-token blocks at the same share of keys lost 5x more
             # perplexity (docs/sweep_smollm2_4k_10pct.md); 64 x 16 = 1024 keys chosen, as sliding_window's default.
@@ -129,11 +133,12 @@ MECHANISM = register(
             # >= 1: the query's own block holds keys from its future during prefill, so its bound must never decide.
             int_option("local_blocks", 1, 1, "the query's block and the ones before it, always attended"),
             choice_option(
-                "score", "bound", ("bound", "mass"),
-                "how blocks are ranked: 'bound' = Quest's min/max upper bound of q·k, 'mass' = the pooled estimate "
-                "of the block's attention mass (block_sparse's, see pool_size)",
+                "score", "mass", ("mass", "bound"),
+                "how blocks are ranked: 'mass' = the pooled estimate of the block's attention mass (block_sparse's, "
+                "see pool_size), 'bound' = Quest's min/max upper bound of q·k (its Triton scoring kernel)",
             ),
-            pool_size_option(8),
+            # 4-key runs: on SmolLM2 at 4k / 10 % of keys, +1.7 % perplexity vs +3.1 % (8) and +1.0 % (exact, 1).
+            pool_size_option(4),
             choice_option(
                 "choose_per", "head", ("head", "group"),
                 "'group': the query heads of a KV group share one choice (the max of their bounds), so a decode step "

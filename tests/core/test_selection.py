@@ -57,9 +57,9 @@ def top(candidates, budget, value):
 CASES = {
     "sliding_window": dict(window=4, sinks=2),
     "topk": dict(budget=3, sinks=1, window=2),
-    "block_topk": dict(block_size=3, budget=2, sink_blocks=1, local_blocks=1),
-    "block_topk/group": dict(block_size=3, budget=2, sink_blocks=1, local_blocks=1, choose_per="group"),
-    "block_topk/mass": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1, score="mass", pool_size=2),
+    "block_topk/bound": dict(block_size=3, budget=2, sink_blocks=1, local_blocks=1, score="bound"),
+    "block_topk/bound-group": dict(block_size=3, budget=2, sink_blocks=1, local_blocks=1, score="bound", choose_per="group"),
+    "block_topk": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1, pool_size=2),  # default score: mass
     "block_topk/mass-group": dict(block_size=4, budget=1, sink_blocks=0, local_blocks=1, score="mass", pool_size=1,
                                   choose_per="group"),
     "dilated": dict(dilation=3, window=2),
@@ -85,7 +85,7 @@ def rule_for(name, opts, query, key):
         def head_bound(head, blk):
             keys = kv[members[blk]]
             q = query[b, head, i]
-            if opts.get("score") == "mass":  # logsumexp over the block's runs of q·(mean key of the run) / sqrt(D)
+            if opts.get("score", "mass") == "mass":  # logsumexp over the block's runs of q·(mean key of the run) / sqrt(D)
                 runs = keys.split(min(opts["pool_size"], size))
                 logits = torch.stack([q @ run.mean(0) for run in runs]) / q.shape[-1] ** 0.5
                 return float(torch.logsumexp(logits, 0))

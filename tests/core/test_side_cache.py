@@ -13,7 +13,7 @@ from hf_attn_plus.selection import block_key_bounds, pooled_blocks
 
 from .models import SPARSE, left_pad, tiny_model, token_batch, with_mechanism
 
-OPTIONS = SPARSE["block_topk"]
+OPTIONS = {**SPARSE["block_topk"], "score": "bound"}  # Quest's block summaries
 STATE = f"block_topk:block_size={OPTIONS['block_size']}"
 # Settings ranking blocks by the pooled mass estimate: two runs of 2 keys per 4-key block.
 MASS = {

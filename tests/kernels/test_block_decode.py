@@ -32,7 +32,8 @@ def decode_context(kv_len, q_len, pads):
 
 
 def options(**overrides):
-    return block_topk.MECHANISM.resolve_options(dict(dict(budget=2, sink_blocks=1, local_blocks=1), **overrides))
+    defaults = dict(budget=2, sink_blocks=1, local_blocks=1, score="bound")  # Quest's bound: the scoring kernel
+    return block_topk.MECHANISM.resolve_options({**defaults, **overrides})
 
 
 # (q_heads, kv_heads, q_len, kv_len, head_dim, v_dim, dtype, block_size)
@@ -106,7 +107,7 @@ def test_model_decode_equals_reference_backend(arch):
     kernel) gives the reference backend's logits and tokens; the prompt is prefilled once, by the reference."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation="sdpa").eval()
-    options = dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1)
+    options = dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1, score="bound")
     hf_attn_plus.set_attention(model, "block_topk", backend="reference", **options)
     ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
