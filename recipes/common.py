@@ -93,7 +93,12 @@ class LongContextSection:
 @dataclasses.dataclass
 class HeadBudgetSection:
     min_budget: float = 0.25  # each training step samples a budget in [min_budget, 1]
-    cost_weight: float = 1.0  # adds cost_weight * relu(expected cost - budget): the share of heads kept over budget
+    cost_weight: float = 1.0  # adds cost_weight * relu(expected cost - budget): the share of heads computed over budget
+    # The hard-concrete relaxation's logistic scale (x (1 - b)): without it the share of heads computed has no gradient.
+    gate_noise: float = 0.5
+    # Peak learning rate of the gates (no weight decay): at the LoRA rate (1e-3) 100 Adam steps move a steepness by
+    # about 0.1, too little to switch a head off (it takes ~1.3 at budget 0.5).
+    gate_lr: float = 0.05
 
 
 @dataclasses.dataclass
@@ -378,7 +383,9 @@ def train(
     trainable = [p for p in objective.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the objective has no trainable parameters")
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    # An objective may split its parameters into groups with their own peak learning rate (`peak_lr`) and decay.
+    groups = objective.parameter_groups(trainable) if hasattr(objective, "parameter_groups") else [{"params": trainable}]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -414,7 +421,7 @@ def train(
         if begin_step is not None:
             begin_step(step)
         for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(step, t.steps, t.warmup_steps, t.lr)
+            group["lr"] = warmup_cosine(step, t.steps, t.warmup_steps, group.get("peak_lr", t.lr))
         rows = global_batch(step, len(train_blocks), t.batch_size, t.seed)[accelerator.process_index :: world]
         micro_batches = train_blocks[rows].to(accelerator.device).chunk(t.grad_accum)
         step_loss = torch.zeros((), device=accelerator.device)

@@ -8,7 +8,8 @@ of `hf-attn-plus compare`: a 5-digit number planted at 10 %, 50 % and 90 % of a 
 `model` (in the config or `--set model=...`) is a saved model (e.g. a recipe's `final` or `merged`); `--adapter`
 loads a PEFT adapter onto it first (`hf_attn_plus.adapters.load_adapter`, so adapter copies of plugin weights load
 too). The held-out blocks are the recipes' (`data.*`: every 10th document, never trained on). For `head_budget` each
-row also gives the mean gate (the cost trained against) and the share of heads computed (gate > 0).
+row also gives the mean gate, the share of heads on (gate > 0) and the share of heads computed (a KV group runs when
+one of its heads is on: the cost the recipe trains against).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from common import dense_teacher, load_config, load_corpus, load_model, perplexi
 
 from hf_attn_plus.adapters import load_adapter
 from hf_attn_plus.compare import NEEDLE_DEPTHS, needle_batch, needle_score
-from hf_attn_plus.mechanisms.head_budget import head_gates
+from hf_attn_plus.mechanisms.head_budget import expected_cost, head_gates
 
 
 def parse_grid(text: str | None) -> tuple[str | None, list[Any]]:
@@ -81,9 +82,11 @@ def main() -> dict[str, Any]:
         with torch.no_grad():
             row = {"options": options, **measure()}
             if cfg.mechanism == "head_budget":
-                gates = head_gates(model, float(options.get("budget", 1.0)))
-                # The mean gate is the cost the recipe trains against; only heads at gate 0 are not computed.
-                row["mean gate"], row["heads computed"] = float(gates.mean()), float((gates > 0).float().mean())
+                budget = float(options.get("budget", 1.0))
+                gates = head_gates(model, budget)
+                # A KV group runs when one of its heads is on, so heads computed >= heads on (gate > 0).
+                row["mean gate"], row["heads on"] = float(gates.mean()), float((gates > 0).float().mean())
+                row["heads computed"] = float(expected_cost(model, budget))
         rows.append(row)
         accelerator.print(f"{cfg.mechanism} {options}: {row}")
     report = {

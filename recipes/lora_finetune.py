@@ -9,7 +9,9 @@ Saves the adapter to output_dir/final (load it with `PeftModel.from_pretrained` 
 
 `head_budget` learns its gates (PEFT `modules_to_save` on `attn_plus`) the Budgeted-Attention way: every step
 samples a budget b in [head_budget.min_budget, 1] from the step (so a resumed run repeats it), runs the model at b,
-and adds head_budget.cost_weight * relu(expected_cost(b) - b) to the loss; evaluation runs at `options.budget`.
+and adds head_budget.cost_weight * relu(expected_cost(b) - b) to the loss, where the cost is the expected share of
+heads computed under the hard-concrete relaxation (`head_budget.gate_noise`); the gates train at their own rate
+(`head_budget.gate_lr`); evaluation runs the exact gates at `options.budget`.
 `stochastic_routing` with `resample: true` draws its graph from the step (`set_step`).
 """
 
@@ -22,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from hf_attn_plus.mechanisms.head_budget import expected_cost
+from hf_attn_plus.mechanisms.head_budget import expected_cost, set_gate_noise
 from hf_attn_plus.mechanisms.stochastic_routing import set_step
 from hf_attn_plus.selection import counter_uniform
 
 from common import (
+    HeadBudgetSection,
     RecipeConfig,
     dense_teacher,
     load_corpus,
@@ -68,11 +71,19 @@ class NextTokenObjective(torch.nn.Module):
 class BudgetObjective(NextTokenObjective):
     """head_budget: the next-token objective at a budget sampled per step, plus the cost of the heads kept over it."""
 
-    def __init__(self, model: torch.nn.Module, kl_weight: float, temperature: float, min_budget: float,
-                 cost_weight: float, seed: int) -> None:
+    def __init__(self, model: torch.nn.Module, kl_weight: float, temperature: float, budget: HeadBudgetSection,
+                 seed: int) -> None:
         super().__init__(model, kl_weight, temperature)
-        self.min_budget, self.cost_weight, self.seed = min_budget, cost_weight, seed
+        self.min_budget, self.cost_weight, self.gate_lr, self.seed = budget.min_budget, budget.cost_weight, budget.gate_lr, seed
         self.budget = 1.0
+        set_gate_noise(model, budget.gate_noise)  # only acts in training mode: evaluation sees the exact gates
+
+    def parameter_groups(self, trainable: list[torch.nn.Parameter]) -> list[dict]:
+        gates = {id(p) for name, p in self.named_parameters() if name.endswith(".steepness")}
+        return [
+            {"params": [p for p in trainable if id(p) not in gates]},
+            {"params": [p for p in trainable if id(p) in gates], "peak_lr": self.gate_lr, "weight_decay": 0.0},
+        ]
 
     def set_budget(self, budget: float) -> None:
         self.budget = budget
@@ -121,10 +132,7 @@ def finetune(cfg: RecipeConfig, long_context: bool = False) -> dict:
         return {f"ppl@{n}": perplexity(accelerator, objective.model, blocks) for n, blocks in eval_sets.items()}
 
     if cfg.mechanism == "head_budget":
-        budget = cfg.head_budget
-        objective = BudgetObjective(
-            model, lora.kl_weight, lora.kl_temperature, budget.min_budget, budget.cost_weight, cfg.train.seed
-        )
+        objective = BudgetObjective(model, lora.kl_weight, lora.kl_temperature, cfg.head_budget, cfg.train.seed)
     else:
         objective = NextTokenObjective(model, lora.kl_weight, lora.kl_temperature)
     log = train(cfg, accelerator, objective, train_blocks, evaluate)

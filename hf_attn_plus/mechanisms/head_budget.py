@@ -9,6 +9,13 @@ around any mechanism (`inner` with `inner_options`; 'dense' by default):
 theta (one per query head and layer, `attn_plus.steepness`; softplus(theta) = 1 at initialisation, i.e. g = b) is
 learned by the recipes: the language-modelling loss at sampled budgets plus a cost term `expected_cost(model, b)`.
 
+What a head costs is whether it runs, not how much its output is scaled, so the cost counts heads computed. That count
+has no gradient, so training relaxes it the hard-concrete way (Louizos et al. 2018, L0 gates; Voita et al. 2019 for
+attention heads): with `set_gate_noise(model, s)` and the model in training mode, each KV group's pre-activation
+1 - (1 - b) * softplus(theta_h) gets one logistic draw of scale s * (1 - b), shared by the group's heads, before the
+clamp. A group then runs with probability sigmoid(max_h pre_h / (s * (1 - b))), which is differentiable, and the forward
+sees groups switched fully off. Evaluation (and s = 0) is deterministic: exactly the formula above.
+
 Heads with g = 0 output zeros. A KV group whose query heads are all off is not computed: the inner mechanism runs on
 the other groups' heads only (told their model indices, so per-head random draws do not change). Gathering those
 heads copies their K/V, so in memory-bound decode the saving is smaller than the share of heads skipped.
@@ -55,6 +62,8 @@ class HeadGateWeights(MechanismWeights):
     def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
         super().__init__(shape, opts, layer_idx)
         self.steepness = nn.Parameter(torch.empty(shape.q_heads))
+        self.kv_heads = shape.kv_heads
+        self.gate_noise = 0.0  # the training relaxation's scale (set_gate_noise); not a weight, never saved
         inner_weights = weights_class(opts.inner)
         inner_opts = None if inner_weights is None else delegate("head_budget", opts.inner, opts.inner_options)[1]
         self.inner = None if inner_weights is None else inner_weights(shape, inner_opts, layer_idx)
@@ -72,12 +81,32 @@ class HeadGateWeights(MechanismWeights):
     def reset_parameters(self) -> None:
         self.steepness.fill_(math.log(math.e - 1))  # softplus = 1: every gate starts at g = b
 
-    def forward(self, budget: float | None, *inner_args: Any) -> Any:
-        """g_h(budget), [Hq]; with budget None, the inner weights' forward(*inner_args), so that adapters PEFT wrapped
-        around the whole `attn_plus` (modules_to_save) reach the inner weights too."""
+    def forward(self, budget: float | None, *inner_args: Any, open_probability: bool = False) -> Any:
+        """g_h(budget), [Hq] (with `open_probability`, P(each KV group runs), [Hkv]); with budget None, the inner
+        weights' forward(*inner_args). Everything goes through forward so that adapters PEFT wrapped around the whole
+        `attn_plus` (modules_to_save) answer with their trained copy."""
         if budget is None:
             return self.inner(*inner_args)
-        return (1 - (1 - budget) * F.softplus(self.steepness)).clamp(0.0, 1.0)
+        if open_probability:
+            return self.group_open_probability(budget)
+        pre = self.pre_activation(budget)
+        if self.training and self.gate_noise > 0 and budget < 1:
+            u = torch.rand(self.kv_heads, 1, device=pre.device).clamp(1e-6, 1 - 1e-6)
+            draw = (u.log() - (-u).log1p()) * (self.gate_noise * (1 - budget))  # logistic, one per KV group
+            pre = (pre.view(self.kv_heads, -1) + draw).flatten()
+        return pre.clamp(0.0, 1.0)
+
+    def pre_activation(self, budget: float) -> torch.Tensor:
+        return 1 - (1 - budget) * F.softplus(self.steepness)
+
+    def group_open_probability(self, budget: float) -> torch.Tensor:
+        """P(a KV group runs) at `budget`, [Hkv]: under the training relaxation sigmoid(max pre / scale), otherwise
+        0 or 1 (a group runs when one of its gates is above 0)."""
+        widest = self.pre_activation(budget).view(self.kv_heads, -1).amax(dim=1)
+        scale = self.gate_noise * (1 - budget)
+        if scale <= 0:
+            return (widest > 0).to(widest.dtype)
+        return torch.sigmoid(widest / scale)
 
 
 class InnerWeights:
@@ -142,20 +171,34 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
 
 
 def expected_cost(model: nn.Module, budget: float) -> torch.Tensor:
-    """Mean gate over heads and layers at `budget` (differentiable): the share of heads' attention still computed."""
-    return head_gates(model, budget).mean()
+    """Expected share of query heads computed at `budget`, over layers: a KV group's heads all run or none does, so
+    this is the mean over groups of P(group runs). Differentiable under the training relaxation (set_gate_noise);
+    with no noise, the share the deterministic gates compute. An inner mechanism with weights runs every head (only
+    zeroing gated-off ones): there the share is of heads kept, not of compute saved."""
+    return torch.cat([gates(budget, open_probability=True) for gates in _gate_weights(model)]).mean()
 
 
 def head_gates(model: nn.Module, budget: float) -> torch.Tensor:
-    """Every layer's gates at `budget`, concatenated. Gates are read through each layer's `attn_plus`, so an
-    adapter's trained copy (modules_to_save) is the one used."""
-    gates = [
-        m.attn_plus(budget) for m in model.modules()
-        if isinstance(unwrapped(getattr(m, "attn_plus", None)), HeadGateWeights)
-    ]
-    if not gates:
+    """Every layer's gates at `budget`, concatenated."""
+    return torch.cat([gates(budget) for gates in _gate_weights(model)])
+
+
+def set_gate_noise(model: nn.Module, scale: float) -> None:
+    """The training relaxation's logistic scale on every layer's gates (0 = deterministic gates in training too)."""
+    if scale < 0:
+        raise ValueError(f"gate noise scale got {scale}; allowed: a number >= 0")
+    for gates in model.modules():
+        if isinstance(gates, HeadGateWeights):  # the adapter's trained copies (modules_to_save) too
+            gates.gate_noise = float(scale)
+
+
+def _gate_weights(model: nn.Module) -> list[nn.Module]:
+    """Each layer's `attn_plus` holding gates, to be called (not read), so an adapter's trained copy (PEFT
+    modules_to_save) is the one that answers."""
+    found = [m.attn_plus for m in model.modules() if isinstance(unwrapped(getattr(m, "attn_plus", None)), HeadGateWeights)]
+    if not found:
         raise ValueError("the model has no head_budget gates: load it with attn_implementation 'hf_attn_plus:head_budget'")
-    return torch.cat(gates)
+    return found
 
 
 MECHANISM = register(

@@ -87,6 +87,33 @@ def test_head_budget_gates_learn_at_sampled_budgets(tiny_teacher: Path, tmp_path
     assert any(not torch.allclose(after, before) for after, before in zip(trained, untrained))
 
 
+def test_head_budget_gates_train_at_their_own_rate_with_the_relaxation_on_the_trained_copies() -> None:
+    """The gates (PEFT's trained copies of `attn_plus`) form their own optimizer group at head_budget.gate_lr without
+    weight decay, everything else trains at train.lr; the hard-concrete noise is set on the copies that run."""
+    from common import HeadBudgetSection
+    from lora_finetune import BudgetObjective
+    from peft import LoraConfig, get_peft_model
+
+    from hf_attn_plus.mechanisms.head_budget import HeadGateWeights
+    from hf_attn_plus.tiny import tiny_config
+
+    config = tiny_config("llama", hf_attn_plus=dict(budget=0.5, inner="sliding_window", inner_options={"window": 8}))
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="hf_attn_plus:head_budget")
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["attn_plus"]))
+    objective = BudgetObjective(model, 0.0, 1.0, HeadBudgetSection(gate_noise=0.7, gate_lr=0.3), seed=0)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    rest, gates = objective.parameter_groups(trainable)
+    copies = [m for name, m in model.named_modules() if isinstance(m, HeadGateWeights) and "modules_to_save" in name]
+    assert copies and {id(p) for p in gates["params"]} == {id(m.steepness) for m in copies}
+    assert gates["peak_lr"] == 0.3 and gates["weight_decay"] == 0.0 and "peak_lr" not in rest
+    assert len(rest["params"]) + len(gates["params"]) == len(trainable)
+    assert all("lora_" in name for name, p in model.named_parameters() if any(p is q for q in rest["params"]))
+    assert all(m.gate_noise == 0.7 for m in copies)
+    model.train()
+    attn_plus = model.base_model.model.model.layers[0].self_attn.attn_plus
+    assert not torch.equal(attn_plus(0.5), attn_plus(0.5))  # the copy that runs draws its noise
+
+
 def test_two_processes_follow_the_one_process_trajectory(run: tuple[dict, Path], tiny_teacher: Path, tmp_path: Path) -> None:
     """DDP on 2 gloo processes (LoRA + KL to the dense teacher): same losses and same trained adapter as 1 process;
     only the float reduction order differs."""

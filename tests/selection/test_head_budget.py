@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_attn_plus
 from core.models import token_batch
-from hf_attn_plus.mechanisms.head_budget import HeadGateWeights, expected_cost
+from hf_attn_plus.mechanisms.head_budget import HeadGateWeights, expected_cost, head_gates, set_gate_noise
 from hf_attn_plus.tiny import tiny_config
 
 from .selection_helpers import causal_context, logits
@@ -63,6 +63,55 @@ def test_gates_learn_from_the_loss_and_the_cost(tmp_path):
     for again, original in zip((m.steepness for m in loaded.modules() if isinstance(m, HeadGateWeights)), steepness):
         assert torch.equal(again, original)
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids))
+
+
+def layer_gates(model) -> list[HeadGateWeights]:
+    return [m for m in model.modules() if isinstance(m, HeadGateWeights)]
+
+
+def test_without_noise_the_cost_is_the_share_of_heads_computed():
+    """A KV group runs when one of its gates is above 0 (attend skips only all-off groups): brute force over gates."""
+    model = gated_model()
+    kv_heads = model.config.num_key_value_heads
+    for budget in (0.0, 0.3, 0.6, 1.0):
+        gates = head_gates(model, budget).view(-1, kv_heads, model.config.num_attention_heads // kv_heads)
+        groups_on = (gates > 0).any(dim=-1).float().mean()
+        assert expected_cost(model, budget) == groups_on
+    assert expected_cost(model, 1.0) == 1.0
+
+
+def test_the_training_relaxation_draws_one_logistic_shift_per_group_and_its_cost_is_the_open_probability():
+    """Hard-concrete gates: in training each KV group's pre-activations move by one shared logistic draw of scale
+    noise x (1 - b); the cost, P(group runs) = sigmoid(max pre / scale), matches the frequency over draws, and has a
+    gradient, which the deterministic count has not. Evaluation mode and budget 1 stay exact."""
+    model = gated_model().train()
+    gate = layer_gates(model)[0]
+    budget, noise = 0.5, 0.4
+    exact = gate(budget)
+    assert exact.grad_fn is not None
+    assert not expected_cost(model, budget).requires_grad  # the deterministic count
+
+    set_gate_noise(model, noise)
+    kv_heads = gate.kv_heads
+    pre = gate.pre_activation(budget).detach().view(kv_heads, -1)
+    torch.manual_seed(0)
+    draws = torch.stack([gate(budget).detach().view(kv_heads, -1) for _ in range(4000)])
+    unclamped = (draws > 0) & (draws < 1)
+    shift = (draws - pre)[unclamped.all(dim=-1)]  # groups where no gate hit a bound: every head moved alike
+    assert shift.numel() > 0 and torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-6)
+    frequency = (draws > 0).any(dim=-1).float().mean(dim=0)
+    probability = gate(budget, open_probability=True).detach()
+    torch.testing.assert_close(probability, torch.sigmoid(pre.amax(dim=1) / (noise * (1 - budget))))
+    standard_error = (probability * (1 - probability) / 4000).sqrt().clamp_min(1e-3)
+    assert ((frequency - probability).abs() / standard_error).max() < 5
+
+    expected_cost(model, budget).backward()
+    assert all(g.steepness.grad.abs().sum() > 0 for g in layer_gates(model))
+    assert torch.equal(gate(1.0), torch.ones_like(exact))  # no noise at budget 1: the ungated mechanism
+    model.eval()
+    assert torch.equal(gate(budget), exact)
+    with pytest.raises(ValueError, match="gate noise scale got -1"):
+        set_gate_noise(model, -1)
 
 
 def test_bad_options_are_named():
