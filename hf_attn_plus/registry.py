@@ -77,6 +77,9 @@ class Mechanism:
     # kept_keys(opts) -> (sinks, window) or None: when not None, no later query attends beyond the first `sinks` real
     # tokens and the last `window` keys, and cached inference evicts everything else (patches/streaming_cache.py).
     kept_keys: Callable[[SimpleNamespace], tuple[int, int] | None] | None = None
+    # check(opts) raises OptionError for a combination of options each valid alone (e.g. a pool that does not divide
+    # the block), so that set_attention / from_pretrained refuse it before any forward.
+    check: Callable[[SimpleNamespace], None] | None = None
 
     def __post_init__(self) -> None:
         if (self.select is None) == (self.attend is None):
@@ -97,7 +100,10 @@ class Mechanism:
         return self.options + COMMON_OPTIONS
 
     def resolve_options(self, given: Mapping[str, Any] | None) -> SimpleNamespace:
-        return SimpleNamespace(**validate(self.name, self.schema, given))
+        opts = SimpleNamespace(**validate(self.name, self.schema, given))
+        if self.check is not None:
+            self.check(opts)
+        return opts
 
 
 _MECHANISMS: dict[str, Mechanism] = {}

@@ -67,6 +67,10 @@ def ranked_blocks(
     return stack_lists(lists)
 
 
+def check(opts: SimpleNamespace) -> None:
+    runs_per_block("block_sparse", opts.block_size, opts.pool_size)
+
+
 MECHANISM = register(
     Mechanism(
         name="block_sparse",
@@ -83,5 +87,6 @@ MECHANISM = register(
         select=select,
         kernel=selection_kernel(select),
         side_cache=True,
+        check=check,
     )
 )

@@ -119,6 +119,11 @@ def select(
 kernel = selection_kernel(select, block_scores=quest_scores)
 
 
+def check(opts: SimpleNamespace) -> None:
+    if opts.score == "mass":  # the bound reads no runs
+        runs_per_block("block_topk", opts.block_size, opts.pool_size)
+
+
 MECHANISM = register(
     Mechanism(
         name="block_topk",
@@ -148,5 +153,6 @@ MECHANISM = register(
         select=select,
         kernel=kernel,
         side_cache=True,
+        check=check,
     )
 )

@@ -3,12 +3,15 @@ and a choice that is causal (cached decode equals recompute) and padding-invaria
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+import hf_attn_plus
 from hf_attn_plus import OptionError
 from hf_attn_plus.masking import build_context, visible_from_mask
 from hf_attn_plus.registry import get_mechanism
 from hf_attn_plus.selection import mass_ranked_blocks
 from hf_attn_plus.structure import dense_keep
+from hf_attn_plus.tiny import tiny_config
 
 MECHANISM = get_mechanism("block_sparse")
 
@@ -143,8 +146,18 @@ def test_one_run_per_key_keeps_the_exact_mass_prefix():
         assert share[kept].min() >= share[~kept].max()  # kept in order of exact mass
 
 
-def test_pools_must_divide_the_block():
-    query, key, ctx = padded_problem()
-    opts = MECHANISM.resolve_options(dict(block_size=6, pool_size=4))
-    with pytest.raises(OptionError, match="pool_size.*got 4.*divide block_size=6"):
-        MECHANISM.select(query, key, ctx, opts)
+def test_pools_must_divide_the_block_and_set_attention_says_so_before_any_forward():
+    """block_sparse, and block_topk with the mass score (the bound reads no runs, so any pool passes there)."""
+    from hf_attn_plus.mechanisms.block_topk import MECHANISM as BLOCK_TOPK
+
+    with pytest.raises(OptionError, match="'block_sparse': option 'pool_size' got 4, which does not divide block_size=6"):
+        MECHANISM.resolve_options(dict(block_size=6, pool_size=4))
+    with pytest.raises(OptionError, match="'block_topk': option 'pool_size' got 4, which does not divide block_size=6"):
+        BLOCK_TOPK.resolve_options(dict(block_size=6))
+    assert BLOCK_TOPK.resolve_options(dict(block_size=6, score="bound")).pool_size == 4
+    assert MECHANISM.resolve_options(dict(block_size=6, pool_size=3)).pool_size == 3
+    assert MECHANISM.resolve_options(dict(block_size=6, pool_size=8)).pool_size == 8  # one mean key per block
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    with pytest.raises(OptionError, match="got 4, which does not divide block_size=6"):
+        hf_attn_plus.set_attention(model, "block_topk", block_size=6)
+    assert model.config._attn_implementation == "sdpa"  # refused before any change
