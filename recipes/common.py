@@ -94,8 +94,9 @@ class LongContextSection:
 class HeadBudgetSection:
     min_budget: float = 0.25  # each training step samples a budget in [min_budget, 1]
     cost_weight: float = 1.0  # adds cost_weight * relu(expected cost - budget): the share of heads computed over budget
-    # The hard-concrete relaxation's logistic scale (x (1 - b)): without it the share of heads computed has no gradient.
-    gate_noise: float = 0.5
+    # The hard-concrete relaxation: each KV group's thresholds move by a logistic draw of this scale (budget units) in
+    # training; without it the share of heads computed has no gradient.
+    gate_noise: float = 0.1
     # Peak learning rate of the gates (no weight decay): at the LoRA rate (1e-3) 100 Adam steps move a steepness by
     # about 0.1, too little to switch a head off (it takes ~1.3 at budget 0.5).
     gate_lr: float = 0.05

@@ -9,12 +9,15 @@ around any mechanism (`inner` with `inner_options`; 'dense' by default):
 theta (one per query head and layer, `attn_plus.steepness`; softplus(theta) = 1 at initialisation, i.e. g = b) is
 learned by the recipes: the language-modelling loss at sampled budgets plus a cost term `expected_cost(model, b)`.
 
+Equivalently g_h(b) = clamp((b - t_h) / (1 - t_h), 0, 1) with the head's threshold t_h = 1 - 1/softplus(theta_h):
+the gate rises linearly from 0 at b = t_h to 1 at b = 1.
+
 What a head costs is whether it runs, not how much its output is scaled, so the cost counts heads computed. That count
 has no gradient, so training relaxes it the hard-concrete way (Louizos et al. 2018, L0 gates; Voita et al. 2019 for
-attention heads): with `set_gate_noise(model, s)` and the model in training mode, each KV group's pre-activation
-1 - (1 - b) * softplus(theta_h) gets one logistic draw of scale s * (1 - b), shared by the group's heads, before the
-clamp. A group then runs with probability sigmoid(max_h pre_h / (s * (1 - b))), which is differentiable, and the forward
-sees groups switched fully off. Evaluation (and s = 0) is deterministic: exactly the formula above.
+attention heads): with `set_gate_noise(model, s)` and the model in training mode, each KV group's thresholds move by
+one logistic draw of scale s (in budget units, shared by the group's heads) before the clamp. A group then runs with
+probability sigmoid((b - min_h t_h) / s), differentiable and equally sharp at every budget, and the forward sees groups
+switched fully off. Evaluation (and s = 0) is deterministic: exactly the formula above.
 
 Heads with g = 0 output zeros. A KV group whose query heads are all off is not computed: the inner mechanism runs on
 the other groups' heads only (told their model indices, so per-head random draws do not change). Gathering those
@@ -89,24 +92,25 @@ class HeadGateWeights(MechanismWeights):
             return self.inner(*inner_args)
         if open_probability:
             return self.group_open_probability(budget)
-        pre = self.pre_activation(budget)
+        slope = F.softplus(self.steepness)  # 1 / (1 - t_h)
+        pre = 1 - (1 - budget) * slope
         if self.training and self.gate_noise > 0 and budget < 1:
             u = torch.rand(self.kv_heads, 1, device=pre.device).clamp(1e-6, 1 - 1e-6)
-            draw = (u.log() - (-u).log1p()) * (self.gate_noise * (1 - budget))  # logistic, one per KV group
-            pre = (pre.view(self.kv_heads, -1) + draw).flatten()
+            shift = (u.log() - (-u).log1p()) * self.gate_noise  # logistic, one per KV group: t_h -> t_h + shift
+            pre = pre - (shift * slope.view(self.kv_heads, -1)).flatten()
         return pre.clamp(0.0, 1.0)
 
-    def pre_activation(self, budget: float) -> torch.Tensor:
-        return 1 - (1 - budget) * F.softplus(self.steepness)
+    def thresholds(self) -> torch.Tensor:
+        """t_h, [Hq]: head h is off for budgets b <= t_h."""
+        return 1 - 1 / F.softplus(self.steepness)
 
     def group_open_probability(self, budget: float) -> torch.Tensor:
-        """P(a KV group runs) at `budget`, [Hkv]: under the training relaxation sigmoid(max pre / scale), otherwise
-        0 or 1 (a group runs when one of its gates is above 0)."""
-        widest = self.pre_activation(budget).view(self.kv_heads, -1).amax(dim=1)
-        scale = self.gate_noise * (1 - budget)
-        if scale <= 0:
-            return (widest > 0).to(widest.dtype)
-        return torch.sigmoid(widest / scale)
+        """P(a KV group runs) at `budget`, [Hkv]: under the training relaxation sigmoid((b - lowest t) / s),
+        otherwise 0 or 1 (a group runs when one of its gates is above 0, i.e. b > its lowest threshold)."""
+        margin = budget - self.thresholds().view(self.kv_heads, -1).amin(dim=1)
+        if self.gate_noise <= 0 or budget >= 1:
+            return (margin > 0).to(margin.dtype)
+        return torch.sigmoid(margin / self.gate_noise)
 
 
 class InnerWeights:

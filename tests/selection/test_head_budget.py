@@ -80,33 +80,43 @@ def test_without_noise_the_cost_is_the_share_of_heads_computed():
     assert expected_cost(model, 1.0) == 1.0
 
 
-def test_the_training_relaxation_draws_one_logistic_shift_per_group_and_its_cost_is_the_open_probability():
-    """Hard-concrete gates: in training each KV group's pre-activations move by one shared logistic draw of scale
-    noise x (1 - b); the cost, P(group runs) = sigmoid(max pre / scale), matches the frequency over draws, and has a
-    gradient, which the deterministic count has not. Evaluation mode and budget 1 stay exact."""
+def test_the_training_relaxation_moves_each_groups_thresholds_by_one_logistic_draw_and_its_cost_is_the_open_probability():
+    """Hard-concrete gates: in training each KV group's thresholds t_h = 1 - 1/softplus(theta_h) move by one shared
+    logistic draw of scale `noise` (budget units); the cost, P(group runs) = sigmoid((b - min t) / noise), matches the
+    frequency over draws and has a gradient, which the deterministic count has not. Evaluation mode and budget 1
+    stay exact."""
     model = gated_model().train()
     gate = layer_gates(model)[0]
-    budget, noise = 0.5, 0.4
+    noise = 0.3
+    slope = torch.nn.functional.softplus(gate.steepness.detach())
+    thresholds = gate.thresholds().detach()
+    torch.testing.assert_close(thresholds, 1 - 1 / slope)
+    budget = float(thresholds.median().clamp(0.2, 0.8))  # some groups near their threshold
     exact = gate(budget)
-    assert exact.grad_fn is not None
+    torch.testing.assert_close(exact, ((budget - thresholds) / (1 - thresholds)).clamp(0, 1))
     assert not expected_cost(model, budget).requires_grad  # the deterministic count
 
     set_gate_noise(model, noise)
     kv_heads = gate.kv_heads
-    pre = gate.pre_activation(budget).detach().view(kv_heads, -1)
     torch.manual_seed(0)
-    draws = torch.stack([gate(budget).detach().view(kv_heads, -1) for _ in range(4000)])
-    unclamped = (draws > 0) & (draws < 1)
-    shift = (draws - pre)[unclamped.all(dim=-1)]  # groups where no gate hit a bound: every head moved alike
-    assert shift.numel() > 0 and torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-6)
-    frequency = (draws > 0).any(dim=-1).float().mean(dim=0)
+    draws = torch.stack([gate(budget).detach() for _ in range(4000)])
+    by_group = (-1, kv_heads, thresholds.numel() // kv_heads)
+    # an unclamped gate g = (b - t - shift) / (1 - t) gives back the group's shift
+    shift = (budget - thresholds - draws * (1 - thresholds)).view(by_group)
+    shift = shift[((draws > 0) & (draws < 1)).view(by_group).all(dim=-1)]
+    assert shift.numel() > 0 and torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-5)
+    frequency = (draws.view(by_group) > 0).any(dim=-1).float().mean(dim=0)
     probability = gate(budget, open_probability=True).detach()
-    torch.testing.assert_close(probability, torch.sigmoid(pre.amax(dim=1) / (noise * (1 - budget))))
+    lowest = thresholds.view(kv_heads, -1).amin(dim=1)
+    torch.testing.assert_close(probability, torch.sigmoid((budget - lowest) / noise))
     standard_error = (probability * (1 - probability) / 4000).sqrt().clamp_min(1e-3)
     assert ((frequency - probability).abs() / standard_error).max() < 5
 
     expected_cost(model, budget).backward()
-    assert all(g.steepness.grad.abs().sum() > 0 for g in layer_gates(model))
+    # The cost reaches each group's lowest threshold only (the head that decides whether the group runs).
+    moved = gate.steepness.grad.view(kv_heads, -1) != 0
+    lowest_head = torch.nn.functional.one_hot(thresholds.view(kv_heads, -1).argmin(dim=1), moved.shape[1]).bool()
+    assert moved.any() and not (moved & ~lowest_head).any()
     assert torch.equal(gate(1.0), torch.ones_like(exact))  # no noise at budget 1: the ungated mechanism
     model.eval()
     assert torch.equal(gate(budget), exact)
