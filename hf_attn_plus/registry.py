@@ -78,7 +78,8 @@ class Mechanism:
     # tokens and the last `window` keys, and cached inference evicts everything else (patches/streaming_cache.py).
     kept_keys: Callable[[SimpleNamespace], tuple[int, int] | None] | None = None
     # check(opts) raises OptionError for a combination of options each valid alone (e.g. a pool that does not divide
-    # the block), so that set_attention / from_pretrained refuse it before any forward.
+    # the block): set_attention refuses it before changing the model; a config holding it fails at its first forward,
+    # where every option is validated.
     check: Callable[[SimpleNamespace], None] | None = None
 
     def __post_init__(self) -> None:

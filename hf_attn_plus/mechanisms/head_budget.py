@@ -65,7 +65,6 @@ class HeadGateWeights(MechanismWeights):
     def __init__(self, shape: AttentionShape, opts: SimpleNamespace, layer_idx: int) -> None:
         super().__init__(shape, opts, layer_idx)
         self.steepness = nn.Parameter(torch.empty(shape.q_heads))
-        self.kv_heads = shape.kv_heads
         self.gate_noise = 0.0  # the training relaxation's scale (set_gate_noise); not a weight, never saved
         inner_weights = weights_class(opts.inner)
         inner_opts = None if inner_weights is None else delegate("head_budget", opts.inner, opts.inner_options)[1]
@@ -95,9 +94,9 @@ class HeadGateWeights(MechanismWeights):
         slope = F.softplus(self.steepness)  # 1 / (1 - t_h)
         pre = 1 - (1 - budget) * slope
         if self.training and self.gate_noise > 0 and budget < 1:
-            u = torch.rand(self.kv_heads, 1, device=pre.device).clamp(1e-6, 1 - 1e-6)
+            u = torch.rand(self.shape.kv_heads, 1, device=pre.device).clamp(1e-6, 1 - 1e-6)
             shift = (u.log() - (-u).log1p()) * self.gate_noise  # logistic, one per KV group: t_h -> t_h + shift
-            pre = pre - (shift * slope.view(self.kv_heads, -1)).flatten()
+            pre = pre - (shift * slope.view(self.shape.kv_heads, -1)).flatten()
         return pre.clamp(0.0, 1.0)
 
     def thresholds(self) -> torch.Tensor:
@@ -107,7 +106,7 @@ class HeadGateWeights(MechanismWeights):
     def group_open_probability(self, budget: float) -> torch.Tensor:
         """P(a KV group runs) at `budget`, [Hkv]: under the training relaxation sigmoid((b - lowest t) / s),
         otherwise 0 or 1 (a group runs when one of its gates is above 0, i.e. b > its lowest threshold)."""
-        margin = budget - self.thresholds().view(self.kv_heads, -1).amin(dim=1)
+        margin = budget - self.thresholds().view(self.shape.kv_heads, -1).amin(dim=1)
         if self.gate_noise <= 0 or budget >= 1:
             return (margin > 0).to(margin.dtype)
         return torch.sigmoid(margin / self.gate_noise)

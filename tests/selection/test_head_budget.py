@@ -97,7 +97,7 @@ def test_the_training_relaxation_moves_each_groups_thresholds_by_one_logistic_dr
     assert not expected_cost(model, budget).requires_grad  # the deterministic count
 
     set_gate_noise(model, noise)
-    kv_heads = gate.kv_heads
+    kv_heads = gate.shape.kv_heads
     torch.manual_seed(0)
     draws = torch.stack([gate(budget).detach() for _ in range(4000)])
     by_group = (-1, kv_heads, thresholds.numel() // kv_heads)
