@@ -69,21 +69,46 @@ class NextTokenObjective(torch.nn.Module):
 
 
 class BudgetObjective(NextTokenObjective):
-    """head_budget: the next-token objective at a budget sampled per step, plus the cost of the heads kept over it."""
+    """head_budget: the next-token objective at a budget sampled per step, plus the cost of the heads kept over it
+    (a fixed weight on the excess and, with `multiplier_lr`, a Lagrange multiplier per budget knot holding the share
+    computed at the budget from both sides)."""
 
     def __init__(self, model: torch.nn.Module, kl_weight: float, temperature: float, budget: HeadBudgetSection,
-                 seed: int) -> None:
+                 seed: int, steps: int = 1) -> None:
         super().__init__(model, kl_weight, temperature)
-        self.min_budget, self.cost_weight, self.gate_lr, self.seed = budget.min_budget, budget.cost_weight, budget.gate_lr, seed
+        if budget.multiplier_knots < 2:
+            raise ValueError(f"head_budget.multiplier_knots got {budget.multiplier_knots}; allowed: an integer >= 2")
+        if budget.multiplier_lr < 0:
+            raise ValueError(f"head_budget.multiplier_lr got {budget.multiplier_lr}; allowed: a number >= 0")
+        if budget.gate_noise_end is not None and budget.gate_noise_end <= 0:
+            raise ValueError(f"head_budget.gate_noise_end got {budget.gate_noise_end}; allowed: a number > 0 or null")
+        self.config, self.seed, self.steps = budget, seed, steps
         self.budget = 1.0
+        # Saved with the objective's state (resume continues the dual ascent); identical on every process because
+        # the expected cost depends on the (synchronised) gates and the budget on the step only.
+        self.register_buffer("multipliers", torch.zeros(budget.multiplier_knots))
         set_gate_noise(model, budget.gate_noise)  # only acts in training mode: evaluation sees the exact gates
 
     def parameter_groups(self, trainable: list[torch.nn.Parameter]) -> list[dict]:
         gates = {id(p) for name, p in self.named_parameters() if name.endswith(".steepness")}
         return [
             {"params": [p for p in trainable if id(p) not in gates]},
-            {"params": [p for p in trainable if id(p) in gates], "peak_lr": self.gate_lr, "weight_decay": 0.0},
+            {"params": [p for p in trainable if id(p) in gates], "peak_lr": self.config.gate_lr, "weight_decay": 0.0},
         ]
+
+    def knot_weights(self, budget: float) -> torch.Tensor:
+        """Linear-interpolation weights of `budget` on the multiplier knots, [knots] (two nonzero, summing to 1)."""
+        knots = self.multipliers.new_tensor(
+            [self.config.min_budget + (1 - self.config.min_budget) * i / (len(self.multipliers) - 1)
+             for i in range(len(self.multipliers))]
+        )
+        return (1 - (knots - budget).abs() / (knots[1] - knots[0])).clamp(min=0)
+
+    def noise_at(self, step: int) -> float:
+        start, end = self.config.gate_noise, self.config.gate_noise_end
+        if end is None or start <= 0:
+            return start
+        return start * (end / start) ** (step / max(self.steps - 1, 1))
 
     def set_budget(self, budget: float) -> None:
         self.budget = budget
@@ -91,11 +116,24 @@ class BudgetObjective(NextTokenObjective):
 
     def begin_step(self, step: int) -> None:
         super().begin_step(step)
-        self.set_budget(self.min_budget + (1 - self.min_budget) * float(counter_uniform(self.seed, step)))
+        low = self.config.min_budget
+        self.set_budget(low + (1 - low) * float(counter_uniform(self.seed, step)))
+        set_gate_noise(self.model, self.noise_at(step))
+        if self.config.multiplier_lr:  # dual ascent on this step's constraint, before the step's gradient uses it
+            with torch.no_grad():
+                excess = expected_cost(self.model, self.budget) - self.budget
+                self.multipliers.add_(self.config.multiplier_lr * excess * self.knot_weights(self.budget))
+
+    def step_metrics(self) -> dict[str, float | list[float]]:
+        with torch.no_grad():
+            share = float(expected_cost(self.model, self.budget))
+        return {"budget": self.budget, "expected_share": share, "multipliers": self.multipliers.tolist()}
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         loss = super().forward(input_ids)["loss"]
-        return {"loss": loss + self.cost_weight * torch.relu(expected_cost(self.model, self.budget) - self.budget)}
+        excess = expected_cost(self.model, self.budget) - self.budget
+        multiplier = (self.multipliers * self.knot_weights(self.budget)).sum()
+        return {"loss": loss + self.config.cost_weight * torch.relu(excess) + multiplier * excess}
 
 
 def finetune(cfg: RecipeConfig, long_context: bool = False) -> dict:
@@ -132,7 +170,9 @@ def finetune(cfg: RecipeConfig, long_context: bool = False) -> dict:
         return {f"ppl@{n}": perplexity(accelerator, objective.model, blocks) for n, blocks in eval_sets.items()}
 
     if cfg.mechanism == "head_budget":
-        objective = BudgetObjective(model, lora.kl_weight, lora.kl_temperature, cfg.head_budget, cfg.train.seed)
+        objective = BudgetObjective(
+            model, lora.kl_weight, lora.kl_temperature, cfg.head_budget, cfg.train.seed, cfg.train.steps
+        )
     else:
         objective = NextTokenObjective(model, lora.kl_weight, lora.kl_temperature)
     log = train(cfg, accelerator, objective, train_blocks, evaluate)
