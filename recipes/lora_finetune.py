@@ -98,10 +98,7 @@ class BudgetObjective(NextTokenObjective):
 
     def knot_weights(self, budget: float) -> torch.Tensor:
         """Linear-interpolation weights of `budget` on the multiplier knots, [knots] (two nonzero, summing to 1)."""
-        knots = self.multipliers.new_tensor(
-            [self.config.min_budget + (1 - self.config.min_budget) * i / (len(self.multipliers) - 1)
-             for i in range(len(self.multipliers))]
-        )
+        knots = torch.linspace(self.config.min_budget, 1.0, len(self.multipliers), device=self.multipliers.device)
         return (1 - (knots - budget).abs() / (knots[1] - knots[0])).clamp(min=0)
 
     def noise_at(self, step: int) -> float:
