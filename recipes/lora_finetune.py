@@ -71,7 +71,7 @@ class NextTokenObjective(torch.nn.Module):
 class BudgetObjective(NextTokenObjective):
     """head_budget: the next-token objective at a budget sampled per step, plus the cost of the heads kept over it
     (a fixed weight on the excess and, with `multiplier_lr`, a Lagrange multiplier per budget knot holding the share
-    computed at the budget from both sides)."""
+    computed at the budget from both sides; its dual step reads the exact or the relaxed share, `multiplier_share`)."""
 
     def __init__(self, model: torch.nn.Module, kl_weight: float, temperature: float, budget: HeadBudgetSection,
                  seed: int, steps: int = 1) -> None:
@@ -80,6 +80,8 @@ class BudgetObjective(NextTokenObjective):
             raise ValueError(f"head_budget.multiplier_knots got {budget.multiplier_knots}; allowed: an integer >= 2")
         if budget.multiplier_lr < 0:
             raise ValueError(f"head_budget.multiplier_lr got {budget.multiplier_lr}; allowed: a number >= 0")
+        if budget.multiplier_share not in ("exact", "relaxed"):
+            raise ValueError(f"head_budget.multiplier_share got {budget.multiplier_share!r}; allowed: 'exact', 'relaxed'")
         if budget.gate_noise_end is not None and budget.gate_noise_end <= 0:
             raise ValueError(f"head_budget.gate_noise_end got {budget.gate_noise_end}; allowed: a number > 0 or null")
         self.config, self.seed, self.steps = budget, seed, steps
@@ -118,13 +120,16 @@ class BudgetObjective(NextTokenObjective):
         set_gate_noise(self.model, self.noise_at(step))
         if self.config.multiplier_lr:  # dual ascent on this step's constraint, before the step's gradient uses it
             with torch.no_grad():
-                excess = expected_cost(self.model, self.budget) - self.budget
+                share = expected_cost(self.model, self.budget, exact=self.config.multiplier_share == "exact")
+                excess = share - self.budget
                 self.multipliers.add_(self.config.multiplier_lr * excess * self.knot_weights(self.budget))
 
     def step_metrics(self) -> dict[str, float | list[float]]:
         with torch.no_grad():
             share = float(expected_cost(self.model, self.budget))
-        return {"budget": self.budget, "expected_share": share, "multipliers": self.multipliers.tolist()}
+            exact = float(expected_cost(self.model, self.budget, exact=True))
+        return {"budget": self.budget, "expected_share": share, "exact_share": exact,
+                "multipliers": self.multipliers.tolist()}
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         loss = super().forward(input_ids)["loss"]

@@ -83,14 +83,15 @@ class HeadGateWeights(MechanismWeights):
     def reset_parameters(self) -> None:
         self.steepness.fill_(math.log(math.e - 1))  # softplus = 1: every gate starts at g = b
 
-    def forward(self, budget: float | None, *inner_args: Any, open_probability: bool = False) -> Any:
-        """g_h(budget), [Hq] (with `open_probability`, P(each KV group runs), [Hkv]); with budget None, the inner
+    def forward(self, budget: float | None, *inner_args: Any, open_probability: bool = False, exact: bool = False) -> Any:
+        """g_h(budget), [Hq] (with `open_probability`, P(each KV group runs), [Hkv], `exact` as in
+        group_open_probability); with budget None, the inner
         weights' forward(*inner_args). Everything goes through forward so that adapters PEFT wrapped around the whole
         `attn_plus` (modules_to_save) answer with their trained copy."""
         if budget is None:
             return self.inner(*inner_args)
         if open_probability:
-            return self.group_open_probability(budget)
+            return self.group_open_probability(budget, exact)
         slope = F.softplus(self.steepness)  # 1 / (1 - t_h)
         pre = 1 - (1 - budget) * slope
         if self.training and self.gate_noise > 0 and budget < 1:
@@ -103,11 +104,12 @@ class HeadGateWeights(MechanismWeights):
         """t_h, [Hq]: head h is off for budgets b <= t_h."""
         return 1 - 1 / F.softplus(self.steepness)
 
-    def group_open_probability(self, budget: float) -> torch.Tensor:
+    def group_open_probability(self, budget: float, exact: bool = False) -> torch.Tensor:
         """P(a KV group runs) at `budget`, [Hkv]: under the training relaxation sigmoid((b - lowest t) / s),
-        otherwise 0 or 1 (a group runs when one of its gates is above 0, i.e. b > its lowest threshold)."""
+        otherwise (or with `exact`) 0 or 1 (a group runs when one of its gates is above 0, i.e. b > its lowest
+        threshold)."""
         margin = budget - self.thresholds().view(self.shape.kv_heads, -1).amin(dim=1)
-        if self.gate_noise <= 0 or budget >= 1:
+        if exact or self.gate_noise <= 0 or budget >= 1:
             return (margin > 0).to(margin.dtype)
         return torch.sigmoid(margin / self.gate_noise)
 
@@ -173,12 +175,12 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
     return out * gates.view(1, -1, 1, 1).to(out.dtype), probs
 
 
-def expected_cost(model: nn.Module, budget: float) -> torch.Tensor:
+def expected_cost(model: nn.Module, budget: float, exact: bool = False) -> torch.Tensor:
     """Expected share of query heads computed at `budget`, over layers: a KV group's heads all run or none does, so
     this is the mean over groups of P(group runs). Differentiable under the training relaxation (set_gate_noise);
-    with no noise, the share the deterministic gates compute. An inner mechanism with weights runs every head (only
+    with no noise or with `exact`, the share the deterministic gates compute (what evaluation runs; no gradient). An inner mechanism with weights runs every head (only
     zeroing gated-off ones): there the share is of heads kept, not of compute saved."""
-    return torch.cat([gates(budget, open_probability=True) for gates in _gate_weights(model)]).mean()
+    return torch.cat([gates(budget, open_probability=True, exact=exact) for gates in _gate_weights(model)]).mean()
 
 
 def head_gates(model: nn.Module, budget: float) -> torch.Tensor:

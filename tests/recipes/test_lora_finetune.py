@@ -114,10 +114,12 @@ def test_head_budget_gates_train_at_their_own_rate_with_the_relaxation_on_the_tr
     assert not torch.equal(attn_plus(0.5), attn_plus(0.5))  # the copy that runs draws its noise
 
 
-def test_head_budget_multipliers_grow_while_over_budget_and_the_noise_anneals() -> None:
-    """Dual ascent: each step moves the two knots around its budget by multiplier_lr x (expected share - budget) in
-    proportion to their interpolation weights, down as well as up, and the loss carries lambda(b) x excess; the noise
-    falls geometrically from gate_noise to gate_noise_end on the gates that run."""
+@pytest.mark.parametrize("share", ["exact", "relaxed"])
+def test_head_budget_multipliers_grow_while_over_budget_and_the_noise_anneals(share: str) -> None:
+    """Dual ascent: each step moves the two knots around its budget by multiplier_lr x (share - budget) in
+    proportion to their interpolation weights, down as well as up, the share being the deterministic gates' or its
+    expectation under the noise (`multiplier_share`); the noise falls geometrically from gate_noise to
+    gate_noise_end on the gates that run."""
     from common import HeadBudgetSection
     from lora_finetune import BudgetObjective
     from peft import LoraConfig, get_peft_model
@@ -128,7 +130,8 @@ def test_head_budget_multipliers_grow_while_over_budget_and_the_noise_anneals() 
     config = tiny_config("llama", hf_attn_plus=dict(budget=0.5, inner="sliding_window", inner_options={"window": 8}))
     base = AutoModelForCausalLM.from_config(config, attn_implementation="hf_attn_plus:head_budget")
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["attn_plus"]))
-    section = HeadBudgetSection(min_budget=0.2, gate_noise=0.4, gate_noise_end=0.05, multiplier_lr=3.0, multiplier_knots=5)
+    section = HeadBudgetSection(min_budget=0.2, gate_noise=0.4, gate_noise_end=0.05, multiplier_lr=3.0, multiplier_knots=5,
+                                multiplier_share=share)
     objective = BudgetObjective(model, 0.0, 1.0, section, seed=0, steps=11).train()
     weights = objective.knot_weights(0.35)  # knots 0.2, 0.4, 0.6, 0.8, 1.0
     assert torch.allclose(weights, torch.tensor([0.25, 0.75, 0.0, 0.0, 0.0]))
@@ -139,14 +142,16 @@ def test_head_budget_multipliers_grow_while_over_budget_and_the_noise_anneals() 
     copies = [m for name, m in model.named_modules() if isinstance(m, HeadGateWeights) and "modules_to_save" in name]
     assert copies and all(m.gate_noise == pytest.approx(objective.noise_at(5)) for m in copies)
     b = objective.budget
-    excess = float(expected_cost(model, b).detach()) - b
+    exact = share == "exact"
+    excess = float(expected_cost(model, b, exact=exact).detach()) - b
     assert excess > 0  # initial gates g = b: every group runs at every budget below 1
+    assert (excess == pytest.approx(1 - b)) == exact  # the noise makes the expected share below 1
     assert torch.allclose(objective.multipliers, 3.0 * excess * objective.knot_weights(b))
     before = objective.multipliers.clone()
     with torch.no_grad():
         for m in copies:
             m.steepness.fill_(30.0)  # thresholds 1 - 1/30, above any budget drawn: no group runs
-    under = float(expected_cost(model, b).detach()) - b
+    under = float(expected_cost(model, b, exact=exact).detach()) - b
     assert under < 0
     objective.begin_step(5)  # under budget: the knots fall (an equality constraint)
     assert torch.allclose(objective.multipliers, before + 3.0 * under * objective.knot_weights(b))
@@ -154,6 +159,8 @@ def test_head_budget_multipliers_grow_while_over_budget_and_the_noise_anneals() 
     assert "multipliers" in objective.state_dict()  # checkpointed with the objective: a resume continues the ascent
     with pytest.raises(ValueError, match="multiplier_knots got 1"):
         BudgetObjective(model, 0.0, 1.0, HeadBudgetSection(multiplier_knots=1), seed=0)
+    with pytest.raises(ValueError, match="multiplier_share got 'hard'; allowed: 'exact', 'relaxed'"):
+        BudgetObjective(model, 0.0, 1.0, HeadBudgetSection(multiplier_share="hard"), seed=0)
 
 
 def test_two_processes_follow_the_one_process_trajectory(run: tuple[dict, Path], tiny_teacher: Path, tmp_path: Path) -> None:
