@@ -73,5 +73,14 @@ def masked_probabilities(
     return torch.softmax(logits, dim=-1) * keep
 
 
+def attention_target(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Dense attention of a query chunk (query [B, Hq, rows, D], its visibility [B, 1, rows, kv]) summed over query
+    heads and L1-normalised, detached: [B, 1, rows, kv]. DSA's indexer target p_t, and what `topk` with
+    choose_per='layer' ranks keys by (the best one choice all heads of a layer can share)."""
+    with torch.no_grad():
+        summed = masked_probabilities(query, key, visible, scaling).sum(dim=1, keepdim=True)
+        return summed / summed.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(summed.dtype).tiny)
+
+
 def default_scaling(query: torch.Tensor) -> float:
     return 1.0 / math.sqrt(query.shape[-1])

@@ -57,7 +57,7 @@ from ..masking import AttentionContext
 from ..options import choice_option, int_option
 from ..patches.attn_plus import WINDOW, AttentionShape, MechanismWeights, mechanism_weights, register_weights
 from ..patches.side_cache import SlotBuffer, side_state
-from ..reference import masked_probabilities
+from ..reference import attention_target
 from ..registry import Mechanism, OptionError, register
 from ..selection import (
     chosen_positions,
@@ -109,14 +109,6 @@ def select_by_scores(scores: torch.Tensor, ctx: AttentionContext, budget: int, s
     against (kernels/indexer_topk/reference.py) and tests; O(q * kv), never on the attention path."""
     selection = scored_selection(ctx, lambda rows, keys: scores[:, :, rows, keys], scores.shape[1], budget, sinks, window)
     return dense_keep(ctx, selection, scores.shape[1])
-
-
-def attention_target(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
-    """p_t of a query chunk (query [B, Hq, rows, D], its visibility [B, 1, rows, kv]): dense attention probabilities
-    summed over query heads, L1-normalised, detached: [B, 1, rows, kv]."""
-    with torch.no_grad():
-        summed = masked_probabilities(query, key, visible, scaling).sum(dim=1, keepdim=True)
-        return summed / summed.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(summed.dtype).tiny)
 
 
 def indexer_kl_terms(scores: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ MECHANISMS = ("sliding_window", "topk", "block_topk", "dilated", "block_sparse")
 COVERING = {
     "sliding_window": dict(window=512, sinks=0),
     "topk": dict(budget=512, sinks=0, window=0),
+    "topk/layer": dict(budget=512, sinks=0, window=0, choose_per="layer"),
     "block_topk": dict(block_size=4, budget=128),
     "dilated": dict(dilation=1, window=1),
     "block_sparse": dict(block_size=4, threshold=1.0),
@@ -40,6 +41,7 @@ COVERING = {
 SPARSE = {
     "sliding_window": dict(window=5, sinks=2),
     "topk": dict(budget=4, sinks=1, window=3),
+    "topk/layer": dict(budget=4, sinks=1, window=3, choose_per="layer"),
     "block_topk": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1),
     "dilated": dict(dilation=3, window=3),
     "block_sparse": dict(block_size=4, threshold=0.5),
@@ -59,7 +61,8 @@ def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def with_mechanism(model, name, options):
-    hf_attn_plus.set_attention(model, name, **options)
+    """`name` may carry a variant after a slash ("topk/layer"): its options are in the tables above."""
+    hf_attn_plus.set_attention(model, name.split("/")[0], **options)
     return model
 
 

@@ -1,6 +1,8 @@
 """Model-level properties on tiny random-init Llama, Qwen2, Qwen3, DeepSeek-V3 (MLA), DeepSeek-V3.2 (indexer) and
 the other decoder families of `hf_attn_plus.tiny.FAMILIES` (Mistral, Mixtral, Phi3, OLMo2, Qwen MoE, Granite)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -110,6 +112,25 @@ def test_sparse_training_step_with_padding(arch, name):
     assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
     q_proj = next(p for n, p in model.named_parameters() if "layers.1.self_attn" in n and p.grad is not None)
     assert q_proj.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])
+@pytest.mark.parametrize(
+    "check",
+    [
+        test_covering_budget_equals_sdpa,
+        test_sparse_budget_changes_output,
+        functools.partial(test_padded_equals_unpadded, pad=left_pad),
+        functools.partial(test_padded_equals_unpadded, pad=right_pad),
+        test_cached_generation_equals_recompute,
+        test_sampling_with_cache_equals_without,
+        test_sparse_training_step_with_padding,
+    ],
+    ids=["covering", "sparse", "left_pad", "right_pad", "cached", "sampling", "training"],
+)
+def test_topk_with_one_choice_per_layer(arch, check):
+    """topk choose_per='layer' (one choice shared by every head) keeps the model-level properties of topk."""
+    check(arch, "topk/layer")
 
 
 def test_deepseek_v32_indexer_indices_are_honoured():

@@ -57,6 +57,7 @@ def top(candidates, budget, value):
 CASES = {
     "sliding_window": dict(window=4, sinks=2),
     "topk": dict(budget=3, sinks=1, window=2),
+    "topk/layer": dict(budget=3, sinks=1, window=2, choose_per="layer"),
     "block_topk/bound": dict(block_size=3, budget=2, sink_blocks=1, local_blocks=1, score="bound"),
     "block_topk/bound-group": dict(block_size=3, budget=2, sink_blocks=1, local_blocks=1, score="bound", choose_per="group"),
     "block_topk": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1, pool_size=2),  # default score: mass
@@ -73,6 +74,12 @@ def rule_for(name, opts, query, key):
     def topk(b, h, i, j, visible, pos):
         fixed = window_and_sinks(visible, pos, j, opts["sinks"], opts["window"])
         rest = [s for s in visible if s not in fixed]
+        if opts.get("choose_per") == "layer":  # dense attention over the visible keys, summed over every head
+            def mass(s):
+                logits = [torch.tensor([score(query, key, b, head, i, v) for v in visible]) / DIM**0.5 for head in range(Q_HEADS)]
+                return sum(float(torch.softmax(row, 0)[visible.index(s)]) for row in logits)
+
+            return fixed | top(rest, opts["budget"], mass)
         return fixed | top(rest, opts["budget"], lambda s: score(query, key, b, h, i, s))
 
     def block_topk(b, h, i, j, visible, pos):

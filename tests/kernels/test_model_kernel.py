@@ -16,6 +16,7 @@ from hf_attn_plus.tiny import tiny_config
 SPARSE = {
     "sliding_window": dict(window=5, sinks=2),
     "topk": dict(budget=4, sinks=1, window=3),
+    "topk/layer": dict(budget=4, sinks=1, window=3, choose_per="layer"),
     "block_topk/bound": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1, score="bound"),
     "block_topk": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1, pool_size=2),
     "dilated": dict(dilation=3, window=3),
@@ -36,7 +37,7 @@ def padded_batch():
     return ids, mask
 
 
-@pytest.mark.parametrize("arch,name", [("llama", "block_topk/bound"), ("qwen3", "block_topk"), ("deepseek_v3", "topk")])
+@pytest.mark.parametrize("arch,name", [("llama", "block_topk/bound"), ("qwen3", "block_topk"), ("deepseek_v3", "topk"), ("qwen3", "topk/layer")])
 def test_logits_and_generation_equal_reference_backend(arch, name):
     """Llama: GQA 4; DeepSeek-V3: q/k dim 12 != v dim 8. Left padding; cached decode goes through selected_decode."""
     model = tiny_model(arch)

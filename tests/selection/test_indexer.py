@@ -9,7 +9,6 @@ import hf_attn_plus
 from hf_attn_plus.masking import build_context
 from hf_attn_plus.mechanisms import topk
 from hf_attn_plus.mechanisms.indexer_topk import (
-    attention_target,
     chunk_scores,
     fp32_indexer_scores,
     indexer_kl_terms,
@@ -17,7 +16,7 @@ from hf_attn_plus.mechanisms.indexer_topk import (
     select_by_scores,
     training_selection,
 )
-from hf_attn_plus.reference import masked_probabilities
+from hf_attn_plus.reference import attention_target, masked_probabilities
 from hf_attn_plus.selection import grouped_scores, indexer_scores, top_scoring
 from hf_attn_plus.structure import dense_keep
 
@@ -84,7 +83,7 @@ def chunking(request, monkeypatch):
 def test_perfect_indexer_equals_core_topk(chunking):
     query, key = _qk()
     ctx = _left_padded_context()
-    opts = SimpleNamespace(budget=3, sinks=1, window=2)
+    opts = topk.MECHANISM.resolve_options(dict(budget=3, sinks=1, window=2))
     expected = dense_keep(ctx, topk.select(query, key, ctx, opts), query.shape[1])
     assert torch.equal(_dense_select(grouped_scores(query, key), ctx, 3, 1, 2), expected)
     assert torch.equal(select_by_scores(grouped_scores(query, key), ctx, 3, 1, 2), expected)
