@@ -11,7 +11,9 @@ Saves the adapter to output_dir/final (load it with `PeftModel.from_pretrained` 
 samples a budget b in [head_budget.min_budget, 1] from the step (so a resumed run repeats it), runs the model at b,
 and adds head_budget.cost_weight * relu(expected_cost(b) - b) to the loss, where the cost is the expected share of
 heads computed under the hard-concrete relaxation (`head_budget.gate_noise`); the gates train at their own rate
-(`head_budget.gate_lr`); evaluation runs the exact gates at `options.budget`.
+(`head_budget.gate_lr`); evaluation runs the exact gates at `options.budget`. With `head_budget.spread_thresholds`
+every optimizer step ends by spreading the KV groups' thresholds evenly over the budget axis in their learned order
+(`spread_thresholds`), so the exact gates hold every budget to within one group and the gradient decides the order.
 `stochastic_routing` with `resample: true` draws its graph from the step (`set_step`).
 """
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from hf_attn_plus.mechanisms.head_budget import expected_cost, set_gate_noise
+from hf_attn_plus.mechanisms.head_budget import expected_cost, set_gate_noise, spread_thresholds
 from hf_attn_plus.mechanisms.stochastic_routing import set_step
 from hf_attn_plus.selection import counter_uniform
 
@@ -71,7 +73,8 @@ class NextTokenObjective(torch.nn.Module):
 class BudgetObjective(NextTokenObjective):
     """head_budget: the next-token objective at a budget sampled per step, plus the cost of the heads kept over it
     (a fixed weight on the excess and, with `multiplier_lr`, a Lagrange multiplier per budget knot holding the share
-    computed at the budget from both sides; its dual step reads the exact or the relaxed share, `multiplier_share`)."""
+    computed at the budget from both sides; its dual step reads the exact or the relaxed share, `multiplier_share`);
+    with `spread_thresholds`, the thresholds spread evenly after each optimizer step."""
 
     def __init__(self, model: torch.nn.Module, kl_weight: float, temperature: float, budget: HeadBudgetSection,
                  seed: int, steps: int = 1) -> None:
@@ -123,6 +126,10 @@ class BudgetObjective(NextTokenObjective):
                 share = expected_cost(self.model, self.budget, exact=self.config.multiplier_share == "exact")
                 excess = share - self.budget
                 self.multipliers.add_(self.config.multiplier_lr * excess * self.knot_weights(self.budget))
+
+    def end_step(self, step: int) -> None:
+        if self.config.spread_thresholds:
+            spread_thresholds(self.model)
 
     def step_metrics(self) -> dict[str, float | list[float]]:
         with torch.no_grad():

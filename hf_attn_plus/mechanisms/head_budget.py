@@ -188,6 +188,27 @@ def head_gates(model: nn.Module, budget: float) -> torch.Tensor:
     return torch.cat([gates(budget) for gates in _gate_weights(model)])
 
 
+@torch.no_grad()
+def spread_thresholds(model: nn.Module) -> None:
+    """Put the model's KV groups evenly on the budget axis, keeping the order training gave them: the group with the
+    r-th lowest threshold (its lowest head's, of G groups over all layers) moves to (r + 1) / (G + 1), and each of its
+    heads' thresholds maps affinely from [the group's lowest, 1) onto [that, 1). Afterwards the exact gates at any
+    budget b compute a share of KV groups within 1/G of b. Learned thresholds alone bunch (measured on SmolLM2:
+    most between 0.64 and 0.73), so the share computed is a step in b that no cost on it can hold; the recipes apply
+    this after every optimizer step (`head_budget.spread_thresholds`), so training sees the gates evaluation runs."""
+    layers = _gate_weights(model)  # the copies that answer, so an adapter's trained gates are the ones moved
+    thresholds = [gates.thresholds().view(gates.shape.kv_heads, -1) for gates in layers]
+    lowest = torch.cat([t.amin(dim=1) for t in thresholds])
+    count = lowest.numel()
+    rank = torch.empty_like(lowest).scatter_(0, lowest.argsort(stable=True), torch.arange(count, dtype=lowest.dtype))
+    placed = ((rank + 1) / (count + 1)).split([t.shape[0] for t in thresholds])
+    for gates, t, new_lowest in zip(layers, thresholds, placed):
+        old_lowest, new_lowest = t.amin(dim=1, keepdim=True), new_lowest[:, None]
+        moved = new_lowest + (t - old_lowest) * (1 - new_lowest) / (1 - old_lowest)
+        slope = 1 / (1 - moved.flatten())  # softplus(theta) = 1 / (1 - t)
+        gates.steepness.copy_(slope + torch.log(-torch.expm1(-slope)))  # softplus's inverse
+
+
 def set_gate_noise(model: nn.Module, scale: float) -> None:
     """The training relaxation's logistic scale on every layer's gates (0 = deterministic gates in training too)."""
     if scale < 0:

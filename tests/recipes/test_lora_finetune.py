@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_attn_plus
 from hf_attn_plus.teacher import perplexity
@@ -66,16 +66,23 @@ def test_adapter_and_merged_model_reload_to_the_trained_outputs(run: tuple[dict,
     assert perplexity(merged, tiny_eval_blocks(tiny_teacher)) == pytest.approx(summary["results"]["sliding_window + LoRA ppl@64"], rel=1e-4)
 
 
-def test_head_budget_gates_learn_at_sampled_budgets(tiny_teacher: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("spread", [False, True])
+def test_head_budget_gates_learn_at_sampled_budgets(spread: bool, tiny_teacher: Path, tmp_path: Path) -> None:
     """The LoRA recipe trains head_budget's gates (modules_to_save) at per-step budgets with the cost term: the
-    saved adapter carries gates that moved off their initialisation."""
+    saved adapter carries gates that moved off their initialisation. With head_budget.spread_thresholds the gates
+    the training logs after every step compute the step's budget to within one KV group."""
     from hf_attn_plus.mechanisms.head_budget import HeadGateWeights
 
     summary = launch(
         "lora_finetune.py", "teacher/head_budget.yaml", tmp_path,
-        [f"model={tiny_teacher}", "train.steps=3", "train.eval_every=3", "train.lr=0.05", "head_budget.cost_weight=5.0"],
+        [f"model={tiny_teacher}", "train.steps=3", "train.eval_every=3", "train.lr=0.05", "head_budget.cost_weight=5.0",
+         f"head_budget.spread_thresholds={str(spread).lower()}"],
     )
     assert sorted(losses(summary)) == [1, 2, 3] and all(torch.isfinite(torch.tensor(v)) for v in losses(summary).values())
+    config = AutoConfig.from_pretrained(tiny_teacher)
+    groups = config.num_hidden_layers * config.num_key_value_heads
+    gaps = [abs(row["exact_share"] - row["budget"]) for row in summary["log"] if "loss" in row]
+    assert (max(gaps) <= 1 / groups + 1e-6) == spread, gaps
     base = AutoModelForCausalLM.from_pretrained(tiny_teacher)
     hf_attn_plus.set_attention(base, "head_budget", budget=0.5, inner="sliding_window", inner_options={"window": 32, "sinks": 4})
     initial = [m.steepness.detach().clone() for m in base.modules() if isinstance(m, HeadGateWeights)]
@@ -112,6 +119,39 @@ def test_head_budget_gates_train_at_their_own_rate_with_the_relaxation_on_the_tr
     model.train()
     attn_plus = model.base_model.model.model.layers[0].self_attn.attn_plus
     assert not torch.equal(attn_plus(0.5), attn_plus(0.5))  # the copy that runs draws its noise
+
+
+def test_head_budget_spread_thresholds_moves_the_trained_copies_after_each_step() -> None:
+    """end_step spreads the gates that run (PEFT's trained copies) and leaves the frozen originals; without
+    head_budget.spread_thresholds it changes nothing."""
+    from common import HeadBudgetSection
+    from lora_finetune import BudgetObjective
+    from peft import LoraConfig, get_peft_model
+
+    from hf_attn_plus.mechanisms.head_budget import HeadGateWeights
+    from hf_attn_plus.tiny import tiny_config
+
+    config = tiny_config("llama", hf_attn_plus=dict(budget=0.5, inner="sliding_window", inner_options={"window": 8}))
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="hf_attn_plus:head_budget")
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["attn_plus"]))
+    gates = [m for m in model.modules() if isinstance(m, HeadGateWeights)]
+    with torch.no_grad():
+        for gate in gates:
+            gate.steepness.copy_(torch.randn_like(gate.steepness))
+    copies = [m for name, m in model.named_modules() if isinstance(m, HeadGateWeights) and "modules_to_save" in name]
+    originals = [m for m in gates if all(m is not c for c in copies)]
+    assert len(copies) == len(originals) == 2
+
+    def thresholds(layers: list[HeadGateWeights]) -> torch.Tensor:
+        return torch.cat([m.thresholds().detach() for m in layers])
+
+    saved = thresholds(copies), thresholds(originals)
+    BudgetObjective(model, 0.0, 1.0, HeadBudgetSection(), seed=0).end_step(0)
+    assert torch.equal(thresholds(copies), saved[0])
+    BudgetObjective(model, 0.0, 1.0, HeadBudgetSection(spread_thresholds=True), seed=0).end_step(0)
+    lowest = torch.cat([m.thresholds().detach().view(m.shape.kv_heads, -1).amin(1) for m in copies])
+    torch.testing.assert_close(lowest.sort().values, torch.arange(1, 5) / 5)
+    assert torch.equal(thresholds(originals), saved[1])
 
 
 @pytest.mark.parametrize("share", ["exact", "relaxed"])

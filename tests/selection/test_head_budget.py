@@ -4,7 +4,13 @@ from transformers import AutoModelForCausalLM
 
 import hf_attn_plus
 from core.models import token_batch
-from hf_attn_plus.mechanisms.head_budget import HeadGateWeights, expected_cost, head_gates, set_gate_noise
+from hf_attn_plus.mechanisms.head_budget import (
+    HeadGateWeights,
+    expected_cost,
+    head_gates,
+    set_gate_noise,
+    spread_thresholds,
+)
 from hf_attn_plus.tiny import tiny_config
 
 from .selection_helpers import causal_context, logits
@@ -12,9 +18,9 @@ from .selection_helpers import causal_context, logits
 INNER = dict(inner="topk", inner_options=dict(budget=3, window=2, sinks=1))
 
 
-def gated_model(arch="llama", **options) -> torch.nn.Module:
+def gated_model(arch="llama", layers: int = 2, **options) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = tiny_config(arch, hf_attn_plus={**INNER, **options})
+    config = tiny_config(arch, num_hidden_layers=layers, hf_attn_plus={**INNER, **options})
     model = AutoModelForCausalLM.from_config(config, attn_implementation="hf_attn_plus:head_budget").eval()
     with torch.no_grad():
         for gate in (m for m in model.modules() if isinstance(m, HeadGateWeights)):
@@ -67,6 +73,30 @@ def test_gates_learn_from_the_loss_and_the_cost(tmp_path):
 
 def layer_gates(model) -> list[HeadGateWeights]:
     return [m for m in model.modules() if isinstance(m, HeadGateWeights)]
+
+
+def test_spread_thresholds_keeps_the_learned_order_and_holds_every_budget_to_one_group():
+    model = gated_model(layers=5)
+    gates = [m for m in model.modules() if isinstance(m, HeadGateWeights)]
+
+    def grouped() -> torch.Tensor:  # [groups, heads per group], every layer's
+        return torch.cat([g.thresholds().detach().view(g.shape.kv_heads, -1) for g in gates])
+
+    before = grouped()
+    spread_thresholds(model)
+    after = grouped()
+    count = after.shape[0]
+    assert count == 10
+    assert torch.equal(before.amin(1).argsort(), after.amin(1).argsort()), "the groups' order changed"
+    torch.testing.assert_close(after.amin(1).sort().values, torch.arange(1, count + 1) / (count + 1))
+    assert torch.equal(before.argsort(1), after.argsort(1)), "a group's heads changed order"
+    assert (after < 1).all()
+    for budget in torch.linspace(0, 1, 101).tolist():
+        on = torch.cat([(g(budget) > 0).view(g.shape.kv_heads, -1).any(1) for g in gates])  # brute force
+        assert abs(float(on.float().mean()) - budget) <= 1 / count + 1e-6, budget
+    assert torch.equal(head_gates(model, 1.0), torch.ones(5 * 8))
+    spread_thresholds(model)
+    torch.testing.assert_close(grouped(), after, rtol=0, atol=1e-5)  # a projection: spreading twice is once
 
 
 def test_without_noise_the_cost_is_the_share_of_heads_computed():
