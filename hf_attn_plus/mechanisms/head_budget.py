@@ -19,6 +19,10 @@ one logistic draw of scale s (in budget units, shared by the group's heads) befo
 probability sigmoid((b - min_h t_h) / s), differentiable and equally sharp at every budget, and the forward sees groups
 switched fully off. Evaluation (and s = 0) is deterministic: exactly the formula above.
 
+Learned thresholds bunch (on SmolLM2 most fell between 0.64 and 0.73), which makes the share computed a step in b.
+`spread_thresholds(model)` projects them onto an even budget axis in their learned order, so that the exact gates at
+any b compute within one KV group of b; the recipes can apply it after every optimizer step.
+
 Heads with g = 0 output zeros. A KV group whose query heads are all off is not computed: the inner mechanism runs on
 the other groups' heads only (told their model indices, so per-head random draws do not change). Gathering those
 heads copies their K/V, so in memory-bound decode the saving is smaller than the share of heads skipped.
