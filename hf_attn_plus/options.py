@@ -42,13 +42,16 @@ def int_option(
     )
 
 
-def float_option(name: str, default: float, minimum: float, doc: str = "", maximum: float | None = None) -> Option:
-    rule = f"a number >= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
+def float_option(
+    name: str, default: float, minimum: float, doc: str = "", maximum: float | None = None, above: bool = False
+) -> Option:
+    """A number in [minimum, maximum] (`above`: minimum itself excluded)."""
+    rule = f"a number {'>' if above else '>='} {minimum}" + ("" if maximum is None else f" and <= {maximum}")
     return Option(
         name,
         default,
         rule,
-        lambda v: _is_number(v) and v >= minimum and (maximum is None or v <= maximum),
+        lambda v: _is_number(v) and (v > minimum if above else v >= minimum) and (maximum is None or v <= maximum),
         doc,
     )
 

@@ -83,7 +83,7 @@ def main() -> dict[str, Any]:
             row = {"options": options, **measure()}
             if cfg.mechanism == "head_budget":
                 budget = float(options.get("budget", 1.0))
-                gates = head_gates(model, budget)
+                gates = head_gates(model, budget, float(options.get("ramp", 1.0)))
                 # A KV group runs when one of its heads is on, so heads computed >= heads on (gate > 0).
                 row["mean gate"], row["heads on"] = float(gates.mean()), float((gates > 0).float().mean())
                 row["heads computed"] = float(expected_cost(model, budget))

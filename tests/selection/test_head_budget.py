@@ -28,11 +28,12 @@ def gated_model(arch="llama", layers: int = 2, **options) -> torch.nn.Module:
     return model
 
 
-def test_gates_are_monotone_in_budget_and_one_at_full_budget():
+@pytest.mark.parametrize("ramp", [1.0, 0.2])
+def test_gates_are_monotone_in_budget_and_one_at_full_budget(ramp):
     model = gated_model()
     budgets = torch.linspace(0, 1, 21).tolist()
     for gate in (m for m in model.modules() if isinstance(m, HeadGateWeights)):
-        values = torch.stack([gate(b) for b in budgets])
+        values = torch.stack([gate(b, ramp=ramp) for b in budgets])
         assert ((values >= 0) & (values <= 1)).all()
         assert (values[1:] >= values[:-1]).all(), "a lower budget enabled more of a head"
         assert torch.equal(values[-1], torch.ones_like(values[-1]))
@@ -154,8 +155,30 @@ def test_the_training_relaxation_moves_each_groups_thresholds_by_one_logistic_dr
         set_gate_noise(model, -1)
 
 
+def test_the_ramp_sets_how_fast_a_gate_rises_not_when_it_opens():
+    """g(b, ramp) = clamp(g(b, 1) / ramp): the same heads on at every budget, full strength sooner, budget 1 still
+    the ungated mechanism; attend reads the option."""
+    model = gated_model()
+    for gate in (m for m in model.modules() if isinstance(m, HeadGateWeights)):
+        for budget in torch.linspace(0, 1, 11).tolist():
+            linear = gate(budget)
+            ramped = gate(budget, ramp=0.25)
+            torch.testing.assert_close(ramped, (linear / 0.25).clamp(0, 1))
+            assert torch.equal(ramped > 0, linear > 0)
+    ids = token_batch(2, 16)
+    at = {}
+    for budget in (0.6, 1.0):
+        for ramp in (1.0, 0.25):
+            hf_attn_plus.set_attention(model, "head_budget", **INNER, budget=budget, ramp=ramp)
+            at[budget, ramp] = logits(model, ids)
+    torch.testing.assert_close(at[1.0, 1.0], at[1.0, 0.25])
+    assert not torch.allclose(at[0.6, 1.0], at[0.6, 0.25], atol=1e-4)
+
+
 def test_bad_options_are_named():
     model = gated_model()
+    with pytest.raises(hf_attn_plus.OptionError, match="'ramp' got 0; allowed: a number > 0.0 and <= 1.0"):
+        hf_attn_plus.set_attention(model, "head_budget", ramp=0)
     with pytest.raises(hf_attn_plus.OptionError, match="'budget' got 1.5; allowed: a number >= 0.0 and <= 1.0"):
         hf_attn_plus.set_attention(model, "head_budget", budget=1.5)
     with pytest.raises(hf_attn_plus.OptionError, match="'inner' got 'head_budget'"):
