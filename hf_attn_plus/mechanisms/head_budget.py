@@ -28,8 +28,12 @@ all >= 0, so with ramp 1 every gate at b is at most b (measured on SmolLM2 after
 mean gate 0.08): a small ramp lets a group that is on run at nearly full strength (with ramp 0.1 the same run
 gives 735 at b = 0.5: 100 LoRA steps do not teach SmolLM2 to lose half its KV groups).
 
-Heads with g = 0 output zeros. A KV group whose query heads are all off is not computed: the inner mechanism runs on
-the other groups' heads only (told their model indices, so per-head random draws do not change). Gathering those
+Heads with g = 0 output zeros, unless option `fallback` names a mechanism without weights: then head h outputs
+g_h * inner + (1 - g_h) * fallback. With inner 'dense' and a sliding-window fallback this is DuoAttention (Xiao et
+al. 2024): retrieval heads read every key, streaming heads sinks and a window, and the budget is the share of KV
+groups that read everything; budget 0 is the fallback exactly. A KV group whose query heads are all off does not run
+the inner mechanism, and one whose gates are all 1 does not run the fallback: each runs on the other groups' heads only
+(told their model indices, so per-head random draws do not change). Gathering those
 heads copies their K/V, so in memory-bound decode the saving is smaller than the share of heads skipped.
 
 An inner mechanism with weights of its own (linear, hybrid, gated_delta, momentum_delta, indexer_topk) keeps them
@@ -50,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import run_delegate
-from ..options import Option, float_option
+from ..options import Option, OptionError, float_option
 from ..patches.attn_plus import (
     MODEL_FEATURES,
     AttentionShape,
@@ -60,7 +64,7 @@ from ..patches.attn_plus import (
     unwrapped,
     weights_class,
 )
-from ..registry import Mechanism, delegate, mechanism_option, register
+from ..registry import Mechanism, all_mechanisms, delegate, mechanism_option, register
 
 
 @register_weights
@@ -152,37 +156,49 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
     gate_weights = mechanism_weights(module, "head_budget")  # a clear error when the layer has no gates
     gates = module.attn_plus(opts.budget, ramp=opts.ramp)  # through any adapter PEFT wrapped around the weights
     if weights_class(opts.inner) is not None:  # per-head weights and state: every head runs
-        out, probs = run_delegate(
-            "head_budget", opts.inner, opts.inner_options, opts,
-            InnerAttention(module, InnerWeights(module.attn_plus, gate_weights.inner)),
-            query, key, value, ctx, scaling, dropout,
-        )
-        return out * gates.view(1, -1, 1, 1).to(out.dtype), probs
+        inner_module = InnerAttention(module, InnerWeights(module.attn_plus, gate_weights.inner))
+        inner_heads = torch.ones_like(gates, dtype=torch.bool)
+    else:
+        # A gate clamped to 0 passes no gradient, so skipping its group changes neither outputs nor gradients (at
+        # the kink, g = 0 exactly, the skipped head's subgradient is 0).
+        inner_module, inner_heads = module, gates > 0
+    out, probs = _run_on_groups(
+        opts.inner, opts.inner_options, opts, inner_heads, inner_module, query, key, value, ctx, scaling, dropout
+    )
+    out = out * gates.view(1, -1, 1, 1).to(out.dtype)
+    if opts.fallback == "none":
+        return out, probs
+    rest, _ = _run_on_groups(
+        opts.fallback, opts.fallback_options, opts, gates < 1, module, query, key, value, ctx, scaling, dropout
+    )
+    # Heads mix two mechanisms, so no single attention-weight tensor describes them.
+    return out + rest * (1 - gates).view(1, -1, 1, 1).to(rest.dtype), None
+
+
+def _run_on_groups(name, options, common, heads, module, query, key, value, ctx, scaling, dropout):
+    """Mechanism `name` on the KV groups holding one of `heads` ([Hq] bool) only: output [B, Hq, q, Dv] with zeros
+    for the heads of the other groups, and its attention weights (None when it has none). The heads that run are
+    told their model indices (ctx.query_heads), so per-head random draws do not depend on which groups run."""
     q_heads, kv_heads = query.shape[1], key.shape[1]
-    # A KV group runs only when one of its query heads is on. A gate clamped to 0 passes no gradient, so skipping
-    # changes neither outputs nor gradients (at the kink, g = 0 exactly, the skipped head's subgradient is 0).
-    groups_on = (gates > 0).view(kv_heads, q_heads // kv_heads).any(dim=1)
-    if bool(groups_on.all()):
-        out, probs = run_delegate(
-            "head_budget", opts.inner, opts.inner_options, opts, module, query, key, value, ctx, scaling, dropout
-        )
-        return out * gates.view(1, -1, 1, 1).to(out.dtype), probs
-    kv_on = groups_on.nonzero().flatten()
     group = q_heads // kv_heads
-    heads_on = (kv_on[:, None] * group + torch.arange(group, device=kv_on.device)).flatten()
+    groups_on = heads.view(kv_heads, group).any(dim=1)
+    if bool(groups_on.all()):
+        return run_delegate("head_budget", name, options, common, module, query, key, value, ctx, scaling, dropout)
     out = query.new_zeros(*query.shape[:3], value.shape[-1])
-    probs = None
-    if heads_on.numel():
-        named = heads_on if ctx.query_heads is None else ctx.query_heads.to(heads_on.device)[heads_on]
-        out_on, probs_on = run_delegate(
-            "head_budget", opts.inner, opts.inner_options, opts, module, query[:, heads_on], key[:, kv_on],
-            value[:, kv_on], dataclasses.replace(ctx, query_heads=named), scaling, dropout,
-        )
-        out = out.index_copy(1, heads_on, out_on.to(out.dtype))
-        if probs_on is not None:
-            probs = probs_on.new_zeros(probs_on.shape[0], q_heads, *probs_on.shape[2:])
-            probs = probs.index_copy(1, heads_on, probs_on)
-    return out * gates.view(1, -1, 1, 1).to(out.dtype), probs
+    kv_on = groups_on.nonzero().flatten()
+    if not kv_on.numel():
+        return out, None
+    heads_on = (kv_on[:, None] * group + torch.arange(group, device=kv_on.device)).flatten()
+    named = heads_on if ctx.query_heads is None else ctx.query_heads.to(heads_on.device)[heads_on]
+    out_on, probs_on = run_delegate(
+        "head_budget", name, options, common, module, query[:, heads_on], key[:, kv_on], value[:, kv_on],
+        dataclasses.replace(ctx, query_heads=named), scaling, dropout,
+    )
+    out = out.index_copy(1, heads_on, out_on.to(out.dtype))
+    if probs_on is None:
+        return out, None
+    probs = probs_on.new_zeros(probs_on.shape[0], q_heads, *probs_on.shape[2:])
+    return out, probs.index_copy(1, heads_on, probs_on)
 
 
 def expected_cost(model: nn.Module, budget: float, exact: bool = False) -> torch.Tensor:
@@ -237,6 +253,30 @@ def _gate_weights(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+FALLBACK_RULE = (
+    "'none' or the name of a registered hf_attn_plus mechanism without weights of its own, other than 'head_budget' "
+    "(see hf_attn_plus.mechanisms())"
+)
+
+
+def _fallback_accepts(value: Any) -> bool:
+    if value == "none":
+        return True
+    names = {mechanism.name for mechanism in all_mechanisms()} - {"head_budget"}
+    # A fallback with weights would need a second set of them beside the inner mechanism's.
+    return isinstance(value, str) and value in names and weights_class(value) is None
+
+
+def _check(opts: SimpleNamespace) -> None:
+    if opts.fallback != "none":
+        delegate("head_budget", opts.fallback, opts.fallback_options)  # a bad fallback option is named up front
+    elif opts.fallback_options:
+        raise OptionError(
+            f"hf_attn_plus mechanism 'head_budget': fallback_options={opts.fallback_options!r} with fallback 'none'; "
+            "allowed: fallback_options only with a fallback mechanism"
+        )
+
+
 MECHANISM = register(
     Mechanism(
         name="head_budget",
@@ -250,7 +290,14 @@ MECHANISM = register(
             ),
             mechanism_option("inner", "head_budget", "the mechanism whose heads are gated"),
             Option("inner_options", {}, "a dict of the inner mechanism's options", lambda v: isinstance(v, dict)),
+            Option(
+                "fallback", "none", FALLBACK_RULE, _fallback_accepts,
+                "what a head computes for the rest of its gate: g * inner + (1 - g) * fallback (DuoAttention's "
+                "streaming heads: a sliding window); 'none' = zeros, and a group whose gates are all 0 costs nothing",
+            ),
+            Option("fallback_options", {}, "a dict of the fallback mechanism's options", lambda v: isinstance(v, dict)),
         ),
+        check=_check,
         attend=attend,
         training_free=False,
     )

@@ -35,6 +35,7 @@ def smollm2_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("attention_transfer.py", "smollm2/gated_delta.yaml", "final"),
         ("indexer_training.py", "smollm2/indexer_topk.yaml", "final"),
         ("lora_finetune.py", "smollm2/head_budget.yaml", None),
+        ("lora_finetune.py", "smollm2/head_budget_duo.yaml", None),
     ],
 )
 def test_recipe_runs_on_the_real_architecture(script, config, reloads, smollm2_slice: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from hf_attn_plus.mechanisms.head_budget import (
 )
 from hf_attn_plus.tiny import tiny_config
 
-from .selection_helpers import causal_context, logits
+from .selection_helpers import assert_cached_equals_uncached, causal_context, logits
 
 INNER = dict(inner="topk", inner_options=dict(budget=3, window=2, sinks=1))
 
@@ -229,6 +229,80 @@ def test_groups_whose_heads_are_all_off_are_not_computed_and_nothing_else_change
     assert seen_heads == [] and (out == 0).all()
 
 
+FALLBACK = dict(fallback="sliding_window", fallback_options=dict(window=3, sinks=1))
+
+
+def test_the_fallback_fills_the_rest_of_each_gate_and_runs_only_where_a_gate_is_below_one(monkeypatch):
+    """out = g * inner + (1 - g) * fallback per head (DuoAttention's streaming heads), against each mechanism run on
+    every head; the inner mechanism runs on the groups with a gate above 0, the fallback on those with one below 1."""
+    from hf_attn_plus.mechanisms import head_budget
+
+    model = gated_model(**FALLBACK, budget=0.5, ramp=0.5)
+    attention = model.model.layers[0].self_attn
+    config = model.config
+    q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    group = q_heads // kv_heads
+    opts = hf_attn_plus.registry.options_from_config(hf_attn_plus.registry.get_mechanism("head_budget"), config)
+    torch.manual_seed(1)
+    length, dim = 11, 16
+    query, key, value = (torch.randn(2, h, length, dim) for h in (q_heads, kv_heads, kv_heads))
+    ctx = causal_context(2, length)
+    run_delegate = head_budget.run_delegate
+    seen = []
+
+    def spy(*args):
+        seen.append((args[1], args[5].shape[1]))
+        return run_delegate(*args)
+
+    monkeypatch.setattr(head_budget, "run_delegate", spy)
+    # softplus 4: g = 0; 1.6: g = 0.4; 0.2: g = 1 (at budget 0.5, ramp 0.5)
+    first_group_mixed = [4.0, 4.0, 1.6, 0.2] + [0.2] * (q_heads - group)
+    first_group_off = [4.0] * group + [1.6, 0.2] * ((q_heads - group) // 2)
+    for slopes, expect in (
+        (first_group_mixed, [("topk", q_heads), ("sliding_window", group)]),
+        (first_group_off, [("topk", q_heads - group), ("sliding_window", q_heads)]),
+    ):
+        with torch.no_grad():
+            slope = torch.tensor(slopes)
+            attention.attn_plus.steepness.copy_(slope + torch.log(-torch.expm1(-slope)))
+        gates = attention.attn_plus(0.5, ramp=0.5)
+        assert {0.0, 1.0} < set(gates.tolist()), gates
+        seen.clear()
+        out, probs = head_budget.attend(attention, query, key, value, ctx, opts, dim**-0.5, 0.0)
+        assert seen == expect and probs is None
+        inner, _ = run_delegate("head_budget", opts.inner, opts.inner_options, opts, attention, query, key, value, ctx, dim**-0.5)
+        rest, _ = run_delegate("head_budget", opts.fallback, opts.fallback_options, opts, attention, query, key, value, ctx, dim**-0.5)
+        g = gates.view(1, -1, 1, 1)
+        torch.testing.assert_close(out, g * inner + (1 - g) * rest, rtol=0, atol=1e-6)
+
+
+def test_with_a_fallback_budget_1_is_the_inner_mechanism_budget_0_the_fallback_and_decode_is_exact():
+    model = gated_model(**FALLBACK)
+    spread_thresholds(model)  # every threshold in (0, 1): budget 0 switches every head off
+    ids = token_batch(2, 16)
+    full = logits(model, ids)
+    hf_attn_plus.set_attention(model, "head_budget", **INNER, **FALLBACK, budget=0.0)
+    none_on = logits(model, ids)
+    hf_attn_plus.set_attention(model, "head_budget", **INNER, **FALLBACK, budget=0.5)
+    assert_cached_equals_uncached(model)
+    hf_attn_plus.set_attention(model, INNER["inner"], **INNER["inner_options"])
+    torch.testing.assert_close(full, logits(model, ids))
+    hf_attn_plus.set_attention(model, FALLBACK["fallback"], **FALLBACK["fallback_options"])
+    torch.testing.assert_close(none_on, logits(model, ids))
+
+
+def test_a_bad_fallback_is_named():
+    model = gated_model()
+    allowed = "allowed: 'none' or the name of a registered hf_attn_plus mechanism without weights of its own"
+    for bad in ("linear", "dense", "head_budget", "nope"):
+        with pytest.raises(hf_attn_plus.OptionError, match=f"'fallback' got '{bad}'; {allowed}"):
+            hf_attn_plus.set_attention(model, "head_budget", fallback=bad)
+    with pytest.raises(hf_attn_plus.OptionError, match="options for 'sliding_window'.*'window' got 0"):
+        hf_attn_plus.set_attention(model, "head_budget", fallback="sliding_window", fallback_options=dict(window=0))
+    with pytest.raises(hf_attn_plus.OptionError, match="fallback_options=.* with fallback 'none'"):
+        hf_attn_plus.set_attention(model, "head_budget", fallback_options=dict(window=3))
+
+
 WEIGHTED_INNER = [
     ("linear", dict(feature_map="hedgehog")),
     ("gated_delta", {}),
@@ -241,8 +315,6 @@ def test_inner_mechanisms_with_weights_keep_them_beside_the_gates(inner, inner_o
     """The inner mechanism's weights live in attn_plus.inner: at budget 1 the model is the inner mechanism with those
     weights; at a lower budget cached decode (recurrent state / hidden states served to the inner weights) equals
     recomputation; save -> load keeps everything."""
-    from .selection_helpers import assert_cached_equals_uncached
-
     options = dict(inner=inner, inner_options=inner_options)
     model = gated_model("llama", **options)
     plain = AutoModelForCausalLM.from_config(
