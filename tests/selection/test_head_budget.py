@@ -43,10 +43,10 @@ def test_gates_are_monotone_in_budget_and_one_at_full_budget(ramp):
 
 
 # Gemma 2's soft-capping, gpt-oss's sinks and Gemma 3's windowed layer: the gates scale what the inner mechanism computes.
-@pytest.mark.parametrize(
-    "arch",
-    ["llama", "deepseek_v3", "mistral", "phi3", "olmo2", "granite", "qwen3_moe", "gemma2", "gpt_oss", "gemma3_text", "cohere2"],
-)
+ARCHS = ["llama", "deepseek_v3", "mistral", "phi3", "olmo2", "granite", "qwen3_moe", "gemma2", "gpt_oss", "gemma3_text", "cohere2"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_full_budget_equals_the_ungated_mechanism_and_lower_budgets_gate(arch):
     model = gated_model(arch)
     ids = token_batch(2, 16)
@@ -276,8 +276,9 @@ def test_the_fallback_fills_the_rest_of_each_gate_and_runs_only_where_a_gate_is_
         torch.testing.assert_close(out, g * inner + (1 - g) * rest, rtol=0, atol=1e-6)
 
 
-def test_with_a_fallback_budget_1_is_the_inner_mechanism_budget_0_the_fallback_and_decode_is_exact():
-    model = gated_model(**FALLBACK)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_with_a_fallback_budget_1_is_the_inner_mechanism_budget_0_the_fallback_and_decode_is_exact(arch):
+    model = gated_model(arch, **FALLBACK)
     spread_thresholds(model)  # every threshold in (0, 1): budget 0 switches every head off
     ids = token_batch(2, 16)
     full = logits(model, ids)
