@@ -7,6 +7,9 @@ distribution of query t summed over heads and L1-normalised (`attention_target`)
 - warm-up (main model frozen, dense attention): KL(p_t || softmax(I_t)) over all visible keys;
 - sparse stage (main model trains on the selection): the same KL restricted to the selected set, both sides
   renormalised over it.
+Option `objective` changes which keys the loss compares (`objective_target`): DSA's own ('all_keys', above), only
+the keys the indexer chooses among ('candidates': the sinks and window are attended anyway), or the exact
+top-`budget` candidates as a uniform target ('top_set').
 The indexer reads detached inputs and the target is detached, so this loss trains only the indexer and the
 language-modelling loss never reaches it (the top-k is not differentiable either).
 
@@ -61,6 +64,7 @@ from ..reference import attention_target
 from ..registry import Mechanism, OptionError, register
 from ..selection import (
     chosen_positions,
+    chunk_candidates,
     chunk_visible,
     indexer_scores,
     query_chunks,
@@ -75,7 +79,9 @@ from ..structure import DENSE, PositionRule, Selection, dense_keep
 WEIGHT_OPTIONS = ("index_heads", "index_dim")
 # Models whose attention brings its own lightning indexer (the `indices` it passes restrict ctx.visible).
 OWN_INDEXER_MODELS = ("deepseek_v32",)
-SELECTION_OPTIONS = ("budget", "sinks", "window", "index_heads", "index_dim", "active_heads", "router_block", "stage")
+SELECTION_OPTIONS = (
+    "budget", "sinks", "window", "index_heads", "index_dim", "active_heads", "router_block", "stage", "objective"
+)
 
 
 # (index queries [B, Hi, q, Di], index keys [B, kv, Di], head weights [B, Hi, q]): what IndexerWeights.forward gives.
@@ -127,23 +133,48 @@ class _ChunkLoss:
     """One query chunk of the training loss: callable on its index inputs so activation checkpointing reruns it in
     the backward (what autograd keeps between forward and backward is then O(q + kv), not O(q * kv))."""
 
-    def __init__(self, ctx, rows, rule, budget, query, key, scaling) -> None:
-        self.ctx, self.rows, self.rule, self.budget = ctx, rows, rule, budget
+    def __init__(self, ctx, rows, rule, opts, query, key, scaling) -> None:
+        self.ctx, self.rows, self.rule, self.opts = ctx, rows, rule, opts
         self.query, self.key, self.scaling = query[:, :, rows].detach(), key.detach(), scaling
 
     def __call__(self, *index_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(KL sum, rows counted, the chosen positions [B, 1, rows, budget] (None in the warm-up))."""
-        ctx, rows = self.ctx, self.rows
+        """(loss sum, rows counted, the chosen positions [B, 1, rows, budget] (None in the warm-up))."""
+        ctx, rows, rule, opts = self.ctx, self.rows, self.rule, self.opts
         scores = fp32_indexer_scores(*index_inputs)
         with torch.no_grad():
             visible = chunk_visible(ctx, rows)
             target = attention_target(self.query, self.key, visible, self.scaling)
-            positions, keep = None, visible
-            if self.budget is not None:  # sparse stage: the KL over the selected keys
-                chosen = top_of_chunk(ctx, rows, scores, self.rule, self.budget)
-                keep = (visible & self.rule.keep(ctx.query_pos[:, :, rows], ctx.key_pos)) | chosen
-                positions = chosen_positions(ctx, chosen, self.budget)
+            chosen = positions = None
+            if opts.stage == "sparse":
+                chosen = top_of_chunk(ctx, rows, scores, rule, opts.budget)
+                positions = chosen_positions(ctx, chosen, opts.budget)
+            target, keep = objective_target(opts.objective, ctx, rows, rule, opts.budget, target, chosen)
         return *indexer_kl_terms(scores, target, keep), positions
+
+
+def objective_target(
+    objective: str,
+    ctx: AttentionContext,
+    rows: slice,
+    rule: PositionRule,
+    budget: int,
+    target: torch.Tensor,
+    chosen: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, keys it is compared over) of one query chunk's loss, from the dense target p_t [B, 1, rows, kv] and,
+    in the sparse stage, the indexer's choice (bool, None in the warm-up); `indexer_kl_terms` renormalises both.
+    - 'all_keys' (DSA): every visible key in the warm-up, every attended key (rule's and chosen) in the sparse stage;
+    - 'candidates': only the keys the indexer chooses among (visible, not kept by the sinks / window rule) in the
+      warm-up, only the chosen ones in the sparse stage: on SmolLM2 the rule's keys hold most of p_t, which the
+      indexer never needs to rank;
+    - 'top_set': over the candidates, a target uniform on the exact `budget` candidates with the most p_t (the
+      selection an ideal indexer makes), in both stages."""
+    if objective == "all_keys":
+        keep = chunk_visible(ctx, rows)
+        return target, keep if chosen is None else (keep & rule.keep(ctx.query_pos[:, :, rows], ctx.key_pos)) | chosen
+    if objective == "candidates":
+        return target, chunk_candidates(ctx, rows, rule) if chosen is None else chosen
+    return top_of_chunk(ctx, rows, target, rule, budget).to(target.dtype), chunk_candidates(ctx, rows, rule)
 
 
 def training_selection(
@@ -154,21 +185,20 @@ def training_selection(
     opts: SimpleNamespace,
     scaling: float,
 ) -> tuple[torch.Tensor, Selection]:
-    """(the DSA KL loss, the selection to attend) of a training forward, query chunk by query chunk (scores, target
-    and KL of one chunk exist at once). Warm-up: KL over every visible key, dense attention; sparse stage: KL over
-    the selected keys, which are attended."""
+    """(the indexer loss (`objective_target`), the selection to attend) of a training forward, query chunk by query
+    chunk (scores, target and loss of one chunk exist at once). Warm-up: dense attention; sparse stage: the selected
+    keys are attended."""
     rule = PositionRule(sinks=opts.sinks, window=opts.window)
-    warmup = opts.stage == "warmup"
     index_query, index_key, head_weights = index_inputs
     total, counted, lists = 0.0, 0, []
     for rows in query_chunks(query.shape[0], query.shape[1], slice(0, query.shape[2]), key.shape[2]):
-        chunk = _ChunkLoss(ctx, rows, rule, None if warmup else opts.budget, query, key, scaling)
+        chunk = _ChunkLoss(ctx, rows, rule, opts, query, key, scaling)
         inputs = (index_query[:, :, rows], index_key, head_weights[:, :, rows])
         kl, count, positions = checkpoint(chunk, *inputs, use_reentrant=False)
         total, counted = total + kl, counted + count
         lists.append(positions)
     loss = total / counted.clamp(min=1)
-    return loss, Selection(DENSE) if warmup else Selection(rule, tokens=stack_lists(lists))
+    return loss, Selection(DENSE) if opts.stage == "warmup" else Selection(rule, tokens=stack_lists(lists))
 
 
 @register_weights
@@ -324,6 +354,11 @@ MECHANISM = register(
             choice_option(
                 "stage", "sparse", ("warmup", "sparse"),
                 "training forwards: 'warmup' attends densely, KL over all keys; 'sparse' attends the selection, KL over it",
+            ),
+            choice_option(
+                "objective", "all_keys", ("all_keys", "candidates", "top_set"),
+                "indexer loss: 'all_keys' DSA's KL; 'candidates' the KL over the keys sinks/window do not keep; "
+                "'top_set' cross-entropy to the exact top-budget set of dense attention",
             ),
         ),
         attend=attend,

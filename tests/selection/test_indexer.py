@@ -46,10 +46,15 @@ def test_indexer_scores_follow_the_formula():
     torch.testing.assert_close(indexer_scores(index_query, index_key, weights), expected)
 
 
+def _dense_candidates(ctx, sinks, window):
+    """The keys a top-k chooses among: visible, neither a sink nor in the window."""
+    return ctx.visible & ~((ctx.key_pos < sinks) | (ctx.distance < window))
+
+
 def _dense_select(scores, ctx, budget, sinks, window):
     """The previous dense selection: sinks + window + the `budget` other visible keys with the largest scores."""
-    fixed = ctx.visible & ((ctx.key_pos < sinks) | (ctx.distance < window))
-    return fixed | top_scoring(scores, (ctx.visible & ~fixed).expand_as(scores), budget)
+    candidates = _dense_candidates(ctx, sinks, window)
+    return (ctx.visible & ~candidates) | top_scoring(scores, candidates.expand_as(scores), budget)
 
 
 def _dense_target(query, key, ctx, scaling):
@@ -106,21 +111,53 @@ def test_selection_of_indexer_scores_equals_the_dense_selection(chunking):
     assert torch.equal(dense_keep(ctx, selection), expected)
 
 
+def _dense_objective(objective, stage, scores, target, ctx, budget, sinks, window):
+    """(target, keys compared) of each objective, written from its definition on the dense tensors."""
+    candidates = _dense_candidates(ctx, sinks, window)
+    selected = _dense_select(scores, ctx, budget, sinks, window)
+    if objective == "all_keys":
+        return target, ctx.visible if stage == "warmup" else selected
+    if objective == "candidates":
+        return target, candidates if stage == "warmup" else selected & candidates
+    return top_scoring(target, candidates, budget).float(), candidates
+
+
+@pytest.mark.parametrize("objective", ["all_keys", "candidates", "top_set"])
 @pytest.mark.parametrize("stage", ["warmup", "sparse"])
-def test_chunked_training_loss_and_gradients_equal_the_dense_formula(stage, chunking):
+def test_chunked_training_loss_and_gradients_equal_the_dense_formula(stage, objective, chunking):
     query, key = _qk()
     ctx = _left_padded_context()
-    opts = SimpleNamespace(budget=3, sinks=1, window=2, stage=stage)
+    opts = SimpleNamespace(budget=3, sinks=1, window=2, stage=stage, objective=objective)
     index_inputs = _index_inputs()
     loss, selection = training_selection(index_inputs, query, key, ctx, opts, 0.35)
     scores = fp32_indexer_scores(*index_inputs)
-    selected = _dense_select(scores.detach(), ctx, 3, 1, 2)
-    keep = ctx.visible if stage == "warmup" else selected
-    expected = _dense_kl(scores, _dense_target(query, key, ctx, 0.35), keep)
+    target, keep = _dense_objective(objective, stage, scores.detach(), _dense_target(query, key, ctx, 0.35), ctx, 3, 1, 2)
+    expected = _dense_kl(scores, target, keep)
     torch.testing.assert_close(loss, expected)
-    assert torch.equal(dense_keep(ctx, selection), keep)
+    attended = ctx.visible if stage == "warmup" else _dense_select(scores.detach(), ctx, 3, 1, 2)
+    assert torch.equal(dense_keep(ctx, selection), attended)
     for grad, expected_grad in zip(torch.autograd.grad(loss, index_inputs), torch.autograd.grad(expected, index_inputs)):
         torch.testing.assert_close(grad, expected_grad)
+
+
+def test_objectives_compare_different_keys():
+    """The three objectives are different losses of the same scores (so the option is not a no-op), and 'top_set'
+    is minimised by scores that rank the exact top set first: with a large margin its KL goes to zero."""
+    query, key = _qk()
+    ctx = _left_padded_context()
+    index_inputs = _index_inputs()
+    losses = {
+        objective: training_selection(index_inputs, query, key, ctx, SimpleNamespace(budget=3, sinks=1, window=2, stage="warmup", objective=objective), 0.35)[0]
+        for objective in ("all_keys", "candidates", "top_set")
+    }
+    assert len({round(v.item(), 4) for v in losses.values()}) == 3
+    target = attention_target(query, key, ctx.visible, 0.35)
+    candidates = _dense_candidates(ctx, 1, 2)
+    top = top_scoring(target, candidates, 3)
+    ideal = top.float() * 50.0  # the top set 50 nats above every other candidate
+    kl, count = indexer_kl_terms(ideal, top.float(), candidates)
+    torch.testing.assert_close(kl / count, torch.tensor(0.0), atol=1e-4, rtol=0)
+    assert indexer_kl_terms(ideal.flip(-1), top.float(), candidates)[0] > 1.0
 
 
 def test_kl_is_zero_when_the_indexer_matches_and_equals_the_definition():
@@ -152,7 +189,7 @@ def test_loss_trains_only_the_indexer():
     # The indexer reads detached copies of the main attention's inputs (here its first head's query and key).
     source_q, source_k = query[:, 0].detach(), key[:, 0].detach()
     index_inputs = (index_q(source_q).unflatten(-1, (2, 4)).transpose(1, 2), index_k(source_k), index_w(source_q).transpose(1, 2))
-    opts = SimpleNamespace(budget=3, sinks=1, window=2, stage="warmup")
+    opts = SimpleNamespace(budget=3, sinks=1, window=2, stage="warmup", objective="all_keys")
     loss, _ = training_selection(index_inputs, query, key, causal_context(2, 20), opts, 0.35)
     loss.backward()
     assert query.grad is None and key.grad is None
