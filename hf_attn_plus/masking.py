@@ -180,6 +180,21 @@ def chunk_visible(ctx: AttentionContext, rows: slice) -> torch.Tensor:
     return visible if ctx.restrict is None else visible & ctx.restrict[:, :, rows]
 
 
+def _without_gap(key_pos: torch.Tensor, gap: tuple[int, int] | None) -> torch.Tensor:
+    """key_pos [..., kv] without the slots of an evicted `gap` (first slot, slots)."""
+    if gap is None:
+        return key_pos
+    first, slots = gap
+    return torch.cat((key_pos[..., :first], key_pos[..., first + slots :]), dim=-1)
+
+
+def context_of_evicting_layer(ctx: AttentionContext, layer: Any) -> AttentionContext:
+    """The context of the keys an EvictingLayer holds, from the context `ctx` of every key (no gap): the same queries,
+    the evicted slots' positions dropped."""
+    gap = layer.key_gap(ctx.key_start)
+    return dataclasses.replace(ctx, key_pos=_without_gap(ctx.key_pos, gap), key_gap=gap, cache_layer=None)
+
+
 def _run_of_real(key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(slot of the first real key, number of real keys, its position) per sequence of key_pos [B, kv]."""
     real = key_pos >= 0
@@ -190,13 +205,9 @@ def _run_of_real(key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 def context_from_positions(positions: TokenPositions, cache_layer: Any = None) -> AttentionContext:
     """A layer's context from the forward's positions: views, nothing recomputed per layer (an evicting cache
     layer's keys drop the positions of its gap: O(keys held))."""
-    key_pos = positions.key_pos
     gap = cache_layer.key_gap(positions.key_start) if hasattr(cache_layer, "key_gap") else None
-    if gap is not None:
-        first, slots = gap
-        key_pos = torch.cat((key_pos[:, :first], key_pos[:, first + slots :]), dim=-1)
     return AttentionContext(
-        key_pos=key_pos[:, None, None, :],
+        key_pos=_without_gap(positions.key_pos, gap)[:, None, None, :],
         key_gap=gap,
         query_pos=positions.query_pos[:, None, :, None],
         cache_layer=cache_layer,

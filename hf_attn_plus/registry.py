@@ -77,6 +77,10 @@ class Mechanism:
     # kept_keys(opts) -> (sinks, window) or None: when not None, no later query attends beyond the first `sinks` real
     # tokens and the last `window` keys, and cached inference evicts everything else (patches/streaming_cache.py).
     kept_keys: Callable[[SimpleNamespace], tuple[int, int] | None] | None = None
+    # evicted_groups(attention module, opts) -> (bool [Hkv], sinks, window) or None: the KV groups of this layer that
+    # no later query reads beyond the first `sinks` real tokens and the last `window` keys; cached inference keeps
+    # only those keys of them (streaming_cache.GroupEvictingLayer) and the mechanism reads them there.
+    evicted_groups: Callable[[Any, SimpleNamespace], tuple[Any, int, int] | None] | None = None
     # check(opts) raises OptionError for a combination of options each valid alone (e.g. a pool that does not divide
     # the block): set_attention refuses it before changing the model; a config holding it fails at its first forward,
     # where every option is validated.

@@ -285,6 +285,12 @@ def _mla_shape(self: nn.Module) -> AttentionShape:
     return AttentionShape(self.hidden_size, self.num_heads, self.num_heads, self.qk_head_dim, self.v_head_dim)
 
 
+def caches_latent(attention: nn.Module) -> bool:
+    """Whether the layer's cache holds MLA's latent, one per token shared by every head (DeepSeek-V3), rather than
+    per-KV-group keys and values."""
+    return getattr(type(attention), "attn_plus_shape", None) is _mla_shape
+
+
 PATCHED = {
     base.__name__: _patched(base, shape, logit_features)
     for base, shape, logit_features in (

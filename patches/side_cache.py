@@ -19,7 +19,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..registry import PREFIX, get_mechanism, in_dense_ends, options_from_config
-from .streaming_cache import EvictingLayer
+from .streaming_cache import EvictingLayer, GroupEvictingLayer
 
 
 class SideState(Protocol):
@@ -141,7 +141,22 @@ def side_state(ctx: Any, name: str, factory: Callable[[], State], key: torch.Ten
 def cache_layer_for(module: nn.Module, cache: Any) -> DynamicLayer | None:
     """The cache layer at `module.layer_idx` a mechanism reads in cached inference, swapped in for the plain
     `DynamicLayer` there: a `SideCacheLayer` when the active mechanism declares `side_cache`, an `EvictingLayer`
-    (streaming_cache.py) when its `kept_keys` asks for eviction; else None (recompute path, plain cache)."""
+    (streaming_cache.py) when its `kept_keys` asks for eviction, a `GroupEvictingLayer` when its `evicted_groups`
+    names groups; else None (recompute path, plain cache). A layer that already evicts some groups is refused to any
+    call that would read every group."""
+    layer = _cache_layer_for(module, cache)
+    layer_idx = module.layer_idx
+    held = cache.layers[layer_idx] if isinstance(cache, DynamicCache) and len(cache.layers) > layer_idx else None
+    if isinstance(held, GroupEvictingLayer) and layer is not held:
+        raise ValueError(
+            f"hf_attn_plus per-group eviction: cache layer {layer_idx} keeps only some KV groups' keys (groups "
+            f"{held.evicted_groups.tolist()} evicted) and this call ({module.config._attn_implementation}) reads every "
+            "group: start generation again with a fresh DynamicCache after changing the budget or the mechanism"
+        )
+    return layer
+
+
+def _cache_layer_for(module: nn.Module, cache: Any) -> DynamicLayer | None:
     implementation = getattr(module.config, "_attn_implementation", None)
     if not (isinstance(implementation, str) and implementation.startswith(PREFIX)) or module.training:
         return None
@@ -150,6 +165,9 @@ def cache_layer_for(module: nn.Module, cache: Any) -> DynamicLayer | None:
     kept = mechanism.kept_keys(opts) if mechanism.kept_keys else None
     if kept is not None:
         return _evicting_layer(module, cache, opts, *kept)
+    groups = mechanism.evicted_groups(module, opts) if mechanism.evicted_groups and cache is not None else None
+    if groups is not None:
+        return _group_evicting_layer(module, cache, *groups)
     if not isinstance(cache, DynamicCache) or not mechanism.side_cache:
         return None
     layers, layer_idx = cache.layers, module.layer_idx
@@ -185,5 +203,34 @@ def _evicting_layer(module: nn.Module, cache: Any, opts: Any, sinks: int, window
         raise ValueError(
             f"hf_attn_plus eviction: cache layer {layer_idx} is {held}; evicting sinks={sinks}, window={window} needs a "
             "fresh DynamicCache (start generation again after changing the mechanism or its options)"
+        )
+    return layer
+
+
+def _group_evicting_layer(
+    module: nn.Module, cache: Any, evicted: torch.Tensor, sinks: int, window: int
+) -> GroupEvictingLayer | None:
+    """The layer's GroupEvictingLayer, made on its first cached call (None in a layer with the model's own window);
+    refused on another cache or another split."""
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(
+            f"hf_attn_plus per-group eviction (a fallback with evict=True) keeps its keys in transformers' DynamicCache; "
+            f"got {type(cache).__name__} (use cache_implementation='dynamic', or evict=False)"
+        )
+    layers, layer_idx = cache.layers, module.layer_idx
+    while len(layers) <= layer_idx:
+        layers.append(DynamicLayer())
+    layer = layers[layer_idx]
+    if isinstance(layer, DynamicSlidingWindowLayer):  # the model's own window already drops old keys
+        return None
+    if type(layer) is DynamicLayer:
+        layers[layer_idx] = layer = GroupEvictingLayer.replacing(layer, evicted.cpu(), sinks, window)
+    split = (layer.evicted.tolist(), layer.streaming.sinks, layer.streaming.window) if isinstance(layer, GroupEvictingLayer) else None
+    if split != (evicted.cpu().tolist(), sinks, window):
+        raise ValueError(
+            f"hf_attn_plus per-group eviction: cache layer {layer_idx} is {type(layer).__name__}"
+            + ("" if split is None else f" evicting groups {split[0]} with sinks={split[1]}, window={split[2]}")
+            + f"; this call evicts groups {evicted.cpu().tolist()} with sinks={sinks}, window={window}: start generation "
+            "again with a fresh DynamicCache after changing the budget or the options"
         )
     return layer

@@ -78,3 +78,64 @@ class EvictingLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.head, self.evicted = None, 0
+
+
+class GroupEvictingLayer(DynamicLayer):
+    """DuoAttention's cache: every key of the KV groups that read the whole context, and of the other (`evicted`)
+    groups only what an `EvictingLayer` keeps (head slots + the last `window - 1`). `update` returns the kept groups'
+    keys and values (what the attention function receives); the evicted groups' are `streaming.keys` / `.values`,
+    numbered by `streaming.key_gap`. Which groups are evicted is fixed when the layer is made: they must not read an
+    evicted key again."""
+
+    is_compileable = False
+
+    def __init__(self, evicted: torch.Tensor, sinks: int, window: int) -> None:
+        super().__init__()
+        self.evicted = evicted.clone()  # [Hkv] bool
+        self.kept_groups, self.evicted_groups = (~evicted).nonzero().flatten(), evicted.nonzero().flatten()
+        self.streaming = EvictingLayer(sinks, window)
+
+    @classmethod
+    def replacing(cls, layer: DynamicLayer, evicted: torch.Tensor, sinks: int, window: int) -> GroupEvictingLayer:
+        if layer.get_seq_length() > 0:
+            raise ValueError(
+                "hf_attn_plus per-group eviction must start from an empty cache layer (it holds "
+                f"{layer.get_seq_length()} tokens): start generation again with a fresh DynamicCache"
+            )
+        return cls(evicted, sinks, window)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        groups = self.evicted_groups.to(key_states.device)
+        self.streaming.update(key_states.index_select(1, groups), value_states.index_select(1, groups))
+        kept = self.kept_groups.to(key_states.device)
+        return super().update(key_states.index_select(1, kept), value_states.index_select(1, kept), *args, **kwargs)
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (the streaming part counts evicted ones; the kept groups may be none)."""
+        return self.streaming.get_seq_length()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.streaming.crop(tokens_to_remove)  # refuses first if it would need an evicted key
+        super().crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.streaming.reorder_cache(beam_idx)
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.streaming.batch_repeat_interleave(repeats)
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.streaming.batch_select_indices(indices)
+        super().batch_select_indices(indices)
+
+    def reset(self) -> None:
+        self.streaming.reset()
+        super().reset()
+
+    def memory_elements(self) -> int:
+        """Elements held by keys and values of both parts: the evicted groups' stop growing after the prompt."""
+        return sum(t.numel() for layer in (self, self.streaming) if layer.is_initialized for t in (layer.keys, layer.values))

@@ -54,16 +54,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import run_delegate
+from ..masking import context_of_evicting_layer
 from ..options import Option, OptionError, float_option
 from ..patches.attn_plus import (
     MODEL_FEATURES,
     AttentionShape,
     MechanismWeights,
+    caches_latent,
     mechanism_weights,
     register_weights,
+    runs_in,
     unwrapped,
     weights_class,
 )
+from ..patches.streaming_cache import GroupEvictingLayer
 from ..registry import Mechanism, all_mechanisms, delegate, mechanism_option, register
 
 
@@ -155,6 +159,13 @@ class InnerAttention:
 def attend(module, query, key, value, ctx, opts, scaling, dropout):
     gate_weights = mechanism_weights(module, "head_budget")  # a clear error when the layer has no gates
     gates = module.attn_plus(opts.budget, ramp=opts.ramp)  # through any adapter PEFT wrapped around the weights
+    if isinstance(ctx.cache_layer, GroupEvictingLayer):
+        return _attend_split_cache(ctx.cache_layer, gate_weights, gates, module, query, key, value, ctx, opts, scaling, dropout)
+    return _attend_gated(gate_weights, gates, module, query, key, value, ctx, opts, scaling, dropout)
+
+
+def _attend_gated(gate_weights, gates, module, query, key, value, ctx, opts, scaling, dropout):
+    """g * inner + (1 - g) * fallback for the heads of `query` (gates [Hq] of those heads), on keys every head sees."""
     if weights_class(opts.inner) is not None:  # per-head weights and state: every head runs
         inner_module = InnerAttention(module, InnerWeights(module.attn_plus, gate_weights.inner))
         inner_heads = torch.ones_like(gates, dtype=torch.bool)
@@ -175,6 +186,56 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
     return out + rest * (1 - gates).view(1, -1, 1, 1).to(rest.dtype), None
 
 
+def _attend_split_cache(layer, gate_weights, gates, module, query, key, value, ctx, opts, scaling, dropout):
+    """Cached inference with per-group eviction: `key` / `value` hold the kept groups only (every key), the evicted
+    groups' sinks and window are in `layer.streaming`; their gates are 0, so they output the fallback."""
+    group = query.shape[1] // layer.evicted.numel()
+    out = query.new_zeros(*query.shape[:3], value.shape[-1])
+    kept = _heads_of(layer.kept_groups.to(query.device), group)
+    if kept.numel():
+        kept_ctx = dataclasses.replace(ctx, query_heads=_named(ctx, kept), cache_layer=None)
+        out_kept, _ = _attend_gated(gate_weights, gates[kept], module, query[:, kept], key, value, kept_ctx, opts, scaling, dropout)
+        out = out.index_copy(1, kept, out_kept.to(out.dtype))
+    evicted = _heads_of(layer.evicted_groups.to(query.device), group)
+    stream_ctx = dataclasses.replace(context_of_evicting_layer(ctx, layer.streaming), query_heads=_named(ctx, evicted))
+    out_evicted, _ = run_delegate(
+        "head_budget", opts.fallback, opts.fallback_options, opts, module, query[:, evicted],
+        layer.streaming.keys, layer.streaming.values, stream_ctx, scaling, dropout,
+    )
+    return out.index_copy(1, evicted, out_evicted.to(out.dtype)), None
+
+
+def _heads_of(groups: torch.Tensor, group: int) -> torch.Tensor:
+    """Query head indices of KV `groups` ([n] long), `group` query heads each."""
+    return (groups[:, None] * group + torch.arange(group, device=groups.device)).flatten()
+
+
+def _named(ctx, heads: torch.Tensor) -> torch.Tensor:
+    """The model's indices of the call's query heads `heads`."""
+    return heads if ctx.query_heads is None else ctx.query_heads.to(heads.device)[heads]
+
+
+def evicted_groups(module: nn.Module, opts: SimpleNamespace) -> tuple[torch.Tensor, int, int] | None:
+    """DuoAttention's decode memory: KV groups whose gates are all 0 at the budget read only the fallback's keys, so
+    with a fallback that evicts (`sliding_window` with evict=True) cached inference keeps only its sinks and window of
+    them. None when no group is off, the fallback keeps every key, or the inner mechanism's weights need every head."""
+    if opts.fallback == "none" or weights_class(opts.inner) is not None or not runs_in(opts, module):
+        return None
+    fallback, fallback_opts = delegate("head_budget", opts.fallback, opts.fallback_options)
+    kept = fallback.kept_keys(fallback_opts) if fallback.kept_keys else None
+    if kept is None:
+        return None
+    if caches_latent(module):
+        raise ValueError(
+            f"hf_attn_plus head_budget: fallback_options evict=True keeps some KV groups' keys only, but "
+            f"{type(module).__name__} caches one MLA latent per token for every head; allowed here: evict=False"
+        )
+    with torch.no_grad():
+        gates = module.attn_plus(opts.budget, ramp=opts.ramp)
+    off = ~(gates > 0).view(mechanism_weights(module, "head_budget").shape.kv_heads, -1).any(dim=1)
+    return (off, *kept) if bool(off.any()) else None
+
+
 def _run_on_groups(name, options, common, heads, module, query, key, value, ctx, scaling, dropout):
     """Mechanism `name` on the KV groups holding one of `heads` ([Hq] bool) only: output [B, Hq, q, Dv] with zeros
     for the heads of the other groups, and its attention weights (None when it has none). The heads that run are
@@ -188,11 +249,10 @@ def _run_on_groups(name, options, common, heads, module, query, key, value, ctx,
     kv_on = groups_on.nonzero().flatten()
     if not kv_on.numel():
         return out, None
-    heads_on = (kv_on[:, None] * group + torch.arange(group, device=kv_on.device)).flatten()
-    named = heads_on if ctx.query_heads is None else ctx.query_heads.to(heads_on.device)[heads_on]
+    heads_on = _heads_of(kv_on, group)
     out_on, probs_on = run_delegate(
         "head_budget", name, options, common, module, query[:, heads_on], key[:, kv_on], value[:, kv_on],
-        dataclasses.replace(ctx, query_heads=named), scaling, dropout,
+        dataclasses.replace(ctx, query_heads=_named(ctx, heads_on)), scaling, dropout,
     )
     out = out.index_copy(1, heads_on, out_on.to(out.dtype))
     if probs_on is None:
@@ -299,6 +359,7 @@ MECHANISM = register(
         ),
         check=_check,
         attend=attend,
+        evicted_groups=evicted_groups,
         training_free=False,
     )
 )
