@@ -125,6 +125,13 @@ class HeadBudgetSection:
 
 
 @dataclasses.dataclass
+class IndexerSection:
+    # How the warm-up starts the indexer: 'random' (DSA) or 'attention', the layer's own attention as the DSA form
+    # (indexer_topk.init_from_attention; needs index_heads = query heads, index_dim = KV heads x head dim).
+    init: str = "random"
+
+
+@dataclasses.dataclass
 class RecipeConfig:
     model: str = "teacher"  # 'teacher' / 'teacher-tiny' (embedded, trained on first use), 'smollm2', a local dir or Hub id
     mechanism: str = "sliding_window"
@@ -134,6 +141,7 @@ class RecipeConfig:
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     long_context: LongContextSection = dataclasses.field(default_factory=LongContextSection)
     head_budget: HeadBudgetSection = dataclasses.field(default_factory=HeadBudgetSection)
+    indexer: IndexerSection = dataclasses.field(default_factory=IndexerSection)
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

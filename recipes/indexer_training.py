@@ -1,7 +1,8 @@
 """Indexer training for `indexer_topk` (DeepSeek-V3.2 DSA), one stage per run, chosen by `options.stage`:
 
 - warmup: the main model is frozen and attends densely; only the indexer (`*.attn_plus.*`) trains, on
-  KL(dense attention summed over heads || softmax(index scores)) over all visible keys.
+  KL(dense attention summed over heads || softmax(index scores)) over all visible keys (option `objective` picks
+  other keys or targets). `indexer.init: attention` starts it from the layer's own attention instead of at random.
 - sparse: the model attends its indexer's selection; LoRA on the attention projections learns the next-token loss
   while the indexer keeps training on the KL restricted to the selected set (its input is detached, so the two
   losses never mix gradients).
@@ -36,7 +37,7 @@ from common import (
     train_only_mechanism_weights,
 )
 
-from hf_attn_plus.mechanisms.indexer_topk import indexer_loss
+from hf_attn_plus.mechanisms.indexer_topk import indexer_loss, init_from_attention
 
 
 class IndexerObjective(torch.nn.Module):
@@ -59,6 +60,8 @@ def main() -> dict:
     cfg = parse_args(__doc__)
     if cfg.mechanism != "indexer_topk":
         raise ValueError(f"indexer training is for mechanism 'indexer_topk', got mechanism={cfg.mechanism!r}")
+    if cfg.indexer.init not in ("random", "attention"):
+        raise ValueError(f"indexer.init got {cfg.indexer.init!r}; allowed: 'random', 'attention'")
     accelerator = setup(cfg)
     model, tokenizer = load_model(cfg, accelerator, {"data.seq_len": cfg.data.seq_len})
     sparse = model.config.hf_attn_plus.get("stage", "sparse") == "sparse"
@@ -72,6 +75,8 @@ def main() -> dict:
             ),
         )
     else:
+        if cfg.indexer.init == "attention":
+            init_from_attention(model)
         train_only_mechanism_weights(model, cfg.mechanism)
     corpus = load_corpus(cfg.data, tokenizer, accelerator)
     train_blocks = corpus.train_blocks(cfg.data.seq_len)

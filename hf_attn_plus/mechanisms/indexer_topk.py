@@ -218,7 +218,9 @@ class IndexerWeights(MechanismWeights):
         query_width, key_width = shape.q_heads * shape.qk_dim, shape.kv_heads * shape.qk_dim
         self.query_proj = nn.Linear(query_width, opts.index_heads * opts.index_dim, bias=False)
         self.key_proj = nn.Linear(key_width, opts.index_dim, bias=False)
-        self.head_weights = nn.Linear(query_width, opts.index_heads, bias=False)
+        # DSA's w is linear in the token; the bias (0 at a random start, so DSA exactly) lets `init_from_attention`
+        # give every head the same constant weight.
+        self.head_weights = nn.Linear(query_width, opts.index_heads, bias=True)
         self.loss: torch.Tensor | None = None
         IndexerWeights.reset_parameters(self)
 
@@ -226,6 +228,29 @@ class IndexerWeights(MechanismWeights):
     def reset_parameters(self) -> None:
         for linear in (self.query_proj, self.key_proj, self.head_weights):
             nn.init.normal_(linear.weight, std=linear.in_features**-0.5)
+        self.head_weights.bias.zero_()
+
+    @torch.no_grad()
+    def init_from_attention(self) -> None:
+        """Index head h = query head h, the index key = every KV head's key side by side (q^I_h reads only its own
+        group's slot), w = 1 / sqrt(head dim) for every head: I[t, s] = sum_h relu(q_h[t] · k_h[s]) / sqrt(D), the
+        DSA form computed from the layer's own attention. Needs index_heads = query heads, index_dim = KV heads x
+        head dim."""
+        shape, opts = self.shape, self.opts
+        heads, kv_heads, dim = shape.q_heads, shape.kv_heads, shape.qk_dim
+        if (opts.index_heads, opts.index_dim) != (heads, kv_heads * dim):
+            raise ValueError(
+                f"indexer init from attention needs index_heads={heads} (query heads) and index_dim={kv_heads * dim} "
+                f"(KV heads x head dim) in layer {self.layer_idx}; got index_heads={opts.index_heads}, "
+                f"index_dim={opts.index_dim}"
+            )
+        eye = torch.eye(dim, dtype=self.query_proj.weight.dtype, device=self.query_proj.weight.device)
+        query = self.query_proj.weight.view(heads, kv_heads, dim, heads, dim).zero_()
+        for head in range(heads):
+            query[head, head // (heads // kv_heads), :, head] = eye
+        self.key_proj.weight.copy_(torch.eye(kv_heads * dim))
+        self.head_weights.weight.zero_()
+        self.head_weights.bias.fill_(opts.index_heads**0.5 / dim**0.5)  # forward scales w by index_heads^-0.5
 
     def forward(
         self, query: torch.Tensor | None, key: torch.Tensor | None
@@ -325,6 +350,18 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
 
         return attend_kernel(query, key, value, ctx, selection, scaling), None
     return attend_selection(module, query, key, value, ctx, selection, opts, scaling, dropout), None
+
+
+def init_from_attention(model: nn.Module) -> int:
+    """Start every indexer of `model` from its layer's own attention (`IndexerWeights.init_from_attention`): on
+    SmolLM2 at 10 % of a 512-token context this untrained indexer gives ppl 9.38 (dense 9.06), where a random one
+    trained 100 steps reaches 15.2. Returns the number of indexers set."""
+    indexers = [m for m in model.modules() if isinstance(m, IndexerWeights)]
+    if not indexers:
+        raise ValueError("no indexer_topk weights in the model: set attn_implementation 'hf_attn_plus:indexer_topk' first")
+    for indexer in indexers:
+        indexer.init_from_attention()
+    return len(indexers)
 
 
 def indexer_loss(model: nn.Module) -> torch.Tensor:

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 import hf_attn_plus
 from hf_attn_plus.smollm2 import load_smollm2
 
-from .runs import evals, launch, losses
+from .runs import ROOT, evals, launch, losses
 
 SHORT = ["train.steps=2", "train.eval_every=2", "train.save_every=100", "data.seq_len=64", "data.eval_blocks=2",
          "train.batch_size=2"]
@@ -34,6 +35,7 @@ def smollm2_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("attention_transfer.py", "smollm2/hybrid.yaml", "final"),
         ("attention_transfer.py", "smollm2/gated_delta.yaml", "final"),
         ("indexer_training.py", "smollm2/indexer_topk.yaml", "final"),
+        ("indexer_training.py", "smollm2/indexer_topk_from_attention.yaml", "final"),
         ("lora_finetune.py", "smollm2/head_budget.yaml", None),
         ("lora_finetune.py", "smollm2/head_budget_duo.yaml", None),
     ],
@@ -44,7 +46,7 @@ def test_recipe_runs_on_the_real_architecture(script, config, reloads, smollm2_s
     assert evals(summary)
     if reloads:
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / reloads)
-        mechanism = config.split("/")[1].removesuffix(".yaml")
+        mechanism = yaml.safe_load((ROOT / "recipes" / config).read_text())["mechanism"]
         assert model.config._attn_implementation == hf_attn_plus.get_mechanism(mechanism).attn_implementation
         with torch.no_grad():
             assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()

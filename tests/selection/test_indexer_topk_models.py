@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 import hf_attn_plus
 from core.models import token_batch
 from core.models import left_pad
-from hf_attn_plus.mechanisms.indexer_topk import IndexerWeights, indexer_loss
+from hf_attn_plus.mechanisms.indexer_topk import IndexerWeights, indexer_loss, init_from_attention
+from hf_attn_plus.selection import indexer_scores
 from hf_attn_plus.tiny import tiny_config
 
 from .selection_helpers import assert_cached_equals_uncached, assert_padding_invariant, decode_logits, logits
@@ -38,7 +39,7 @@ def _dense_logits(model, ids, training=False):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sparse_selection_is_cache_and_padding_exact_and_covering_budget_is_dense(arch):
     model = indexer_model(arch, budget=3, window=2, sinks=1)
-    assert sum(".attn_plus." in name for name, _ in model.named_parameters()) == 3 * 2  # three projections, 2 layers
+    assert sum(".attn_plus." in name for name, _ in model.named_parameters()) == 4 * 2  # three projections + w bias, 2 layers
     assert_cached_equals_uncached(model)
     assert_padding_invariant(model, length=30, pad=7)
     ids = token_batch(2, 24)
@@ -100,6 +101,48 @@ def test_save_load_round_trip(tmp_path):
     for (name, param), (_, again) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(param, again), name
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids))
+
+
+def test_a_checkpoint_without_the_head_weight_bias_loads_its_weights_and_a_zero_bias(tmp_path):
+    """Indexers saved before w had a bias: every saved weight loads as saved, the bias starts at 0 (DSA's w)."""
+    from safetensors.torch import load_file, save_file
+
+    model = indexer_model("llama", budget=3, window=2, sinks=1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".attn_plus." in name:
+                param.add_(torch.randn_like(param))
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    old = {name: t for name, t in weights.items() if not name.endswith("head_weights.bias")}
+    assert len(old) < len(weights)
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for name, param in loaded.state_dict().items():
+        expected = torch.zeros_like(param) if name.endswith("head_weights.bias") else old[name]
+        assert torch.equal(param, expected), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])
+def test_init_from_attention_scores_keys_by_the_layers_own_attention(arch):
+    """After init_from_attention, I[t, s] = sum_h relu(q_h[t] · k_h[s]) / sqrt(D) from the layer's own (post-RoPE)
+    queries and keys, so the selection is top-k by that score, computed by brute force."""
+    model = indexer_model(arch, budget=3, window=2, sinks=1)
+    attention = model.model.layers[0].self_attn
+    shape = attention.attn_plus.shape
+    with pytest.raises(ValueError, match=f"needs index_heads={shape.q_heads} .* index_dim={shape.kv_heads * shape.qk_dim}"):
+        init_from_attention(model)
+    options = dict(budget=3, window=2, sinks=1, index_heads=shape.q_heads, index_dim=shape.kv_heads * shape.qk_dim)
+    hf_attn_plus.set_attention(model, "indexer_topk", **options)
+    assert init_from_attention(model) == model.config.num_hidden_layers
+    torch.manual_seed(3)
+    query = torch.randn(2, shape.q_heads, 7, shape.qk_dim)
+    key = torch.randn(2, shape.kv_heads, 7, shape.qk_dim)
+    index_query, index_key, head_weights = attention.attn_plus(query, key)
+    scores = indexer_scores(index_query, index_key, head_weights)
+    keys = key.repeat_interleave(shape.q_heads // shape.kv_heads, dim=1)
+    expected = (query @ keys.transpose(-1, -2)).relu().sum(1, keepdim=True) / shape.qk_dim**0.5
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_deepseek_v32_reuses_its_own_indexer():
