@@ -127,8 +127,10 @@ class HeadBudgetSection:
 @dataclasses.dataclass
 class IndexerSection:
     # How the warm-up starts the indexer: 'random' (DSA) or 'attention', the layer's own attention as the DSA form
-    # (indexer_topk.init_from_attention; needs index_heads = query heads, index_dim = KV heads x head dim).
+    # (indexer_topk.init_from_attention; needs index_heads = query heads; with index_dim below KV heads x head dim the
+    # keys are projected onto their principal directions in the first `calibration_blocks` training blocks).
     init: str = "random"
+    calibration_blocks: int = 4
 
 
 @dataclasses.dataclass

@@ -75,11 +75,12 @@ def main() -> dict:
             ),
         )
     else:
-        if cfg.indexer.init == "attention":
-            init_from_attention(model)
         train_only_mechanism_weights(model, cfg.mechanism)
     corpus = load_corpus(cfg.data, tokenizer, accelerator)
     train_blocks = corpus.train_blocks(cfg.data.seq_len)
+    if not sparse and cfg.indexer.init == "attention":
+        # A checkpoint being resumed overwrites this start; below full width the key basis comes from training text.
+        init_from_attention(model, calibration=train_blocks[: cfg.indexer.calibration_blocks])
     eval_blocks = corpus.eval_blocks(cfg.data.seq_len, cfg.data.eval_blocks)
     with dense_teacher(model) as teacher:
         teacher_ppl = perplexity(accelerator, teacher, eval_blocks)

@@ -231,24 +231,31 @@ class IndexerWeights(MechanismWeights):
         self.head_weights.bias.zero_()
 
     @torch.no_grad()
-    def init_from_attention(self) -> None:
-        """Index head h = query head h, the index key = every KV head's key side by side (q^I_h reads only its own
-        group's slot), w = 1 / sqrt(head dim) for every head: I[t, s] = sum_h relu(q_h[t] · k_h[s]) / sqrt(D), the
-        DSA form computed from the layer's own attention. Needs index_heads = query heads, index_dim = KV heads x
-        head dim."""
+    def init_from_attention(self, key_basis: torch.Tensor | None = None) -> None:
+        """Index head h = query head h, w = 1 / sqrt(head dim) for every head, and the index key the projection of
+        every KV head's key side by side onto `key_basis` ([index_dim, KV heads x head dim], orthonormal rows; None:
+        the identity), q^I_h the same projection of q_h placed in its group's slot: I[t, s] = sum_h relu(q_h[t] ·
+        B^T B k_h[s]) / sqrt(D), the DSA form of the layer's own attention (exact with the identity). Needs
+        index_heads = query heads."""
         shape, opts = self.shape, self.opts
         heads, kv_heads, dim = shape.q_heads, shape.kv_heads, shape.qk_dim
-        if (opts.index_heads, opts.index_dim) != (heads, kv_heads * dim):
+        width = kv_heads * dim
+        if opts.index_heads != heads or (key_basis is None and opts.index_dim != width):
             raise ValueError(
-                f"indexer init from attention needs index_heads={heads} (query heads) and index_dim={kv_heads * dim} "
-                f"(KV heads x head dim) in layer {self.layer_idx}; got index_heads={opts.index_heads}, "
+                f"indexer init from attention needs index_heads={heads} (query heads) and, without a key basis, "
+                f"index_dim={width} (KV heads x head dim) in layer {self.layer_idx}; got index_heads={opts.index_heads}, "
                 f"index_dim={opts.index_dim}"
             )
-        eye = torch.eye(dim, dtype=self.query_proj.weight.dtype, device=self.query_proj.weight.device)
-        query = self.query_proj.weight.view(heads, kv_heads, dim, heads, dim).zero_()
+        weight = self.key_proj.weight
+        basis = torch.eye(width) if key_basis is None else key_basis
+        if basis.shape != (opts.index_dim, width):
+            raise ValueError(f"key basis of layer {self.layer_idx} is {tuple(basis.shape)}; needs ({opts.index_dim}, {width})")
+        basis = basis.to(weight)
+        query = self.query_proj.weight.view(heads, opts.index_dim, heads, dim).zero_()
         for head in range(heads):
-            query[head, head // (heads // kv_heads), :, head] = eye
-        self.key_proj.weight.copy_(torch.eye(kv_heads * dim))
+            group = head // (heads // kv_heads)
+            query[head, :, head] = basis[:, group * dim : (group + 1) * dim]
+        weight.copy_(basis)
         self.head_weights.weight.zero_()
         self.head_weights.bias.fill_(opts.index_heads**0.5 / dim**0.5)  # forward scales w by index_heads^-0.5
 
@@ -352,16 +359,57 @@ def attend(module, query, key, value, ctx, opts, scaling, dropout):
     return attend_selection(module, query, key, value, ctx, selection, opts, scaling, dropout), None
 
 
-def init_from_attention(model: nn.Module) -> int:
-    """Start every indexer of `model` from its layer's own attention (`IndexerWeights.init_from_attention`): on
-    SmolLM2 at 10 % of a 512-token context this untrained indexer gives ppl 9.38 (dense 9.06), where a random one
-    trained 100 steps reaches 15.2. Returns the number of indexers set."""
+def init_from_attention(model: nn.Module, calibration: torch.Tensor | None = None) -> int:
+    """Start every indexer of `model` from its layer's own attention (`IndexerWeights.init_from_attention`). With
+    index_dim = KV heads x head dim the index key is every key as it is; with a smaller index_dim it is their
+    projection onto the top principal directions (uncentred) of the layer's keys in a dense forward of `calibration`
+    (input ids [N, T]). On SmolLM2 at 10 % of a 512-token context the untrained indexer gives ppl 9.38 with every
+    dimension (dense 9.06), where a random one trained 100 steps reaches 15.2. Returns the number of indexers set."""
     indexers = [m for m in model.modules() if isinstance(m, IndexerWeights)]
     if not indexers:
         raise ValueError("no indexer_topk weights in the model: set attn_implementation 'hf_attn_plus:indexer_topk' first")
+    wrong_heads = [m for m in indexers if m.opts.index_heads != m.shape.q_heads]
+    if wrong_heads:
+        wrong_heads[0].init_from_attention()  # raises, naming what is needed
+    full = all(m.opts.index_dim == m.shape.kv_heads * m.shape.qk_dim for m in indexers)
+    if not full and calibration is None:
+        raise ValueError(
+            f"indexer init from attention with index_dim={indexers[0].opts.index_dim} below KV heads x head dim "
+            f"({indexers[0].shape.kv_heads * indexers[0].shape.qk_dim}) projects the keys onto their principal "
+            "directions: pass calibration input ids"
+        )
+    keys = None if full else dense_keys(model, indexers, calibration)
     for indexer in indexers:
-        indexer.init_from_attention()
+        basis = None
+        if keys is not None:
+            basis = torch.linalg.svd(keys[indexer.layer_idx], full_matrices=False).Vh[: indexer.opts.index_dim]
+        indexer.init_from_attention(basis)
     return len(indexers)
+
+
+def dense_keys(model: nn.Module, indexers: list[IndexerWeights], calibration: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each indexer layer's main keys (post-RoPE, [tokens, KV heads x head dim], fp32) in a forward of `calibration`
+    that attends densely (the warm-up stage's training forward, run without gradients)."""
+    keys: dict[int, list[torch.Tensor]] = {}
+
+    def record(module: IndexerWeights, args: tuple) -> None:
+        key = args[1]
+        if key is not None:
+            keys.setdefault(module.layer_idx, []).append(key.detach().transpose(1, 2).flatten(2).flatten(0, 1).float())
+
+    hooks = [indexer.register_forward_pre_hook(record) for indexer in indexers]
+    options, training = dict(model.config.hf_attn_plus), model.training
+    model.config.hf_attn_plus = {**options, "stage": "warmup"}
+    try:
+        model.train()
+        with torch.no_grad():
+            model(input_ids=calibration.to(model.device))
+    finally:
+        model.config.hf_attn_plus = options
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return {layer: torch.cat(parts) for layer, parts in keys.items()}
 
 
 def indexer_loss(model: nn.Module) -> torch.Tensor:

@@ -145,6 +145,69 @@ def test_init_from_attention_scores_keys_by_the_layers_own_attention(arch):
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_init_from_attention_below_full_width_projects_keys_on_their_principal_directions():
+    """index_dim r < KV heads x head dim: the index key is B k for B the top-r right singular vectors of the layer's
+    keys in a dense forward of the calibration ids, q^I_h = B q_h in its group's slot, so I = sum_h relu(q~_h B^T B k)
+    / sqrt(D); without calibration ids it is refused."""
+    model = indexer_model("llama", budget=3, window=2, sinks=1)
+    shape = model.model.layers[0].self_attn.attn_plus.shape
+    width, rank = shape.kv_heads * shape.qk_dim, 5
+    hf_attn_plus.set_attention(model, "indexer_topk", budget=3, window=2, sinks=1, index_heads=shape.q_heads, index_dim=rank)
+    with pytest.raises(ValueError, match="pass calibration input ids"):
+        init_from_attention(model)
+    calibration = token_batch(2, 24, seed=4)
+    keys = {}
+    attention = model.model.layers[1].self_attn
+    hook = attention.k_proj.register_forward_hook(lambda m, args, out: keys.setdefault("pre_rope", out))
+    init_from_attention(model, calibration=calibration)
+    hook.remove()
+    assert model.training is False and "stage" not in model.config.hf_attn_plus  # restored
+    basis = attention.attn_plus.key_proj.weight
+    torch.testing.assert_close(basis @ basis.T, torch.eye(rank), rtol=0, atol=1e-5)
+    # The basis spans the top principal directions of the layer's post-RoPE keys: it holds more of their energy than
+    # any other rank-r projection, in particular more than the principal directions of the keys before RoPE.
+    ids_keys = dense_layer_keys(model, calibration, layer=1)
+    pre = torch.linalg.svd(keys["pre_rope"].flatten(0, 1), full_matrices=False).Vh[:rank]
+    held = lambda b: (ids_keys @ b.T).square().sum()  # noqa: E731
+    assert held(basis) >= held(pre) and held(basis) >= 0.999 * torch.linalg.svdvals(ids_keys)[:rank].square().sum()
+    torch.manual_seed(3)
+    query = torch.randn(2, shape.q_heads, 7, shape.qk_dim)
+    key = torch.randn(2, shape.kv_heads, 7, shape.qk_dim)
+    scores = indexer_scores(*attention.attn_plus(query, key))
+    group = shape.q_heads // shape.kv_heads
+    placed = torch.zeros(2, shape.q_heads, 7, width)
+    for head in range(shape.q_heads):
+        slot = slice(head // group * shape.qk_dim, (head // group + 1) * shape.qk_dim)
+        placed[:, head, :, slot] = query[:, head]
+    flat_keys = key.transpose(1, 2).flatten(2)  # [B, 7, width]
+    expected = ((placed @ basis.T) @ (flat_keys @ basis.T).transpose(-1, -2)[:, None]).relu().sum(1, keepdim=True)
+    torch.testing.assert_close(scores, expected / shape.qk_dim**0.5, rtol=1e-5, atol=1e-5)
+
+
+def dense_layer_keys(model, ids, layer):
+    """Post-RoPE keys [tokens, KV heads x head dim] of `layer` in an SDPA forward (brute force, for the test)."""
+    keys = []
+    from transformers.models.llama import modeling_llama
+
+    rope = modeling_llama.apply_rotary_pos_emb
+
+    def capture(q, k, cos, sin, *args, **kwargs):
+        out = rope(q, k, cos, sin, *args, **kwargs)
+        keys.append(out[1])
+        return out
+
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    modeling_llama.apply_rotary_pos_emb = capture
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        modeling_llama.apply_rotary_pos_emb = rope
+        model.set_attn_implementation(implementation)
+    return keys[layer].transpose(1, 2).flatten(2).flatten(0, 1)
+
+
 def test_deepseek_v32_reuses_its_own_indexer():
     """On V3.2 the selection is the model's own lightning indexer's (top-12 of 24+ keys here): the same logits and
     cached decode step as transformers' own SDPA path; this mechanism's selection options are refused there."""
