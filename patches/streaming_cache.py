@@ -11,6 +11,10 @@ forward's TokenPositions number every slot ever written, and the evicted slots f
 [head, head + evicted) in slot order; the attention context drops the gap's positions (`key_gap`), and the chunked
 reference maps a key's position to its slot around the gap. Batch edits (beams, repeats, selection) act on every
 row alike, so the gap survives them; `crop` rolls back as far as no evicted key is needed again.
+
+DuoAttention's variant evicts per KV group: a mechanism naming, with `Mechanism.evicted_groups`, the groups of a layer
+that read only sinks + window (head_budget's groups whose gates are all 0, with a fallback that evicts) gets a
+`GroupEvictingLayer`, which keeps every key of the other groups and an `EvictingLayer` for those.
 """
 
 from __future__ import annotations
