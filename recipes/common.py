@@ -131,6 +131,7 @@ class IndexerSection:
     # keys are projected onto their principal directions in the first `calibration_blocks` training blocks).
     init: str = "random"
     calibration_blocks: int = 4
+    lr: float | None = None  # the indexer's peak learning rate (None: train.lr, as every other trainable weight)
 
 
 @dataclasses.dataclass

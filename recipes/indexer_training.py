@@ -2,7 +2,8 @@
 
 - warmup: the main model is frozen and attends densely; only the indexer (`*.attn_plus.*`) trains, on
   KL(dense attention summed over heads || softmax(index scores)) over all visible keys (option `objective` picks
-  other keys or targets). `indexer.init: attention` starts it from the layer's own attention instead of at random.
+  other keys or targets). `indexer.init: attention` starts it from the layer's own attention instead of at random
+  (in either stage: from that start the sparse stage can run directly).
 - sparse: the model attends its indexer's selection; LoRA on the attention projections learns the next-token loss
   while the indexer keeps training on the KL restricted to the selected set (its input is detached, so the two
   losses never mix gradients).
@@ -44,9 +45,20 @@ class IndexerObjective(torch.nn.Module):
     """Indexer KL of a training forward (recorded by each layer's indexer), plus the next-token loss when the main
     model trains too (sparse stage)."""
 
-    def __init__(self, model: torch.nn.Module, with_lm_loss: bool) -> None:
+    def __init__(self, model: torch.nn.Module, with_lm_loss: bool, indexer_lr: float | None = None) -> None:
         super().__init__()
-        self.model, self.with_lm_loss = model, with_lm_loss
+        self.model, self.with_lm_loss, self.indexer_lr = model, with_lm_loss, indexer_lr
+
+    def parameter_groups(self, trainable: list[torch.nn.Parameter]) -> list[dict]:
+        """The indexer at its own peak rate (`indexer.lr`) when one is set: a started indexer should move slower than
+        a LoRA learns."""
+        if self.indexer_lr is None:
+            return [{"params": trainable}]
+        indexer = {id(p) for name, p in self.named_parameters() if ".attn_plus." in name}
+        return [
+            {"params": [p for p in trainable if id(p) not in indexer]},
+            {"params": [p for p in trainable if id(p) in indexer], "peak_lr": self.indexer_lr},
+        ]
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         labels = input_ids if self.with_lm_loss else None
@@ -65,6 +77,12 @@ def main() -> dict:
     accelerator = setup(cfg)
     model, tokenizer = load_model(cfg, accelerator, {"data.seq_len": cfg.data.seq_len})
     sparse = model.config.hf_attn_plus.get("stage", "sparse") == "sparse"
+    corpus = load_corpus(cfg.data, tokenizer, accelerator)
+    train_blocks = corpus.train_blocks(cfg.data.seq_len)
+    if cfg.indexer.init == "attention":
+        # Either stage (from this start the warm-up did not help on SmolLM2); a resumed checkpoint overwrites it.
+        # Below full width the key basis comes from training text.
+        init_from_attention(model, calibration=train_blocks[: cfg.indexer.calibration_blocks])
     if sparse:
         lora = cfg.lora
         model = get_peft_model(
@@ -76,15 +94,10 @@ def main() -> dict:
         )
     else:
         train_only_mechanism_weights(model, cfg.mechanism)
-    corpus = load_corpus(cfg.data, tokenizer, accelerator)
-    train_blocks = corpus.train_blocks(cfg.data.seq_len)
-    if not sparse and cfg.indexer.init == "attention":
-        # A checkpoint being resumed overwrites this start; below full width the key basis comes from training text.
-        init_from_attention(model, calibration=train_blocks[: cfg.indexer.calibration_blocks])
     eval_blocks = corpus.eval_blocks(cfg.data.seq_len, cfg.data.eval_blocks)
     with dense_teacher(model) as teacher:
         teacher_ppl = perplexity(accelerator, teacher, eval_blocks)
-    objective = IndexerObjective(model, with_lm_loss=sparse)
+    objective = IndexerObjective(model, with_lm_loss=sparse, indexer_lr=cfg.indexer.lr)
 
     def evaluate(objective: IndexerObjective) -> dict[str, float]:
         # The KL is recorded by training forwards only; evaluate it without updating anything.

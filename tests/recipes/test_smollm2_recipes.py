@@ -35,7 +35,7 @@ def smollm2_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("attention_transfer.py", "smollm2/hybrid.yaml", "final"),
         ("attention_transfer.py", "smollm2/gated_delta.yaml", "final"),
         ("indexer_training.py", "smollm2/indexer_topk.yaml", "final"),
-        ("indexer_training.py", "smollm2/indexer_topk_from_attention.yaml", "final"),
+        ("indexer_training.py", "smollm2/indexer_topk_from_attention.yaml", None),  # sparse stage: an adapter
         ("lora_finetune.py", "smollm2/head_budget.yaml", None),
         ("lora_finetune.py", "smollm2/head_budget_duo.yaml", None),
     ],
