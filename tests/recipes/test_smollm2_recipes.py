@@ -38,6 +38,7 @@ def smollm2_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("indexer_training.py", "smollm2/indexer_topk_from_attention.yaml", None),  # sparse stage: an adapter
         ("lora_finetune.py", "smollm2/head_budget.yaml", None),
         ("lora_finetune.py", "smollm2/head_budget_duo.yaml", None),
+        ("lora_finetune.py", "smollm2/dense_lora_baseline.yaml", None),
     ],
 )
 def test_recipe_runs_on_the_real_architecture(script, config, reloads, smollm2_slice: Path, tmp_path: Path) -> None:
