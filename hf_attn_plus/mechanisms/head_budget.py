@@ -34,7 +34,10 @@ al. 2024): retrieval heads read every key, streaming heads sinks and a window, a
 groups that read everything; budget 0 is the fallback exactly. A KV group whose query heads are all off does not run
 the inner mechanism, and one whose gates are all 1 does not run the fallback: each runs on the other groups' heads only
 (told their model indices, so per-head random draws do not change). Gathering those
-heads copies their K/V, so in memory-bound decode the saving is smaller than the share of heads skipped.
+heads copies their K/V, so in memory-bound decode the saving is smaller than the share of heads skipped. With a
+fallback that evicts (`sliding_window` with evict=True) cached inference also keeps only its sinks and window of the
+KV groups whose gates are all 0 (`evicted_groups`, patches/streaming_cache.GroupEvictingLayer): DuoAttention's
+decode memory; those groups then read the fallback from there.
 
 An inner mechanism with weights of its own (linear, hybrid, gated_delta, momentum_delta, indexer_topk) keeps them
 beside the gates, as `attn_plus.inner`, and sees them as its layer's `attn_plus`; the attention hooks serve them (decode
