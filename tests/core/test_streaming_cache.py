@@ -11,17 +11,20 @@ from hf_attn_plus.attention import UnsupportedModelError
 from hf_attn_plus.patches.streaming_cache import EvictingLayer
 from hf_attn_plus.tiny import tiny_config
 
-from .models import left_pad, tiny_model, token_batch, with_mechanism
+from .eviction_checks import (
+    SEARCHES,
+    assert_generate_equals_keeping_every_key,
+    assert_multi_token_steps_and_crop,
+    greedy_steps,
+    padded_prompts,
+)
+from .models import tiny_model, token_batch, with_mechanism
 
 WINDOW, SINKS = 6, 2
 
 
 def streaming_model(arch="llama", evict=True):
     return with_mechanism(tiny_model(arch), "sliding_window", dict(window=WINDOW, sinks=SINKS, evict=evict))
-
-
-def padded_prompts():
-    return left_pad([token_batch(1, 11, seed=3)[0], token_batch(1, 7, seed=4)[0]])[:2]
 
 
 def held_slots(cache: DynamicCache) -> list[int]:
@@ -34,59 +37,26 @@ def test_memory_flat_and_tokens_equal_without_eviction(arch):
     slots (head + window), and each step's logits equal the non-evicting run's."""
     ids, mask = padded_prompts()
     head = int((1 - mask).sum(-1).max()) + SINKS
-    runs = {}
-    for evict in (False, True):
-        model = streaming_model(arch, evict)
-        cache, step_ids, step_mask, tokens, held, logits = DynamicCache(config=model.config), ids, mask, [], [], []
-        with torch.no_grad():
-            for _ in range(4 * WINDOW):
-                out = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True)
-                logits.append(out.logits[:, -1])
-                step_ids = out.logits[:, -1:].argmax(-1)
-                step_mask = torch.cat((step_mask, torch.ones_like(step_ids)), dim=-1)
-                tokens.append(step_ids)
-                held.append(held_slots(cache))
-        runs[evict] = torch.cat(tokens, -1), logits, held, cache
-    assert torch.equal(runs[True][0], runs[False][0])
-    for got, want in zip(runs[True][1], runs[False][1]):
+    runs = {evict: greedy_steps(streaming_model(arch, evict), 4 * WINDOW, held_slots) for evict in (False, True)}
+    for got, want in zip(runs[True][0], runs[False][0]):  # the same logits, so the same greedy tokens
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    held = runs[True][2]
-    assert all(isinstance(layer, EvictingLayer) for layer in runs[True][3].layers)
+    held = runs[True][1]
+    assert all(isinstance(layer, EvictingLayer) for layer in runs[True][2].layers)
     assert all(h == [head + WINDOW] * len(h) for h in held[2:]), held  # flat from the second decode step on
-    assert runs[False][2][-1][0] == mask.shape[1] + 4 * WINDOW - 1  # the plain cache grew with every token
-    assert runs[True][3].get_seq_length() == runs[False][3].get_seq_length()  # positions keep counting every token
+    assert runs[False][1][-1][0] == mask.shape[1] + 4 * WINDOW - 1  # the plain cache grew with every token
+    assert runs[True][2].get_seq_length() == runs[False][2].get_seq_length()  # positions keep counting every token
 
 
-@pytest.mark.parametrize(
-    "search",
-    [dict(do_sample=False), dict(num_beams=3, do_sample=False), dict(do_sample=True, top_k=20, num_return_sequences=2)],
-)
+@pytest.mark.parametrize("search", SEARCHES)
 def test_generate_equals_without_eviction(search):
-    ids, mask = padded_prompts()
-    runs = []
-    for evict in (False, True):
-        model = streaming_model(evict=evict)
-        torch.manual_seed(5)
-        runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=4 * WINDOW, **search))
-    assert torch.equal(runs[0], runs[1])
+    assert_generate_equals_keeping_every_key(lambda evict: streaming_model(evict=evict), search, 4 * WINDOW)
 
 
 def test_multi_token_steps_and_crop():
     """Several new tokens per call (chunked prefill, speculative verification) read keys across the gap; crop
     rolls back the last call's tokens, and refuses a rollback that would need evicted keys."""
     ids = token_batch(1, 5 * WINDOW, seed=2)
-    model = streaming_model()
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = DynamicCache(config=model.config)
-        pieces = [model(ids[:, lo : lo + 5], past_key_values=cache, use_cache=True).logits for lo in range(0, ids.shape[1], 5)]
-        torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
-        assert cache.layers[0].evicted > 0
-        cache.crop(-3)  # the last call's 3 tokens: its queries' keys are still held
-        again = model(ids[:, -3:], past_key_values=cache, use_cache=True).logits
-        torch.testing.assert_close(again, full[:, -3:], atol=1e-5, rtol=1e-5)
-        with pytest.raises(ValueError, match="cannot remove 8 tokens; .* evicted"):
-            cache.crop(-8)
+    assert_multi_token_steps_and_crop(streaming_model(), ids, lambda cache: cache.layers[0].evicted)
 
 
 def test_prompt_lookup_decoding_equals_greedy():

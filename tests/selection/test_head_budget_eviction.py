@@ -7,8 +7,15 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import hf_attn_plus
-from core.models import left_pad, token_batch
-from hf_attn_plus.mechanisms.head_budget import HeadGateWeights, evicted_groups
+from core.eviction_checks import (
+    SEARCHES,
+    assert_generate_equals_keeping_every_key,
+    assert_multi_token_steps_and_crop,
+    greedy_steps,
+    padded_prompts,
+)
+from core.models import token_batch
+from hf_attn_plus.mechanisms.head_budget import HeadGateWeights
 from hf_attn_plus.patches.streaming_cache import GroupEvictingLayer
 from hf_attn_plus.tiny import tiny_config
 
@@ -18,8 +25,8 @@ WINDOW, SINKS, BUDGET = 6, 2, 0.5
 
 
 def duo_options(evict: bool, budget: float = BUDGET) -> dict:
-    return dict(inner="dense", fallback="sliding_window", fallback_options=dict(window=WINDOW, sinks=SINKS, evict=evict),
-                budget=budget)
+    fallback_options = dict(window=WINDOW, sinks=SINKS, evict=evict)
+    return dict(inner="dense", fallback="sliding_window", fallback_options=fallback_options, budget=budget)
 
 
 def duo_model(arch: str = "llama", evict: bool = True, budget: float = BUDGET) -> torch.nn.Module:
@@ -35,29 +42,17 @@ def duo_model(arch: str = "llama", evict: bool = True, budget: float = BUDGET) -
     return model
 
 
-def padded_prompts():
-    return left_pad([token_batch(1, 11, seed=3)[0], token_batch(1, 7, seed=4)[0]])[:2]
-
-
 @pytest.mark.parametrize("arch", [arch for arch in ARCHS if arch != "deepseek_v3"])
 def test_evicted_groups_keep_sinks_and_window_and_tokens_equal_keeping_every_key(arch):
     """Greedy decode of 4x the window, step by step: each step's logits equal the run keeping every key; the evicted
     groups hold head + window slots from the second step on, the kept groups every token."""
     ids, mask = padded_prompts()
     head = int((1 - mask).sum(-1).max()) + SINKS
-    runs = {}
-    for evict in (False, True):
-        model = duo_model(arch, evict)
-        cache, step_ids, step_mask, logits, held = DynamicCache(config=model.config), ids, mask, [], []
-        with torch.no_grad():
-            for _ in range(4 * WINDOW):
-                out = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True)
-                logits.append(out.logits[:, -1])
-                step_ids = out.logits[:, -1:].argmax(-1)
-                step_mask = torch.cat((step_mask, torch.ones_like(step_ids)), dim=-1)
-                layers = [layer for layer in cache.layers if isinstance(layer, GroupEvictingLayer)]
-                held.append([(layer.streaming.keys.shape[2], layer.keys.shape[2]) for layer in layers])
-        runs[evict] = logits, held, cache
+    def held(cache):
+        layers = [layer for layer in cache.layers if isinstance(layer, GroupEvictingLayer)]
+        return [(layer.streaming.keys.shape[2], layer.keys.shape[2]) for layer in layers]
+
+    runs = {evict: greedy_steps(duo_model(arch, evict), 4 * WINDOW, held) for evict in (False, True)}
     for got, want in zip(runs[True][0], runs[False][0]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     layers = [layer for layer in runs[True][2].layers if isinstance(layer, GroupEvictingLayer)]
@@ -72,38 +67,18 @@ def test_evicted_groups_keep_sinks_and_window_and_tokens_equal_keeping_every_key
     assert runs[True][2].get_seq_length() == runs[False][2].get_seq_length()  # positions count every token
 
 
-@pytest.mark.parametrize(
-    "search",
-    [dict(do_sample=False), dict(num_beams=3, do_sample=False), dict(do_sample=True, top_k=20, num_return_sequences=2)],
-)
+@pytest.mark.parametrize("search", SEARCHES)
 def test_generate_equals_keeping_every_key(search):
-    ids, mask = padded_prompts()
-    runs = []
-    for evict in (False, True):
-        model = duo_model(evict=evict)
-        torch.manual_seed(5)
-        runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=4 * WINDOW, **search))
-    assert torch.equal(runs[0], runs[1])
+    assert_generate_equals_keeping_every_key(lambda evict: duo_model(evict=evict), search, 4 * WINDOW)
 
 
 def test_multi_token_steps_and_crop():
-    """Several new tokens per call read the evicted groups' keys across the gap; crop rolls back both parts and
-    refuses a rollback that would need an evicted key."""
+    """Several new tokens per call read the evicted groups' keys across the gap; crop rolls back both parts."""
     ids = token_batch(1, 5 * WINDOW, seed=2)
-    model = duo_model()
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = DynamicCache(config=model.config)
-        pieces = [model(ids[:, lo : lo + 5], past_key_values=cache, use_cache=True).logits for lo in range(0, ids.shape[1], 5)]
-        torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
-        layer = cache.layers[0]
-        assert isinstance(layer, GroupEvictingLayer) and layer.streaming.evicted > 0
-        cache.crop(-3)
-        assert layer.keys.shape[2] == ids.shape[1] - 3 and cache.get_seq_length() == ids.shape[1] - 3
-        again = model(ids[:, -3:], past_key_values=cache, use_cache=True).logits
-        torch.testing.assert_close(again, full[:, -3:], atol=1e-5, rtol=1e-5)
-        with pytest.raises(ValueError, match="cannot remove 8 tokens; .* evicted"):
-            cache.crop(-8)
+    cache = assert_multi_token_steps_and_crop(duo_model(), ids, lambda cache: cache.layers[0].streaming.evicted)
+    layer = cache.layers[0]
+    assert isinstance(layer, GroupEvictingLayer) and layer.keys.shape[2] == ids.shape[1]  # crop, then 3 again
+    assert cache.get_seq_length() == ids.shape[1]
 
 
 def test_memory_held_is_that_of_the_kept_groups_plus_a_window():
@@ -123,16 +98,17 @@ def test_memory_held_is_that_of_the_kept_groups_plus_a_window():
         assert layer.memory_elements() == per_slot * ((groups - evicted) * tokens + evicted * (head + WINDOW))
 
 
-def test_no_eviction_where_no_group_is_off_or_the_fallback_keeps_every_key():
-    model = duo_model(budget=1.0)  # every gate 1
+def cache_layer_types(model) -> list[str]:
     out = model.generate(token_batch(1, 8), max_new_tokens=2 * WINDOW, do_sample=False, return_dict_in_generate=True)
-    assert all(type(layer).__name__ == "DynamicLayer" for layer in out.past_key_values.layers)
-    attention = duo_model(evict=False).model.layers[0].self_attn
-    opts = hf_attn_plus.registry.options_from_config(hf_attn_plus.registry.get_mechanism("head_budget"), attention.config)
-    assert evicted_groups(attention, opts) is None
-    hf_attn_plus.set_attention(attention_model := duo_model(), "head_budget", **duo_options(True), dense_first=1)
-    out = attention_model.generate(token_batch(1, 8), max_new_tokens=2 * WINDOW, do_sample=False, return_dict_in_generate=True)
-    assert [type(layer).__name__ for layer in out.past_key_values.layers] == ["DynamicLayer", "GroupEvictingLayer"]
+    return [type(layer).__name__ for layer in out.past_key_values.layers]
+
+
+def test_only_groups_off_in_layers_the_mechanism_runs_in_are_evicted():
+    assert cache_layer_types(duo_model(budget=1.0)) == ["DynamicLayer"] * 2  # every gate 1: no group is off
+    assert cache_layer_types(duo_model(evict=False)) == ["DynamicLayer"] * 2  # the fallback keeps every key
+    model = duo_model()
+    hf_attn_plus.set_attention(model, "head_budget", **duo_options(True), dense_first=1)  # layer 0 runs SDPA
+    assert cache_layer_types(model) == ["DynamicLayer", "GroupEvictingLayer"]
 
 
 def test_changing_the_gates_or_budget_on_a_filled_cache_is_refused():

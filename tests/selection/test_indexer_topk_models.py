@@ -88,12 +88,18 @@ def test_warmup_training_lowers_the_indexer_kl_and_sparse_stage_records_its_loss
         indexer_loss(model)
 
 
-def test_save_load_round_trip(tmp_path):
-    model = indexer_model("qwen3", budget=3, window=2, sinks=1)
+def trained_looking_indexer_model(arch: str) -> torch.nn.Module:
+    """An indexer model whose indexer weights are not their initial values (a save must keep what was learned)."""
+    model = indexer_model(arch, budget=3, window=2, sinks=1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".attn_plus." in name:
                 param.add_(torch.randn_like(param))
+    return model
+
+
+def test_save_load_round_trip(tmp_path):
+    model = trained_looking_indexer_model("qwen3")
     ids = token_batch(2, 20)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -107,11 +113,7 @@ def test_a_checkpoint_without_the_head_weight_bias_loads_its_weights_and_a_zero_
     """Indexers saved before w had a bias: every saved weight loads as saved, the bias starts at 0 (DSA's w)."""
     from safetensors.torch import load_file, save_file
 
-    model = indexer_model("llama", budget=3, window=2, sinks=1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".attn_plus." in name:
-                param.add_(torch.randn_like(param))
+    model = trained_looking_indexer_model("llama")
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     old = {name: t for name, t in weights.items() if not name.endswith("head_weights.bias")}
