@@ -223,14 +223,17 @@ def _group_evicting_layer(
     layer = layers[layer_idx]
     if isinstance(layer, DynamicSlidingWindowLayer):  # the model's own window already drops old keys
         return None
+    evicted = evicted.cpu()
     if type(layer) is DynamicLayer:
-        layers[layer_idx] = layer = GroupEvictingLayer.replacing(layer, evicted.cpu(), sinks, window)
-    split = (layer.evicted.tolist(), layer.streaming.sinks, layer.streaming.window) if isinstance(layer, GroupEvictingLayer) else None
-    if split != (evicted.cpu().tolist(), sinks, window):
+        layers[layer_idx] = layer = GroupEvictingLayer.replacing(layer, evicted, sinks, window)
+    split = None
+    if isinstance(layer, GroupEvictingLayer):
+        split = (layer.evicted.tolist(), layer.streaming.sinks, layer.streaming.window)
+    if split != (evicted.tolist(), sinks, window):
         raise ValueError(
             f"hf_attn_plus per-group eviction: cache layer {layer_idx} is {type(layer).__name__}"
             + ("" if split is None else f" evicting groups {split[0]} with sinks={split[1]}, window={split[2]}")
-            + f"; this call evicts groups {evicted.cpu().tolist()} with sinks={sinks}, window={window}: start generation "
+            + f"; this call evicts groups {evicted.tolist()} with sinks={sinks}, window={window}: start generation "
             "again with a fresh DynamicCache after changing the budget or the options"
         )
     return layer
