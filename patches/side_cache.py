@@ -156,6 +156,14 @@ def cache_layer_for(module: nn.Module, cache: Any) -> DynamicLayer | None:
     return layer
 
 
+def _layers_up_to(cache: DynamicCache, layer_idx: int) -> list[DynamicLayer]:
+    """The cache's layer list, grown with plain layers to hold `layer_idx`: a layer is swapped in before its first
+    update, when the list may not reach it yet."""
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(DynamicLayer())
+    return cache.layers
+
+
 def _cache_layer_for(module: nn.Module, cache: Any) -> DynamicLayer | None:
     implementation = getattr(module.config, "_attn_implementation", None)
     if not (isinstance(implementation, str) and implementation.startswith(PREFIX)) or module.training:
@@ -170,9 +178,8 @@ def _cache_layer_for(module: nn.Module, cache: Any) -> DynamicLayer | None:
         return _group_evicting_layer(module, cache, *groups)
     if not isinstance(cache, DynamicCache) or not mechanism.side_cache:
         return None
-    layers, layer_idx = cache.layers, module.layer_idx
-    while len(layers) <= layer_idx:
-        layers.append(DynamicLayer())
+    layer_idx = module.layer_idx
+    layers = _layers_up_to(cache, layer_idx)
     if type(layers[layer_idx]) is DynamicLayer:  # sliding-window, recurrent or quantized layers are left alone
         layers[layer_idx] = SideCacheLayer.replacing(layers[layer_idx])
     return layers[layer_idx] if isinstance(layers[layer_idx], SideCacheLayer) else None
@@ -190,9 +197,8 @@ def _evicting_layer(module: nn.Module, cache: Any, opts: Any, sinks: int, window
             f"hf_attn_plus eviction (evict=True) keeps its keys in transformers' DynamicCache; got {type(cache).__name__}"
             " (use cache_implementation='dynamic', or evict=False)"
         )
-    layers, layer_idx = cache.layers, module.layer_idx
-    while len(layers) <= layer_idx:
-        layers.append(DynamicLayer())
+    layer_idx = module.layer_idx
+    layers = _layers_up_to(cache, layer_idx)
     layer = layers[layer_idx]
     if isinstance(layer, DynamicSlidingWindowLayer) or (layers_option == "sliding_attention"):
         return None
@@ -217,9 +223,8 @@ def _group_evicting_layer(
             f"hf_attn_plus per-group eviction (a fallback with evict=True) keeps its keys in transformers' DynamicCache; "
             f"got {type(cache).__name__} (use cache_implementation='dynamic', or evict=False)"
         )
-    layers, layer_idx = cache.layers, module.layer_idx
-    while len(layers) <= layer_idx:
-        layers.append(DynamicLayer())
+    layer_idx = module.layer_idx
+    layers = _layers_up_to(cache, layer_idx)
     layer = layers[layer_idx]
     if isinstance(layer, DynamicSlidingWindowLayer):  # the model's own window already drops old keys
         return None
