@@ -28,7 +28,7 @@ from common import load_config, load_corpus, load_model, setup  # noqa: E402
 from hf_attn_plus.masking import chunk_visible  # noqa: E402
 from hf_attn_plus.reference import attention_target  # noqa: E402
 from hf_attn_plus.registry import get_mechanism  # noqa: E402
-from hf_attn_plus.selection import top_of_chunk  # noqa: E402
+from hf_attn_plus.selection import top_scoring  # noqa: E402
 from hf_attn_plus.structure import PositionRule  # noqa: E402
 
 # The modules, not the names their package re-exports (hf_attn_plus.mechanisms.topk is a Mechanism there).
@@ -47,9 +47,11 @@ class Tally:
     def add(self, name: str, layer: int, target, scores, ctx, rule: PositionRule, budget: int) -> None:
         rows = slice(0, target.shape[2])
         counted = (ctx.query_pos[:, 0, :, 0] >= MIN_KEYS)[:, None]  # [B, 1, q]
-        kept = chunk_visible(ctx, rows) & rule.keep(ctx.query_pos, ctx.key_pos)
-        chosen = top_of_chunk(ctx, rows, scores, rule, budget)
-        exact = top_of_chunk(ctx, rows, target, rule, budget)
+        visible = chunk_visible(ctx, rows)
+        kept = visible & rule.keep(ctx.query_pos, ctx.key_pos)
+        candidates = visible & ~kept
+        chosen = top_scoring(scores, candidates, budget)
+        exact = top_scoring(target, candidates, budget)
         total = self.sums.setdefault((name, layer), [0.0, 0.0, 0.0, 0.0, 0.0])
         for i, value in enumerate(((target * kept).sum(-1), (target * chosen).sum(-1), (target * exact).sum(-1),
                                    (chosen & exact).sum(-1) / budget)):

@@ -1,7 +1,7 @@
 """Which keys a query sees: the shared pieces that windows, sinks, dilation, top-k and block selection plug into.
 
 Every selection mechanism builds its structure.Selection from these chunk by chunk over queries (`query_chunks`,
-`top_positions` / `top_of_chunk`, `chunk_seen_blocks`), so no [q, kv] score or mask exists at once. The one dense
+`top_positions` / `chunk_candidates` with `top_scoring`, `chunk_seen_blocks`), so no [q, kv] score or mask exists at once. The one dense
 [B, 1, q_len, kv_len] mask left, `sinks_and_window`, serves the indexer kernel's glue and its reference
 (kernels/indexer_topk) and tests. Query head h reads KV head h // groups, the layout of transformers' `repeat_kv`.
 """
@@ -126,12 +126,6 @@ def top_positions(
         key_pos = ctx.key_pos[..., keys].expand(*index.shape[:-1], keys.stop)
         lists.append(torch.where(index >= 0, key_pos.gather(-1, index.clamp(min=0)), -1))
     return stack_lists(lists)
-
-
-def top_of_chunk(ctx: AttentionContext, rows: slice, scores: torch.Tensor, rule: PositionRule, budget: int) -> torch.Tensor:
-    """Bool [B, H, rows, kv]: the `budget` visible keys the rule does not keep with the largest `scores` (one query
-    chunk's [B, H, rows, kv]) for the queries of `rows`."""
-    return top_scoring(scores, chunk_candidates(ctx, rows, rule).expand_as(scores), budget)
 
 
 def chunk_candidates(ctx: AttentionContext, rows: slice, rule: PositionRule) -> torch.Tensor:

@@ -64,14 +64,13 @@ from ..reference import attention_target
 from ..registry import Mechanism, OptionError, register
 from ..selection import (
     chosen_positions,
-    chunk_candidates,
     chunk_visible,
     indexer_scores,
     query_chunks,
     routed_indexer_heads,
     stack_lists,
-    top_of_chunk,
     top_positions,
+    top_scoring,
 )
 from ..structure import DENSE, PositionRule, Selection, dense_keep
 
@@ -143,38 +142,39 @@ class _ChunkLoss:
         scores = fp32_indexer_scores(*index_inputs)
         with torch.no_grad():
             visible = chunk_visible(ctx, rows)
+            ruled = visible & rule.keep(ctx.query_pos[:, :, rows], ctx.key_pos)
+            candidates = visible & ~ruled  # what the indexer chooses among (`chunk_candidates`)
             target = attention_target(self.query, self.key, visible, self.scaling)
             chosen = positions = None
             if opts.stage == "sparse":
-                chosen = top_of_chunk(ctx, rows, scores, rule, opts.budget)
+                chosen = top_scoring(scores, candidates.expand_as(scores), opts.budget)
                 positions = chosen_positions(ctx, chosen, opts.budget)
-            target, keep = objective_target(opts.objective, ctx, rows, rule, opts.budget, target, chosen)
+            target, keep = objective_target(opts.objective, opts.budget, target, visible, ruled, candidates, chosen)
         return *indexer_kl_terms(scores, target, keep), positions
 
 
 def objective_target(
     objective: str,
-    ctx: AttentionContext,
-    rows: slice,
-    rule: PositionRule,
     budget: int,
     target: torch.Tensor,
+    visible: torch.Tensor,
+    ruled: torch.Tensor,
+    candidates: torch.Tensor,
     chosen: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(target, keys it is compared over) of one query chunk's loss, from the dense target p_t [B, 1, rows, kv] and,
-    in the sparse stage, the indexer's choice (bool, None in the warm-up); `indexer_kl_terms` renormalises both.
+    """(target, keys it is compared over) of one query chunk's loss, from the dense target p_t [B, 1, rows, kv], the
+    chunk's visible keys, those the sinks / window rule keeps (`ruled`) and the rest (`candidates`), and, in the
+    sparse stage, the indexer's choice (bool, None in the warm-up); `indexer_kl_terms` renormalises both.
     - 'all_keys' (DSA): every visible key in the warm-up, every attended key (rule's and chosen) in the sparse stage;
-    - 'candidates': only the keys the indexer chooses among (visible, not kept by the sinks / window rule) in the
-      warm-up, only the chosen ones in the sparse stage: on SmolLM2 the rule's keys hold most of p_t, which the
-      indexer never needs to rank;
+    - 'candidates': only the keys the indexer chooses among in the warm-up, only the chosen ones in the sparse
+      stage: on SmolLM2 the rule's keys hold most of p_t, which the indexer never needs to rank;
     - 'top_set': over the candidates, a target uniform on the exact `budget` candidates with the most p_t (the
       selection an ideal indexer makes), in both stages."""
     if objective == "all_keys":
-        keep = chunk_visible(ctx, rows)
-        return target, keep if chosen is None else (keep & rule.keep(ctx.query_pos[:, :, rows], ctx.key_pos)) | chosen
+        return target, visible if chosen is None else ruled | chosen
     if objective == "candidates":
-        return target, chunk_candidates(ctx, rows, rule) if chosen is None else chosen
-    return top_of_chunk(ctx, rows, target, rule, budget).to(target.dtype), chunk_candidates(ctx, rows, rule)
+        return target, candidates if chosen is None else chosen
+    return top_scoring(target, candidates, budget).to(target.dtype), candidates
 
 
 def training_selection(
