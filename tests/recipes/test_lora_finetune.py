@@ -223,7 +223,7 @@ def test_two_processes_follow_the_one_process_trajectory(run: tuple[dict, Path],
 
 
 def test_fsdp_config_on_cpu_is_refused_not_run_as_ddp(tiny_teacher: Path, tmp_path: Path) -> None:
-    """Accelerate 1.15 applies FSDP only on GPU-type devices: on CPU it would quietly run DDP instead."""
+    """Accelerate 1.15 (and 1.16) applies FSDP only on GPU-type devices: on CPU it would quietly run DDP instead."""
     result = run_recipe("lora_finetune.py", CONFIG, tmp_path, [f"model={tiny_teacher}"], processes=2,
                         accelerate_config="fsdp.yaml")
     assert result.returncode != 0
