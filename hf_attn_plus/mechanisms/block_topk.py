@@ -2,8 +2,7 @@
 sees is scored, and the top `budget` blocks (besides `sink_blocks` leading and `local_blocks` trailing ones) are
 attended exactly. Each query head chooses for itself (`choose_per='head'`, Quest), or the heads of a GQA group share
 the blocks whose largest score over the group's heads is best (`choose_per='group'`): one KV read of `budget` blocks
-then serves the whole group; or every head of the layer shares the blocks with the largest estimated attention summed
-over the heads (`choose_per='layer'`, with the mass score), as topk's 'layer' does for keys.
+then serves the whole group.
 
 The score: `score='mass'` (default) is block_sparse's pooled estimate of the block's attention mass (mean keys of
 `pool_size`-key runs, hf_attn_plus/mass_estimate.py); `score='bound'` is Quest's: each block summarised by the
@@ -31,7 +30,7 @@ from ..kernels.block_scoring import BlockSummaries, quest_scores
 from ..kernel_inputs import selection_kernel
 from ..masking import AttentionContext
 from ..mass_estimate import block_log_mass, pool_size_option, run_mean_keys, runs_per_block
-from ..options import OptionError, choice_option, int_option
+from ..options import choice_option, int_option
 from ..patches.side_cache import side_state
 from ..registry import Mechanism, register
 from ..selection import (
@@ -73,30 +72,17 @@ def chosen_blocks(
     [B, Hq, rows, budget] block indices (-1 unused), scored chunk by chunk over queries: `chunk_scores(queries)`
     [B, Hq, r, D] -> [B, Hq, r, num_blocks], scoring each query against `scored` vectors (which sizes the chunks)."""
     batch, q_heads, q_len, _ = query.shape
-    group = {"head": 1, "group": q_heads // kv_heads, "layer": q_heads}[opts.choose_per]
+    group = q_heads // kv_heads if opts.choose_per == "group" else 1
     lists = []
     for rows in query_chunks(batch, q_heads, all_rows(rows, q_len), scored):
         scores = chunk_scores(query[:, :, rows])
-        seen = chunk_seen_blocks(ctx, rows, num_blocks, opts.block_size)
-        if opts.choose_per == "layer":
-            own_block = ctx.query_pos[:, :, rows] // opts.block_size
-            scores = summed_mass_share(scores, seen & (torch.arange(num_blocks, device=own_block.device) < own_block))
-        elif group > 1:  # one choice per KV group, by the largest score any of its heads gives
+        if group > 1:  # one choice per KV group, by the largest score any of its heads gives
             scores = scores.unflatten(1, (-1, group)).amax(dim=2)
         fixed = fixed_blocks(ctx.query_pos[:, :, rows], num_blocks, opts.block_size, opts.sink_blocks, opts.local_blocks)
-        chosen = top_indices(scores, (seen & ~fixed).expand_as(scores), opts.budget)
+        candidates = chunk_seen_blocks(ctx, rows, num_blocks, opts.block_size) & ~fixed
+        chosen = top_indices(scores, candidates.expand_as(scores), opts.budget)
         lists.append(chosen.repeat_interleave(group, dim=1) if group > 1 else chosen)
     return stack_lists(lists)
-
-
-def summed_mass_share(log_mass: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-    """log sum_h p_h(block), [B, 1, r, blocks], from each head's estimated log-mass [B, Hq, r, blocks]: p_h is head
-    h's share of its mass over the `counted` blocks, so a head that attends mostly to the sink blocks has little say
-    in the choice (topk's choose_per='layer' over keys, here over blocks). Counted are the seen blocks before the
-    query's own: in prefill the own block's runs also average keys after the query, which a decode step has not
-    seen yet, so counting it would make cached and uncached choices differ."""
-    share = log_mass.masked_fill(~counted, float("-inf")).log_softmax(dim=-1)
-    return share.logsumexp(dim=1, keepdim=True).nan_to_num_(nan=float("-inf"))  # nothing counted: no candidate
 
 
 def key_bounds(key: torch.Tensor, ctx: AttentionContext, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,12 +122,6 @@ kernel = selection_kernel(select, block_scores=quest_scores)
 def check(opts: SimpleNamespace) -> None:
     if opts.score == "mass":  # the bound reads no runs
         runs_per_block("block_topk", opts.block_size, opts.pool_size)
-    elif opts.choose_per == "layer":
-        raise OptionError(
-            "hf_attn_plus mechanism 'block_topk': option 'choose_per' got 'layer', which sums the heads' shares of "
-            "estimated attention mass, and score='bound' (an upper bound of q·k) has none; allowed with score='bound': "
-            "'head' or 'group'"
-        )
 
 
 MECHANISM = register(
@@ -165,10 +145,9 @@ MECHANISM = register(
             # 4-key runs: on SmolLM2 at 4k / 10 % of keys, +1.7 % perplexity vs +3.1 % (8) and +1.0 % (exact, 1).
             pool_size_option(4),
             choice_option(
-                "choose_per", "head", ("head", "group", "layer"),
-                "'group': the query heads of a KV group share one choice (the max of their scores), so a decode step "
-                "reads `budget` blocks per KV head instead of up to group size x budget; 'layer' (score='mass' only): "
-                "every head shares one choice, the blocks with the largest estimated attention summed over the heads",
+                "choose_per", "head", ("head", "group"),
+                "'group': the query heads of a KV group share one choice (the max of their bounds), so a decode step "
+                "reads `budget` blocks per KV head instead of up to group size x budget",
             ),
         ),
         select=select,

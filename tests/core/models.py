@@ -33,7 +33,6 @@ COVERING = {
     "topk": dict(budget=512, sinks=0, window=0),
     "topk/layer": dict(budget=512, sinks=0, window=0, choose_per="layer"),
     "block_topk": dict(block_size=4, budget=128),
-    "block_topk/layer": dict(block_size=4, budget=128, choose_per="layer"),
     "dilated": dict(dilation=1, window=1),
     "block_sparse": dict(block_size=4, threshold=1.0),
 }
@@ -44,7 +43,6 @@ SPARSE = {
     "topk": dict(budget=4, sinks=1, window=3),
     "topk/layer": dict(budget=4, sinks=1, window=3, choose_per="layer"),
     "block_topk": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1),
-    "block_topk/layer": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1, choose_per="layer"),
     "dilated": dict(dilation=3, window=3),
     "block_sparse": dict(block_size=4, threshold=0.5),
 }

@@ -19,7 +19,6 @@ OPTIONS = {
     "topk": dict(budget=3, sinks=1, window=2),
     "block_topk": dict(block_size=3, budget=2, sink_blocks=1, local_blocks=1),
     "block_topk/group": dict(block_size=3, budget=2, choose_per="group"),
-    "block_topk/layer": dict(block_size=3, budget=2, choose_per="layer", pool_size=1),
     "dilated": dict(dilation=3, window=2),
     "dilated/dense": dict(dilation=1, window=1),
     "block_sparse": dict(block_size=4, threshold=0.6),

@@ -21,7 +21,6 @@ OPTIONS = {
     "dilated": dict(dilation=3, window=5),
     "block_topk": dict(block_size=4, budget=3, sink_blocks=1, local_blocks=1),
     "block_topk/group": dict(block_size=4, budget=2, choose_per="group"),
-    "block_topk/layer": dict(block_size=4, budget=2, choose_per="layer"),
     "block_sparse": dict(block_size=4, threshold=0.6),
 }
 

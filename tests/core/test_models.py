@@ -128,10 +128,9 @@ def test_sparse_training_step_with_padding(arch, name):
     ],
     ids=["covering", "sparse", "left_pad", "right_pad", "cached", "sampling", "training"],
 )
-@pytest.mark.parametrize("name", ["topk/layer", "block_topk/layer"])
-def test_one_choice_per_layer(arch, check, name):
-    """choose_per='layer' (one choice shared by every head) keeps the model-level properties of its mechanism."""
-    check(arch, name)
+def test_topk_with_one_choice_per_layer(arch, check):
+    """topk choose_per='layer' (one choice shared by every head) keeps the model-level properties of topk."""
+    check(arch, "topk/layer")
 
 
 def test_deepseek_v32_indexer_indices_are_honoured():

@@ -63,8 +63,6 @@ CASES = {
     "block_topk": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1, pool_size=2),  # default score: mass
     "block_topk/mass-group": dict(block_size=4, budget=1, sink_blocks=0, local_blocks=1, score="mass", pool_size=1,
                                   choose_per="group"),
-    "block_topk/mass-layer": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1, score="mass", pool_size=2,
-                                  choose_per="layer"),
     "dilated": dict(dilation=3, window=2),
 }
 
@@ -89,8 +87,10 @@ def rule_for(name, opts, query, key):
         members = {}
         for s, p in pos.items():  # all real keys, including the query's future within its own block
             members.setdefault(p // size, []).append(s)
+        kv = key[b, h // (Q_HEADS // KV_HEADS)]
+
         def head_bound(head, blk):
-            keys = key[b, head // (Q_HEADS // KV_HEADS)][members[blk]]
+            keys = kv[members[blk]]
             q = query[b, head, i]
             if opts.get("score", "mass") == "mass":  # logsumexp over the block's runs of q·(mean key of the run) / sqrt(D)
                 runs = keys.split(min(opts["pool_size"], size))
@@ -100,20 +100,12 @@ def rule_for(name, opts, query, key):
 
         group = Q_HEADS // KV_HEADS
         heads = range(h - h % group, h - h % group + group) if opts.get("choose_per") == "group" else [h]
-        seen = sorted({pos[s] // size for s in visible})
-        qb = pos[j] // size
 
         def bound(blk):
-            if opts.get("choose_per") == "layer":  # each head's share of its estimated mass, summed
-                counted = [other for other in seen if other < qb]  # the blocks before the query's own
-
-                def share(head):
-                    logits = torch.tensor([head_bound(head, other) for other in counted])
-                    return float(torch.softmax(logits, 0)[counted.index(blk)])
-
-                return sum(share(head) for head in range(Q_HEADS))
             return max(head_bound(head, blk) for head in heads)
 
+        seen = sorted({pos[s] // size for s in visible})
+        qb = pos[j] // size
         fixed = {blk for blk in seen if blk < opts["sink_blocks"] or qb - blk < opts["local_blocks"]}
         chosen = fixed | top([blk for blk in seen if blk not in fixed], opts["budget"], bound)
         return {s for s in visible if pos[s] // size in chosen}

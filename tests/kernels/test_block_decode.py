@@ -82,27 +82,22 @@ def test_tiles_are_exactly_those_the_chosen_blocks_cover(pad, block_size, tile):
         assert len(listed) < -(-kv_len // tile)
 
 
-@pytest.mark.parametrize("choose_per, score", [("group", "bound"), ("layer", "mass")])
-def test_shared_choice_reads_the_budget_once_per_kv_head(choose_per, score):
-    """choose_per='group' / 'layer': a GQA group's (the layer's) heads share sink + local + `budget` blocks, so each KV
-    head's tile list covers exactly those (per-head choices read their union, here more); the kernel still equals
-    the reference."""
+def test_group_choice_reads_the_budget_once_per_kv_head():
+    """choose_per='group': a GQA group's heads share sink + local + `budget` blocks, so each KV head's tile list covers
+    exactly those (per-head choices read their union, here more); the kernel still equals the reference."""
     q, k, v = attention_inputs(1, 8, 2, 1, 203, 16, 16, torch.float32, seed=9)
     ctx = decode_context(203, 1, pads=[3])
-    per_head = options(block_size=8, score=score)
-    shared = options(block_size=8, score=score, choose_per=choose_per)
+    per_head, per_group = options(block_size=8), options(block_size=8, choose_per="group")
     head_blocks = key_set(ctx, block_topk.select(q, k, ctx, per_head)).blocks[0, :, 0].unflatten(0, (2, 4))
-    selection = block_topk.select(q, k, ctx, shared)
+    selection = block_topk.select(q, k, ctx, per_group)
     group_blocks = key_set(ctx, selection).blocks[0, :, 0].unflatten(0, (2, 4))
     assert (group_blocks == group_blocks[:, :1]).all()
-    if choose_per == "layer":
-        assert (group_blocks == group_blocks[:1]).all()
     assert (group_blocks < 2**31 - 1).sum(-1)[:, 0].tolist() == [2, 2]  # budget 2 (sink and local: the rule)
     assert any(len(set(head_blocks[h].flatten().tolist())) > 2 for h in range(2))
     tiles = tiles_for(key_set(ctx, selection), 8, 2, 203, decode_rows(q, k), 16)
     keep = dense_keep(ctx, selection, 8)
     assert torch.equal(tile_map(tiles), mask_tile_usage(keep, 2, decode_rows(q, k), 16))
-    out = block_topk.kernel(q, k, v, ctx, shared, 0.25)
+    out = block_topk.kernel(q, k, v, ctx, per_group, 0.25)
     torch.testing.assert_close(out, masked_attention(q, k, v, keep, scaling=0.25)[0], atol=1e-5, rtol=1e-5)
 
 

@@ -161,12 +161,3 @@ def test_pools_must_divide_the_block_and_set_attention_says_so_before_any_forwar
     with pytest.raises(OptionError, match="got 4, which does not divide block_size=6"):
         hf_attn_plus.set_attention(model, "block_topk", block_size=6)
     assert model.config._attn_implementation == "sdpa"  # refused before any change
-
-
-def test_block_topk_layer_choice_needs_the_mass_score():
-    """choose_per='layer' sums the heads' shares of estimated mass; Quest's bound has none, so that pair is refused."""
-    from hf_attn_plus.mechanisms.block_topk import MECHANISM as BLOCK_TOPK
-
-    with pytest.raises(OptionError, match="'choose_per' got 'layer'.*allowed with score='bound': 'head' or 'group'"):
-        BLOCK_TOPK.resolve_options(dict(score="bound", choose_per="layer"))
-    assert BLOCK_TOPK.resolve_options(dict(choose_per="layer")).score == "mass"

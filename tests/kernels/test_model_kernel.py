@@ -19,7 +19,6 @@ SPARSE = {
     "topk/layer": dict(budget=4, sinks=1, window=3, choose_per="layer"),
     "block_topk/bound": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1, score="bound"),
     "block_topk": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1, pool_size=2),
-    "block_topk/layer": dict(block_size=4, budget=2, sink_blocks=1, local_blocks=1, pool_size=2, choose_per="layer"),
     "dilated": dict(dilation=3, window=3),
     "block_sparse": dict(block_size=4, threshold=0.6),
 }
