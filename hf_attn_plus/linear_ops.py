@@ -39,9 +39,14 @@ def relu_features(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x)
 
 
+def per_head_map(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D] through head h's own [D, m] matrix -> [B, H, L, m]."""
+    return torch.einsum("bhld,hdm->bhlm", x, weight.to(x.dtype))
+
+
 def hedgehog_features(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[softmax(Wx); softmax(-Wx)] (Hedgehog / LoLCATs): positive, and with W trained it mimics softmax weights."""
-    proj = torch.einsum("bhld,hdm->bhlm", x, weight.to(x.dtype))
+    proj = per_head_map(x, weight)
     return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
 
 
@@ -51,7 +56,7 @@ def gaussian_rf_features(x: torch.Tensor, weight: torch.Tensor, normalise_rows: 
     `normalise_rows` subtracts each row's max before the exponential: allowed for queries only, where the factor
     cancels between numerator and normaliser; a key-side shift would change the weights between keys.
     """
-    proj = torch.einsum("bhld,hdm->bhlm", x, weight.to(x.dtype)) - x.pow(2).sum(-1, keepdim=True) / 2
+    proj = per_head_map(x, weight) - x.pow(2).sum(-1, keepdim=True) / 2
     if normalise_rows:
         proj = proj - proj.amax(-1, keepdim=True).detach()
     return torch.exp(proj) / math.sqrt(weight.shape[-1])

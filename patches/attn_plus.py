@@ -363,8 +363,12 @@ def _teach_transformers_to_initialise_mechanism_weights() -> None:
             if loaded and all(getattr(t, "_is_hf_initialized", False) for t in loaded):
                 module._is_hf_initialized = True
             if not getattr(module, "_is_hf_initialized", False):
+                # A checkpoint from before a weight existed: initialise the module, then put back what it loaded.
+                kept = [(t, t.detach().clone()) for t in loaded if getattr(t, "_is_hf_initialized", False)]
                 with torch.no_grad():
                     module.reset_parameters()
+                    for tensor, value in kept:
+                        tensor.copy_(value)
                 module._is_hf_initialized = True
             return
         original(self, module, is_custom_code)

@@ -2,6 +2,12 @@
 queries (times the model's τ) and keys. α_t = exp(-softplus(a_t)) (decay) and β_t = sigmoid(b_t) (write strength) come
 from two small projections of the layer's input token, one value per KV head: the state [Dk, Dv] is kept per KV head.
 
+Converting a softmax model, the delta rule reads the layer's own post-RoPE queries and keys, which were trained for
+softmax and fit it badly: on SmolLM2 its outputs hold 1-3 % of dense attention's energy and, even best scaled per head,
+leave 80-98 % of the error. So every query and key head passes through its own linear map first and every query head has
+a learned gain; they start at the identity and 1 (the rule exactly as above), and attention transfer trains them with
+the gates (README, Converting a model: the `gated_delta` rows).
+
 Trained and prefilled chunk-parallel (UT transform), decoded recurrently on a constant-size state. Math:
 hf_attn_plus/linear_ops.py. Triton (chunked forward, recurrent decode and backward): hf_attn_plus/kernels/gated_delta/,
 used on GPU tensors or with backend='kernel'.
@@ -28,7 +34,8 @@ _DECAY_BIAS = -4.0
 
 @register_weights
 class GatedDeltaWeights(MechanismWeights):
-    """The decay and write-strength projections of one attention layer."""
+    """The decay and write-strength projections of one attention layer, and the per-head query / key maps and query
+    gains that fit the layer's softmax queries and keys to the delta rule."""
 
     mechanism = "gated_delta"
     recurrent = True
@@ -38,6 +45,10 @@ class GatedDeltaWeights(MechanismWeights):
         super().__init__(shape, opts, layer_idx)
         self.decay_proj = nn.Linear(shape.hidden, shape.kv_heads)
         self.write_proj = nn.Linear(shape.hidden, shape.kv_heads)
+        self.q_map = nn.Parameter(torch.empty(shape.q_heads, shape.qk_dim, shape.qk_dim))
+        self.k_map = nn.Parameter(torch.empty(shape.kv_heads, shape.qk_dim, shape.qk_dim))
+        # log-space, so a gain cannot change sign and moves by factors
+        self.log_q_gain = nn.Parameter(torch.empty(shape.q_heads))
         GatedDeltaWeights.reset_parameters(self)  # not the override: a subclass's own weights do not exist yet
 
     @torch.no_grad()
@@ -45,6 +56,9 @@ class GatedDeltaWeights(MechanismWeights):
         for proj, bias in ((self.decay_proj, _DECAY_BIAS), (self.write_proj, 0.0)):
             proj.weight.normal_(0.0, 0.02)
             proj.bias.fill_(bias)
+        for head_map in (self.q_map, self.k_map):
+            head_map.copy_(torch.eye(head_map.shape[-1]).expand_as(head_map))
+        self.log_q_gain.zero_()
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, hidden_states: torch.Tensor, scaling: float
@@ -52,7 +66,9 @@ class GatedDeltaWeights(MechanismWeights):
         """Normalised query and key, log α and β [B, Hkv, L]."""
         log_alpha = -F.softplus(self.decay_proj(hidden_states)).transpose(1, 2)
         beta = torch.sigmoid(self.write_proj(hidden_states)).transpose(1, 2)
-        return F.normalize(query, dim=-1) * scaling, F.normalize(key, dim=-1), log_alpha, beta
+        query, key = linear_ops.per_head_map(query, self.q_map), linear_ops.per_head_map(key, self.k_map)
+        gain = (self.log_q_gain.exp() * scaling).to(query.dtype)[:, None, None]
+        return F.normalize(query, dim=-1) * gain, F.normalize(key, dim=-1), log_alpha, beta
 
 
 def attend(

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import hf_attn_plus
 from hf_attn_plus.patches.recurrent_cache import RecurrentStateLayer
 
-from .conftest import ARCHS, shared
+from .conftest import ARCHS, build, shared
 
 # One mechanism configuration per architecture keeps the suite short while every feature map meets a model.
 CASES = [
@@ -145,6 +145,51 @@ def test_dense_checkpoint_gets_initialised_mechanism_weights(tmp_path):
     gated = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="hf_attn_plus:gated_delta")
     decay = gated.model.layers[0].self_attn.attn_plus.decay_proj
     assert torch.equal(decay.bias, torch.full_like(decay.bias, -4.0)) and 0 < decay.weight.std() < 0.05
+
+
+def test_gated_delta_queries_and_keys_go_through_per_head_maps_and_gains():
+    """Each query head's map and gain and each KV head's map act on its own head (by brute force, head by head); at
+    their start (identity, gain 1) the rule reads the layer's own normalised queries and keys, exactly."""
+    model = shared("qwen3", "gated_delta", chunk_size=4)
+    weights = model.model.layers[0].self_attn.attn_plus
+    q_heads, kv_heads, dim = weights.q_map.shape[0], weights.k_map.shape[0], weights.q_map.shape[-1]
+    query, key = torch.randn(2, q_heads, 5, dim), torch.randn(2, kv_heads, 5, dim)
+    hidden = torch.randn(2, 5, weights.shape.hidden)
+    mapped_q, mapped_k, _, _ = weights(query, key, hidden, 0.25)
+    for h in range(q_heads):
+        q_h = query[:, h] @ weights.q_map[h]
+        expected = q_h / q_h.norm(dim=-1, keepdim=True) * 0.25 * weights.log_q_gain[h].exp()
+        torch.testing.assert_close(mapped_q[:, h], expected)
+    for h in range(kv_heads):
+        k_h = key[:, h] @ weights.k_map[h]
+        torch.testing.assert_close(mapped_k[:, h], k_h / k_h.norm(dim=-1, keepdim=True))
+    fresh = type(weights)(weights.shape, weights.opts, 0)
+    start_q, start_k, _, _ = fresh(query, key, hidden, 0.25)
+    assert torch.equal(start_q, torch.nn.functional.normalize(query, dim=-1) * 0.25)
+    assert torch.equal(start_k, torch.nn.functional.normalize(key, dim=-1))
+
+
+@pytest.mark.parametrize("mechanism", ["gated_delta", "momentum_delta"])
+def test_a_delta_checkpoint_without_the_maps_loads_its_weights_and_starts_the_maps(mechanism, tmp_path):
+    """Checkpoints saved before the query / key maps and gains existed: every saved weight loads as saved (the
+    module's other weights are not re-initialised), the maps start at the identity and the gains at 1."""
+    from safetensors.torch import load_file, save_file
+
+    model = build("llama", mechanism, chunk_size=3)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    new = (".attn_plus.q_map", ".attn_plus.k_map", ".attn_plus.log_q_gain")
+    old = {name: t for name, t in weights.items() if not name.endswith(new)}
+    assert len(old) < len(weights)
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for name, param in loaded.state_dict().items():
+        if name.endswith(new[2]):
+            assert torch.equal(param, torch.zeros_like(param)), name
+        elif name.endswith(new[:2]):
+            assert torch.equal(param, torch.eye(param.shape[-1]).expand_as(param)), name
+        else:
+            assert torch.equal(param, old[name]), name
 
 
 @pytest.mark.parametrize("arch", ARCHS)
