@@ -51,7 +51,10 @@ def _convert(out: Path) -> None:
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
     config = quantized.config
     del config.quantization_config  # the gguf quantizer is what makes save_pretrained refuse
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # from_config draws random weights (overwritten next); without fork_rng, a seeded run that converts first would
+    # start its mechanism weights from other draws than one that finds the copy cached.
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)

@@ -58,6 +58,18 @@ def test_missing_package_is_a_clear_error(monkeypatch, tmp_path):
         smollm2.smollm2_dir(tmp_path)  # an empty cache: the GGUF file is needed
 
 
+def test_converting_leaves_the_random_state_alone(smollm2_path, tmp_path):
+    """A seeded recipe on a fresh machine converts the GGUF file first: its mechanism weights must start from the
+    same draws as on a machine with the copy cached."""
+    from hf_attn_plus import smollm2
+
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    converted = smollm2.smollm2_dir(tmp_path)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert (converted / "config.json").read_text() == (smollm2_path / "config.json").read_text()
+
+
 def test_converted_copy_is_a_plain_llama(smollm2_path):
     config = (smollm2_path / "config.json").read_text()
     assert "quantization_config" not in config and '"num_hidden_layers": 30' in config
