@@ -359,12 +359,12 @@ def _teach_transformers_to_initialise_mechanism_weights() -> None:
 
     def _initialize_weights(self: PreTrainedModel, module: nn.Module, is_custom_code: bool = False) -> None:
         if isinstance(module, MechanismWeights):
-            loaded = [*module.parameters(), *module.buffers()]
-            if loaded and all(getattr(t, "_is_hf_initialized", False) for t in loaded):
+            tensors = [*module.parameters(), *module.buffers()]
+            if tensors and all(getattr(t, "_is_hf_initialized", False) for t in tensors):
                 module._is_hf_initialized = True
             if not getattr(module, "_is_hf_initialized", False):
                 # A checkpoint from before a weight existed: initialise the module, then put back what it loaded.
-                kept = [(t, t.detach().clone()) for t in loaded if getattr(t, "_is_hf_initialized", False)]
+                kept = [(t, t.detach().clone()) for t in tensors if getattr(t, "_is_hf_initialized", False)]
                 with torch.no_grad():
                     module.reset_parameters()
                     for tensor, value in kept:
