@@ -151,15 +151,28 @@ def mechanisms() -> list[dict[str, Any]]:
     ]
 
 
-def mechanism_option(name: str, owner: str, doc: str) -> Option:
-    """Option naming what a wrapper mechanism (`owner`) delegates to: 'dense' or another registered mechanism.
+def mechanism_option(
+    name: str,
+    owner: str,
+    doc: str,
+    *,
+    default: str = "dense",
+    qualifies: Callable[[str], bool] | None = None,
+    qualification: str = "",
+) -> Option:
+    """Option naming what a wrapper mechanism (`owner`) delegates to: `default` or another registered mechanism, one
+    that `qualifies` (described by `qualification`, e.g. "without weights of its own") where given.
     Checked when options are validated, i.e. after every mechanism has registered."""
 
     def accepts(value: Any) -> bool:
-        return value == "dense" or (isinstance(value, str) and value != owner and value in _MECHANISMS)
+        if value == default:
+            return True
+        named = isinstance(value, str) and value != owner and value in _MECHANISMS
+        return named and (qualifies is None or qualifies(value))
 
-    rule = f"'dense' or the name of a registered hf_attn_plus mechanism other than {owner!r} (see hf_attn_plus.mechanisms())"
-    return Option(name, "dense", rule, accepts, doc)
+    kind = f"a registered hf_attn_plus mechanism {qualification}," if qualification else "a registered hf_attn_plus mechanism"
+    rule = f"{default!r} or the name of {kind} other than {owner!r} (see hf_attn_plus.mechanisms())"
+    return Option(name, default, rule, accepts, doc)
 
 
 def delegate(owner: str, name: str, options: Mapping[str, Any]) -> tuple[Mechanism, SimpleNamespace]:

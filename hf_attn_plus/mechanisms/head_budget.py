@@ -71,7 +71,7 @@ from ..patches.attn_plus import (
     weights_class,
 )
 from ..patches.streaming_cache import GroupEvictingLayer
-from ..registry import Mechanism, all_mechanisms, delegate, mechanism_option, register
+from ..registry import Mechanism, delegate, mechanism_option, register
 
 
 @register_weights
@@ -316,20 +316,6 @@ def _gate_weights(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-FALLBACK_RULE = (
-    "'none' or the name of a registered hf_attn_plus mechanism without weights of its own, other than 'head_budget' "
-    "(see hf_attn_plus.mechanisms())"
-)
-
-
-def _fallback_accepts(value: Any) -> bool:
-    if value == "none":
-        return True
-    names = {mechanism.name for mechanism in all_mechanisms()} - {"head_budget"}
-    # A fallback with weights would need a second set of them beside the inner mechanism's.
-    return isinstance(value, str) and value in names and weights_class(value) is None
-
-
 def _check(opts: SimpleNamespace) -> None:
     if opts.fallback != "none":
         delegate("head_budget", opts.fallback, opts.fallback_options)  # a bad fallback option is named up front
@@ -353,10 +339,14 @@ MECHANISM = register(
             ),
             mechanism_option("inner", "head_budget", "the mechanism whose heads are gated"),
             Option("inner_options", {}, "a dict of the inner mechanism's options", lambda v: isinstance(v, dict)),
-            Option(
-                "fallback", "none", FALLBACK_RULE, _fallback_accepts,
+            mechanism_option(
+                "fallback", "head_budget",
                 "what a head computes for the rest of its gate: g * inner + (1 - g) * fallback (DuoAttention's "
                 "streaming heads: a sliding window); 'none' = zeros, and a group whose gates are all 0 costs nothing",
+                default="none",
+                # A fallback with weights would need a second set of them beside the inner mechanism's.
+                qualifies=lambda name: weights_class(name) is None,
+                qualification="without weights of its own",
             ),
             Option("fallback_options", {}, "a dict of the fallback mechanism's options", lambda v: isinstance(v, dict)),
         ),
