@@ -178,20 +178,48 @@ def _set_dotted(values: dict[str, Any], assignment: str) -> None:
     values[leaf] = yaml.safe_load(raw)
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> RecipeConfig:
-    """YAML file (or defaults) plus `section.key=value` overrides; unknown keys are errors, not silently ignored."""
-    values = yaml.safe_load(Path(path).read_text()) if path else {}
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def load_config(path: str | None, overrides: list[str] = (), stage: str | None = None) -> RecipeConfig:
+    """YAML file (or defaults), then the file's `stages[stage]` mapping merged over it, then `section.key=value`
+    overrides; unknown keys are errors, not silently ignored.
+
+    `stages` lets one file describe a multi-stage conversion whose later stages differ in more than the script (the
+    LoRA stage starts from the transfer's output with its own steps and learning rate): each stage lists only what
+    it changes, and `--set` still has the last word."""
+    values = (yaml.safe_load(Path(path).read_text()) if path else None) or {}
+    stages = values.pop("stages", {})
+    if stage is not None:
+        if stage not in stages:
+            where = path or "the defaults"
+            raise ValueError(f"--stage {stage!r} is not a stage of {where}; its stages: {sorted(stages) or 'none'}")
+        if not isinstance(stages[stage], dict):
+            raise ValueError(f"stage {stage!r} in {path} must be a mapping of config keys, got {stages[stage]!r}")
+        values = _merge(values, stages[stage])
     for assignment in overrides:
+        if assignment.startswith("stages."):
+            raise ValueError(f"--set {assignment!r}: choose a stage with --stage and set its keys directly")
         _set_dotted(values, assignment)
-    return _build(RecipeConfig, values or {}, "")
+    return _build(RecipeConfig, values, "")
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """--config, --stage and --set, as every recipe script takes them."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="recipes/<model>/<mechanism>.yaml")
+    parser.add_argument("--stage", help="apply this entry of the config's `stages` (e.g. lora) over the file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=10")
+    return parser
 
 
 def parse_args(description: str) -> RecipeConfig:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="recipes/<model>/<mechanism>.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=10")
-    args = parser.parse_args()
-    return load_config(args.config, args.set)
+    args = argument_parser(description).parse_args()
+    return load_config(args.config, args.set, args.stage)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

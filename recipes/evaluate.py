@@ -14,7 +14,6 @@ one of its heads is on: the cost the recipe trains against).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from common import dense_teacher, load_config, load_corpus, load_model, perplexity, setup
+from common import argument_parser, dense_teacher, load_config, load_corpus, load_model, perplexity, setup
 
 from hf_attn_plus.adapters import load_adapter
 from hf_attn_plus.compare import NEEDLE_DEPTHS, needle_batch, needle_score
@@ -41,15 +40,13 @@ def parse_grid(text: str | None) -> tuple[str | None, list[Any]]:
 
 
 def main() -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="recipes/<model>/<mechanism>.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model=runs/x/final")
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--adapter", help="a PEFT adapter directory to load onto the model")
     parser.add_argument("--grid", help="one option to sweep: options.<name>=V1,V2,...")
     parser.add_argument("--needle-length", type=int, default=1536, help="tokens of the passkey test (0: skip it)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, args.stage)
     key, values = parse_grid(args.grid)
     started = time.time()
     accelerator = setup(cfg)

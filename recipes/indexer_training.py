@@ -11,8 +11,7 @@
     accelerate launch --config_file recipes/accelerate/single.yaml recipes/indexer_training.py \
         --config recipes/teacher/indexer_topk.yaml                      # warm-up
     accelerate launch --config_file recipes/accelerate/single.yaml recipes/indexer_training.py \
-        --config recipes/teacher/indexer_topk.yaml --set options.stage=sparse \
-        --set model=runs/teacher/indexer_topk/final --set train.output_dir=runs/teacher/indexer_topk-sparse
+        --config recipes/teacher/indexer_topk.yaml --stage sparse    # on the warm-up's output (`stages.sparse`)
 
 Reports held-out perplexity of the dense teacher and of the sparse model before and after, and the indexer KL;
 saves the model (warm-up) or the LoRA adapter with the indexer (sparse) to output_dir/final.

@@ -18,10 +18,16 @@ TINY_RUN = ["data.seq_len=64", "data.max_documents=30", "data.eval_blocks=8", "t
 
 
 def run_recipe(
-    script: str, config: str, output_dir: Path, overrides: list[str], processes: int = 1, accelerate_config: str = ""
+    script: str,
+    config: str,
+    output_dir: Path,
+    overrides: list[str],
+    processes: int = 1,
+    accelerate_config: str = "",
+    stage: str | None = None,
 ) -> subprocess.CompletedProcess:
     """Run recipes/<script> under `accelerate launch` with recipes/accelerate/<accelerate_config> (default: single.yaml
-    for one process, ddp.yaml for more) on gloo CPU processes."""
+    for one process, ddp.yaml for more) on gloo CPU processes, with the config's `stages[stage]` when given."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     accelerate_config = accelerate_config or ("single.yaml" if processes == 1 else "ddp.yaml")
     accelerate = ["--config_file", str(ROOT / "recipes/accelerate" / accelerate_config)]
@@ -30,13 +36,15 @@ def run_recipe(
         env["ACCELERATE_USE_CPU"] = "true"
     sets = [arg for item in [*TINY_RUN, f"train.output_dir={output_dir}", *overrides] for arg in ("--set", item)]
     command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate, str(ROOT / "recipes" / script),
-               "--config", str(ROOT / "recipes" / config), *sets]
+               "--config", str(ROOT / "recipes" / config), *(["--stage", stage] if stage else []), *sets]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
-def launch(script: str, config: str, output_dir: Path, overrides: list[str], processes: int = 1) -> dict:
+def launch(
+    script: str, config: str, output_dir: Path, overrides: list[str], processes: int = 1, stage: str | None = None
+) -> dict:
     """`run_recipe`, which must succeed; returns summary.json plus the log rows."""
-    result = run_recipe(script, config, output_dir, overrides, processes)
+    result = run_recipe(script, config, output_dir, overrides, processes, stage=stage)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     summary = json.loads((output_dir / "summary.json").read_text())
     summary["log"] = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]

@@ -34,8 +34,9 @@ def test_warmup_lowers_the_indexer_kl_and_trains_only_the_indexer(warmup, tiny_t
 
 
 def test_sparse_stage_continues_from_the_warmup(warmup, tmp_path: Path) -> None:
+    """The documented command, `--stage sparse` (which sets options.stage), on the warm-up's output."""
     _, warm_dir = warmup
-    run = [f"model={warm_dir / 'final'}", *TINY, "options.stage=sparse", "train.steps=3", "train.lr=0.005"]
-    summary = launch("indexer_training.py", CONFIG, tmp_path, run)
+    run = [f"model={warm_dir / 'final'}", *TINY, "train.steps=3", "train.lr=0.005"]
+    summary = launch("indexer_training.py", CONFIG, tmp_path, run, stage="sparse")
     assert all(torch.isfinite(torch.tensor(loss)) for loss in losses(summary).values())
     assert (tmp_path / "final" / "adapter_config.json").exists()
