@@ -217,6 +217,13 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def write_report(accelerator: Accelerator, path: Path | None, report: dict[str, Any]) -> None:
+    """A script's results as JSON at `path` (when given), written by the main process."""
+    if path and accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def parse_args(description: str) -> RecipeConfig:
     args = argument_parser(description).parse_args()
     return load_config(args.config, args.set, args.stage)

@@ -14,7 +14,6 @@ one of its heads is on: the cost the recipe trains against).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 import yaml
 
-from common import argument_parser, dense_teacher, load_config, load_corpus, load_model, perplexity, setup
+from common import argument_parser, dense_teacher, load_config, load_corpus, load_model, perplexity, setup, write_report
 
 from hf_attn_plus.adapters import load_adapter
 from hf_attn_plus.compare import NEEDLE_DEPTHS, needle_batch, needle_score
@@ -96,9 +95,7 @@ def main() -> dict[str, Any]:
         "results": rows,
         "wall_seconds": round(time.time() - started, 1),
     }
-    if args.json and accelerator.is_main_process:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(accelerator, args.json, report)
     return report
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from common import argument_parser, load_config, load_corpus, load_model, setup
+from common import argument_parser, load_config, load_corpus, load_model, setup, write_report
 
 from hf_attn_plus.distill import attention_pairs
 
@@ -63,9 +63,7 @@ def main() -> dict[str, Any]:
         "layers": [i for i in range(len(errors)) if i not in dense],
     }
     accelerator.print(json.dumps(report))
-    if args.json and accelerator.is_main_process:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(accelerator, args.json, report)
     return report
 
 
